@@ -1,0 +1,168 @@
+"""numpy and torch arrays <-> ``remoteloss.v1.Tensor`` messages.
+
+Pure functions, no I/O. Tensors travel as dtype + shape + little-endian C-order bytes,
+so encoding is one ``tobytes()`` and decoding one ``frombuffer``: no per-element Python
+work and no float round trip for half types. torch is imported only when a torch tensor
+is passed or asked for, so the client works without it.
+
+Rejections raise ``ValueError`` whose message starts with the argument's name.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from remoteloss.v1 import loss_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DTYPES",
+    "DTypeInfo",
+    "decode_numpy",
+    "decode_torch",
+    "dtype_from_torch",
+    "encode",
+    "is_torch_tensor",
+    "check_tensor",
+]
+
+_LITTLE = sys.byteorder == "little"
+
+
+@dataclass(frozen=True)
+class DTypeInfo:
+    """How one wire dtype maps to numpy and torch."""
+
+    name: str  # torch's name: "float32", "bfloat16", ...
+    itemsize: int
+    numpy: str | None  # numpy dtype string, little-endian; None where numpy has none (bfloat16)
+    floating: bool
+
+
+DTYPES: dict[int, DTypeInfo] = {
+    pb.DTYPE_FLOAT16: DTypeInfo("float16", 2, "<f2", True),
+    pb.DTYPE_BFLOAT16: DTypeInfo("bfloat16", 2, None, True),
+    pb.DTYPE_FLOAT32: DTypeInfo("float32", 4, "<f4", True),
+    pb.DTYPE_FLOAT64: DTypeInfo("float64", 8, "<f8", True),
+    pb.DTYPE_INT32: DTypeInfo("int32", 4, "<i4", False),
+    pb.DTYPE_INT64: DTypeInfo("int64", 8, "<i8", False),
+    pb.DTYPE_BOOL: DTypeInfo("bool", 1, "|b1", False),
+    pb.DTYPE_UINT8: DTypeInfo("uint8", 1, "|u1", False),
+    pb.DTYPE_INT8: DTypeInfo("int8", 1, "|i1", False),
+    pb.DTYPE_INT16: DTypeInfo("int16", 2, "<i2", False),
+}
+_BY_NAME: dict[str, int] = {info.name: code for code, info in DTYPES.items()}
+_BY_NUMPY: dict[np.dtype[Any], int] = {
+    np.dtype(info.numpy): code for code, info in DTYPES.items() if info.numpy is not None
+}
+
+
+def is_torch_tensor(value: object) -> bool:
+    """True for a torch.Tensor, without importing torch when the caller never did."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def dtype_from_torch(dtype: torch.dtype) -> int:
+    """The wire dtype of a torch dtype; ValueError for one the wire cannot carry."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _BY_NAME:
+        raise ValueError(f"dtype {name} cannot be sent; use one of {sorted(_BY_NAME)}")
+    return _BY_NAME[name]
+
+
+def encode(value: Any, *, name: str = "tensor", requires_grad: bool | None = None) -> pb.Tensor:
+    """Encode a torch tensor, numpy array, numpy scalar or Python number/sequence.
+
+    A torch tensor keeps its dtype (bfloat16 included) and, unless overridden, its
+    requires_grad. Python floats become float32 and ints int64, as torch.tensor does.
+    """
+    if is_torch_tensor(value):
+        return _encode_torch(value, name, requires_grad)
+    array = np.asarray(value)
+    if array.dtype == np.float64 and not isinstance(value, np.ndarray | np.generic):
+        array = array.astype(np.float32)  # a Python float list, like torch.tensor([...])
+    code = _BY_NUMPY.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype)
+    if code is None:
+        raise ValueError(f"{name}: numpy dtype {array.dtype} cannot be sent")
+    info = DTYPES[code]
+    assert info.numpy is not None
+    data = np.ascontiguousarray(array, dtype=info.numpy).tobytes()
+    return pb.Tensor(dtype=code, shape=array.shape, data=data, requires_grad=bool(requires_grad))
+
+
+def _encode_torch(tensor: torch.Tensor, name: str, requires_grad: bool | None) -> pb.Tensor:
+    import torch
+
+    code = dtype_from_torch(tensor.dtype)
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if DTYPES[code].itemsize > 1:
+        # Reinterpret as plain integers of the same width, which numpy can always view.
+        view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[DTYPES[code].itemsize]
+        flat = flat.view(view)
+    data = flat.numpy().astype(f"<{flat.numpy().dtype.char}", copy=False).tobytes() if not _LITTLE else flat.numpy().tobytes()
+    grad = tensor.requires_grad if requires_grad is None else requires_grad
+    return pb.Tensor(dtype=code, shape=tuple(tensor.shape), data=data, requires_grad=bool(grad))
+
+
+def check_tensor(message: pb.Tensor, name: str, *, max_elements: int | None = None) -> DTypeInfo:
+    """Check a message's dtype, shape and byte length; return its dtype info."""
+    info = DTYPES.get(message.dtype)
+    if info is None:
+        if message.dtype == pb.DTYPE_UNSPECIFIED:
+            raise ValueError(f"{name}: dtype is unset (DTYPE_UNSPECIFIED)")
+        raise ValueError(f"{name}: unknown dtype value {message.dtype}")
+    shape = tuple(message.shape)
+    if any(size < 0 for size in shape):
+        raise ValueError(f"{name}: shape {list(shape)} has a negative size")
+    numel = math.prod(shape)
+    if max_elements is not None and numel > max_elements:
+        raise ValueError(f"{name}: {numel} elements exceed the limit of {max_elements}")
+    expected = numel * info.itemsize
+    if len(message.data) != expected:
+        raise ValueError(
+            f"{name}: data holds {len(message.data)} bytes, but shape {list(shape)} of "
+            f"{info.name} needs {expected}"
+        )
+    if message.requires_grad and not info.floating:
+        raise ValueError(f"{name}: requires_grad is set, but {info.name} tensors have no gradient")
+    return info
+
+
+def decode_numpy(message: pb.Tensor, name: str = "tensor") -> np.ndarray[Any, Any]:
+    """Decode to a numpy array (read-only, sharing the message's bytes).
+
+    bfloat16 has no numpy dtype: it comes back as float32, exactly (bfloat16 is the
+    upper half of a float32).
+    """
+    info = check_tensor(message, name)
+    shape = tuple(message.shape)
+    if info.numpy is None:  # bfloat16
+        halves = np.frombuffer(message.data, dtype="<u2").astype(np.uint32) << 16
+        return halves.view(np.float32).reshape(shape)
+    return np.frombuffer(message.data, dtype=info.numpy).reshape(shape)
+
+
+def decode_torch(message: pb.Tensor, name: str = "tensor", *, max_elements: int | None = None) -> torch.Tensor:
+    """Decode to a CPU torch tensor of the message's dtype, without per-element work.
+
+    The tensor owns a copy of the bytes, so it is writable and outlives the message.
+    """
+    import torch
+
+    info = check_tensor(message, name, max_elements=max_elements)
+    dtype = getattr(torch, info.name)
+    shape = tuple(message.shape)
+    if not message.data:
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(bytearray(message.data), dtype=dtype)
+    if not _LITTLE and info.itemsize > 1:
+        tensor = tensor.view(torch.uint8).reshape(-1, info.itemsize).flip(-1).reshape(-1).view(dtype)
+    return tensor.reshape(shape)
