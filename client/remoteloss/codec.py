@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DTYPES",
     "DTypeInfo",
+    "check_tensor",
     "decode_numpy",
     "decode_torch",
     "dtype_from_torch",
     "encode",
     "is_torch_tensor",
-    "check_tensor",
 ]
 
 _LITTLE = sys.byteorder == "little"
@@ -46,7 +46,7 @@ class DTypeInfo:
     floating: bool
 
 
-DTYPES: dict[int, DTypeInfo] = {
+DTYPES: dict[pb.DType, DTypeInfo] = {
     pb.DTYPE_FLOAT16: DTypeInfo("float16", 2, "<f2", True),
     pb.DTYPE_BFLOAT16: DTypeInfo("bfloat16", 2, None, True),
     pb.DTYPE_FLOAT32: DTypeInfo("float32", 4, "<f4", True),
@@ -58,8 +58,8 @@ DTYPES: dict[int, DTypeInfo] = {
     pb.DTYPE_INT8: DTypeInfo("int8", 1, "|i1", False),
     pb.DTYPE_INT16: DTypeInfo("int16", 2, "<i2", False),
 }
-_BY_NAME: dict[str, int] = {info.name: code for code, info in DTYPES.items()}
-_BY_NUMPY: dict[np.dtype[Any], int] = {
+_BY_NAME: dict[str, pb.DType] = {info.name: code for code, info in DTYPES.items()}
+_BY_NUMPY: dict[np.dtype[Any], pb.DType] = {
     np.dtype(info.numpy): code for code, info in DTYPES.items() if info.numpy is not None
 }
 
@@ -70,7 +70,7 @@ def is_torch_tensor(value: object) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-def dtype_from_torch(dtype: torch.dtype) -> int:
+def dtype_from_torch(dtype: torch.dtype) -> pb.DType:
     """The wire dtype of a torch dtype; ValueError for one the wire cannot carry."""
     name = str(dtype).removeprefix("torch.")
     if name not in _BY_NAME:
@@ -101,7 +101,12 @@ def encode(value: Any, *, name: str = "tensor", requires_grad: bool | None = Non
 def _encode_torch(tensor: torch.Tensor, name: str, requires_grad: bool | None) -> pb.Tensor:
     import torch
 
-    code = dtype_from_torch(tensor.dtype)
+    try:
+        code = dtype_from_torch(tensor.dtype)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    if tensor.layout != torch.strided:
+        raise ValueError(f"{name}: {tensor.layout} tensors cannot be sent; call .to_dense() first")
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if DTYPES[code].itemsize > 1:
         # Reinterpret as plain integers of the same width, which numpy can always view.

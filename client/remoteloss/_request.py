@@ -1,0 +1,189 @@
+"""Python arguments -> ``ComputeRequest``, driven by the message descriptors.
+
+A loss's arguments map onto its message by name, since fields carry torch's argument
+names. Conversions are chosen by field type, never per loss: Tensor fields go through
+the codec, ``Reduction`` takes torch's strings, optional scalars are set only when not
+None, and the two option messages take torch's objects.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import sys
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from remoteloss import codec
+from remoteloss._distances import CosineDistance, PairwiseDistance
+from remoteloss._errors import InvalidArgumentError
+from remoteloss.v1 import loss_pb2 as pb
+
+__all__ = ["LOSS_NAMES", "REDUCTIONS", "build_request", "tensor_names"]
+
+LOSS_NAMES: tuple[str, ...] = tuple(f.name for f in pb.ComputeRequest.DESCRIPTOR.oneofs_by_name["loss"].fields)
+
+# "none" -> REDUCTION_NONE, ...; UNSPECIFIED is never sent, torch always passes a string.
+REDUCTIONS: dict[str, int] = {
+    value.name.removeprefix("REDUCTION_").lower(): value.number
+    for value in pb.Reduction.DESCRIPTOR.values
+    if value.number != pb.REDUCTION_UNSPECIFIED
+}
+
+_TENSOR = pb.Tensor.DESCRIPTOR
+_FLOAT_SUFFIX = "_float"  # `var_float`: the float form of the Tensor field `var`
+
+
+@functools.cache
+def tensor_names(loss: str) -> tuple[str, ...]:
+    """The loss's tensor arguments, in torch's order."""
+    fields = getattr(pb.ComputeRequest(), loss).DESCRIPTOR.fields
+    return tuple(f.name for f in fields if f.message_type is _TENSOR)
+
+
+def build_request(
+    loss: str,
+    arguments: Mapping[str, Any],
+    *,
+    wrt: Collection[str] = (),
+    grad_output: Any = None,
+) -> pb.ComputeRequest:
+    """The request computing ``loss(**arguments)`` and the gradients for ``wrt``.
+
+    Raises InvalidArgumentError for a bad value and TypeError for a value of the wrong kind.
+    """
+    request = pb.ComputeRequest()
+    message = getattr(request, loss)
+    message.SetInParent()  # selects the loss even when every argument is a default
+    try:
+        for name, value in arguments.items():
+            if value is not None:
+                _set(loss, message, name, value, requires_grad=name in wrt)
+        if grad_output is not None:
+            request.grad_output.CopyFrom(codec.encode(grad_output, name="grad_output", requires_grad=False))
+    except ValueError as exc:
+        if isinstance(exc, InvalidArgumentError):
+            raise
+        raise InvalidArgumentError(f"{loss}: {exc}") from exc
+    return request
+
+
+def _set(loss: str, message: Message, name: str, value: Any, *, requires_grad: bool) -> None:
+    fields = message.DESCRIPTOR.fields_by_name
+    field = fields.get(name)
+    if field is None:
+        raise TypeError(f"{loss}() got an unexpected keyword argument {name!r}")
+    if field.message_type is _TENSOR:
+        if name + _FLOAT_SUFFIX in fields and _is_real_number(value):
+            setattr(message, name + _FLOAT_SUFFIX, float(value))
+        else:
+            getattr(message, name).CopyFrom(_tensor(name, value, requires_grad))
+    elif field.enum_type is pb.Reduction.DESCRIPTOR:
+        setattr(message, name, _reduction(loss, value))
+    elif field.message_type is not None:
+        converter = _MESSAGE_CONVERTERS[field.message_type.full_name]
+        getattr(message, name).CopyFrom(converter(loss, name, value))
+    else:
+        try:
+            setattr(message, name, _scalar(loss, name, field.type, value))
+        except ValueError as exc:  # out of the field's range
+            raise ValueError(f"{name}: {exc}") from None
+
+
+def _tensor(name: str, value: Any, requires_grad: bool) -> pb.Tensor:
+    if name.endswith("_lengths") and not (codec.is_torch_tensor(value) or isinstance(value, np.ndarray)):
+        lengths = np.asarray(value)  # a tuple or list, as torch accepts for ctc_loss
+        if lengths.dtype.kind not in "iu":
+            raise ValueError(f"{name}: lengths must be integers, got {lengths.dtype}")
+        value = lengths.astype(np.int64)
+    tensor = codec.encode(value, name=name, requires_grad=requires_grad)
+    codec.check_tensor(tensor, name)  # a requires_grad on integers fails here, not remotely
+    return tensor
+
+
+def _reduction(loss: str, value: Any) -> int:
+    if isinstance(value, str) and value in REDUCTIONS:
+        return REDUCTIONS[value]
+    raise InvalidArgumentError(f"{loss}: reduction must be one of {sorted(REDUCTIONS)}, got {value!r}")
+
+
+def _scalar(loss: str, name: str, kind: int, value: Any) -> bool | int | float | str:
+    try:
+        if kind == FieldDescriptor.TYPE_BOOL:
+            return bool(value)
+        if kind == FieldDescriptor.TYPE_INT64:
+            return operator.index(value)
+        if kind == FieldDescriptor.TYPE_DOUBLE and not isinstance(value, str | bytes):
+            return float(value)
+        if kind == FieldDescriptor.TYPE_STRING and isinstance(value, str):
+            return value
+    except (AttributeError, TypeError, ValueError):
+        pass
+    expected = {
+        FieldDescriptor.TYPE_BOOL: "a bool",
+        FieldDescriptor.TYPE_INT64: "an int",
+        FieldDescriptor.TYPE_DOUBLE: "a float",
+    }.get(kind, "a str")
+    raise TypeError(f"{loss}: {name} must be {expected}, got {type(value).__name__}")
+
+
+def _is_real_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)  # as torch's isinstance(var, float)
+
+
+def _distance_function(loss: str, name: str, value: Any) -> pb.DistanceFunction:
+    if isinstance(value, pb.DistanceFunction):
+        return value
+    if type(value) is PairwiseDistance:
+        return pb.DistanceFunction(
+            pairwise_distance=pb.PairwiseDistance(p=value.p, eps=value.eps, keepdim=value.keepdim)
+        )
+    if type(value) is CosineDistance:
+        return pb.DistanceFunction(cosine_distance=pb.CosineDistance(dim=value.dim, eps=value.eps))
+    torch = sys.modules.get("torch")  # a torch object means torch is imported already
+    if torch is not None:
+        if type(value) is torch.nn.PairwiseDistance:
+            return pb.DistanceFunction(
+                pairwise_distance=pb.PairwiseDistance(p=value.norm, eps=value.eps, keepdim=value.keepdim)
+            )
+        if value is torch.nn.functional.pairwise_distance or value is torch.pairwise_distance:
+            return pb.DistanceFunction(pairwise_distance=pb.PairwiseDistance())
+        if isinstance(value, torch.nn.CosineSimilarity):
+            raise TypeError(
+                f"{loss}: {name}=torch.nn.CosineSimilarity is a similarity, not a distance; "
+                f"use remoteloss.CosineDistance(dim={value.dim}, eps={value.eps})"
+            )
+    raise TypeError(
+        f"{loss}: {name} must be None, remoteloss.PairwiseDistance, remoteloss.CosineDistance, "
+        "torch.nn.PairwiseDistance or torch.nn.functional.pairwise_distance (an arbitrary "
+        f"callable cannot be sent to the server), got {value!r}"
+    )
+
+
+def _linear_cross_entropy_options(loss: str, name: str, value: Any) -> pb.LinearCrossEntropyOptions:
+    if isinstance(value, pb.LinearCrossEntropyOptions):
+        return value
+    torch = sys.modules.get("torch")
+    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None) if torch is not None else None
+    if options_type is None or not isinstance(value, options_type):
+        raise TypeError(f"{loss}: {name} must be None or torch.nn.LinearCrossEntropyOptions, got {value!r}")
+    message = pb.LinearCrossEntropyOptions(
+        allow_retain_graph=bool(value.allow_retain_graph),
+        chunking_method="none" if value.chunking_method is None else str(value.chunking_method),
+        acc_policy=str(value.acc_policy),
+    )
+    if value.batch_chunk_size is not None:
+        message.batch_chunk_size = int(value.batch_chunk_size)
+    if value.acc_dtype is not None:
+        message.acc_dtype = codec.dtype_from_torch(value.acc_dtype)
+    return message
+
+
+_MESSAGE_CONVERTERS: dict[str, Callable[[str, str, Any], Message]] = {
+    pb.DistanceFunction.DESCRIPTOR.full_name: _distance_function,
+    pb.LinearCrossEntropyOptions.DESCRIPTOR.full_name: _linear_cross_entropy_options,
+}

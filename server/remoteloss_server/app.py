@@ -1,0 +1,186 @@
+"""Start, serve, drain: the gRPC server with LossService, health checking and reflection.
+
+``serve(config)`` runs in the foreground until SIGTERM or SIGINT; ``ServerThread(config)`` runs
+the same server on its own event loop in a background thread, for tests and notebooks.
+Shutdown, in order: health goes NOT_SERVING, gRPC refuses new RPCs and gives in-flight ones
+``shutdown_grace_s`` to finish, then the compute threads wind down. A second signal while
+draining takes the signal's default action: an immediate exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from remoteloss_server import __version__
+from remoteloss_server.config import ServerConfig
+from remoteloss_server.executor import Executor
+from remoteloss_server.servicer import SERVICE_NAME, LossServicer, add_to_server
+
+__all__ = ["SERVICE_NAME", "ServerThread", "StartupError", "serve"]
+
+logger = logging.getLogger(__name__)
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
+
+
+class StartupError(Exception):
+    """The server could not start: an unusable device or an address it cannot bind."""
+
+
+@dataclass
+class _Running:
+    server: grpc.aio.Server
+    health: Any  # grpc_health's asyncio HealthServicer
+    pool: ThreadPoolExecutor
+    port: int
+
+    async def stop(self, grace_s: float) -> None:
+        logger.info("draining: refusing new requests, %.1f s for in-flight ones", grace_s)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await asyncio.to_thread(self.pool.shutdown, wait=True, cancel_futures=True)
+        logger.info("stopped")
+
+
+async def _start(config: ServerConfig) -> _Running:
+    logger.info("starting remoteloss-server %s (torch %s, device %s)", __version__, torch.__version__, config.device)
+    try:
+        executor = Executor(config.device, config.torch_threads)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    pool = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="remoteloss-compute")
+    limit = config.max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),  # a port already taken is an error, not a shared port
+        ]
+    )
+    add_to_server(LossServicer(executor, pool), server)
+    health_servicer = _HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        pool.shutdown()
+        raise StartupError(f"cannot bind {address}: {exc}") from None
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("serving on %s:%d (device %s)", config.host, port, executor.device)
+    return _Running(server, health_servicer, pool, port)
+
+
+def serve(config: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return. Raises StartupError."""
+    logging.basicConfig(level=config.log_level, format=_LOG_FORMAT)
+    asyncio.run(_serve(config))
+
+
+async def _serve(config: ServerConfig) -> None:
+    running = await _start(config)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        logger.info("received %s", signum.name)
+        for s in _SIGNALS:  # a second signal takes the default action
+            loop.remove_signal_handler(s)
+        stopping.set()
+
+    for s in _SIGNALS:
+        loop.add_signal_handler(s, on_signal, s)
+    try:
+        await stopping.wait()
+    finally:
+        await running.stop(config.shutdown_grace_s)
+
+
+class ServerThread:
+    """The server on a private event loop in a daemon thread; a context manager.
+
+    >>> with ServerThread(ServerConfig(port=0)) as server:  # doctest: +SKIP
+    ...     channel = grpc.insecure_channel(server.target)
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        config.validate()
+        self.config = config
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the ephemeral one for ``port=0``)."""
+        if self._port is None:
+            raise RuntimeError("the server is not running")
+        return self._port
+
+    @property
+    def target(self) -> str:
+        """Where a client on this machine reaches the server, e.g. ``"127.0.0.1:50051"``."""
+        host = "127.0.0.1" if self.config.host in _WILDCARD_HOSTS else self.config.host
+        return f"{host}:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        if self._thread is not None:
+            raise RuntimeError("a ServerThread runs once")
+        self._thread = threading.Thread(target=self._run, name="remoteloss-server", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # handed to the thread waiting in __enter__
+            if self._ready.is_set():
+                logger.exception("server thread failed")
+            else:
+                self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        running = await _start(self.config)
+        self._port = running.port
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            await running.stop(self.config.shutdown_grace_s)

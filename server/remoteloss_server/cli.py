@@ -1,0 +1,115 @@
+"""``remoteloss-server``: flags and environment -> ``ServerConfig`` -> ``app.serve``.
+
+Every setting is a flag and an environment variable ``REMOTELOSS_<FLAG>`` (``--torch-threads``
+-> ``REMOTELOSS_TORCH_THREADS``); a flag wins over the environment, which wins over the default.
+``--grace-period`` sets ``shutdown_grace_s``, so ``REMOTELOSS_SHUTDOWN_GRACE_S`` works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from remoteloss_server import __version__, app
+from remoteloss_server.config import LOG_LEVELS, ServerConfig
+
+__all__ = ["main"]
+
+PROG = "remoteloss-server"
+_ENV_PREFIX = "REMOTELOSS_"
+
+
+@dataclass(frozen=True)
+class _Setting:
+    flag: str
+    field: str
+    parse: Callable[[str], Any]
+    metavar: str
+    help: str
+    aliases: tuple[str, ...] = ()  # extra environment variable names
+
+    @property
+    def env(self) -> tuple[str, ...]:
+        return (_ENV_PREFIX + self.flag.upper().replace("-", "_"), *self.aliases)
+
+
+_SETTINGS = (
+    _Setting("host", "host", str, "HOST", "address to bind; [::] is every interface"),
+    _Setting("port", "port", int, "PORT", "port to bind; 0 picks a free one"),
+    _Setting("device", "device", str, "DEVICE", "auto, cpu, cuda or cuda:N"),
+    _Setting("torch-threads", "torch_threads", int, "N", "torch intra-op threads per computation"),
+    _Setting("compute-threads", "compute_threads", int, "N", "computations running at once"),
+    _Setting("max-message-bytes", "max_message_bytes", int, "BYTES", "largest request or response"),
+    _Setting("log-level", "log_level", str.upper, "LEVEL", "one of " + ", ".join(LOG_LEVELS)),
+    _Setting(
+        "grace-period",
+        "shutdown_grace_s",
+        float,
+        "SECONDS",
+        "how long in-flight requests may finish after SIGTERM",
+        aliases=(_ENV_PREFIX + "SHUTDOWN_GRACE_S",),
+    ),
+)
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = ServerConfig()
+    parser = _Parser(prog=PROG, description="Serve every torch.nn loss over gRPC.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for s in _SETTINGS:
+        parser.add_argument(
+            f"--{s.flag}",
+            dest=s.field,
+            type=s.parse,
+            metavar=s.metavar,
+            help=f"{s.help} (env {s.env[0]}; default {getattr(defaults, s.field)})",
+        )
+    return parser
+
+
+def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
+    values: dict[str, Any] = {}
+    for s in _SETTINGS:
+        value = getattr(args, s.field)
+        if value is None:
+            name = next((n for n in s.env if n in environ), None)
+            if name is None:
+                continue
+            try:
+                value = s.parse(environ[name])
+            except ValueError:
+                raise _UsageError(f"{name}: invalid {s.parse.__name__} value {environ[name]!r}") from None
+        values[s.field] = value
+    config = ServerConfig(**values)
+    config.validate()
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGTERM or SIGINT; return the process exit status."""
+    try:
+        config = _config(_parser().parse_args(argv), os.environ)
+    except (_UsageError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        app.serve(config)
+    except app.StartupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second SIGINT while draining
+        return 130
+    return 0

@@ -1,0 +1,50 @@
+"""Domain errors. Each carries the *name* of its gRPC status code, so that the code below the
+servicer never imports grpc; ``servicer.translate_errors`` turns them into statuses.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InternalError",
+    "InvalidArgumentError",
+    "ResourceExhaustedError",
+    "ServiceError",
+    "UnavailableError",
+    "UnimplementedError",
+]
+
+
+class ServiceError(Exception):
+    """Base class: a request failed, and the client gets ``code`` with ``str(self)`` as details."""
+
+    code: str = "UNKNOWN"
+
+
+class InvalidArgumentError(ServiceError):
+    """The request is malformed or torch rejects its arguments."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class UnimplementedError(ServiceError):
+    """The request uses something this server does not know (e.g. a newer client's field)."""
+
+    code = "UNIMPLEMENTED"
+
+
+class ResourceExhaustedError(ServiceError):
+    """The device ran out of memory, or a queue is full."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class UnavailableError(ServiceError):
+    """The server is draining or shutting down."""
+
+    code = "UNAVAILABLE"
+
+
+class InternalError(ServiceError):
+    """A failure of the server itself; the details are deliberately short."""
+
+    code = "INTERNAL"

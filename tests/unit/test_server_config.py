@@ -1,0 +1,177 @@
+"""ServerConfig.validate and the CLI: flags, environment, precedence, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+from remoteloss_server import app, cli
+from remoteloss_server.config import ServerConfig
+
+torch.set_num_threads(1)
+
+ENV_NAMES = (
+    "REMOTELOSS_HOST",
+    "REMOTELOSS_PORT",
+    "REMOTELOSS_DEVICE",
+    "REMOTELOSS_TORCH_THREADS",
+    "REMOTELOSS_COMPUTE_THREADS",
+    "REMOTELOSS_MAX_MESSAGE_BYTES",
+    "REMOTELOSS_LOG_LEVEL",
+    "REMOTELOSS_GRACE_PERIOD",
+    "REMOTELOSS_SHUTDOWN_GRACE_S",
+)
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
+    """Replaces app.serve; collects the configs the CLI would have served."""
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    configs: list[ServerConfig] = []
+    monkeypatch.setattr(app, "serve", configs.append)
+    return configs
+
+
+def test_defaults_match_the_design() -> None:
+    config = ServerConfig()
+    assert (config.host, config.port, config.device) == ("[::]", 50051, "auto")
+    assert (config.torch_threads, config.compute_threads) == (1, 1)
+    assert config.max_message_bytes == 512 * 1024 * 1024
+    assert (config.log_level, config.shutdown_grace_s) == ("INFO", 10.0)
+    config.validate()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("change", "setting"),
+    [
+        ({"host": ""}, "host"),
+        ({"port": -1}, "port"),
+        ({"port": 65536}, "port"),
+        ({"device": "gpu"}, "device"),
+        ({"device": "cuda:x"}, "device"),
+        ({"torch_threads": 0}, "torch_threads"),
+        ({"compute_threads": 0}, "compute_threads"),
+        ({"max_message_bytes": 0}, "max_message_bytes"),
+        ({"max_message_bytes": 2**31}, "max_message_bytes"),
+        ({"log_level": "LOUD"}, "log_level"),
+        ({"shutdown_grace_s": -1.0}, "shutdown_grace_s"),
+        ({"shutdown_grace_s": float("nan")}, "shutdown_grace_s"),
+    ],
+)
+def test_validate_rejects_with_one_line_naming_the_setting(change: dict[str, Any], setting: str) -> None:
+    with pytest.raises(ValueError) as info:
+        ServerConfig(**change).validate()
+    message = str(info.value)
+    assert message.startswith(setting) and "\n" not in message
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:3"])
+def test_validate_accepts_devices(device: str) -> None:
+    ServerConfig(device=device).validate()
+
+
+def test_no_arguments_serve_the_defaults(served: list[ServerConfig]) -> None:
+    assert cli.main([]) == 0
+    assert served == [ServerConfig()]
+
+
+def test_every_flag(served: list[ServerConfig]) -> None:
+    argv = [
+        "--host=127.0.0.1",
+        "--port=0",
+        "--device=cpu",
+        "--torch-threads=4",
+        "--compute-threads=2",
+        "--max-message-bytes=1024",
+        "--log-level=debug",
+        "--grace-period=2.5",
+    ]
+    assert cli.main(argv) == 0
+    assert served == [
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            device="cpu",
+            torch_threads=4,
+            compute_threads=2,
+            max_message_bytes=1024,
+            log_level="DEBUG",
+            shutdown_grace_s=2.5,
+        )
+    ]
+
+
+def test_environment_and_flag_precedence(served: list[ServerConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REMOTELOSS_PORT", "6000")
+    monkeypatch.setenv("REMOTELOSS_COMPUTE_THREADS", "3")
+    monkeypatch.setenv("REMOTELOSS_SHUTDOWN_GRACE_S", "1.5")
+    assert cli.main(["--port", "7000"]) == 0
+    assert served[0].port == 7000  # the flag wins
+    assert served[0].compute_threads == 3
+    assert served[0].shutdown_grace_s == 1.5
+
+
+def test_grace_period_env_spelled_like_the_flag(served: list[ServerConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REMOTELOSS_GRACE_PERIOD", "4")
+    assert cli.main([]) == 0
+    assert served[0].shutdown_grace_s == 4.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--port", "eighty"], {}, "--port"),
+        (["--bogus"], {}, "--bogus"),
+        (["--port", "70000"], {}, "port"),
+        (["--device", "tpu"], {}, "device"),
+        ([], {"REMOTELOSS_TORCH_THREADS": "many"}, "REMOTELOSS_TORCH_THREADS"),
+        ([], {"REMOTELOSS_LOG_LEVEL": "chatty"}, "log_level"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line(
+    served: list[ServerConfig],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str],
+    needle: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("remoteloss-server: error: ") and needle in err
+    assert served == []
+
+
+def test_startup_failure_exits_1(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def fail(config: ServerConfig) -> None:
+        raise app.StartupError("device cuda:0: CUDA is not available")
+
+    monkeypatch.setattr(app, "serve", fail)
+    assert cli.main(["--device", "cuda"]) == 1
+    assert capsys.readouterr().err == "remoteloss-server: error: device cuda:0: CUDA is not available\n"
+
+
+def test_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--host",
+        "--port",
+        "--device",
+        "--torch-threads",
+        "--compute-threads",
+        "--max-message-bytes",
+        "--log-level",
+        "--grace-period",
+    ):
+        assert flag in out

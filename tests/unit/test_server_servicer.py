@@ -1,0 +1,169 @@
+"""LossServicer and translate_errors, called directly with a stand-in context (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+import torch
+import torch.nn.functional as F
+
+from remoteloss import codec
+from remoteloss.v1 import loss_pb2 as pb
+from remoteloss_server.errors import ResourceExhaustedError
+from remoteloss_server.executor import Executor
+from remoteloss_server.servicer import LossServicer, UndecodableRequest, _lenient
+
+torch.set_num_threads(1)
+
+
+class Aborted(Exception):
+    """What grpc's context.abort raises, standing in for grpc.aio.AbortError."""
+
+
+class Context:
+    """The part of grpc.aio.ServicerContext the servicer uses."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self.code, self.details = code, details
+        raise Aborted
+
+
+@pytest.fixture(scope="module")
+def servicer() -> Iterator[LossServicer]:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield LossServicer(Executor("cpu", torch_threads=1), pool)
+
+
+def compute(servicer: LossServicer, request: Any) -> tuple[pb.ComputeResponse | None, Context]:
+    context = Context()
+
+    async def call() -> pb.ComputeResponse | None:
+        try:
+            return await servicer.Compute(request, context)  # type: ignore[arg-type]
+        except Aborted:
+            return None
+
+    return asyncio.run(call()), context
+
+
+def mse_request(**extra: Any) -> pb.ComputeRequest:
+    return pb.ComputeRequest(
+        mse_loss=pb.MseLoss(
+            input=codec.encode(torch.arange(6.0).reshape(2, 3), requires_grad=True),
+            target=codec.encode(torch.ones(2, 3)),
+        ),
+        **extra,
+    )
+
+
+def test_compute_answers_loss_and_gradients(servicer: LossServicer) -> None:
+    response, context = compute(servicer, mse_request())
+    assert context.code is None and response is not None
+    x = torch.arange(6.0).reshape(2, 3).requires_grad_()
+    expected = F.mse_loss(x, torch.ones(2, 3))
+    expected.backward()
+    torch.testing.assert_close(codec.decode_torch(response.loss, "loss"), expected.detach())
+    assert list(response.gradients) == ["input"]
+    gradient = response.gradients["input"]
+    assert not gradient.requires_grad
+    torch.testing.assert_close(codec.decode_torch(gradient, "input"), x.grad)
+    assert list(response.warnings) == []
+
+
+def test_warnings_reach_the_response(servicer: LossServicer) -> None:
+    request = pb.ComputeRequest(
+        kl_div=pb.KlDiv(input=codec.encode(torch.zeros(2, 3)), target=codec.encode(torch.ones(2, 3) / 3))
+    )
+    response, _ = compute(servicer, request)
+    assert response is not None and response.warnings[0].startswith("reduction: 'mean' divides")
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "details"),
+    [
+        (pb.ComputeRequest(), grpc.StatusCode.INVALID_ARGUMENT, "no loss set in the request"),
+        (
+            pb.ComputeRequest(cross_entropy=pb.CrossEntropy(target=codec.encode(torch.tensor([1])))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "cross_entropy: input is required",
+        ),
+        (
+            mse_request(grad_output=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], data=b"x")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "mse_loss: grad_output: data holds 1 bytes, but shape [2] of float32 needs 8",
+        ),
+        (
+            UndecodableRequest("remoteloss.v1.ComputeRequest", "Error parsing message"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the request is not a valid remoteloss.v1.ComputeRequest: Error parsing message",
+        ),
+    ],
+    ids=["no_loss", "missing_input", "bad_grad_output", "undecodable"],
+)
+def test_bad_requests_are_invalid_argument(
+    servicer: LossServicer, request_: Any, code: grpc.StatusCode, details: str
+) -> None:
+    response, context = compute(servicer, request_)
+    assert response is None and (context.code, context.details) == (code, details)
+
+
+def test_unknown_fields_are_unimplemented(servicer: LossServicer) -> None:
+    newer_loss = pb.ComputeRequest.FromString(bytes([0xB8, 0x01, 0x00]))  # field 23: a loss added later
+    _, context = compute(servicer, newer_loss)
+    assert context.code == grpc.StatusCode.UNIMPLEMENTED
+    assert "field 23 of ComputeRequest" in context.details
+    newer_option = mse_request()
+    newer_option.mse_loss.MergeFromString(bytes([0xB8, 0x01, 0x05]))  # field 23 inside MseLoss
+    _, context = compute(servicer, newer_option)
+    assert context.code == grpc.StatusCode.UNIMPLEMENTED and "field 23 of mse_loss" in context.details
+    newer_tensor = mse_request()
+    newer_tensor.mse_loss.input.MergeFromString(bytes([0x28, 0x01]))  # field 5 inside a Tensor
+    _, context = compute(servicer, newer_tensor)
+    assert context.code == grpc.StatusCode.UNIMPLEMENTED and "field 5 of mse_loss.input" in context.details
+
+
+def test_domain_errors_keep_their_code(servicer: LossServicer, monkeypatch: pytest.MonkeyPatch) -> None:
+    def exhausted(*args: Any) -> None:
+        raise ResourceExhaustedError("mse_loss: out of memory on cuda:0")
+
+    monkeypatch.setattr(servicer._executor, "run", exhausted)
+    _, context = compute(servicer, mse_request())
+    assert (context.code, context.details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "mse_loss: out of memory on cuda:0")
+
+
+def test_anything_else_is_an_opaque_internal_error(
+    servicer: LossServicer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def bug(*args: Any) -> None:
+        raise KeyError("secret detail")
+
+    monkeypatch.setattr(servicer._executor, "run", bug)
+    with caplog.at_level(logging.ERROR, logger="remoteloss_server.servicer"):
+        _, context = compute(servicer, mse_request())
+    assert (context.code, context.details) == (grpc.StatusCode.INTERNAL, "internal error")
+    assert "secret detail" in caplog.text and "Traceback" in caplog.text
+    monkeypatch.undo()
+    response, context = compute(servicer, mse_request())
+    assert response is not None and context.code is None
+
+
+def test_list_losses(servicer: LossServicer) -> None:
+    response = asyncio.run(servicer.ListLosses(pb.ListLossesRequest(), Context()))  # type: ignore[arg-type]
+    assert len(response.losses) == 22 and response.losses[0].name == "l1_loss"
+
+
+def test_lenient_deserializer() -> None:
+    parse = _lenient(pb.ComputeRequest)
+    assert parse(mse_request().SerializeToString()) == mse_request()
+    undecodable = parse(bytes([2 << 3 | 2, 50, 1, 2]))
+    assert isinstance(undecodable, UndecodableRequest) and undecodable.type_name == "remoteloss.v1.ComputeRequest"
