@@ -1,12 +1,13 @@
 """remoteloss: every ``torch.nn`` loss, computed on a remote server, with gradients.
 
 ``remoteloss.Client`` has one method per ``torch.nn.functional`` loss, with torch's
-signature; ``remoteloss.nn`` has the loss modules (it needs torch); ``remoteloss.codec``
-converts arrays to and from the wire's ``Tensor`` message.
+signature; ``remoteloss.AsyncClient`` has the same as coroutines; ``client.stream()`` keeps
+many calls in flight on one stream; ``remoteloss.nn`` has the loss modules (it needs torch);
+``remoteloss.codec`` converts arrays to and from the wire's ``Tensor`` message.
 """
 
 from remoteloss import codec
-from remoteloss._client import Client
+from remoteloss._client import AsyncClient, Client
 from remoteloss._distances import CosineDistance, PairwiseDistance
 from remoteloss._errors import (
     CancelledError,
@@ -20,19 +21,24 @@ from remoteloss._errors import (
     UnauthenticatedError,
     UnimplementedError,
 )
+from remoteloss._stream import AsyncStream, LossFuture, Stream
 
 __all__ = [
+    "AsyncClient",
+    "AsyncStream",
     "CancelledError",
     "Client",
     "CosineDistance",
     "DeadlineExceededError",
     "InternalServerError",
     "InvalidArgumentError",
+    "LossFuture",
     "LossServiceError",
     "PairwiseDistance",
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "ServiceUnavailableError",
+    "Stream",
     "UnauthenticatedError",
     "UnimplementedError",
 ]

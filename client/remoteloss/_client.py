@@ -1,30 +1,34 @@
-"""``Client``: the losses of ``torch.nn.functional``, computed by a remoteloss server."""
+"""``Client`` and ``AsyncClient``: the losses of ``torch.nn.functional``, computed by a remoteloss server.
+
+Both get the 22 loss methods from ``LossMethods``, whose methods hand their arguments to
+``_compute``: ``Client._compute`` returns the result, ``AsyncClient._compute`` is a coroutine,
+so ``await aclient.mse_loss(x, y)`` works with the same signatures. What a call sends and how
+its answer becomes a result is in ``_calls``; this module only moves requests.
+"""
 
 from __future__ import annotations
 
 import enum
-import functools
-import inspect
-import warnings
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import grpc
-import numpy as np
 
-from remoteloss import codec
-from remoteloss._channel import create_channel
-from remoteloss._errors import InternalServerError, InvalidArgumentError, _error_from_rpc
+from remoteloss._calls import plan_loss, plan_value_and_grad, warn
+from remoteloss._channel import create_aio_channel, create_channel
+from remoteloss._errors import _error_from_rpc
 from remoteloss._losses import LossMethods
-from remoteloss._request import LOSS_NAMES, build_request, tensor_names
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
 
 if TYPE_CHECKING:
-    import torch
+    from remoteloss._stream import AsyncStream, Stream
 
-__all__ = ["Client"]
+__all__ = ["AsyncClient", "Client"]
+
+_C = TypeVar("_C", bound="_ClientBase")
 
 
 class _Unset(enum.Enum):
@@ -32,27 +36,62 @@ class _Unset(enum.Enum):
 
 
 _UNSET = _Unset.UNSET
+DEFAULT_STREAM_WINDOW = 64  # requests a stream keeps unanswered before a new one waits
 
 
 class _Connection:
-    """The channel that a client and its ``with_options`` copies share."""
+    """The channels that a client and its ``with_options`` copies share: a blocking one, and for
+    ``AsyncClient`` a ``grpc.aio`` one made on first use inside the event loop (the blocking one
+    then serves autograd's second calls only, and is made only if one happens)."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
-        self.channel = channel
-        self.stub = loss_pb2_grpc.LossServiceStub(channel)  # type: ignore[no-untyped-call]
+    def __init__(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+    ) -> None:
+        self._target = target
+        self._credentials = credentials
+        self._options = tuple(options)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None
+        self._aio_channel: grpc.aio.Channel | None = None
+        self._aio_stub: Any = None
         self.closed = False
 
+    def stub(self) -> Any:
+        """The ``LossServiceStub`` on the blocking channel."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the client is closed")
+            if self._stub is None:
+                self._channel = create_channel(self._target, credentials=self._credentials, options=self._options)
+                self._stub = loss_pb2_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
+            return self._stub
 
-class Client(LossMethods):
-    """A client of a remoteloss server; one method per ``torch.nn.functional`` loss.
+    def aio_stub(self) -> Any:
+        """The ``LossServiceStub`` on the ``grpc.aio`` channel; call it from the event loop."""
+        if self.closed:
+            raise RuntimeError("the client is closed")
+        if self._aio_stub is None:
+            self._aio_channel = create_aio_channel(self._target, credentials=self._credentials, options=self._options)
+            self._aio_stub = loss_pb2_grpc.LossServiceStub(self._aio_channel)  # type: ignore[no-untyped-call]
+        return self._aio_stub
 
-    Each loss method has torch's exact signature. numpy arrays or Python numbers in give
-    numpy arrays out; any torch tensor in gives a torch tensor out, on the first tensor's
-    device, with a ``grad_fn`` when an input requires grad. Every call has a deadline of
-    ``timeout`` seconds (None: none); ``with_options`` makes a copy with another.
-    ``credentials`` (``grpc.ChannelCredentials``) select TLS; ``options`` are extra gRPC
-    channel arguments; ``metadata`` is sent with every call. Thread-safe.
-    """
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        channel, self._aio_channel = self._aio_channel, None
+        if channel is not None:
+            await channel.close(None)
+
+
+class _ClientBase(LossMethods):
+    """What ``Client`` and ``AsyncClient`` share: settings, ``with_options``, the blocking path."""
 
     def __init__(
         self,
@@ -66,7 +105,7 @@ class Client(LossMethods):
         self._target = target
         self._timeout = _check_timeout(timeout)
         self._metadata = tuple(metadata)
-        self._connection = _Connection(create_channel(target, credentials=credentials, options=options))
+        self._connection = _Connection(target, credentials, options)
         self._owns_connection = True
 
     @property
@@ -78,11 +117,11 @@ class Client(LossMethods):
         return self._timeout
 
     def with_options(
-        self,
+        self: _C,
         *,
         timeout: float | None | Literal[_Unset.UNSET] = _UNSET,
         metadata: Sequence[tuple[str, str | bytes]] | Literal[_Unset.UNSET] = _UNSET,
-    ) -> Client:
+    ) -> _C:
         """A copy with another deadline or metadata, sharing this client's channel.
 
         Closing the copy does nothing; closing this client closes the channel for both.
@@ -96,11 +135,46 @@ class Client(LossMethods):
             clone._metadata = tuple(metadata)
         return clone
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(target={self._target!r}, timeout={self._timeout!r})"
+
+    def _blocking_unary(self, method: str, request: Any) -> Any:
+        if self._connection.closed:
+            raise RuntimeError(f"{self!r} is closed")
+        try:
+            return getattr(self._connection.stub(), method)(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error_from_rpc(exc) from exc
+
+
+class Client(_ClientBase):
+    """A client of a remoteloss server; one method per ``torch.nn.functional`` loss.
+
+    Each loss method has torch's exact signature. numpy arrays or Python numbers in give
+    numpy arrays out; any torch tensor in gives a torch tensor out, on the first tensor's
+    device, with a ``grad_fn`` when an input requires grad. Every call has a deadline of
+    ``timeout`` seconds (None: none); ``with_options`` makes a copy with another.
+    ``credentials`` (``grpc.ChannelCredentials``) select TLS; ``options`` are extra gRPC
+    channel arguments; ``metadata`` is sent with every call. Thread-safe. ``stream()`` sends
+    many calls at once on one ``ComputeStream``.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        metadata: Sequence[tuple[str, str | bytes]] = (),
+    ) -> None:
+        super().__init__(target, timeout=timeout, credentials=credentials, options=options, metadata=metadata)
+        self._connection.stub()  # the channel exists from the start, as with grpc's own clients
+
     def close(self) -> None:
         """Close the channel (a ``with_options`` copy leaves it open). Idempotent."""
-        if self._owns_connection and not self._connection.closed:
-            self._connection.closed = True
-            self._connection.channel.close()
+        if self._owns_connection:
+            self._connection.close()
 
     def __enter__(self) -> Client:
         return self
@@ -110,12 +184,9 @@ class Client(LossMethods):
     ) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(target={self._target!r}, timeout={self._timeout!r})"
-
     def list_losses(self) -> pb.ListLossesResponse:
         """What the server offers: every loss with its arguments, options and dtypes."""
-        response: pb.ListLossesResponse = self._unary("ListLosses", pb.ListLossesRequest())
+        response: pb.ListLossesResponse = self._blocking_unary("ListLosses", pb.ListLossesRequest())
         return response
 
     def value_and_grad(
@@ -133,137 +204,112 @@ class Client(LossMethods):
         ``sum(loss * grad_output)``; ``grad_output`` None means ones. Results are numpy
         arrays, or torch tensors (without ``grad_fn``) when any tensor argument is one.
         """
-        if loss_name not in LOSS_NAMES:
-            raise InvalidArgumentError(f"loss_name must be one of {sorted(LOSS_NAMES)}, got {loss_name!r}")
-        bound = _signature(loss_name).bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = {name: value for name, value in bound.arguments.items() if name != "self"}
-        names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
-        request = build_request(loss_name, arguments, wrt=names, grad_output=grad_output)
-        message = getattr(request, loss_name)
-        for name in names:
-            if name not in tensor_names(loss_name) or not message.HasField(name):
-                raise InvalidArgumentError(
-                    f"{loss_name}: wrt names {name!r}, which is not a tensor argument of this call; "
-                    f"tensor arguments: {list(tensor_names(loss_name))}"
-                )
-        response = self._compute_rpc(request)
-        results = _results(response, loss_name, arguments, names)
-        _warn(response.warnings, stacklevel=3)  # _warn, value_and_grad, its caller
-        return results
-
-    def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
-        arguments.pop("self", None)
-        result, texts = self._run(loss, arguments)
-        _warn(texts, stacklevel=4)  # _warn, _compute, the loss method, its caller
+        plan = plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output)
+        response = self._compute_rpc(plan.request)
+        result: tuple[Any, dict[str, Any]] = plan.finish(response, self._compute_rpc)
+        warn(response.warnings, stacklevel=2)  # value_and_grad's caller
         return result
 
-    def _run(self, loss: str, arguments: dict[str, Any]) -> tuple[Any, Sequence[str]]:
-        """The loss and the server's warnings; through autograd when a torch input requires grad."""
-        tensors = _torch_arguments(loss, arguments)
-        if tensors and any(t.requires_grad for t in tensors.values()):
-            import torch
+    def stream(self, *, timeout: float | None = None, window: int = DEFAULT_STREAM_WINDOW) -> Stream:
+        """Many calls on one ``ComputeStream``: each loss method of the stream returns a
+        ``concurrent.futures.Future`` at once. See ``remoteloss.Stream``."""
+        from remoteloss._stream import Stream
 
-            if torch.is_grad_enabled():
-                from remoteloss import _autograd
+        return Stream(self, timeout=_check_timeout(timeout), window=window)
 
-                call = _Call(self, loss, arguments, tensors)
-                return _autograd.apply(call, list(tensors.values())), call.warnings
-        response = self._compute_rpc(build_request(loss, arguments))
-        return _results(response, loss, arguments, ())[0], response.warnings
+    def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
+        plan = plan_loss(loss, arguments)
+        response = self._compute_rpc(plan.request)
+        result = plan.finish(response, self._compute_rpc)
+        warn(response.warnings, stacklevel=3)  # _compute, the loss method, its caller
+        return result
 
     def _compute_rpc(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
-        response: pb.ComputeResponse = self._unary("Compute", request)
+        response: pb.ComputeResponse = self._blocking_unary("Compute", request)
         return response
 
-    def _unary(self, method: str, request: Any) -> Any:
+
+class AsyncClient(_ClientBase):
+    """The ``grpc.aio`` twin of ``Client``: the same methods and arguments, each a coroutine.
+
+    >>> async with remoteloss.AsyncClient("localhost:50051") as client:  # doctest: +SKIP
+    ...     loss = await client.mse_loss(x, y)
+
+    Use it from one event loop (its channel is made there on the first call); it is not
+    thread-safe. Autograd works as with ``Client``: the forward call awaits the loss and the
+    gradients of ``sum(loss)``, and ``backward`` needs no call for a uniform ``grad_output``.
+    Any other ``grad_output`` needs a second call, which ``backward`` (synchronous in torch)
+    makes on a blocking channel to the same target, made when first needed; called from a
+    coroutine, that call blocks the event loop while it runs.
+    """
+
+    async def aclose(self) -> None:
+        """Close the channels (a ``with_options`` copy leaves them open). Idempotent."""
+        if self._owns_connection:
+            await self._connection.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def list_losses(self) -> pb.ListLossesResponse:
+        """What the server offers: every loss with its arguments, options and dtypes."""
+        response: pb.ListLossesResponse = await self._unary("ListLosses", pb.ListLossesRequest())
+        return response
+
+    async def value_and_grad(
+        self,
+        loss_name: str,
+        /,
+        *args: Any,
+        wrt: str | Sequence[str] = ("input",),
+        grad_output: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, dict[str, Any]]:
+        """The loss and its gradients with respect to ``wrt``, in one call; see ``Client.value_and_grad``."""
+        plan = plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output)
+        response = await self._compute_rpc(plan.request)
+        result: tuple[Any, dict[str, Any]] = plan.finish(response, self._backward_rpc)
+        warn(response.warnings, stacklevel=2)  # the coroutine awaiting value_and_grad
+        return result
+
+    def stream(self, *, timeout: float | None = None, window: int = DEFAULT_STREAM_WINDOW) -> AsyncStream:
+        """Many calls on one ``ComputeStream``; see ``remoteloss.AsyncStream``."""
+        from remoteloss._stream import AsyncStream
+
+        return AsyncStream(self, timeout=_check_timeout(timeout), window=window)
+
+    async def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
+        plan = plan_loss(loss, arguments)
+        response = await self._compute_rpc(plan.request)
+        result = plan.finish(response, self._backward_rpc)
+        warn(response.warnings, stacklevel=2)  # _compute, the coroutine awaiting the loss method
+        return result
+
+    async def _compute_rpc(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
+        response: pb.ComputeResponse = await self._unary("Compute", request)
+        return response
+
+    def _backward_rpc(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
+        response: pb.ComputeResponse = self._blocking_unary("Compute", request)
+        return response
+
+    async def _unary(self, method: str, request: Any) -> Any:
         if self._connection.closed:
             raise RuntimeError(f"{self!r} is closed")
         try:
-            return getattr(self._connection.stub, method)(request, timeout=self._timeout, metadata=self._metadata)
+            return await getattr(self._connection.aio_stub(), method)(
+                request, timeout=self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise _error_from_rpc(exc) from exc
-
-
-class _Call:
-    """One loss call on torch tensors that require grad: the ``RemoteCall`` of ``_autograd``."""
-
-    def __init__(self, client: Client, loss: str, arguments: dict[str, Any], tensors: dict[str, torch.Tensor]):
-        self.client = client
-        self.loss = loss
-        self.arguments = arguments
-        self.names = tuple(tensors)
-        self.wrt = tuple(name for name, tensor in tensors.items() if tensor.requires_grad)
-        self.warnings: list[str] = []
-
-    def forward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        response = self.client._compute_rpc(build_request(self.loss, self.arguments, wrt=self.wrt))
-        self.warnings = list(response.warnings)
-        return _results(response, self.loss, self.arguments, self.wrt)
-
-    def backward(
-        self, tensors: Sequence[torch.Tensor], grad_output: torch.Tensor, wrt: Sequence[str]
-    ) -> dict[str, torch.Tensor]:
-        arguments = {**self.arguments, **dict(zip(self.names, tensors, strict=True))}
-        request = build_request(self.loss, arguments, wrt=wrt, grad_output=grad_output)
-        response = self.client._compute_rpc(request)
-        _warn((text for text in response.warnings if text not in self.warnings), stacklevel=2)
-        return _results(response, self.loss, arguments, wrt)[1]
-
-
-@functools.cache
-def _signature(loss: str) -> inspect.Signature:
-    return inspect.signature(getattr(LossMethods, loss))
 
 
 def _check_timeout(timeout: float | None) -> float | None:
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be None or a positive number of seconds, got {timeout!r}")
     return timeout
-
-
-def _torch_arguments(loss: str, arguments: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensor arguments that are torch tensors, in torch's order."""
-    return {name: arguments[name] for name in tensor_names(loss) if codec.is_torch_tensor(arguments.get(name))}
-
-
-def _results(
-    response: pb.ComputeResponse, loss: str, arguments: dict[str, Any], wrt: Iterable[str]
-) -> tuple[Any, dict[str, Any]]:
-    """The loss and the gradients for ``wrt``: numpy arrays, or torch tensors when any tensor
-    argument is one (the loss on the first one's device, each gradient on its argument's)."""
-    tensors = _torch_arguments(loss, arguments)
-    gradients = {name: response.gradients[name] for name in wrt if name in response.gradients}
-    missing = [name for name in wrt if name not in gradients]
-    if missing:
-        raise InternalServerError(f"{loss}: the server's answer lacks the gradients of {missing}")
-    if not tensors:
-        return _numpy(response.loss, loss, "loss"), {n: _numpy(g, loss, n) for n, g in gradients.items()}
-    first = next(iter(tensors.values()))
-    placements = {n: (t.device, t.dtype) for n, t in tensors.items()}
-    return _torch(response.loss, loss, "loss", first.device), {
-        n: _torch(g, loss, n, *placements.get(n, (first.device, None))) for n, g in gradients.items()
-    }
-
-
-def _numpy(message: pb.Tensor, loss: str, name: str) -> np.ndarray[Any, Any]:
-    try:
-        return codec.decode_numpy(message, name).copy()  # writable, like torch's results
-    except ValueError as exc:
-        raise InternalServerError(f"{loss}: the server's answer is malformed: {exc}") from exc
-
-
-def _torch(
-    message: pb.Tensor, loss: str, name: str, device: torch.device, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    try:
-        tensor = codec.decode_torch(message, name)
-    except ValueError as exc:
-        raise InternalServerError(f"{loss}: the server's answer is malformed: {exc}") from exc
-    return tensor.to(device=device, dtype=dtype)
-
-
-def _warn(texts: Iterable[str], *, stacklevel: int) -> None:
-    """Re-raise the server's torch warnings, attributed ``stacklevel`` frames up."""
-    for text in texts:
-        warnings.warn(text, UserWarning, stacklevel=stacklevel)

@@ -22,7 +22,8 @@ __all__ = ["LossMethods"]
 
 
 class LossMethods:
-    """The 22 losses. Each returns a torch.Tensor when any tensor argument is one, else a numpy array."""
+    """The 22 losses. Each returns a torch.Tensor when any tensor argument is one, else a numpy array
+    (``AsyncClient``: a coroutine giving it; ``Stream``: a future of it)."""
 
     def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
         raise NotImplementedError

@@ -117,8 +117,14 @@ def _encode_torch(tensor: torch.Tensor, name: str, requires_grad: bool | None) -
     return pb.Tensor(dtype=code, shape=tuple(tensor.shape), data=data, requires_grad=bool(grad))
 
 
-def check_tensor(message: pb.Tensor, name: str, *, max_elements: int | None = None) -> DTypeInfo:
-    """Check a message's dtype, shape and byte length; return its dtype info."""
+def check_tensor(
+    message: pb.Tensor, name: str, *, max_elements: int | None = None, data: bytes | None = None
+) -> DTypeInfo:
+    """Check a message's dtype, shape and byte length; return its dtype info.
+
+    ``data`` is ``message.data`` when the caller has it already: each read of a bytes field
+    copies it, which for a large tensor costs time and memory.
+    """
     info = DTYPES.get(message.dtype)
     if info is None:
         if message.dtype == pb.DTYPE_UNSPECIFIED:
@@ -131,9 +137,10 @@ def check_tensor(message: pb.Tensor, name: str, *, max_elements: int | None = No
     if max_elements is not None and numel > max_elements:
         raise ValueError(f"{name}: {numel} elements exceed the limit of {max_elements}")
     expected = numel * info.itemsize
-    if len(message.data) != expected:
+    size = len(message.data if data is None else data)
+    if size != expected:
         raise ValueError(
-            f"{name}: data holds {len(message.data)} bytes, but shape {list(shape)} of "
+            f"{name}: data holds {size} bytes, but shape {list(shape)} of "
             f"{info.name} needs {expected}"
         )
     if message.requires_grad and not info.floating:
@@ -147,12 +154,13 @@ def decode_numpy(message: pb.Tensor, name: str = "tensor") -> np.ndarray[Any, An
     bfloat16 has no numpy dtype: it comes back as float32, exactly (bfloat16 is the
     upper half of a float32).
     """
-    info = check_tensor(message, name)
+    data = message.data
+    info = check_tensor(message, name, data=data)
     shape = tuple(message.shape)
     if info.numpy is None:  # bfloat16
-        halves = np.frombuffer(message.data, dtype="<u2").astype(np.uint32) << 16
+        halves = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
         return halves.view(np.float32).reshape(shape)
-    return np.frombuffer(message.data, dtype=info.numpy).reshape(shape)
+    return np.frombuffer(data, dtype=info.numpy).reshape(shape)
 
 
 def decode_torch(message: pb.Tensor, name: str = "tensor", *, max_elements: int | None = None) -> torch.Tensor:
@@ -162,12 +170,13 @@ def decode_torch(message: pb.Tensor, name: str = "tensor", *, max_elements: int 
     """
     import torch
 
-    info = check_tensor(message, name, max_elements=max_elements)
+    data = message.data
+    info = check_tensor(message, name, max_elements=max_elements, data=data)
     dtype = getattr(torch, info.name)
     shape = tuple(message.shape)
-    if not message.data:
+    if not data:
         return torch.empty(shape, dtype=dtype)
-    tensor = torch.frombuffer(bytearray(message.data), dtype=dtype)
+    tensor = torch.frombuffer(bytearray(data), dtype=dtype)
     if not _LITTLE and info.itemsize > 1:
         tensor = tensor.view(torch.uint8).reshape(-1, info.itemsize).flip(-1).reshape(-1).view(dtype)
     return tensor.reshape(shape)

@@ -3,8 +3,10 @@
 ``serve(config)`` runs in the foreground until SIGTERM or SIGINT; ``ServerThread(config)`` runs
 the same server on its own event loop in a background thread, for tests and notebooks.
 Shutdown, in order: health goes NOT_SERVING, gRPC refuses new RPCs and gives in-flight ones
-``shutdown_grace_s`` to finish, then the compute threads wind down. A second signal while
-draining takes the signal's default action: an immediate exit.
+``shutdown_grace_s`` to finish, the batcher computes what is still queued (refusing new work with
+UNAVAILABLE), then the compute threads wind down and /metrics closes. A second
+signal while draining takes the signal's default action: an immediate exit. Lifecycle events are
+logged as one ``event=start|ready|draining|stopped key=value ...`` line each.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from remoteloss_server import __version__
+from remoteloss_server import __version__, allocator, workers
+from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.executor import Executor
+from remoteloss_server.metrics import Metrics, MetricsHTTPServer, serve_http
 from remoteloss_server.servicer import SERVICE_NAME, LossServicer, add_to_server
 
-__all__ = ["SERVICE_NAME", "ServerThread", "StartupError", "serve"]
+__all__ = ["SERVICE_NAME", "ServerThread", "StartupError", "WorkerError", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,9 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
+
+
+WorkerError = workers.WorkerError
 
 
 class StartupError(Exception):
@@ -48,17 +55,24 @@ class _Running:
     health: Any  # grpc_health's asyncio HealthServicer
     pool: ThreadPoolExecutor
     port: int
+    metrics: Metrics
+    metrics_http: MetricsHTTPServer | None = None
+    batcher: Batcher | None = None
 
     async def stop(self, grace_s: float) -> None:
-        logger.info("draining: refusing new requests, %.1f s for in-flight ones", grace_s)
+        logger.info("event=draining grace_s=%.1f", grace_s)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.batcher is not None:
+            await self.batcher.close()
         await asyncio.to_thread(self.pool.shutdown, wait=True, cancel_futures=True)
-        logger.info("stopped")
+        if self.metrics_http is not None:
+            await asyncio.to_thread(self.metrics_http.close)
+        logger.info("event=stopped")
 
 
-async def _start(config: ServerConfig) -> _Running:
-    logger.info("starting remoteloss-server %s (torch %s, device %s)", __version__, torch.__version__, config.device)
+async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
+    logger.info("event=start version=%s torch=%s device=%s", __version__, torch.__version__, config.device)
     try:
         executor = Executor(config.device, config.torch_threads)
     except ValueError as exc:
@@ -69,39 +83,79 @@ async def _start(config: ServerConfig) -> _Running:
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),  # a port already taken is an error, not a shared port
+            # One process: a port already taken is an error. --workers N: N processes share it.
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ]
     )
-    add_to_server(LossServicer(executor, pool), server)
+    metrics = Metrics()
+    if executor.device.type == "cuda":
+        metrics.watch_gpu_memory(str(executor.device), executor.memory_reserved)
+    batcher = Batcher(
+        executor,
+        pool,
+        metrics,
+        batching=config.batching,
+        max_batch_size=config.max_batch_size,
+        max_batch_elements=config.max_batch_elements,
+        max_batch_delay_s=config.max_batch_delay_s,
+        concurrency=config.compute_threads,
+    )
+    add_to_server(LossServicer(executor, pool, metrics, worker=worker, batcher=batcher), server)
     health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if config.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
         pool.shutdown()
         raise StartupError(f"cannot bind {address}: {exc}") from None
+    metrics_http, metrics_address = None, "off"
+    if config.metrics_port:
+        metrics_host = config.metrics_host or config.host
+        metrics_address = f"{metrics_host}:{config.metrics_port}"
+        try:
+            metrics_http, _ = serve_http(metrics, metrics_host, config.metrics_port)
+        except OSError as exc:
+            await server.stop(None)
+            pool.shutdown()
+            raise StartupError(
+                f"cannot bind {metrics_address} for /metrics: {exc} (metrics_port=0 turns /metrics off)"
+            ) from None
+    await batcher.start()
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("serving on %s:%d (device %s)", config.host, port, executor.device)
-    return _Running(server, health_servicer, pool, port)
+    logger.info(
+        "event=ready address=%s:%d device=%s metrics=%s reflection=%s",
+        config.host, port, executor.device, metrics_address, config.reflection,
+    )
+    return _Running(server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher)
 
 
-def serve(config: ServerConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return. Raises StartupError."""
+def serve(config: ServerConfig, *, worker: int | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return. Raises StartupError.
+
+    With ``config.workers > 1`` this process only supervises that many server processes
+    (``workers.run``; raises ``WorkerError`` if any fails); ``worker`` is the index of one of them.
+    """
     logging.basicConfig(level=config.log_level, format=_LOG_FORMAT)
-    asyncio.run(_serve(config))
+    if config.workers > 1 and worker is None:
+        workers.run(config)
+        return
+    # Process-wide, so only here: a ServerThread leaves its host process's allocator alone.
+    allocator.configure(config.malloc_mmap_threshold_bytes)
+    asyncio.run(_serve(config, worker))
 
 
-async def _serve(config: ServerConfig) -> None:
-    running = await _start(config)
+async def _serve(config: ServerConfig, worker: int | None = None) -> None:
+    running = await _start(config, worker)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
     def on_signal(signum: signal.Signals) -> None:
-        logger.info("received %s", signum.name)
+        logger.info("event=signal signal=%s", signum.name)
         for s in _SIGNALS:  # a second signal takes the default action
             loop.remove_signal_handler(s)
         stopping.set()
@@ -123,6 +177,8 @@ class ServerThread:
 
     def __init__(self, config: ServerConfig) -> None:
         config.validate()
+        if config.workers != 1:
+            raise ValueError(f"workers: a ServerThread is one server in this process, got workers={config.workers}")
         self.config = config
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -130,6 +186,7 @@ class ServerThread:
         self._stopping: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._port: int | None = None
+        self._running: _Running | None = None
 
     @property
     def port(self) -> int:
@@ -137,6 +194,21 @@ class ServerThread:
         if self._port is None:
             raise RuntimeError("the server is not running")
         return self._port
+
+    @property
+    def metrics(self) -> Metrics:
+        """The running server's metrics (also served over HTTP when ``metrics_port`` is set)."""
+        if self._running is None:
+            raise RuntimeError("the server is not running")
+        return self._running.metrics
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of /metrics, or None when ``metrics_port`` is 0."""
+        if self._running is None:
+            raise RuntimeError("the server is not running")
+        http = self._running.metrics_http
+        return None if http is None else http.server_address[1]
 
     @property
     def target(self) -> str:
@@ -179,6 +251,7 @@ class ServerThread:
         self._stopping = asyncio.Event()
         running = await _start(self.config)
         self._port = running.port
+        self._running = running
         self._ready.set()
         try:
             await self._stopping.wait()

@@ -2,7 +2,8 @@
 
 Every setting is a flag and an environment variable ``REMOTELOSS_<FLAG>`` (``--torch-threads``
 -> ``REMOTELOSS_TORCH_THREADS``); a flag wins over the environment, which wins over the default.
-``--grace-period`` sets ``shutdown_grace_s``, so ``REMOTELOSS_SHUTDOWN_GRACE_S`` works too.
+``--grace-period`` sets ``shutdown_grace_s``, so ``REMOTELOSS_SHUTDOWN_GRACE_S`` works too; likewise
+``--max-batch-delay`` and ``REMOTELOSS_MAX_BATCH_DELAY_S``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,19 @@ class _Setting:
     metavar: str
     help: str
     aliases: tuple[str, ...] = ()  # extra environment variable names
+    switch: bool = False  # a bool that is on by default: the flag is --no-<flag>, the env var true/false
 
     @property
     def env(self) -> tuple[str, ...]:
         return (_ENV_PREFIX + self.flag.upper().replace("-", "_"), *self.aliases)
+
+
+def boolean(text: str) -> bool:
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    try:
+        return value[text.strip().lower()]
+    except KeyError:
+        raise ValueError(text) from None
 
 
 _SETTINGS = (
@@ -53,6 +63,28 @@ _SETTINGS = (
         "how long in-flight requests may finish after SIGTERM",
         aliases=(_ENV_PREFIX + "SHUTDOWN_GRACE_S",),
     ),
+    _Setting("workers", "workers", int, "N", "server processes sharing the port (SO_REUSEPORT)"),
+    _Setting("metrics-port", "metrics_port", int, "PORT", "port of the Prometheus /metrics endpoint; 0 turns it off"),
+    _Setting("metrics-host", "metrics_host", str, "HOST", "address for /metrics; unset means the --host address"),
+    _Setting("reflection", "reflection", boolean, "", "turn off gRPC server reflection", switch=True),
+    _Setting("batching", "batching", boolean, "", "turn off dynamic batching: each request alone", switch=True),
+    _Setting("max-batch-size", "max_batch_size", int, "N", "requests in one batch"),
+    _Setting("max-batch-elements", "max_batch_elements", int, "N", "tensor elements in one batch"),
+    _Setting(
+        "max-batch-delay",
+        "max_batch_delay_s",
+        float,
+        "SECONDS",
+        "how long a batch may wait for more requests; 0 takes only what queued meanwhile",
+        aliases=(_ENV_PREFIX + "MAX_BATCH_DELAY_S",),
+    ),
+    _Setting(
+        "malloc-mmap-threshold-bytes",
+        "malloc_mmap_threshold_bytes",
+        int,
+        "BYTES",
+        "glibc malloc reuses heap memory for blocks up to this size instead of fresh mmap pages; 0 keeps glibc's default",
+    ),
 )
 
 
@@ -70,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Serve every torch.nn loss over gRPC.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for s in _SETTINGS:
+        if s.switch:
+            parser.add_argument(
+                f"--no-{s.flag}", dest=s.field, action="store_const", const=False, help=f"{s.help} (env {s.env[0]}=false)"
+            )
+            parser.add_argument(f"--{s.flag}", dest=s.field, action="store_const", const=True, help=argparse.SUPPRESS)
+            continue
         parser.add_argument(
             f"--{s.flag}",
             dest=s.field,
@@ -107,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         app.serve(config)
-    except app.StartupError as exc:
+    except (app.StartupError, app.WorkerError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second SIGINT while draining

@@ -11,6 +11,7 @@ __all__ = ["LOG_LEVELS", "ServerConfig"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC keeps message limits in a signed 32-bit int
+_MAX_MALLOC_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,17 @@ class ServerConfig:
     max_message_bytes: int = 512 * 1024 * 1024  # largest request or response gRPC accepts
     log_level: str = "INFO"
     shutdown_grace_s: float = 10.0  # how long in-flight RPCs may finish after SIGTERM
+    workers: int = 1  # server processes sharing the port with SO_REUSEPORT; > 1 needs an explicit port
+    metrics_port: int = 9464  # Prometheus /metrics over HTTP (the exporters' customary port); 0 turns it off
+    metrics_host: str | None = None  # address for /metrics; None means the gRPC ``host``
+    reflection: bool = True  # serve gRPC server reflection (grpc.reflection.v1alpha)
+    # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
+    # up to twice this stays with the process after a burst); 0 keeps glibc's defaults. See allocator.
+    malloc_mmap_threshold_bytes: int = 256 * 1024 * 1024
+    batching: bool = True  # compute queued requests of one loss, options and shapes as one batch
+    max_batch_size: int = 64  # requests in one batch
+    max_batch_elements: int = 2**24  # tensor elements in one batch (one request may exceed it alone)
+    max_batch_delay_s: float = 0.0  # how long a batch may wait for more requests; 0: only what queued meanwhile
 
     def validate(self) -> None:
         """Raise ValueError, with a one-line message naming the setting, if any is invalid."""
@@ -45,3 +57,27 @@ class ServerConfig:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not (math.isfinite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0):
             raise ValueError(f"shutdown_grace_s must be a finite number >= 0, got {self.shutdown_grace_s}")
+        if not 0 <= self.malloc_mmap_threshold_bytes <= _MAX_MALLOC_THRESHOLD_BYTES:
+            raise ValueError(
+                f"malloc_mmap_threshold_bytes must be in [0, {_MAX_MALLOC_THRESHOLD_BYTES}] (0 keeps glibc's "
+                f"default), got {self.malloc_mmap_threshold_bytes}"
+            )
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("workers > 1 needs an explicit port: with port 0 each worker would pick its own")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535] (0 turns /metrics off), got {self.metrics_port}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_batch_elements < 1:
+            raise ValueError(f"max_batch_elements must be >= 1, got {self.max_batch_elements}")
+        if not (math.isfinite(self.max_batch_delay_s) and 0 <= self.max_batch_delay_s <= 1):
+            raise ValueError(f"max_batch_delay_s must be in [0, 1] seconds, got {self.max_batch_delay_s}")
+        if self.metrics_host == "":
+            raise ValueError("metrics_host must not be empty")
+        if self.metrics_port and self.metrics_port + self.workers - 1 > 65535:
+            raise ValueError(
+                f"workers: worker i serves /metrics on metrics_port + i, and {self.metrics_port} + {self.workers - 1} "
+                "exceeds 65535"
+            )

@@ -5,6 +5,7 @@ servicer never imports grpc; ``servicer.translate_errors`` turns them into statu
 from __future__ import annotations
 
 __all__ = [
+    "DeadlineExceededError",
     "InternalError",
     "InvalidArgumentError",
     "ResourceExhaustedError",
@@ -36,6 +37,12 @@ class ResourceExhaustedError(ServiceError):
     """The device ran out of memory, or a queue is full."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceededError(ServiceError):
+    """The deadline passed while the request waited for a batch; it was not computed."""
+
+    code = "DEADLINE_EXCEEDED"
 
 
 class UnavailableError(ServiceError):

@@ -1,27 +1,28 @@
-"""Runs one prepared ``Call`` on the device: the forward pass and, when asked, the backward pass.
+"""Runs prepared calls on the device: one alone, or a batch of them as one computation.
 
-``Executor.run`` blocks; the servicer calls it on a compute thread, never on the event loop.
-This is the only module that picks a device or calls CUDA APIs.
+``Executor.run`` and ``Executor.run_batch`` block; they run on a compute thread, never on the
+event loop. This is the only module that picks a device or calls CUDA APIs. On a GPU, host
+tensors are staged in pinned memory and copied without blocking, a batch synchronises once
+(when its results are copied back), and a batch that runs out of memory is split in halves
+and retried, down to single calls, which then fail alone with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import dataclasses
 import logging
 import re
-import threading
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
-from remoteloss_server.losses import Call
+from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError, ServiceError
+from remoteloss_server.losses import LOSSES, Call
+from remoteloss_server.losses.batching import Plan, Stack
+from remoteloss_server.torch_warnings import record
 
-__all__ = ["Executor", "Result", "resolve_device"]
+__all__ = ["Executor", "Job", "Result", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,20 @@ class Result:
     warnings: list[str]
 
 
+@dataclass(frozen=True)
+class Job:
+    """One call to compute, with its incoming gradient; ``plan`` (from its loss's batch rule)
+    lets it share a batch, None makes it run alone."""
+
+    call: Call
+    grad_output: torch.Tensor | None = None
+    plan: Plan | None = None
+
+
+class _OutOfMemory(Exception):
+    pass
+
+
 class Executor:
     """Computes prepared calls on one device."""
 
@@ -64,6 +79,10 @@ class Executor:
         if self.device.type == "cuda":
             torch.empty(0, device=self.device)  # create the CUDA context now, not on the first request
 
+    def memory_reserved(self) -> int:
+        """Bytes torch's caching allocator holds on this device; 0 on the CPU. Thread-safe."""
+        return int(torch.cuda.memory_reserved(self.device)) if self.device.type == "cuda" else 0
+
     def run(self, call: Call, grad_output: torch.Tensor | None = None) -> Result:
         """Compute ``call`` (once: its tensors become autograd leaves) and, for the tensors it
         names in ``requires_grad``, d(sum(loss * grad_output))/d(tensor); grad_output defaults
@@ -72,23 +91,115 @@ class Executor:
         Raises InvalidArgumentError for what torch rejects and ResourceExhaustedError when the
         device runs out of memory; anything else is a bug and propagates.
         """
-        with _recorder.record() as texts:
+        call = dataclasses.replace(call, tensors=self._to_device(call.tensors))
+        with record() as texts:
             try:
                 if call.requires_grad:
                     loss, gradients = self._differentiate(call, grad_output)
                 else:
                     with torch.inference_mode():
                         loss, gradients = call(), {}
-                loss, gradients = loss.detach().cpu(), {name: g.cpu() for name, g in gradients.items()}
+                names = list(gradients)
+                loss, *grads = self._to_host([loss, *gradients.values()])
+                gradients = dict(zip(names, grads, strict=True))
             except _TORCH_REJECTIONS as exc:
                 if _is_out_of_memory(exc):
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    self._release_memory()
                     raise ResourceExhaustedError(f"{call.loss}: out of memory on {self.device}") from None
                 if _is_device_failure(exc):
                     raise
                 raise InvalidArgumentError(f"{call.loss}: {_message(exc, call)}") from exc
         return Result(loss, gradients, list(dict.fromkeys(texts)))
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
+        """Compute jobs of one batch key: as one batch when there are several and each has a
+        plan, else one by one. Each job gets its own result or error; a failure of torch for
+        the batch (or a warning, whose words would name the batch's shapes) makes each job run
+        alone, so that each gets torch's own answer. Bugs and CUDA errors propagate."""
+        if len(jobs) > 1 and all(job.plan is not None for job in jobs):
+            try:
+                results = self._batched(jobs)
+            except _OutOfMemory:
+                half = len(jobs) // 2
+                logger.info("out of memory for a batch of %d; retrying in halves", len(jobs))
+                return self.run_batch(jobs[:half]) + self.run_batch(jobs[half:])
+            if results is not None:
+                return results
+        return [self._alone(job) for job in jobs]
+
+    def _alone(self, job: Job) -> Result | ServiceError:
+        try:
+            return self.run(job.call, job.grad_output)
+        except ServiceError as err:
+            return err
+
+    def _batched(self, jobs: Sequence[Job]) -> list[Result | ServiceError] | None:
+        """The batch computed once with reduction="none", each job's share reduced as torch
+        would, and every gradient from one backward pass; None where torch rejects or warns."""
+        first = jobs[0].call
+        rule = LOSSES[first.loss].batch
+        assert rule is not None
+        stack = rule.stack([job.plan for job in jobs if job.plan is not None])
+        tensors = self._to_device(stack.tensors)
+        leaves = [tensors[name] for name in first.requires_grad]
+        with record() as texts:
+            try:
+                with torch.enable_grad() if leaves else torch.inference_mode():
+                    for leaf in leaves:
+                        leaf.requires_grad_(True)
+                    unreduced = first.function(**tensors, **stack.options)
+                    losses = [stack.reduce(i, unreduced, tensors) for i in range(len(jobs))]
+                    gradients = self._batch_gradients(jobs, stack, leaves, losses) if leaves else [{}] * len(jobs)
+                flat = []
+                for loss, grads in zip(losses, gradients, strict=True):
+                    flat.append(loss)
+                    if not isinstance(grads, ServiceError):
+                        flat.extend(grads.values())
+                host = iter(self._to_host(flat))
+            except _TORCH_REJECTIONS as exc:
+                if _is_out_of_memory(exc):
+                    self._release_memory()
+                    raise _OutOfMemory from None
+                if _is_device_failure(exc):
+                    raise
+                return None
+        if texts:
+            return None
+        results: list[Result | ServiceError] = []
+        for job, grads in zip(jobs, gradients, strict=True):
+            loss = next(host)
+            if isinstance(grads, ServiceError):
+                results.append(grads)
+                continue
+            assert job.plan is not None
+            results.append(Result(loss, {name: next(host) for name in grads}, list(job.plan.warnings)))
+        return results
+
+    def _batch_gradients(
+        self, jobs: Sequence[Job], stack: Stack, leaves: list[torch.Tensor], losses: list[torch.Tensor]
+    ) -> list[dict[str, torch.Tensor] | ServiceError]:
+        """Each job's gradients, from one backward pass over every job whose grad_output fits."""
+        names = jobs[0].call.requires_grad
+        outputs, seeds, answers = [], [], []
+        for job, loss in zip(jobs, losses, strict=True):
+            try:
+                seeds.append(self._grad_output(job.call, job.grad_output, loss))
+            except InvalidArgumentError as err:
+                answers.append(err)
+                continue
+            outputs.append(loss)
+            answers.append(None)
+        grads: Sequence[torch.Tensor | None] = [None] * len(leaves)
+        if outputs and outputs[0].requires_grad:  # else no gradient flows to any leaf
+            grads = torch.autograd.grad(outputs, leaves, grad_outputs=seeds, allow_unused=True)
+        full = {
+            name: torch.zeros_like(leaf) if grad is None else grad
+            for name, leaf, grad in zip(names, leaves, grads, strict=True)
+        }
+        return [
+            answer if answer is not None else {name: stack.piece(i, name, full[name]) for name in names}
+            for i, answer in enumerate(answers)
+        ]
 
     def _differentiate(
         self, call: Call, grad_output: torch.Tensor | None
@@ -113,13 +224,43 @@ class Executor:
                 f"{call.loss}: grad_output must be floating, got {str(grad_output.dtype).removeprefix('torch.')}"
             )
         if grad_output.dim() == 0:  # a scalar weighs every element of the loss alike
-            return grad_output.to(self.device, loss.dtype).expand(loss.shape)
+            return self._stage(grad_output).to(loss.dtype).expand(loss.shape)
         if grad_output.shape != loss.shape:
             raise InvalidArgumentError(
                 f"{call.loss}: grad_output has shape {list(grad_output.shape)}, but the loss has "
                 f"shape {list(loss.shape)}"
             )
-        return grad_output.to(self.device, loss.dtype)
+        return self._stage(grad_output).to(loss.dtype)
+
+    # ------------------------------------------------------------------------ host <-> device
+
+    def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the device: through pinned memory and an asynchronous copy from the host."""
+        if tensor.device == self.device:
+            return tensor
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+            return pinned.to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def _to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: self._stage(tensor) for name, tensor in tensors.items()}
+
+    def _to_host(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` on the host, detached; from a GPU through pinned memory, with one synchronisation."""
+        if self.device.type != "cuda":
+            return [t.detach() for t in tensors]
+        copies = []
+        for t in tensors:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t.detach(), non_blocking=True)
+            copies.append(host)
+        torch.cuda.current_stream(self.device).synchronize()
+        return copies
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _message(exc: BaseException, call: Call) -> str:
@@ -150,53 +291,3 @@ def _is_device_failure(exc: BaseException) -> bool:
     if accelerator_error is not None and isinstance(exc, accelerator_error):
         return True
     return isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")
-
-
-class _WarningRecorder:
-    """Records the warnings each thread raises inside ``record()``.
-
-    Until Python 3.14 the warnings filters and ``showwarning`` are process-wide, so
-    ``warnings.catch_warnings`` in two compute threads at once would restore each other's state
-    and lose warnings. Instead, while any thread records, one hook with an "always" filter is
-    installed, and it files each warning under the thread that raised it; warnings from other
-    threads go to the previous hook.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._local = threading.local()
-        self._saved: contextlib.AbstractContextManager[Any] | None = None
-
-    @contextlib.contextmanager
-    def record(self) -> Iterator[list[str]]:
-        texts: list[str] = []
-        with self._lock:
-            if self._depth == 0:
-                saved = warnings.catch_warnings()  # restores filters and showwarning on exit
-                saved.__enter__()
-                warnings.simplefilter("always")
-                warnings.showwarning = functools.partial(self._show, warnings.showwarning)
-                self._saved = saved
-            self._depth += 1
-        self._local.texts = texts
-        try:
-            yield texts
-        finally:
-            self._local.texts = None
-            with self._lock:
-                self._depth -= 1
-                if self._depth == 0 and self._saved is not None:
-                    self._saved.__exit__(None, None, None)
-                    self._saved = None
-
-    def _show(self, previous: Callable[..., None], message: Warning | str, *args: Any, **kwargs: Any) -> None:
-        """``warnings.showwarning`` while recording: keep this thread's warning, pass others on."""
-        texts: list[str] | None = getattr(self._local, "texts", None)
-        if texts is None:
-            previous(message, *args, **kwargs)
-        else:
-            texts.append(str(message))
-
-
-_recorder = _WarningRecorder()

@@ -7,9 +7,16 @@ loss names, status code names, device names), never from a request.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-__all__ = ["BYTES_BUCKETS", "LATENCY_BUCKETS", "Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+__all__ = ["BYTES_BUCKETS", "LATENCY_BUCKETS", "Metrics", "MetricsHTTPServer", "serve_http"]
 
 # 25 us .. 10 s, roughly x2.5 apart: a loopback round trip is ~0.5 ms, a large GPU batch seconds.
 LATENCY_BUCKETS = (
@@ -65,3 +72,51 @@ class Metrics:
         self.gpu_memory = Gauge(
             "remoteloss_gpu_memory_bytes", "GPU memory held by torch's allocator.", ["device"], registry=r
         )
+
+    def watch_gpu_memory(self, device: str, read: Callable[[], float]) -> None:
+        """Export ``read()`` (bytes) as ``gpu_memory{device}``, called at each scrape."""
+        self.gpu_memory.labels(device).set_function(read)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
+        pass
+
+
+class MetricsHTTPServer(socketserver.ThreadingMixIn, WSGIServer):
+    """The /metrics endpoint on its own daemon thread; ``close()`` stops it and frees the port."""
+
+    daemon_threads = True
+    _thread: threading.Thread
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join()
+
+
+def serve_http(metrics: Metrics, host: str, port: int) -> tuple[MetricsHTTPServer, int]:
+    """Serve ``metrics`` in Prometheus' text format over HTTP (any path, ``/metrics`` by custom)
+    on ``host:port``; returns the running server and the bound port (``port=0`` picks a free one).
+    ``host`` may be bracketed (``[::]``). Raises OSError when the address cannot be bound."""
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        server = _bind(metrics, host, port)
+    except OSError:
+        if host not in ("::", ""):
+            raise
+        server = _bind(metrics, "0.0.0.0", port)  # every interface of a host without IPv6
+    server._thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="remoteloss-metrics", daemon=True
+    )
+    server._thread.start()
+    return server, server.server_address[1]
+
+
+def _bind(metrics: Metrics, host: str, port: int) -> MetricsHTTPServer:
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsHTTPServer", (MetricsHTTPServer,), {"address_family": family})
+    server: MetricsHTTPServer = make_server(
+        host, port, make_wsgi_app(metrics.registry), server_class, handler_class=_QuietHandler
+    )
+    return server

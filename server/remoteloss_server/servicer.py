@@ -9,27 +9,46 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor as Pool
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
+from google.protobuf.wrappers_pb2 import UInt64Value
 
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
+from remoteloss_server.batcher import Batcher
 from remoteloss_server.errors import InvalidArgumentError, ServiceError, UnimplementedError
-from remoteloss_server.executor import Executor
-from remoteloss_server.losses import LOSSES, describe_all
+from remoteloss_server.executor import Executor, Result
+from remoteloss_server.losses import LOSSES, Call, describe_all
+from remoteloss_server.metrics import Metrics
+from remoteloss_server.streaming import bounded_map
+from remoteloss_server.telemetry import REQUEST_ID_KEY, RequestRecord, request_id
 
-__all__ = ["SERVICE_NAME", "LossServicer", "UndecodableRequest", "add_to_server", "translate_errors"]
+__all__ = [
+    "SERVICE_NAME",
+    "WORKER_METADATA_KEY",
+    "LossServicer",
+    "UndecodableRequest",
+    "add_to_server",
+    "recorded",
+    "translate_errors",
+]
 
 logger = logging.getLogger(__name__)
 
+# Requests up to this size are decoded and checked on the event loop; larger ones (and answers)
+# on a helper thread, so that a big request does not hold up the others.
+_INLINE_BYTES = 256 * 1024
+
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+WORKER_METADATA_KEY = "remoteloss-worker"  # trailing metadata: which worker process answered (--workers > 1)
 
 _S = TypeVar("_S")
 _Req = TypeVar("_Req")
@@ -46,16 +65,66 @@ def translate_errors(handler: _Handler[_S, _Req, _Resp]) -> _Handler[_S, _Req, _
             if isinstance(request, UndecodableRequest):
                 raise InvalidArgumentError(f"the request is not a valid {request.type_name}: {request.reason}")
             return await handler(self, request, context)
-        except ServiceError as err:
-            await context.abort(grpc.StatusCode[err.code], str(err))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception:
-            logger.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as exc:
+            await context.abort(*status_of(exc, handler.__name__))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return wrapper
+
+
+def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
+    """The status for an exception: a ``ServiceError``'s own code and message; anything else is
+    logged with its traceback and becomes an opaque INTERNAL."""
+    if isinstance(exc, ServiceError):
+        return grpc.StatusCode[exc.code], str(exc)
+    logger.error("%s failed", where, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def recorded(handler: _Handler[LossServicer, _Req, _Resp]) -> _Handler[LossServicer, _Req, _Resp]:
+    """Request metrics, the ``x-request-id`` echo (trailing metadata, also on errors) and one log
+    line per failure, around a handler already wrapped in ``translate_errors``. Each request is
+    recorded before its answer or status goes out, so a scrape after a reply always counts it."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: LossServicer, request: _Req, context: grpc.aio.ServicerContext[_Req, _Resp]
+    ) -> _Resp:
+        sent = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), None)
+        record = RequestRecord(self._metrics, request, request_id(sent if isinstance(sent, str) else None))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, record.request_id),))
+        try:
+            response = await handler(self, request, _RecordingContext(context, record))  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            record.finish("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+            raise
+        except BaseException:  # after an abort, which recorded it; anything else is recorded here
+            code = context.code()
+            record.finish(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", details=context.details() or "")
+            raise
+        record.finish("OK", response if isinstance(response, Message) else None)
+        return response
+
+    return wrapper
+
+
+class _RecordingContext:
+    """A handler's context whose ``abort`` records the status in the request's record first."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], record: RequestRecord) -> None:
+        self._context = context
+        self._record = record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any, **kwargs: Any) -> NoReturn:
+        self._record.finish(code.name, details=details)
+        await self._context.abort(code, details, *args, **kwargs)
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -65,6 +134,7 @@ class UndecodableRequest:
 
     type_name: str
     reason: str
+    id: int | None = None  # a ComputeStreamRequest's id, when it can still be read
 
 
 def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
@@ -72,9 +142,20 @@ def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | Undecod
         try:
             return message_type.FromString(data)
         except DecodeError as exc:
-            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc))
+            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc), _stream_id(message_type, data))
 
     return deserialize
+
+
+def _stream_id(message_type: type[Message], data: bytes) -> int | None:
+    """The id of a ComputeStreamRequest whose ``request`` does not parse: UInt64Value has the id's
+    field number and type, and skips field 2 unread, as an unknown field."""
+    if message_type is not pb.ComputeStreamRequest:
+        return None
+    try:
+        return int(UInt64Value.FromString(data).value)
+    except DecodeError:
+        return None
 
 
 def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
@@ -84,7 +165,11 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
     for method in pb.DESCRIPTOR.services_by_name["LossService"].methods:
         request_type: type[Message] = getattr(pb, method.input_type.name)
         response_type: type[Message] = getattr(pb, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        streams = (method.client_streaming, method.server_streaming)
+        if streams not in ((True, True), (False, False)):  # pragma: no cover - the schema has no such RPC
+            raise TypeError(f"{method.name}: one-sided streaming is not wired")
+        make = grpc.stream_stream_rpc_method_handler if streams[0] else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=_lenient(request_type),
             response_serializer=response_type.SerializeToString,
@@ -94,17 +179,103 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
 
 
 class LossServicer(loss_pb2_grpc.LossServiceServicer):
-    """Compute and ListLosses. Computations run on ``pool``, never on the event loop."""
+    """Compute, ComputeStream and ListLosses. Computations run on ``pool``, never on the event
+    loop; each Compute is recorded in ``metrics`` (a private ``Metrics`` when none is given).
+    ``worker``, the process's index under ``--workers``, is sent back as the trailing metadata
+    ``remoteloss-worker`` of Compute and ComputeStream (nothing when None). With a ``batcher``
+    (the server's), calls go through it; without one, each runs alone on ``pool``."""
 
-    def __init__(self, executor: Executor, pool: Pool) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        pool: Pool,
+        metrics: Metrics | None = None,
+        *,
+        worker: int | None = None,
+        batcher: Batcher | None = None,
+    ) -> None:
         self._executor = executor
         self._pool = pool
+        self._batcher = batcher
+        self._metrics = metrics if metrics is not None else Metrics()
         self._catalog = describe_all(LOSSES.values())
+        self._worker = () if worker is None else ((WORKER_METADATA_KEY, str(worker)),)
 
+    @recorded
     @translate_errors
     async def Compute(
         self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext[pb.ComputeRequest, pb.ComputeResponse]
     ) -> pb.ComputeResponse:
+        _add_trailing_metadata(context, self._worker)
+        return await self._compute(request, context)
+
+    stream_window = 64  # unanswered requests per ComputeStream; no more are read until one is answered
+
+    async def ComputeStream(
+        self,
+        requests: AsyncIterator[pb.ComputeStreamRequest | UndecodableRequest],
+        context: grpc.aio.ServicerContext[pb.ComputeStreamRequest, pb.ComputeStreamResponse],
+    ) -> AsyncIterator[pb.ComputeStreamResponse]:
+        """Each item through ``_compute``, ``stream_window`` at a time, answered as each finishes.
+
+        An item's failure is its answer's ``error``; only an item whose id cannot be read, or a
+        failure of the stream itself, ends the stream. Each item is recorded as one request, with
+        the request id ``<the stream's x-request-id>/<item id>``.
+        """
+        sent = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), None)
+        stream_id = request_id(sent if isinstance(sent, str) else None)
+        _add_trailing_metadata(context, ((REQUEST_ID_KEY, stream_id), *self._worker))
+
+        def respond(item: pb.ComputeStreamRequest | UndecodableRequest) -> Awaitable[pb.ComputeStreamResponse]:
+            return self._stream_item(item, context, stream_id)
+
+        try:
+            answers = bounded_map(requests, respond, self.stream_window)
+            async for answer in answers:
+                yield answer
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await context.abort(*status_of(exc, "ComputeStream"))
+
+    async def _stream_item(
+        self,
+        item: pb.ComputeStreamRequest | UndecodableRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        stream_id: str,
+    ) -> pb.ComputeStreamResponse:
+        """One item's answer, an error included; raises only for an undecodable item without an id."""
+        if isinstance(item, UndecodableRequest) and item.id is None:
+            raise InvalidArgumentError(f"the request is not a valid {item.type_name}: {item.reason}")
+        inner = item.request if isinstance(item, pb.ComputeStreamRequest) else item
+        record = RequestRecord(self._metrics, inner, f"{stream_id}/{item.id}")
+        try:
+            if isinstance(item, UndecodableRequest):
+                raise InvalidArgumentError(f"the request is not a valid {item.type_name}: {item.reason}")
+            unknown = UnknownFieldSet(item)
+            if len(unknown):
+                raise UnimplementedError(
+                    f"the stream request holds field {unknown[0].field_number}, which this server does not know; "
+                    "it may come from a newer client"
+                )
+            response = await self._compute(item.request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            record.finish("CANCELLED")
+            raise
+        except Exception as exc:
+            code, message = status_of(exc, "ComputeStream")
+            record.finish(code.name, details=message)
+            return pb.ComputeStreamResponse(id=item.id or 0, error=pb.Error(code=code.value[0], message=message))
+        record.finish("OK", response)
+        return pb.ComputeStreamResponse(id=item.id, response=response)
+
+    async def _compute(
+        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ComputeResponse:
+        """One request, from checks to answer: the path of Compute and of every ComputeStream item.
+
+        Raises the domain errors of ``errors``; never aborts ``context``, which a stream's items share.
+        """
         unknown = _unknown_field(request)
         if unknown is not None:
             raise UnimplementedError(
@@ -115,8 +286,15 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             raise InvalidArgumentError("no loss set in the request")
         if name not in LOSSES:
             raise UnimplementedError(f"{name} is not served here")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._compute, name, request)
+        if self._batcher is None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, self._compute_blocking, name, request)
+        large = request.ByteSize() > _INLINE_BYTES
+        call, grad_output = await asyncio.to_thread(_prepare, name, request) if large else _prepare(name, request)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else self._batcher.clock() + remaining
+        result = await self._batcher.submit(call, grad_output, deadline)
+        return await asyncio.to_thread(_response, result) if large else _response(result)
 
     @translate_errors
     async def ListLosses(
@@ -126,21 +304,37 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
     ) -> pb.ListLossesResponse:
         return self._catalog
 
-    def _compute(self, name: str, request: pb.ComputeRequest) -> pb.ComputeResponse:
+    def _compute_blocking(self, name: str, request: pb.ComputeRequest) -> pb.ComputeResponse:
         """Decode, validate, compute and encode; runs on a compute thread."""
-        call = LOSSES[name].prepare(getattr(request, name), self._executor.device)
-        grad_output = None
-        if request.HasField("grad_output"):
-            try:
-                grad_output = codec.decode_torch(request.grad_output, "grad_output")
-            except ValueError as exc:
-                raise InvalidArgumentError(f"{name}: {exc}") from None
-        result = self._executor.run(call, grad_output)
-        return pb.ComputeResponse(
-            loss=codec.encode(result.loss, name="loss", requires_grad=False),
-            gradients={k: codec.encode(v, name=k, requires_grad=False) for k, v in result.gradients.items()},
-            warnings=result.warnings,
-        )
+        return _response(self._executor.run(*_prepare(name, request)))
+
+
+def _prepare(name: str, request: pb.ComputeRequest) -> tuple[Call, torch.Tensor | None]:
+    """The validated call (its tensors on the host) and the decoded grad_output."""
+    call = LOSSES[name].prepare(getattr(request, name), "cpu")
+    grad_output = None
+    if request.HasField("grad_output"):
+        try:
+            grad_output = codec.decode_torch(request.grad_output, "grad_output")
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{name}: {exc}") from None
+    return call, grad_output
+
+
+def _response(result: Result) -> pb.ComputeResponse:
+    return pb.ComputeResponse(
+        loss=codec.encode(result.loss, name="loss", requires_grad=False),
+        gradients={k: codec.encode(v, name=k, requires_grad=False) for k, v in result.gradients.items()},
+        warnings=result.warnings,
+    )
+
+
+def _add_trailing_metadata(
+    context: grpc.aio.ServicerContext[Any, Any], pairs: tuple[tuple[str, str], ...]
+) -> None:
+    """Add ``pairs`` to the trailing metadata set so far (``set_trailing_metadata`` replaces it)."""
+    if pairs:
+        context.set_trailing_metadata((*(context.trailing_metadata() or ()), *pairs))
 
 
 def _unknown_field(message: Message, path: str = "") -> str | None:

@@ -18,7 +18,9 @@ from remoteloss_server.config import ServerConfig
 
 torch.set_num_threads(1)
 
-CONFIG = ServerConfig(host="127.0.0.1", port=0, max_message_bytes=64 * 1024, shutdown_grace_s=0.5)
+CONFIG = ServerConfig(
+    host="127.0.0.1", port=0, max_message_bytes=64 * 1024, shutdown_grace_s=0.5, metrics_port=0
+)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,10 @@ ENV_NAMES = (
     "REMOTELOSS_LOG_LEVEL",
     "REMOTELOSS_GRACE_PERIOD",
     "REMOTELOSS_SHUTDOWN_GRACE_S",
+    "REMOTELOSS_METRICS_PORT",
+    "REMOTELOSS_METRICS_HOST",
+    "REMOTELOSS_REFLECTION",
+    "REMOTELOSS_WORKERS",
 )
 
 
@@ -173,5 +177,56 @@ def test_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
         "--max-message-bytes",
         "--log-level",
         "--grace-period",
+        "--workers",
     ):
+        assert flag in out
+
+
+def test_operations_defaults() -> None:
+    config = ServerConfig()
+    assert (config.metrics_port, config.metrics_host, config.reflection) == (9464, None, True)
+
+
+@pytest.mark.parametrize(
+    ("change", "setting"), [({"metrics_port": -1}, "metrics_port"), ({"metrics_port": 65536}, "metrics_port"),
+                            ({"metrics_host": ""}, "metrics_host")]
+)
+def test_validate_rejects_operations_settings(change: dict[str, Any], setting: str) -> None:
+    with pytest.raises(ValueError, match=f"^{setting}"):
+        ServerConfig(**change).validate()
+
+
+def test_operations_flags(served: list[ServerConfig]) -> None:
+    assert cli.main(["--metrics-port=9100", "--metrics-host=127.0.0.1", "--no-reflection"]) == 0
+    assert served[-1] == ServerConfig(metrics_port=9100, metrics_host="127.0.0.1", reflection=False)
+    assert cli.main(["--metrics-port", "0"]) == 0
+    assert served[-1].metrics_port == 0 and served[-1].reflection is True
+
+
+@pytest.mark.parametrize(("text", "on"), [("false", False), ("0", False), ("off", False), ("True", True), ("1", True)])
+def test_operations_environment(
+    served: list[ServerConfig], monkeypatch: pytest.MonkeyPatch, text: str, on: bool
+) -> None:
+    monkeypatch.setenv("REMOTELOSS_METRICS_PORT", "9200")
+    monkeypatch.setenv("REMOTELOSS_METRICS_HOST", "::1")
+    monkeypatch.setenv("REMOTELOSS_REFLECTION", text)
+    assert cli.main([]) == 0
+    assert (served[-1].metrics_port, served[-1].metrics_host, served[-1].reflection) == (9200, "::1", on)
+    assert cli.main(["--metrics-port=9300", "--no-reflection"]) == 0  # a flag wins
+    assert (served[-1].metrics_port, served[-1].reflection) == (9300, False)
+
+
+def test_a_bad_reflection_value_exits_2(
+    served: list[ServerConfig], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REMOTELOSS_REFLECTION", "maybe")
+    assert cli.main([]) == 2
+    assert "REMOTELOSS_REFLECTION" in capsys.readouterr().err and served == []
+
+
+def test_help_lists_operations_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--metrics-port", "--metrics-host", "--no-reflection", "REMOTELOSS_METRICS_PORT", "default 9464"):
         assert flag in out

@@ -29,13 +29,33 @@ class Aborted(Exception):
 class Context:
     """The part of grpc.aio.ServicerContext the servicer uses."""
 
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-        self.details = ""
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+        self.metadata = metadata
+        self._trailing: tuple[tuple[str, str], ...] = ()
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        self.code, self.details = code, details
+        self._code, self._details = code, details
         raise Aborted
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._trailing = tuple(metadata)
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailing
+
+    def time_remaining(self) -> float | None:
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +88,7 @@ def mse_request(**extra: Any) -> pb.ComputeRequest:
 
 def test_compute_answers_loss_and_gradients(servicer: LossServicer) -> None:
     response, context = compute(servicer, mse_request())
-    assert context.code is None and response is not None
+    assert context.code() is None and response is not None
     x = torch.arange(6.0).reshape(2, 3).requires_grad_()
     expected = F.mse_loss(x, torch.ones(2, 3))
     expected.backward()
@@ -114,22 +134,22 @@ def test_bad_requests_are_invalid_argument(
     servicer: LossServicer, request_: Any, code: grpc.StatusCode, details: str
 ) -> None:
     response, context = compute(servicer, request_)
-    assert response is None and (context.code, context.details) == (code, details)
+    assert response is None and (context.code(), context.details()) == (code, details)
 
 
 def test_unknown_fields_are_unimplemented(servicer: LossServicer) -> None:
     newer_loss = pb.ComputeRequest.FromString(bytes([0xB8, 0x01, 0x00]))  # field 23: a loss added later
     _, context = compute(servicer, newer_loss)
-    assert context.code == grpc.StatusCode.UNIMPLEMENTED
-    assert "field 23 of ComputeRequest" in context.details
+    assert context.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "field 23 of ComputeRequest" in context.details()
     newer_option = mse_request()
     newer_option.mse_loss.MergeFromString(bytes([0xB8, 0x01, 0x05]))  # field 23 inside MseLoss
     _, context = compute(servicer, newer_option)
-    assert context.code == grpc.StatusCode.UNIMPLEMENTED and "field 23 of mse_loss" in context.details
+    assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 23 of mse_loss" in context.details()
     newer_tensor = mse_request()
     newer_tensor.mse_loss.input.MergeFromString(bytes([0x28, 0x01]))  # field 5 inside a Tensor
     _, context = compute(servicer, newer_tensor)
-    assert context.code == grpc.StatusCode.UNIMPLEMENTED and "field 5 of mse_loss.input" in context.details
+    assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 5 of mse_loss.input" in context.details()
 
 
 def test_domain_errors_keep_their_code(servicer: LossServicer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,7 +158,7 @@ def test_domain_errors_keep_their_code(servicer: LossServicer, monkeypatch: pyte
 
     monkeypatch.setattr(servicer._executor, "run", exhausted)
     _, context = compute(servicer, mse_request())
-    assert (context.code, context.details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "mse_loss: out of memory on cuda:0")
+    assert (context.code(), context.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "mse_loss: out of memory on cuda:0")
 
 
 def test_anything_else_is_an_opaque_internal_error(
@@ -150,11 +170,11 @@ def test_anything_else_is_an_opaque_internal_error(
     monkeypatch.setattr(servicer._executor, "run", bug)
     with caplog.at_level(logging.ERROR, logger="remoteloss_server.servicer"):
         _, context = compute(servicer, mse_request())
-    assert (context.code, context.details) == (grpc.StatusCode.INTERNAL, "internal error")
+    assert (context.code(), context.details()) == (grpc.StatusCode.INTERNAL, "internal error")
     assert "secret detail" in caplog.text and "Traceback" in caplog.text
     monkeypatch.undo()
     response, context = compute(servicer, mse_request())
-    assert response is not None and context.code is None
+    assert response is not None and context.code() is None
 
 
 def test_list_losses(servicer: LossServicer) -> None:

@@ -603,3 +603,29 @@ class OptionArgument(_message.Message):
     allowed_values: _containers.RepeatedScalarFieldContainer[str]
     deprecated: bool
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_value: _Optional[str] = ..., allowed_values: _Optional[_Iterable[str]] = ..., deprecated: _Optional[bool] = ...) -> None: ...
+
+class ComputeStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    request: ComputeRequest
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[ComputeRequest, _Mapping]] = ...) -> None: ...
+
+class ComputeStreamResponse(_message.Message):
+    __slots__ = ("id", "response", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    response: ComputeResponse
+    error: Error
+    def __init__(self, id: _Optional[int] = ..., response: _Optional[_Union[ComputeResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

@@ -46,6 +46,11 @@ class LossServiceStub:
                 request_serializer=remoteloss_dot_v1_dot_loss__pb2.ListLossesRequest.SerializeToString,
                 response_deserializer=remoteloss_dot_v1_dot_loss__pb2.ListLossesResponse.FromString,
                 _registered_method=True)
+        self.ComputeStream = channel.stream_stream(
+                '/remoteloss.v1.LossService/ComputeStream',
+                request_serializer=remoteloss_dot_v1_dot_loss__pb2.ComputeStreamRequest.SerializeToString,
+                response_deserializer=remoteloss_dot_v1_dot_loss__pb2.ComputeStreamResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -67,6 +72,19 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeStream(self, request_iterator, context):
+        """Many Computes on one stream. The client may send requests without waiting for
+        answers; the server computes several at once and answers each as soon as it is
+        done, so answers may come back in another order than the requests, each
+        carrying its request's id. A failed item gets an `error` answer and the stream
+        goes on; the stream itself fails only for what concerns all of it (its
+        deadline, cancellation, shutdown, or a request whose id cannot be read). The
+        server stops reading while it holds its limit of unanswered requests per stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +97,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.ListLosses,
                     request_deserializer=remoteloss_dot_v1_dot_loss__pb2.ListLossesRequest.FromString,
                     response_serializer=remoteloss_dot_v1_dot_loss__pb2.ListLossesResponse.SerializeToString,
+            ),
+            'ComputeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ComputeStream,
+                    request_deserializer=remoteloss_dot_v1_dot_loss__pb2.ComputeStreamRequest.FromString,
+                    response_serializer=remoteloss_dot_v1_dot_loss__pb2.ComputeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +160,33 @@ class LossService:
             '/remoteloss.v1.LossService/ListLosses',
             remoteloss_dot_v1_dot_loss__pb2.ListLossesRequest.SerializeToString,
             remoteloss_dot_v1_dot_loss__pb2.ListLossesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/remoteloss.v1.LossService/ComputeStream',
+            remoteloss_dot_v1_dot_loss__pb2.ComputeStreamRequest.SerializeToString,
+            remoteloss_dot_v1_dot_loss__pb2.ComputeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,10 +6,13 @@ them against torch); ``differentiable=False`` marks arguments torch refuses to d
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss_server.losses import checks, hooks
+from remoteloss_server.losses import batching, checks, hooks
+from remoteloss_server.losses.batching import BatchRule
 from remoteloss_server.losses.spec import (
     ANY,
     CLASS_INDEX,
@@ -54,9 +57,30 @@ _BROADCAST = (checks.broadcast("input", "target"),)
 _REGRESSION = (*_BROADCAST, checks.same_shape("weight", "input"))
 _SAME_TARGET = checks.same_shape("target", "input")
 
+# Batch rules (see losses.batching). Arguments that broadcast against each other batch only
+# with the reference's exact shape: torch's size warnings name the shapes.
+_TARGET = frozenset({"target"})
+_ELEMENTWISE = BatchRule(same_rank=True, same_shape=_TARGET)
+_WEIGHTED = BatchRule(same_rank=True, same_shape=frozenset({"target", "weight"}))
+_CLASSES = BatchRule(unbatched_rank=1, shared=frozenset({"weight"}), mean=batching.class_mean)
+_PAIRS = BatchRule(reference="input1", same_rank=True, same_shape=frozenset({"input2", "target"}))
+_TRIPLETS = frozenset({"positive", "negative"})
+
 _SPECS = (
-    LossSpec("l1_loss", "L1Loss", (*_input_target(REAL, REAL), _weight(ANY, _SAME_AS_INPUT)), checks=_REGRESSION),
-    LossSpec("mse_loss", "MSELoss", (*_input_target(REAL, REAL), _weight(ANY, _SAME_AS_INPUT)), checks=_REGRESSION),
+    LossSpec(
+        "l1_loss",
+        "L1Loss",
+        (*_input_target(REAL, REAL), _weight(ANY, _SAME_AS_INPUT)),
+        checks=_REGRESSION,
+        batch=dataclasses.replace(_WEIGHTED, mean=batching.weighted_mean),
+    ),
+    LossSpec(
+        "mse_loss",
+        "MSELoss",
+        (*_input_target(REAL, REAL), _weight(ANY, _SAME_AS_INPUT)),
+        checks=_REGRESSION,
+        batch=dataclasses.replace(_WEIGHTED, mean=batching.weighted_mean),
+    ),
     LossSpec(
         "cross_entropy",
         "CrossEntropyLoss",
@@ -66,6 +90,7 @@ _SPECS = (
             _weight(ANY, _CLASS_WEIGHT),
         ),
         checks=(checks.cross_entropy,),
+        batch=_CLASSES,
     ),
     LossSpec(
         "ctc_loss",
@@ -78,6 +103,13 @@ _SPECS = (
             TensorArg("target_lengths", INTEGER, "(N) or (); each <= S, or summing to len(targets)"),
         ),
         checks=(checks.ctc_loss,),
+        batch=BatchRule(
+            reference="log_probs",
+            unbatched_rank=2,
+            batch_dims={"log_probs": 1},
+            padded=frozenset({"targets"}),
+            mean=batching.ctc_mean,
+        ),
     ),
     LossSpec(
         "nll_loss",
@@ -90,8 +122,9 @@ _SPECS = (
             _weight(FLOATING, _CLASS_WEIGHT, differentiable=False),
         ),
         checks=(checks.nll_loss,),
+        batch=_CLASSES,
     ),
-    LossSpec("poisson_nll_loss", "PoissonNLLLoss", _input_target(ANY, ANY), checks=_BROADCAST),
+    LossSpec("poisson_nll_loss", "PoissonNLLLoss", _input_target(ANY, ANY), checks=_BROADCAST, batch=_ELEMENTWISE),
     LossSpec(
         "gaussian_nll_loss",
         "GaussianNLLLoss",
@@ -101,6 +134,7 @@ _SPECS = (
         ),
         checks=(*_BROADCAST, checks.gaussian_var),
         hooks={"var_float": hooks.var_float},
+        batch=dataclasses.replace(_ELEMENTWISE, homoscedastic=frozenset({"var"})),
     ),
     LossSpec(
         "kl_div",
@@ -108,6 +142,7 @@ _SPECS = (
         _input_target(FLOATING, FLOATING),
         checks=_BROADCAST,
         reductions=("none", "mean", "sum", "batchmean"),
+        batch=dataclasses.replace(_ELEMENTWISE, warns=batching.kl_div_warnings),
     ),
     LossSpec(
         "binary_cross_entropy",
@@ -117,6 +152,7 @@ _SPECS = (
             _weight(ANY, _TO_INPUT, differentiable=False),
         ),
         checks=(_SAME_TARGET, checks.broadcast_to("weight", "input"), checks.binary_cross_entropy),
+        batch=dataclasses.replace(_ELEMENTWISE, broadcast=frozenset({"weight"})),
     ),
     LossSpec(
         "binary_cross_entropy_with_logits",
@@ -127,6 +163,7 @@ _SPECS = (
             TensorArg("pos_weight", REAL, f"{_TO_INPUT}, e.g. (C)", required=False, differentiable=False),
         ),
         checks=(_SAME_TARGET, checks.broadcast_to("weight", "input"), checks.broadcast_to("pos_weight", "input")),
+        batch=dataclasses.replace(_ELEMENTWISE, broadcast=frozenset({"weight", "pos_weight"})),
     ),
     LossSpec(
         "margin_ranking_loss",
@@ -137,8 +174,11 @@ _SPECS = (
             TensorArg("target", REAL, "the rank of input1, broadcastable with it; values 1 or -1"),
         ),
         checks=(checks.same_ndim("input1", "input2", "target"), checks.broadcast("input1", "input2", "target")),
+        batch=_PAIRS,
     ),
-    LossSpec("hinge_embedding_loss", "HingeEmbeddingLoss", _input_target(REAL, ANY), checks=_BROADCAST),
+    LossSpec(
+        "hinge_embedding_loss", "HingeEmbeddingLoss", _input_target(REAL, ANY), checks=_BROADCAST, batch=_ELEMENTWISE
+    ),
     LossSpec(
         "multilabel_margin_loss",
         "MultiLabelMarginLoss",
@@ -147,22 +187,29 @@ _SPECS = (
             TensorArg("target", INT64, f"{_SAME_AS_INPUT}; classes, -1 ends each list"),
         ),
         checks=(checks.multilabel_margin_loss,),
+        batch=BatchRule(unbatched_rank=1, same_shape=_TARGET),
     ),
     LossSpec(
-        "huber_loss", "HuberLoss", (*_input_target(FLOATING, ANY), _weight(ANY, _SAME_AS_INPUT)), checks=_REGRESSION
+        "huber_loss",
+        "HuberLoss",
+        (*_input_target(FLOATING, ANY), _weight(ANY, _SAME_AS_INPUT)),
+        checks=_REGRESSION,
+        batch=_WEIGHTED,  # a weighted mean is weighted_loss.mean() here
     ),
-    LossSpec("smooth_l1_loss", "SmoothL1Loss", _input_target(ANY, ANY), checks=_BROADCAST),
+    LossSpec("smooth_l1_loss", "SmoothL1Loss", _input_target(ANY, ANY), checks=_BROADCAST, batch=_ELEMENTWISE),
     LossSpec(
         "soft_margin_loss",
         "SoftMarginLoss",
         _input_target(FLOATING, ANY, target_shape=_TO_INPUT, target_differentiable=False),
         checks=(checks.broadcast_to("target", "input"),),
+        batch=_ELEMENTWISE,
     ),
     LossSpec(
         "multilabel_soft_margin_loss",
         "MultiLabelSoftMarginLoss",
         (*_input_target(FLOATING, REAL), _weight(ANY, _CLASS_WEIGHT)),
         checks=(checks.broadcast("input", "target", "weight"),),
+        batch=BatchRule(unbatched_rank=1, same_rank=True, same_shape=_TARGET, broadcast=frozenset({"weight"})),
     ),
     LossSpec(
         "cosine_embedding_loss",
@@ -172,6 +219,7 @@ _SPECS = (
             TensorArg("input2", ANY, "the shape of input1"),
             TensorArg("target", ANY, "(N) or (); values 1 or -1"),
         ),
+        batch=BatchRule(reference="input1", unbatched_rank=1, same_shape=frozenset({"input2"})),
     ),
     LossSpec(
         "multi_margin_loss",
@@ -182,6 +230,7 @@ _SPECS = (
             _weight(FLOATING, _CLASS_WEIGHT, differentiable=False),
         ),
         checks=(checks.multi_margin_loss,),
+        batch=BatchRule(unbatched_rank=1, shared=frozenset({"weight"})),
     ),
     LossSpec(
         "triplet_margin_loss",
@@ -192,6 +241,7 @@ _SPECS = (
             TensorArg("negative", REAL, "the rank of anchor, broadcastable with it"),
         ),
         checks=(checks.triplet,),
+        batch=BatchRule(reference="anchor", unbatched_rank=1, same_shape=_TRIPLETS),
     ),
     LossSpec(
         "triplet_margin_with_distance_loss",
@@ -203,6 +253,9 @@ _SPECS = (
         ),
         checks=(checks.triplet,),
         hooks={"distance_function": hooks.distance_function},
+        batch=BatchRule(
+            reference="anchor", unbatched_rank=1, same_shape=_TRIPLETS, alone=batching.distance_alone
+        ),
     ),
     LossSpec(
         "linear_cross_entropy",
@@ -216,6 +269,11 @@ _SPECS = (
         ),
         checks=(checks.same_dtype("input", "linear_weight", "linear_bias"), checks.linear_cross_entropy),
         hooks={"options": hooks.linear_cross_entropy_options},
+        batch=dataclasses.replace(
+            _CLASSES,
+            shared=frozenset({"linear_weight", "linear_bias", "weight"}),
+            alone=batching.linear_cross_entropy_alone,
+        ),
     ),
 )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from google.protobuf.message import Message
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from remoteloss_server.losses.batching import BatchRule
 
 __all__ = [
     "ANY",
@@ -117,7 +120,7 @@ class Call:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One loss: its torch function, tensor arguments, option hooks and host-side checks."""
+    """One loss: its torch function, tensor arguments, option hooks, host-side checks and batch rule."""
 
     name: str  # the torch.nn.functional name and the ComputeRequest field
     module: str  # the torch.nn class, e.g. "MSELoss"
@@ -125,6 +128,7 @@ class LossSpec:
     checks: tuple[Check, ...] = ()
     hooks: Mapping[str, OptionHook] = field(default_factory=dict)  # message field -> decoder
     reductions: tuple[str, ...] = _STANDARD_REDUCTIONS
+    batch: BatchRule | None = None  # how calls share a batch; None: each call runs alone
     _scalars: tuple[str, ...] = field(init=False, repr=False)
     _defaults: Mapping[str, Any] = field(init=False, repr=False)
 

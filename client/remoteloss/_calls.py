@@ -1,0 +1,178 @@
+"""One call, without its transport: arguments -> request (a ``Plan``), response -> result.
+
+``Client``, ``AsyncClient`` and their streams differ only in how a request travels; everything
+else (which gradients to ask for, numpy or torch out, the autograd node, the server's warnings)
+is here, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from remoteloss import codec
+from remoteloss._errors import InternalServerError, InvalidArgumentError
+from remoteloss._losses import LossMethods
+from remoteloss._request import LOSS_NAMES, build_request, tensor_names
+from remoteloss.v1 import loss_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Backward", "Plan", "plan_loss", "plan_value_and_grad", "warn"]
+
+# A blocking Compute: what autograd's backward uses when it needs a second call.
+Backward = Callable[[pb.ComputeRequest], pb.ComputeResponse]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A loss call ready to send: its request, and how its response becomes the caller's result."""
+
+    loss: str
+    arguments: dict[str, Any]
+    request: pb.ComputeRequest
+    wrt: tuple[str, ...]  # the gradients the request asks for
+    autograd: bool  # the result is a torch tensor with a grad_fn over the torch arguments
+    value_and_grad: bool  # the result is (loss, {name: gradient})
+
+    def finish(self, response: pb.ComputeResponse, backward: Backward) -> Any:
+        """The result of ``response``; ``backward`` serves autograd's second call, if one is needed.
+
+        The server's warnings are the caller's to re-raise (``warn``), where the user called.
+        """
+        if self.value_and_grad:
+            return results(response, self.loss, self.arguments, self.wrt)
+        if not self.autograd:
+            return results(response, self.loss, self.arguments, ())[0]
+        import torch
+
+        from remoteloss import _autograd
+
+        tensors = torch_arguments(self.loss, self.arguments)
+        call = _RemoteCall(self, response, backward, tuple(tensors))
+        with torch.enable_grad():  # the request was planned with grad enabled; keep it for the node
+            return _autograd.apply(call, list(tensors.values()))
+
+
+def plan_loss(loss: str, arguments: dict[str, Any]) -> Plan:
+    """The plan of a loss method's call; through autograd when grad is enabled and a torch
+    tensor argument requires grad (the request then asks for those gradients)."""
+    arguments.pop("self", None)
+    wrt: tuple[str, ...] = ()
+    tensors = torch_arguments(loss, arguments)
+    if any(t.requires_grad for t in tensors.values()):
+        import torch
+
+        if torch.is_grad_enabled():
+            wrt = tuple(name for name, tensor in tensors.items() if tensor.requires_grad)
+    request = build_request(loss, arguments, wrt=wrt)
+    return Plan(loss, arguments, request, wrt, autograd=bool(wrt), value_and_grad=False)
+
+
+def plan_value_and_grad(
+    owner: LossMethods,
+    loss_name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    wrt: str | Sequence[str],
+    grad_output: Any,
+) -> Plan:
+    """The plan of ``value_and_grad(loss_name, *args, wrt=wrt, grad_output=grad_output, **kwargs)``."""
+    if loss_name not in LOSS_NAMES:
+        raise InvalidArgumentError(f"loss_name must be one of {sorted(LOSS_NAMES)}, got {loss_name!r}")
+    bound = _signature(loss_name).bind(owner, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = {name: value for name, value in bound.arguments.items() if name != "self"}
+    names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+    request = build_request(loss_name, arguments, wrt=names, grad_output=grad_output)
+    message = getattr(request, loss_name)
+    for name in names:
+        if name not in tensor_names(loss_name) or not message.HasField(name):
+            raise InvalidArgumentError(
+                f"{loss_name}: wrt names {name!r}, which is not a tensor argument of this call; "
+                f"tensor arguments: {list(tensor_names(loss_name))}"
+            )
+    return Plan(loss_name, arguments, request, names, autograd=False, value_and_grad=True)
+
+
+class _RemoteCall:
+    """The ``RemoteCall`` of ``_autograd``: forward is the answer already received."""
+
+    def __init__(self, plan: Plan, response: pb.ComputeResponse, backward: Backward, names: tuple[str, ...]):
+        self.plan = plan
+        self.response = response
+        self.send = backward
+        self.names = names
+
+    def forward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, gradients = results(self.response, self.plan.loss, self.plan.arguments, self.plan.wrt)
+        return loss, gradients
+
+    def backward(
+        self, tensors: Sequence[torch.Tensor], grad_output: torch.Tensor, wrt: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        loss = self.plan.loss
+        arguments = {**self.plan.arguments, **dict(zip(self.names, tensors, strict=True))}
+        response = self.send(build_request(loss, arguments, wrt=wrt, grad_output=grad_output))
+        warn((text for text in response.warnings if text not in self.response.warnings), stacklevel=1)
+        gradients: dict[str, torch.Tensor] = results(response, loss, arguments, wrt)[1]
+        return gradients
+
+
+@functools.cache
+def _signature(loss: str) -> inspect.Signature:
+    return inspect.signature(getattr(LossMethods, loss))
+
+
+def torch_arguments(loss: str, arguments: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensor arguments that are torch tensors, in torch's order."""
+    return {name: arguments[name] for name in tensor_names(loss) if codec.is_torch_tensor(arguments.get(name))}
+
+
+def results(
+    response: pb.ComputeResponse, loss: str, arguments: dict[str, Any], wrt: Iterable[str]
+) -> tuple[Any, dict[str, Any]]:
+    """The loss and the gradients for ``wrt``: numpy arrays, or torch tensors when any tensor
+    argument is one (the loss on the first one's device, each gradient on its argument's)."""
+    tensors = torch_arguments(loss, arguments)
+    gradients = {name: response.gradients[name] for name in wrt if name in response.gradients}
+    missing = [name for name in wrt if name not in gradients]
+    if missing:
+        raise InternalServerError(f"{loss}: the server's answer lacks the gradients of {missing}")
+    if not tensors:
+        return _numpy(response.loss, loss, "loss"), {n: _numpy(g, loss, n) for n, g in gradients.items()}
+    first = next(iter(tensors.values()))
+    placements = {n: (t.device, t.dtype) for n, t in tensors.items()}
+    return _torch(response.loss, loss, "loss", first.device), {
+        n: _torch(g, loss, n, *placements.get(n, (first.device, None))) for n, g in gradients.items()
+    }
+
+
+def _numpy(message: pb.Tensor, loss: str, name: str) -> np.ndarray[Any, Any]:
+    try:
+        return codec.decode_numpy(message, name).copy()  # writable, like torch's results
+    except ValueError as exc:
+        raise InternalServerError(f"{loss}: the server's answer is malformed: {exc}") from exc
+
+
+def _torch(
+    message: pb.Tensor, loss: str, name: str, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    try:
+        tensor = codec.decode_torch(message, name)
+    except ValueError as exc:
+        raise InternalServerError(f"{loss}: the server's answer is malformed: {exc}") from exc
+    return tensor.to(device=device, dtype=dtype)
+
+
+def warn(texts: Iterable[str], *, stacklevel: int) -> None:
+    """Re-raise the server's torch warnings, attributed ``stacklevel`` frames up (1: ``warn``'s caller)."""
+    for text in texts:
+        warnings.warn(text, UserWarning, stacklevel=stacklevel + 1)

@@ -1,0 +1,348 @@
+"""``Stream`` and ``AsyncStream``: many calls in flight on one ``ComputeStream``.
+
+Each loss method (and ``value_and_grad``) of a stream sends its request tagged with a new id,
+and the answer, which may overtake earlier ones, resolves that id's future. Requests are built
+and checked locally as for a direct call (``Stream``: when the method is called;
+``AsyncStream``: when its coroutine runs); a request the server rejects fails its own call with
+the class a direct call would raise, and the stream goes on. A failure of the whole stream
+(deadline, cancellation, the server going away) fails every unanswered call and every later one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from remoteloss._calls import Backward, Plan, plan_loss, plan_value_and_grad, warn
+from remoteloss._errors import (
+    CancelledError,
+    InternalServerError,
+    LossServiceError,
+    _error_from_code,
+    _error_from_rpc,
+)
+from remoteloss._losses import LossMethods
+from remoteloss.v1 import loss_pb2 as pb
+
+if TYPE_CHECKING:
+    from remoteloss._client import AsyncClient, Client
+
+__all__ = ["AsyncStream", "LossFuture", "Stream"]
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
+
+
+class LossFuture(concurrent.futures.Future[Any]):
+    """The result of one call on a ``Stream``: a ``concurrent.futures.Future``.
+
+    ``result()`` gives what the direct call would have returned (numpy or torch, with a
+    ``grad_fn`` when the call went through autograd) and re-raises the server's warnings,
+    the first time, at its caller; a rejected request raises the direct call's exception.
+    A request already sent cannot be withdrawn, so ``cancel()`` returns False.
+    """
+
+    def __init__(self, plan: Plan, backward: Backward) -> None:
+        super().__init__()
+        self._plan = plan
+        self._backward = backward
+        self._finish_lock = threading.Lock()
+        self._finished = False
+        self._value: Any = None
+        self.set_running_or_notify_cancel()
+
+    def result(self, timeout: float | None = None) -> Any:
+        response: pb.ComputeResponse = super().result(timeout)
+        with self._finish_lock:
+            if not self._finished:
+                self._value = self._plan.finish(response, self._backward)
+                self._finished = True
+                warn(response.warnings, stacklevel=2)  # result's caller
+        return self._value
+
+
+class _StreamBase(LossMethods):
+    """Ids, the unanswered calls, and turning an answer or a stream failure into outcomes."""
+
+    def __init__(self, timeout: float | None, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self._timeout = timeout
+        self._window = window
+        self._ids = itertools.count(1)
+        self._failure: LossServiceError | None = None  # what ended the stream, once it ended badly
+        self._closed = False
+
+    def value_and_grad(
+        self,
+        loss_name: str,
+        /,
+        *args: Any,
+        wrt: str | Sequence[str] = ("input",),
+        grad_output: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``Client.value_and_grad`` on the stream: a future (``Stream``) or a coroutine (``AsyncStream``)."""
+        return self._submit(lambda: plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output))
+
+    def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
+        return self._submit(lambda: plan_loss(loss, arguments))
+
+    def _submit(self, make_plan: Callable[[], Plan]) -> Any:
+        """Send the planned request: at once (``Stream``), or when the coroutine runs (``AsyncStream``)."""
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise _copy(self._failure)
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+
+
+class Stream(_StreamBase):
+    """Many calls on one ``ComputeStream`` of a ``Client`` (``client.stream()``); thread-safe.
+
+    >>> with client.stream() as stream:  # doctest: +SKIP
+    ...     futures = [stream.mse_loss(x, y) for x, y in pairs]
+    ...     losses = [f.result() for f in futures]
+
+    Each loss method returns a ``LossFuture`` at once; a call blocks only while ``window``
+    requests are unanswered. ``timeout`` is the deadline of the whole stream in seconds (None,
+    the default: none); wait for one result with ``future.result(timeout)``. Leaving the
+    ``with`` block (or ``close()``) waits for every answer; leaving it by an exception cancels
+    the stream, failing the unanswered futures with ``remoteloss.CancelledError``. Autograd
+    works as for direct calls (a second call, if backward needs one, goes through the client).
+    """
+
+    def __init__(self, client: Client, *, timeout: float | None, window: int) -> None:
+        super().__init__(timeout, window)
+        self._client = client
+        self._room = threading.Condition()
+        self._pending: dict[int, LossFuture] = {}
+        self._outbox: queue.SimpleQueue[pb.ComputeStreamRequest | None] = queue.SimpleQueue()
+        stub = client._connection.stub()
+        self._call = stub.ComputeStream(self._requests(), timeout=timeout, metadata=client._metadata)
+        self._reader = threading.Thread(target=self._read, name="remoteloss-stream", daemon=True)
+        self._reader.start()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.cancel()
+        self.close()
+
+    def close(self) -> None:
+        """Send no more requests and wait until every one sent is answered. Idempotent."""
+        with self._room:
+            closing = not self._closed
+            self._closed = True
+            self._room.notify_all()
+        if closing:
+            self._outbox.put(None)
+        self._reader.join()
+
+    def cancel(self) -> None:
+        """End the stream now: unanswered futures fail with ``remoteloss.CancelledError``."""
+        self._call.cancel()
+
+    def _submit(self, make_plan: Callable[[], Plan]) -> LossFuture:
+        plan = make_plan()  # a bad argument raises here, in the caller, as a direct call would
+        with self._room:
+            while len(self._pending) >= self._window and self._failure is None and not self._closed:
+                self._room.wait()
+            self._check_open()
+            key = next(self._ids)
+            future = LossFuture(plan, self._client._compute_rpc)
+            self._pending[key] = future
+            self._outbox.put(pb.ComputeStreamRequest(id=key, request=plan.request))
+        return future
+
+    def _requests(self) -> Iterator[pb.ComputeStreamRequest]:
+        while (request := self._outbox.get()) is not None:
+            yield request
+
+    def _read(self) -> None:
+        failure: LossServiceError | None = None
+        try:
+            for answer in self._call:
+                with self._room:
+                    future = self._pending.pop(answer.id, None)
+                    self._room.notify()
+                if future is not None:
+                    outcome = _outcome(answer)
+                    if isinstance(outcome, LossServiceError):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        except grpc.RpcError as exc:
+            failure = _error_from_rpc(exc)
+            failure.__cause__ = exc
+        with self._room:
+            unanswered, self._pending = list(self._pending.values()), {}
+            failure = _ended(failure, len(unanswered))
+            self._failure = failure
+            self._closed = True
+            self._room.notify_all()
+        self._outbox.put(None)  # ends gRPC's request thread if it still waits for one
+        if failure is not None:
+            for future in unanswered:
+                future.set_exception(_copy(failure))
+
+
+class AsyncStream(_StreamBase):
+    """Many calls on one ``ComputeStream`` of an ``AsyncClient`` (``aclient.stream()``).
+
+    >>> async with aclient.stream() as stream:  # doctest: +SKIP
+    ...     losses = await asyncio.gather(*(stream.mse_loss(x, y) for x, y in pairs))
+
+    Each loss method is a coroutine that sends its request and returns the result once its
+    answer arrives; run many at once (``asyncio.gather``, tasks) to keep the stream full. At most
+    ``window`` requests are unanswered; more wait their turn. ``timeout`` is the deadline of
+    the whole stream (None, the default: none). Leaving the ``async with`` block (or
+    ``aclose()``) waits for every answer; leaving it by an exception cancels the stream.
+    """
+
+    def __init__(self, client: AsyncClient, *, timeout: float | None, window: int) -> None:
+        super().__init__(timeout, window)
+        self._client = client
+        self._slots = asyncio.Semaphore(window)
+        self._pending: dict[int, asyncio.Future[pb.ComputeResponse]] = {}
+        self._outbox: asyncio.Queue[pb.ComputeStreamRequest | None] = asyncio.Queue()
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.cancel()
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Send no more requests and wait until every one sent is answered. Idempotent."""
+        self._closed = True
+        if self._call is None:
+            return
+        self._outbox.put_nowait(None)
+        if self._reader is not None:
+            await self._reader
+        if self._writer is not None:
+            if not self._writer.done():  # a write waiting on a call cancelled early would wait forever
+                self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+
+    def cancel(self) -> None:
+        """End the stream now: unanswered calls raise ``remoteloss.CancelledError``."""
+        if self._call is not None:
+            self._call.cancel()
+
+    async def _submit(self, make_plan: Callable[[], Plan]) -> Any:
+        plan = make_plan()  # a bad argument raises when awaited, as on AsyncClient
+        response = await self._send(plan.request)
+        result = plan.finish(response, self._client._backward_rpc)
+        warn(response.warnings, stacklevel=2)  # _submit, the coroutine awaiting the loss method
+        return result
+
+    async def _send(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
+        async with self._slots:
+            self._check_open()
+            if self._call is None:
+                stub = self._client._connection.aio_stub()
+                self._call = stub.ComputeStream(timeout=self._timeout, metadata=self._client._metadata)
+                self._reader = asyncio.create_task(self._read(self._call))
+                self._writer = asyncio.create_task(self._write(self._call))
+            key = next(self._ids)
+            answer = asyncio.get_running_loop().create_future()
+            self._pending[key] = answer
+            self._outbox.put_nowait(pb.ComputeStreamRequest(id=key, request=request))
+            try:
+                response: pb.ComputeResponse = await answer
+                return response
+            finally:
+                self._pending.pop(key, None)
+
+    async def _write(self, call: Any) -> None:
+        """Send the queued requests in order, one write at a time, then half-close. A caller that
+        gives up never cancels a write, which in grpc.aio would cancel the whole call."""
+        try:
+            while (request := await self._outbox.get()) is not None:
+                await call.write(request)
+            await call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass  # the call has ended; the reader reports why
+        except asyncio.CancelledError:
+            if not call.done():  # this task itself was cancelled
+                raise
+
+    async def _read(self, call: Any) -> None:
+        failure: LossServiceError | None = None
+        try:
+            while (answer := await call.read()) is not _EOF:
+                future = self._pending.pop(answer.id, None)
+                if future is not None and not future.done():  # not done: its caller may have gone
+                    outcome = _outcome(answer)
+                    if isinstance(outcome, LossServiceError):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        except grpc.RpcError as exc:
+            failure = _error_from_rpc(exc)
+            failure.__cause__ = exc
+        except asyncio.CancelledError:  # grpc.aio's word for a call cancelled here, or this task's cancel
+            failure = CancelledError("the stream was cancelled")
+            if not call.cancelled():
+                self._fail_all(failure)
+                raise
+        self._fail_all(failure)
+
+    def _fail_all(self, failure: LossServiceError | None) -> None:
+        """Mark the stream ended and fail every unanswered call (``failure`` None: a clean end)."""
+        unanswered, self._pending = list(self._pending.values()), {}
+        failure = _ended(failure, len(unanswered))
+        self._failure = failure
+        self._closed = True
+        if failure is not None:
+            for future in unanswered:
+                if not future.done():
+                    future.set_exception(_copy(failure))
+
+
+def _outcome(answer: pb.ComputeStreamResponse) -> pb.ComputeResponse | LossServiceError:
+    """The answer's response, or the exception a unary call would have raised for its error."""
+    kind = answer.WhichOneof("result")
+    if kind == "response":
+        return answer.response
+    if kind == "error":
+        return _error_from_code(_CODES.get(answer.error.code, grpc.StatusCode.UNKNOWN), answer.error.message)
+    return InternalServerError(f"the stream's answer {answer.id} holds neither a response nor an error")
+
+
+def _ended(failure: LossServiceError | None, unanswered: int) -> LossServiceError | None:
+    """Why the stream ended, for the calls it leaves unanswered (None: it ended cleanly)."""
+    if failure is None and unanswered:
+        return InternalServerError(f"the stream ended with {unanswered} requests unanswered")
+    return failure
+
+
+def _copy(error: LossServiceError) -> LossServiceError:
+    """A fresh exception like ``error`` (each raise gets its own traceback), caused by the same."""
+    fresh = type(error)(error.details, error.code)
+    fresh.__cause__ = error.__cause__
+    return fresh
+

@@ -1,0 +1,3 @@
+module remoteloss.example/goclient
+
+go 1.19

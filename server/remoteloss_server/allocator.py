@@ -1,0 +1,64 @@
+"""glibc malloc tuning for large tensors, applied once when ``remoteloss-server`` starts.
+
+By default glibc serves every allocation above its mmap threshold (128 KiB, adjusted upward up to
+32 MiB as such blocks are freed) with a fresh ``mmap`` and gives it back with ``munmap`` when
+freed, and it returns free memory at the top of the heap to the kernel once more than twice that
+threshold is free. A request of tens of MiB is copied several times on its way through gRPC,
+protobuf and torch, so every large request then pays page faults for each copy, on fresh pages
+the kernel must zero. ``configure(threshold)`` raises the mmap threshold to ``threshold`` bytes
+and the trim threshold to twice that, so buffers up to ``threshold`` are reused from the heap;
+the cost is that memory freed after a burst stays with the process (up to the trim threshold
+per arena) instead of going back to the kernel at once.
+
+``bench/RESULTS.md`` has the measurements behind the default. Only glibc has ``mallopt``;
+elsewhere ``configure`` does nothing. No torch and no grpc here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+__all__ = ["MAX_THRESHOLD_BYTES", "configure", "is_glibc"]
+
+logger = logging.getLogger(__name__)
+
+# mallopt(3) parameters, from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_INT_MAX = 2**31 - 1
+MAX_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (not musl, not macOS)."""
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):
+        return False
+
+
+def configure(mmap_threshold_bytes: int) -> bool:
+    """Set glibc's mmap threshold to ``mmap_threshold_bytes`` and its trim threshold to twice
+    that (at most INT_MAX); 0 leaves glibc's defaults. Returns whether anything was set.
+
+    Raises ValueError for a value outside [0, MAX_THRESHOLD_BYTES].
+    """
+    if not 0 <= mmap_threshold_bytes <= MAX_THRESHOLD_BYTES:
+        raise ValueError(f"mmap threshold must be in [0, {MAX_THRESHOLD_BYTES}] bytes, got {mmap_threshold_bytes}")
+    if mmap_threshold_bytes == 0:
+        return False
+    if not is_glibc():
+        logger.info("event=malloc_tuning applied=false reason=not_glibc")
+        return False
+    libc = ctypes.CDLL(None)  # the C library this process already uses
+    trim = min(2 * mmap_threshold_bytes, _INT_MAX)
+    applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, trim)
+    )
+    logger.info(
+        "event=malloc_tuning applied=%s mmap_threshold_bytes=%d trim_threshold_bytes=%d",
+        str(applied).lower(), mmap_threshold_bytes, trim,
+    )
+    return applied

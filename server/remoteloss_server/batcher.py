@@ -1,0 +1,248 @@
+"""Dynamic batching: a queue of calls, grouped by their batch key and computed together.
+
+``Batcher.submit(call, grad_output, deadline)`` queues a call and waits for its ``Result``.
+A loop takes the oldest waiting call's group whenever a compute slot is free (one slot per
+compute thread), so a batch forms from what queued while the previous batch computed: no
+added latency at low load. ``max_batch_delay_s`` (default 0) holds a group back until its
+oldest call has waited that long, unless the group is already full. ``max_batch_size``
+(calls) and ``max_batch_elements`` (tensor elements) cap a batch; a larger group leaves the
+rest for the next one. Calls whose caller went away are dropped, and calls whose deadline
+passed fail with DEADLINE_EXCEEDED, both before anything is computed. ``close()`` refuses new
+calls (UNAVAILABLE), computes everything queued and returns when the last batch is done.
+
+With ``batching=False`` each call is its own batch. Batch keys and the batched computation
+come from each loss's ``BatchRule`` (``losses.batching``) and ``Executor.run_batch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor as Pool
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from remoteloss_server.errors import DeadlineExceededError, ServiceError, UnavailableError
+from remoteloss_server.executor import Job, Result
+from remoteloss_server.losses import LOSSES, Call
+from remoteloss_server.metrics import Metrics
+
+__all__ = ["Batcher", "Runner"]
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What the batcher needs of an ``Executor``."""
+
+    device: torch.device
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[Result | ServiceError]: ...
+
+
+@dataclass(eq=False)
+class _Item:
+    job: Job
+    elements: int
+    deadline: float | None
+    enqueued: float
+    future: asyncio.Future[Result]
+
+
+@dataclass(eq=False)
+class _Group:
+    """Queued calls with one batch key, oldest first."""
+
+    seq: int  # when the group's oldest call arrived, in arrival order across groups
+    items: deque[_Item] = field(default_factory=deque)
+    elements: int = 0
+
+
+class Batcher:
+    """Groups queued calls by batch key and computes each group on ``pool`` as one batch."""
+
+    def __init__(
+        self,
+        executor: Runner,
+        pool: Pool,
+        metrics: Metrics,
+        *,
+        batching: bool = True,
+        max_batch_size: int = 64,
+        max_batch_elements: int = 2**24,
+        max_batch_delay_s: float = 0.0,
+        concurrency: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._executor = executor
+        self._pool = pool
+        self._metrics = metrics
+        self._batching = batching
+        self._max_size = max_batch_size
+        self._max_elements = max_batch_elements
+        self._delay = max_batch_delay_s
+        self._concurrency = concurrency
+        self.clock = clock  # deadlines passed to submit() are on this clock
+        self._device = str(executor.device)
+        self._groups: dict[Hashable, _Group] = {}
+        self._seq = itertools.count()
+        self._closed = False
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a batch (cancelled ones included until the loop drops them)."""
+        return sum(len(group.items) for group in self._groups.values())
+
+    async def start(self) -> None:
+        """Start the loop on the running event loop."""
+        if self._loop_task is not None:
+            raise RuntimeError("the batcher is already started")
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._concurrency)
+        self._loop_task = asyncio.create_task(self._run(), name="remoteloss-batcher")
+
+    async def close(self) -> None:
+        """Refuse new calls, compute every queued one, and wait for the last batch."""
+        self._closed = True
+        if self._loop_task is None:
+            return
+        assert self._wakeup is not None
+        self._wakeup.set()
+        await self._loop_task
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+
+    async def submit(
+        self, call: Call, grad_output: torch.Tensor | None = None, deadline: float | None = None
+    ) -> Result:
+        """Queue ``call`` and wait for its result. ``deadline`` is on ``self.clock``.
+
+        Raises the call's ServiceError; DeadlineExceededError when the deadline passes before
+        its batch starts; UnavailableError once ``close()`` has been called.
+        """
+        if self._closed or self._loop_task is None or self._wakeup is None:
+            raise UnavailableError("the server is shutting down" if self._closed else "the batcher is not running")
+        rule = LOSSES[call.loss].batch if self._batching else None
+        plan = rule.plan(call) if rule is not None else None
+        seq = next(self._seq)
+        key: Hashable = plan.key if plan is not None else ("alone", seq)
+        elements = plan.elements if plan is not None else sum(t.numel() for t in call.tensors.values())
+        item = _Item(Job(call, grad_output, plan), elements, deadline, self.clock(), asyncio.get_running_loop().create_future())
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(seq)
+        group.items.append(item)
+        group.elements += elements
+        self._metrics.queue_depth.inc()
+        self._wakeup.set()
+        return await item.future  # a cancelled caller cancels the future; the loop then skips it
+
+    # ------------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        assert self._slots is not None
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if batch is None:
+                self._slots.release()
+                return
+            task = asyncio.create_task(self._compute(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _next_batch(self) -> list[_Item] | None:
+        """The next batch to compute; None once closed with nothing left."""
+        assert self._wakeup is not None
+        while True:
+            if not self._groups:
+                if self._closed:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            key, group = min(self._groups.items(), key=lambda entry: entry[1].seq)
+            if self._delay > 0 and not self._closed and not self._full(group):
+                wait = group.items[0].enqueued + self._delay - self.clock()
+                if wait > 0:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue  # look again: the group may be full now, or an older one may be back
+            batch = self._take(key, group)
+            if batch:
+                return batch
+
+    def _full(self, group: _Group) -> bool:
+        return len(group.items) >= self._max_size or group.elements >= self._max_elements
+
+    def _take(self, key: Hashable, group: _Group) -> list[_Item]:
+        """Up to the caps of ``group``'s calls, oldest first; drops cancelled and expired ones."""
+        now = self.clock()
+        batch: list[_Item] = []
+        elements = 0
+        while group.items and len(batch) < self._max_size:
+            item = group.items[0]
+            if batch and not item.future.done() and elements + item.elements > self._max_elements:
+                break
+            group.items.popleft()
+            group.elements -= item.elements
+            self._metrics.queue_depth.dec()
+            if item.future.done():  # the caller went away
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                item.future.set_exception(
+                    DeadlineExceededError(f"{item.job.call.loss}: the deadline passed while the request was queued")
+                )
+                continue
+            batch.append(item)
+            elements += item.elements
+        if not group.items:
+            del self._groups[key]
+        elif batch:
+            group.seq = next(self._seq)  # the rest waits behind the groups queued meanwhile
+        return batch
+
+    async def _compute(self, batch: list[_Item]) -> None:
+        assert self._slots is not None
+        loss = batch[0].job.call.loss
+        started = self.clock()
+        for item in batch:
+            self._metrics.queue_duration.labels(loss).observe(max(0.0, started - item.enqueued))
+        self._metrics.batch_requests.labels(loss).observe(len(batch))
+        self._metrics.batch_elements.labels(loss).observe(sum(item.elements for item in batch))
+        jobs = [item.job for item in batch]
+        begin = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._pool, self._executor.run_batch, jobs)
+        except Exception as exc:  # a bug or a CUDA error: every call of the batch fails with it
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        finally:
+            self._metrics.compute_duration.labels(loss, self._device).observe(time.perf_counter() - begin)
+            self._slots.release()
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)

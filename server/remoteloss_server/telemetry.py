@@ -1,0 +1,116 @@
+"""What each Compute request leaves behind: its metrics, its request id and, when it fails, one log line.
+
+The servicer reads the request id from the call's metadata and echoes it; this module never sees a
+``ServicerContext``. Log lines are ``key=value`` pairs (logfmt): values are bare when they hold no
+space, quote or ``=``, and JSON-quoted otherwise, e.g.
+``event=request_failed request_id=4f1c... loss=mse_loss code=INVALID_ARGUMENT duration_ms=0.412 details="mse_loss: target is required"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from remoteloss.v1 import loss_pb2 as pb
+from remoteloss_server.metrics import Metrics
+
+__all__ = ["REQUEST_ID_KEY", "RequestRecord", "loss_label", "quote", "request_id"]
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"[\w.~:/+=-]{1,128}", re.ASCII)  # UUIDs, ULIDs, base64: bare in a log line
+_TENSOR = pb.Tensor.DESCRIPTOR.full_name
+_BARE = re.compile(r'[^\s"=\\]+')
+# Failures that point at the server rather than at the request get a louder log level.
+_LEVELS = {"INTERNAL": logging.ERROR, "UNKNOWN": logging.ERROR, "DATA_LOSS": logging.ERROR,
+           "RESOURCE_EXHAUSTED": logging.WARNING, "UNAVAILABLE": logging.WARNING}
+
+
+def request_id(sent: str | None) -> str:
+    """The id the client sent when it is at most 128 ASCII letters, digits or ``_.~:/+=-``;
+    otherwise a new random one (32 hex digits)."""
+    if sent is not None and _REQUEST_ID.fullmatch(sent):
+        return sent
+    return uuid.uuid4().hex
+
+
+def loss_label(request: object) -> str:
+    """The ``loss`` label: the request's oneof name (a name of this schema, so a bounded set),
+    ``"none"`` when no loss is set, ``"unknown"`` when the bytes did not parse or carry a field
+    this server does not know (a newer client's loss)."""
+    if not isinstance(request, pb.ComputeRequest):
+        return "unknown"
+    name = request.WhichOneof("loss")
+    if name is not None:
+        return str(name)
+    return "unknown" if len(UnknownFieldSet(request)) else "none"
+
+
+def quote(value: object) -> str:
+    """A logfmt value: bare when safe, JSON-quoted otherwise (which also escapes newlines)."""
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
+def _elements(message: Message) -> int:
+    """Elements of the tensors set directly in one per-loss message, from their shapes."""
+    return sum(
+        math.prod(value.shape)
+        for field, value in message.ListFields()
+        if field.message_type is not None and field.message_type.full_name == _TENSOR
+    )
+
+
+class RequestRecord:
+    """One request from receipt to answer; ``finish`` records it exactly once.
+
+    Created when the handler starts: counts the request in flight and observes its size.
+    """
+
+    def __init__(
+        self, metrics: Metrics, request: object, request_id: str, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.metrics = metrics
+        self.request = request
+        self.request_id = request_id
+        self.loss = loss_label(request)
+        self._clock = clock
+        self._started = clock()
+        self._finished = False
+        metrics.in_flight.inc()
+        if isinstance(request, Message):
+            metrics.request_bytes.labels(self.loss).observe(request.ByteSize())
+
+    def finish(self, code: str, response: Message | None = None, details: str = "") -> None:
+        """Record the answer: ``code`` is a status code name ("OK" with the ``response``)."""
+        if self._finished:
+            return
+        self._finished = True
+        duration_s = self._clock() - self._started
+        m, loss = self.metrics, self.loss
+        m.in_flight.dec()
+        m.requests.labels(loss, code).inc()
+        m.request_duration.labels(loss, code).observe(duration_s)
+        if response is not None:
+            m.response_bytes.labels(loss).observe(response.ByteSize())
+            if isinstance(self.request, pb.ComputeRequest) and loss != "none" and loss != "unknown":
+                m.elements.labels(loss).inc(_elements(getattr(self.request, loss)))
+        if code == "OK":
+            logger.debug(
+                "event=request request_id=%s loss=%s code=OK duration_ms=%.3f", self.request_id, loss, duration_s * 1e3
+            )
+        else:
+            logger.log(
+                _LEVELS.get(code, logging.INFO),
+                "event=request_failed request_id=%s loss=%s code=%s duration_ms=%.3f details=%s",
+                self.request_id, loss, code, duration_s * 1e3, quote(details),
+            )

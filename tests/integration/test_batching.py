@@ -1,0 +1,191 @@
+"""Batched answers equal torch's, for every loss: requests sent together share batches.
+
+A server of its own batches with ``max_batch_delay_s=0.02`` on one compute thread, so requests
+sent at once surely group. For each loss, every case of the table (cases.py) goes out at once,
+three times over, through the raw stub: with the gradients of every differentiable argument and
+a random grad_output (variant "all"), with other values and the gradient of the first argument
+only (variant "first", which lets a class weight or ``linear_weight`` that would need its own
+gradient share a batch), and, for float32 cases, forward only (variant "forward"). Requests of
+one case (and of cases that differ only in reduction or in having a batch dimension) have one
+batch key, so batches mix reductions and batch sizes. Each answer (value, dtype, shape, torch's
+warnings, gradients) must equal torch.nn.functional computed here. The server's batch metrics
+must show that requests grouped, and which requests run alone is checked against the rules.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+import torch
+import torch.nn.functional as F
+
+from remoteloss import codec
+from remoteloss._request import build_request
+from remoteloss.v1 import loss_pb2_grpc
+from remoteloss_server.app import ServerThread
+from remoteloss_server.config import ServerConfig
+from remoteloss_server.losses import LOSSES
+
+from .cases import LOSS_NAMES, TABLE, Call, Case, Gen, cases, differentiable, tolerance, with_grad
+
+SHARED_ARGUMENTS = ("weight", "pos_weight", "linear_weight", "linear_bias")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, max_batch_delay_s=0.02)
+    with ServerThread(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerThread) -> Iterator[Any]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield loss_pb2_grpc.LossServiceStub(channel)
+
+
+@dataclass
+class Expected:
+    case: Case
+    variant: str
+    request: Any
+    loss: torch.Tensor
+    gradients: dict[str, torch.Tensor]
+    warnings: list[str]
+
+
+def _build(case: Case, seed: int, shared_from: Call | None) -> Call:
+    """The case's arguments drawn with another seed; class weights and the like copied from
+    ``shared_from`` where they have the same shape (calls of one batch share them byte for byte)."""
+    if seed == 0:
+        call = case.build()
+    else:
+        table = TABLE[case.loss]
+        g = Gen(zlib.crc32(case.id.encode()) ^ seed, case.dtype)
+        args, kwargs = table.generate(g, case.batched, case.option_set.opts, case.reduction)
+        call = Call(case.loss, args, kwargs, table.arg_names[: len(args)])
+    if shared_from is not None:
+        base, own = shared_from.tensors(), call.tensors()
+        call = call.replace(
+            {n: base[n] for n in SHARED_ARGUMENTS if n in base and n in own and base[n].shape == own[n].shape}
+        )
+    return call
+
+
+def _local(call: Call, names: tuple[str, ...], grad_output: torch.Tensor | None) -> tuple[Any, ...]:
+    built, leaves = with_grad(call, names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = built.local()
+    texts = list(dict.fromkeys(str(w.message) for w in caught))
+    grads: dict[str, torch.Tensor] = {}
+    if names:
+        seed = torch.ones_like(out) if grad_output is None else grad_output.expand(out.shape)
+        found = torch.autograd.grad(out, [leaves[n] for n in names], grad_outputs=seed, allow_unused=True)
+        grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, found, strict=True)}
+    return out.detach(), grads, texts
+
+
+def _grad_output(case: Case, like: torch.Tensor) -> torch.Tensor:
+    """A random incoming gradient: of the loss's shape, or 0-d for a scalar loss."""
+    rng = torch.Generator().manual_seed(zlib.crc32(case.id.encode()) ^ 0x5EED)
+    shape = () if case.scalar_output else like.shape
+    return (0.5 + torch.rand(shape, generator=rng, dtype=torch.float64)).to(like.dtype)
+
+
+def _requests(loss: str) -> Iterator[Expected]:
+    sources: dict[tuple[torch.dtype, str], Call] = {}  # cases that differ in reduction share weights
+    for case in cases(loss):
+        if case.torch_raises:
+            continue
+        first = _build(case, 0, sources.get((case.dtype, case.option_set.name)))
+        sources.setdefault((case.dtype, case.option_set.name), first)
+        names = differentiable(first)
+        variants = [("all", first, names, True), ("first", _build(case, 1, first), names[:1], False)]
+        if case.dtype == torch.float32:
+            variants.append(("forward", _build(case, 2, first), (), False))
+        for variant, call, wrt, with_grad_output in variants:
+            grad_output = None
+            if with_grad_output:
+                grad_output = _grad_output(case, _local(call, (), None)[0])
+            loss_value, grads, texts = _local(call, wrt, grad_output)
+            arguments = inspect.signature(getattr(F, loss)).bind(*call.args, **call.remote_kwargs()).arguments
+            request = build_request(loss, arguments, wrt=wrt, grad_output=grad_output)
+            yield Expected(case, variant, request, loss_value, grads, texts)
+
+
+def _runs_alone(item: Expected) -> bool:
+    """The rules' decision for a request (computed here from the same request)."""
+    spec = LOSSES[item.case.loss]
+    assert spec.batch is not None
+    return spec.batch.plan(spec.prepare(getattr(item.request, item.case.loss), "cpu")) is None
+
+
+def _expected_alone(item: Expected) -> bool:
+    """Which requests the rules send alone (docs/DESIGN.md, "Batching")."""
+    case, opts = item.case, item.case.option_set.opts
+    if opts.get("broadcast"):  # a target of another shape: torch's size warning names the shapes
+        return True
+    if case.loss == "triplet_margin_with_distance_loss":  # cosine over dim 0 of an unbatched call
+        return not case.batched and opts.get("distance") == "cosine"
+    if item.variant != "all":
+        options = opts.get("options") is not None
+        fallback = opts.get("kdim") or opts.get("prob") or "label_smoothing" in opts.get("torch", {})
+        return case.loss == "linear_cross_entropy" and bool(options and fallback)  # torch ignores options
+    # Variant "all": a tensor shared by the batch cannot get each call's own gradient.
+    if case.loss == "linear_cross_entropy":
+        return True
+    if case.loss == "cross_entropy":  # a class weight gets a gradient with class probabilities
+        return bool(opts.get("weight") and opts.get("prob"))
+    if case.loss == "multilabel_soft_margin_loss":  # a weight (C) that broadcasts over the batch
+        return bool(opts.get("weight") and case.batched)
+    return case.loss == "gaussian_nll_loss" and not case.batched and opts.get("var") == "one"
+
+
+def _assert_same(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
+        f"{what}: {actual.dtype} {list(actual.shape)}, torch gives {expected.dtype} {list(expected.shape)}"
+    )
+    torch.testing.assert_close(actual, expected, equal_nan=True, **tolerance(dtype), msg=lambda m: f"{what}: {m}")
+
+
+def _batch_counts(server: ServerThread, loss: str) -> tuple[float, float]:
+    registry = server.metrics.registry
+    labels = {"loss": loss}
+    requests = registry.get_sample_value("remoteloss_batch_requests_sum", labels) or 0.0
+    batches = registry.get_sample_value("remoteloss_batch_requests_count", labels) or 0.0
+    return requests, batches
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_batched_answers_equal_torch(server: ServerThread, stub: Any, loss: str) -> None:
+    items = list(_requests(loss))
+    alone = {(i.case.id, i.variant) for i in items if _runs_alone(i)}
+    expected_alone = {(i.case.id, i.variant) for i in items if _expected_alone(i)}
+    assert alone == expected_alone, "requests that run alone, unlike the rules say"
+    requests_before, batches_before = _batch_counts(server, loss)
+
+    futures = [stub.Compute.future(item.request, timeout=60) for item in items]  # all at once
+    for item, future in zip(items, futures, strict=True):
+        what = f"{item.case.id} ({item.variant})"
+        response = future.result()
+        _assert_same(codec.decode_torch(response.loss, "loss"), item.loss, item.case.dtype, what)
+        assert list(response.warnings) == item.warnings, f"{what}: torch's warnings, no more, no less"
+        assert set(response.gradients) == set(item.gradients), what
+        for name, grad in item.gradients.items():
+            actual = codec.decode_torch(response.gradients[name], name)
+            _assert_same(actual, grad, item.case.dtype, f"{what}: d loss / d {name}")
+
+    requests, batches = _batch_counts(server, loss)
+    requests -= requests_before
+    batches -= batches_before
+    assert requests == len(items)
+    batched = len(items) - len(alone)
+    assert batches < len(alone) + batched / 2, f"{batched} batchable requests took {batches - len(alone)} batches"

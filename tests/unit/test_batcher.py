@@ -1,0 +1,342 @@
+"""The Batcher's queue with a stand-in executor: flush rules, grouping, dropping, draining.
+
+Deterministic: a gate holds the stand-in's first batch, so calls queue behind it in a known
+order; deadlines use an injected clock; the one delay test waits in tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import torch
+
+from remoteloss import codec
+from remoteloss.v1 import loss_pb2 as pb
+from remoteloss_server.batcher import Batcher
+from remoteloss_server.errors import DeadlineExceededError, ServiceError, UnavailableError
+from remoteloss_server.executor import Job, Result
+from remoteloss_server.losses import LOSSES, Call
+from remoteloss_server.metrics import Metrics
+
+
+class Runner:
+    """Records each batch; the first batch waits at ``gate`` when ``hold`` is set."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, hold: bool = False, fail: BaseException | None = None) -> None:
+        self.batches: list[list[Call]] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
+        self.fail = fail
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
+        self.batches.append([job.call for job in jobs])
+        self.started.set()
+        self.gate.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        return [Result(job.call.tensors["input"].sum(), {}, []) for job in jobs]
+
+    def sizes(self) -> list[int]:
+        return [len(batch) for batch in self.batches]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def mse(rows: int = 2, value: float = 0.0, loss: str = "mse_loss") -> Call:
+    """A prepared call with ``rows`` samples of 2 values (4 * rows elements with its target)."""
+    message = getattr(pb, {"mse_loss": "MseLoss", "l1_loss": "L1Loss"}[loss])(
+        input=codec.encode(torch.full((rows, 2), value)), target=codec.encode(torch.zeros(rows, 2))
+    )
+    return LOSSES[loss].prepare(message, "cpu")
+
+
+def run(test: Callable[..., Awaitable[None]], runner: Runner, **options: Any) -> Metrics:
+    """Run ``test(batcher)`` with a started batcher around ``runner``; close it afterwards."""
+    metrics = Metrics()
+
+    async def main() -> None:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            batcher = Batcher(runner, pool, metrics, **options)
+            await batcher.start()
+            try:
+                await test(batcher)
+            finally:
+                runner.gate.set()
+                await batcher.close()
+
+    asyncio.run(main())
+    return metrics
+
+
+async def hold(batcher: Batcher, runner: Runner) -> asyncio.Task[Result]:
+    """Occupy the only compute slot with an l1_loss call until ``runner.gate`` opens."""
+    task = asyncio.create_task(batcher.submit(mse(loss="l1_loss")))
+    await asyncio.to_thread(runner.started.wait, 10)
+    return task
+
+
+async def settle() -> None:
+    """Let submitted coroutines reach the queue."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_a_lone_call_runs_at_once_and_gets_its_result() -> None:
+    runner = Runner()
+
+    async def test(batcher: Batcher) -> None:
+        result = await asyncio.wait_for(batcher.submit(mse(value=1.0)), 5)
+        assert float(result.loss) == 4.0
+
+    run(test, runner)
+    assert runner.sizes() == [1]
+
+
+def test_what_queued_while_a_batch_computed_forms_the_next_batch() -> None:
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        calls = [mse(rows=1 + i % 3, value=i) for i in range(5)]  # one key: batch sizes may differ
+        tasks = [asyncio.create_task(batcher.submit(call)) for call in calls]
+        await settle()
+        assert batcher.queued == 5
+        runner.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+        assert [float(r.loss) for r in results[1:]] == [float(c.tensors["input"].sum()) for c in calls]
+        assert runner.batches[1] == calls  # oldest first
+
+    metrics = run(test, runner)
+    assert runner.sizes() == [1, 5]
+    assert metrics.batch_requests.labels("mse_loss")._sum.get() == 5  # type: ignore[attr-defined]
+    assert metrics.registry.get_sample_value("remoteloss_batch_requests_count", {"loss": "mse_loss"}) == 1
+    assert metrics.registry.get_sample_value("remoteloss_batch_elements_sum", {"loss": "mse_loss"}) == 4 * 9
+    assert metrics.registry.get_sample_value("remoteloss_queue_duration_seconds_count", {"loss": "mse_loss"}) == 5
+    assert (
+        metrics.registry.get_sample_value("remoteloss_compute_duration_seconds_count", {"loss": "mse_loss", "device": "cpu"})
+        == 1
+    )
+    assert metrics.registry.get_sample_value("remoteloss_queue_depth") == 0
+
+
+def test_groups_by_key_oldest_group_first() -> None:
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        first, other, second = mse(value=1), mse(rows=2, value=2, loss="l1_loss"), mse(value=3)
+        mismatched = mse(rows=1, value=4)
+        mismatched = Call(  # one more column: another per-sample shape, another key
+            "mse_loss", mismatched.function, {n: torch.zeros(1, 3) for n in ("input", "target")}, mismatched.options, ()
+        )
+        tasks = [asyncio.create_task(batcher.submit(c)) for c in (first, other, second, mismatched)]
+        await settle()
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+        assert runner.batches[1:] == [[first, second], [other], [mismatched]]
+
+    run(test, runner)
+
+
+def test_flush_on_size_leaves_the_rest_for_the_next_batch() -> None:
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        tasks = [asyncio.create_task(batcher.submit(mse(value=i))) for i in range(5)]
+        await settle()
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+
+    run(test, runner, max_batch_size=2)
+    assert runner.sizes() == [1, 2, 2, 1]
+
+
+def test_a_full_group_does_not_wait_for_the_delay() -> None:
+    runner = Runner()
+
+    async def test(batcher: Batcher) -> None:
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(batcher.submit(mse(value=i)) for i in range(3))), 5)
+        assert time.monotonic() - started < 5
+
+    run(test, runner, max_batch_size=3, max_batch_delay_s=60.0)
+    assert runner.sizes() == [3]
+
+
+def test_flush_on_elements() -> None:
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        # 8, 8, 8 and 24 elements with a cap of 16: [8, 8], [8], [24] (a call alone may exceed it)
+        calls = [mse(rows=2), mse(rows=2), mse(rows=2), mse(rows=6)]
+        tasks = [asyncio.create_task(batcher.submit(c)) for c in calls]
+        await settle()
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+
+    run(test, runner, max_batch_elements=16)
+    assert runner.sizes() == [1, 2, 1, 1]
+
+
+def test_flush_on_delay_gathers_calls_that_arrive_within_it() -> None:
+    runner = Runner()
+    loads: list[float] = []
+
+    async def test(batcher: Batcher) -> None:
+        started = time.monotonic()
+        first = asyncio.create_task(batcher.submit(mse(value=1)))
+        await asyncio.sleep(0.02)
+        second = asyncio.create_task(batcher.submit(mse(value=2)))
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        loads.append(time.monotonic() - started)
+
+    run(test, runner, max_batch_delay_s=0.1)
+    assert runner.sizes() == [2]
+    assert loads[0] >= 0.1
+
+
+def test_without_delay_an_idle_batcher_does_not_wait() -> None:
+    runner = Runner()
+
+    async def test(batcher: Batcher) -> None:
+        first = asyncio.create_task(batcher.submit(mse(value=1)))
+        await asyncio.wait_for(first, 5)
+        await asyncio.wait_for(batcher.submit(mse(value=2)), 5)
+
+    run(test, runner)
+    assert runner.sizes() == [1, 1]
+
+
+def test_cancelled_calls_are_skipped() -> None:
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        kept, dropped = mse(value=1), mse(value=2)
+        tasks = [asyncio.create_task(batcher.submit(c)) for c in (dropped, kept)]
+        await settle()
+        tasks[0].cancel()
+        await settle()
+        runner.gate.set()
+        result = await asyncio.wait_for(tasks[1], 5)
+        assert float(result.loss) == 4.0
+        await blocker
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        assert runner.batches[1] == [kept]
+
+    metrics = run(test, runner)
+    assert metrics.registry.get_sample_value("remoteloss_queue_depth") == 0
+
+
+def test_expired_calls_fail_with_deadline_exceeded_before_compute() -> None:
+    runner = Runner(hold=True)
+    clock = Clock()
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        late, timely, open_ended = mse(value=1), mse(value=2), mse(value=3)
+        tasks = [
+            asyncio.create_task(batcher.submit(late, deadline=clock() + 1.0)),
+            asyncio.create_task(batcher.submit(timely, deadline=clock() + 10.0)),
+            asyncio.create_task(batcher.submit(open_ended)),
+        ]
+        await settle()
+        clock.now += 5.0
+        runner.gate.set()
+        with pytest.raises(DeadlineExceededError, match="mse_loss: the deadline passed"):
+            await asyncio.wait_for(tasks[0], 5)
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks[1:]), 5)
+        assert runner.batches[1] == [timely, open_ended]
+
+    run(test, runner, clock=clock)
+
+
+def test_close_drains_the_queue_then_refuses_new_calls() -> None:
+    runner = Runner()
+    metrics = Metrics()
+
+    async def main() -> None:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            batcher = Batcher(runner, pool, metrics, max_batch_size=2, max_batch_delay_s=60.0)
+            with pytest.raises(UnavailableError, match="not running"):
+                await batcher.submit(mse())
+            await batcher.start()
+            tasks = [asyncio.create_task(batcher.submit(mse(value=i))) for i in range(3)]
+            await settle()  # two go at once (a full batch); the third waits for the delay
+            closing = asyncio.create_task(batcher.close())
+            await settle()
+            with pytest.raises(UnavailableError, match="shutting down"):
+                await batcher.submit(mse())
+            await asyncio.wait_for(closing, 5)  # no waiting for the delay while draining
+            assert all(task.done() for task in tasks)
+            await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert runner.sizes() == [2, 1]
+
+
+def test_without_batching_each_call_is_its_own_batch() -> None:
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        tasks = [asyncio.create_task(batcher.submit(mse(value=i))) for i in range(3)]
+        await settle()
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+
+    run(test, runner, batching=False)
+    assert runner.sizes() == [1, 1, 1, 1]
+
+
+def test_unexpected_failures_reach_every_call_of_the_batch() -> None:
+    runner = Runner(fail=KeyError("bug"))
+
+    async def test(batcher: Batcher) -> None:
+        outcomes = await asyncio.gather(*(batcher.submit(mse(value=i)) for i in range(2)), return_exceptions=True)
+        assert all(isinstance(o, KeyError) for o in outcomes)
+        runner.fail = None
+        assert float((await batcher.submit(mse(value=1))).loss) == 4.0  # the loop goes on
+
+    run(test, runner)
+
+
+def test_concurrency_runs_batches_side_by_side() -> None:
+    runner = Runner(hold=True)
+    metrics = Metrics()
+
+    async def main() -> None:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            batcher = Batcher(runner, pool, metrics, concurrency=2)
+            await batcher.start()
+            blocker = await hold(batcher, runner)
+            other = asyncio.create_task(batcher.submit(mse()))
+            for _ in range(100):  # the second slot takes it while the first batch is held
+                if len(runner.batches) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(runner.batches) == 2
+            runner.gate.set()
+            await asyncio.gather(blocker, other)
+            await batcher.close()
+
+    asyncio.run(main())

@@ -1,0 +1,124 @@
+"""Metrics: names and types on a fresh registry, the GPU memory callback, /metrics over HTTP."""
+
+from __future__ import annotations
+
+import re
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from remoteloss_server.metrics import LATENCY_BUCKETS, Metrics, serve_http
+
+# attribute -> (name as exported: counters gain _total in the text format, type, labels)
+METRICS = {
+    "request_duration": ("remoteloss_request_duration_seconds", "histogram", ("loss", "code")),
+    "requests": ("remoteloss_requests", "counter", ("loss", "code")),
+    "queue_duration": ("remoteloss_queue_duration_seconds", "histogram", ("loss",)),
+    "compute_duration": ("remoteloss_compute_duration_seconds", "histogram", ("loss", "device")),
+    "batch_requests": ("remoteloss_batch_requests", "histogram", ("loss",)),
+    "batch_elements": ("remoteloss_batch_elements", "histogram", ("loss",)),
+    "request_bytes": ("remoteloss_request_bytes", "histogram", ("loss",)),
+    "response_bytes": ("remoteloss_response_bytes", "histogram", ("loss",)),
+    "elements": ("remoteloss_tensor_elements", "counter", ("loss",)),
+    "in_flight": ("remoteloss_requests_in_flight", "gauge", ()),
+    "queue_depth": ("remoteloss_queue_depth", "gauge", ()),
+    "gpu_memory": ("remoteloss_gpu_memory_bytes", "gauge", ("device",)),
+}
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+def test_every_metric_is_named_typed_and_labelled(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry)
+    assert {family.name: family.type for family in registry.collect()} == {
+        name: kind for name, kind, _ in METRICS.values()
+    }
+    for attribute, (_, _, labels) in METRICS.items():
+        assert tuple(getattr(metrics, attribute)._labelnames) == labels
+
+
+def test_each_instance_has_its_own_registry() -> None:
+    first, second = Metrics(), Metrics()
+    first.requests.labels("mse_loss", "OK").inc()
+    assert first.registry.get_sample_value("remoteloss_requests_total", {"loss": "mse_loss", "code": "OK"}) == 1
+    assert second.registry.get_sample_value("remoteloss_requests_total", {"loss": "mse_loss", "code": "OK"}) is None
+
+
+def test_latency_buckets_are_increasing_seconds() -> None:
+    assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
+    assert LATENCY_BUCKETS[0] < 0.001 and LATENCY_BUCKETS[-1] > 1  # sub-millisecond loopback to slow GPU batches
+
+
+def test_gpu_memory_is_read_at_each_scrape(registry: CollectorRegistry) -> None:
+    held = [1024.0]
+    Metrics(registry).watch_gpu_memory("cuda:0", lambda: held[0])
+    assert registry.get_sample_value("remoteloss_gpu_memory_bytes", {"device": "cuda:0"}) == 1024
+    held[0] = 4096.0
+    assert registry.get_sample_value("remoteloss_gpu_memory_bytes", {"device": "cuda:0"}) == 4096
+
+
+def test_no_gpu_memory_sample_until_a_device_is_watched(registry: CollectorRegistry) -> None:
+    Metrics(registry)
+    assert registry.get_sample_value("remoteloss_gpu_memory_bytes", {"device": "cuda:0"}) is None
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        sample.name + repr(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_serve_http_on_a_free_port_then_close(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry)
+    metrics.requests.labels("mse_loss", "OK").inc(3)
+    server, port = serve_http(metrics, "127.0.0.1", 0)
+    try:
+        assert port > 0
+        samples = scrape(port)
+        assert samples["remoteloss_requests_total[('code', 'OK'), ('loss', 'mse_loss')]"] == 3
+        metrics.in_flight.inc()
+        assert scrape(port)["remoteloss_requests_in_flight[]"] == 1  # read at each scrape
+    finally:
+        server.close()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass
+
+
+def test_serve_http_accepts_a_bracketed_wildcard(registry: CollectorRegistry) -> None:
+    server, port = serve_http(Metrics(registry), "[::]", 0)
+    try:
+        assert "remoteloss_requests_in_flight[]" in scrape(port)
+    finally:
+        server.close()
+
+
+def test_serve_http_refuses_a_taken_port(registry: CollectorRegistry) -> None:
+    server, port = serve_http(Metrics(registry), "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError):
+            serve_http(Metrics(CollectorRegistry()), "127.0.0.1", port)
+    finally:
+        server.close()
+
+
+def test_the_readme_lists_every_metric(registry: CollectorRegistry) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(remoteloss_\w+)` \| (\w+) \|([^|]*)\|", readme, flags=re.MULTILINE)
+    documented = {name: (kind, tuple(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
+    expected = {}
+    for name, kind, labels in METRICS.values():
+        expected[name + "_total" if kind == "counter" else name] = (kind, labels)
+    assert documented == expected

@@ -1,0 +1,93 @@
+"""allocator.configure (glibc's mallopt) and the ``malloc_mmap_threshold_bytes`` setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+from remoteloss_server import allocator, app, cli
+from remoteloss_server.config import ServerConfig
+
+glibc_only = pytest.mark.skipif(not allocator.is_glibc(), reason="mallopt is glibc's")
+
+
+def test_zero_keeps_glibc_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
+    assert allocator.configure(0) is False
+
+
+@pytest.mark.parametrize("value", [-1, allocator.MAX_THRESHOLD_BYTES + 1])
+def test_out_of_range(value: int) -> None:
+    with pytest.raises(ValueError, match="mmap threshold"):
+        allocator.configure(value)
+
+
+def test_elsewhere_than_glibc_nothing_happens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator, "is_glibc", lambda: False)
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
+    assert allocator.configure(64 * 1024 * 1024) is False
+
+
+@glibc_only
+def test_large_blocks_come_from_the_heap_once_configured() -> None:
+    """In a fresh interpreter (the setting is process-wide): a 48 MiB block is mmapped by default
+    (mallinfo2's hblks counts mmapped blocks) and comes from the heap after configure(64 MiB)."""
+    script = textwrap.dedent(
+        """
+        import ctypes, sys
+        from remoteloss_server import allocator
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = MallInfo2
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+
+        def mmapped_by(size):
+            before = libc.mallinfo2().hblks
+            block = libc.malloc(size)
+            after = libc.mallinfo2().hblks
+            libc.free(block)
+            return after - before
+
+        default = mmapped_by(48 << 20)
+        applied = allocator.configure(64 << 20)
+        print(default, applied, mmapped_by(48 << 20))
+        """
+    )
+    answer = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert answer.stdout.split() == ["1", "True", "0"]
+
+
+@pytest.mark.parametrize("value", [-1, 2**30 + 1])
+def test_config_rejects(value: int) -> None:
+    with pytest.raises(ValueError, match="^malloc_mmap_threshold_bytes must be in"):
+        ServerConfig(malloc_mmap_threshold_bytes=value).validate()
+
+
+def test_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    served: list[ServerConfig] = []
+    monkeypatch.setattr(app, "serve", served.append)
+    monkeypatch.setenv("REMOTELOSS_MALLOC_MMAP_THRESHOLD_BYTES", "1048576")
+    assert cli.main([]) == 0
+    assert cli.main(["--malloc-mmap-threshold-bytes", "0"]) == 0
+    assert [config.malloc_mmap_threshold_bytes for config in served] == [1048576, 0]
+    assert ServerConfig().malloc_mmap_threshold_bytes == 256 * 1024 * 1024
+
+
+def test_serve_configures_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    configured: list[int] = []
+
+    async def no_server(*args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(allocator, "configure", configured.append)
+    monkeypatch.setattr(app, "_serve", no_server)
+    app.serve(ServerConfig(port=0, malloc_mmap_threshold_bytes=12345))
+    assert configured == [12345]

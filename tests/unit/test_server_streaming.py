@@ -1,0 +1,157 @@
+"""bounded_map: completion order, the in-flight limit, backpressure, failures and cancellation.
+
+Deterministic: calls finish when the test sets their events, never by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from remoteloss_server.streaming import bounded_map
+
+
+class Source:
+    """An async stream of 0..n-1 that records how many items were read."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.read = 0
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        for i in range(self.n):
+            self.read += 1
+            yield i
+
+
+async def _settle() -> None:
+    for _ in range(20):  # let every ready task run
+        await asyncio.sleep(0)
+
+
+def test_results_come_in_completion_order() -> None:
+    async def main() -> list[int]:
+        gates = {i: asyncio.Event() for i in range(3)}
+
+        async def work(i: int) -> int:
+            await gates[i].wait()
+            return i
+
+        out: list[int] = []
+        results = bounded_map(Source(3), work, limit=3)
+
+        async def consume() -> None:
+            async for value in results:
+                out.append(value)
+
+        consumer = asyncio.create_task(consume())
+        for i in (2, 0, 1):
+            await _settle()
+            gates[i].set()
+        await consumer
+        return out
+
+    assert asyncio.run(main()) == [2, 0, 1]
+
+
+def test_at_most_limit_in_flight_and_reading_waits_for_a_slot() -> None:
+    async def main() -> None:
+        source = Source(10)
+        gates = [asyncio.Event() for _ in range(10)]
+        running = 0
+        peak = 0
+
+        async def work(i: int) -> int:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await gates[i].wait()
+            running -= 1
+            return i
+
+        results = bounded_map(source, work, limit=3)
+        first = asyncio.ensure_future(anext(results))
+        await _settle()
+        assert source.read == 3 and running == 3  # nothing more is read while 3 are in flight
+        gates[1].set()
+        assert await first == 1
+        await _settle()
+        # The slot freed once its result was taken: a fourth item, no more.
+        assert source.read == 3  # the generator is suspended at its yield until asked again
+        second = asyncio.ensure_future(anext(results))
+        await _settle()
+        assert source.read == 4 and running == 3
+        for gate in gates:
+            gate.set()
+        rest = [await second] + [value async for value in results]
+        assert sorted([1, *rest]) == list(range(10))
+        assert peak == 3
+
+    asyncio.run(main())
+
+
+def test_a_failing_call_ends_the_stream_and_cancels_the_others() -> None:
+    async def main() -> None:
+        cancelled: list[int] = []
+        started: list[int] = []
+
+        async def work(i: int) -> int:
+            started.append(i)
+            if i == 1:
+                while len(started) < 3:  # fail once all three are in flight
+                    await asyncio.sleep(0)
+                raise ValueError("item 1")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(i)
+                raise
+            return i
+
+        with pytest.raises(ValueError, match="item 1"):
+            async for _ in bounded_map(Source(3), work, limit=3):
+                pass
+        assert sorted(cancelled) == [0, 2]
+
+    asyncio.run(main())
+
+
+def test_closing_the_generator_cancels_what_is_in_flight() -> None:
+    async def main() -> None:
+        cancelled: list[int] = []
+
+        started: list[int] = []
+
+        async def work(i: int) -> int:
+            started.append(i)
+            if i == 0:
+                while len(started) < 4:  # answer once all four are in flight
+                    await asyncio.sleep(0)
+                return 0
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(i)
+                raise
+            return i
+
+        results = bounded_map(Source(4), work, limit=4)
+        assert await anext(results) == 0
+        await results.aclose()
+        assert sorted(cancelled) == [1, 2, 3]
+
+    asyncio.run(main())
+
+
+def test_empty_source_and_bad_limit() -> None:
+    async def main() -> None:
+        async def work(i: int) -> int:
+            return i
+
+        assert [v async for v in bounded_map(Source(0), work, limit=2)] == []
+        with pytest.raises(ValueError, match="limit"):
+            await anext(bounded_map(Source(1), work, limit=0))
+
+    asyncio.run(main())
