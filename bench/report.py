@@ -221,7 +221,9 @@ def _figures(results: dict[str, Any], add: Callable[[str], None]) -> None:
         if isinstance(s, dict):
             add(f"| {name} | {s['throughput_rps']:.2f} | {s['throughput_rps'] * big['request_bytes'] / _MIB:.0f} | "
                 f"{_ms(s['p50_s'])} |")
-    add("\nMemory, 16 callers sending 32 MiB requests (forward + gradient) to a fresh server:\n")
+    peak_from = next(iter(results["memory"].values()), {}).get("peak_from", "VmHWM")
+    add(f"\nMemory, 16 callers sending 32 MiB requests (forward + gradient) to a fresh server (idle: VmRSS after "
+        f"one small request; peak: {peak_from}):\n")
     add("| server | idle RSS | peak RSS | bytes in flight | (peak - idle) / in flight | RSS after |")
     add("|---|---|---|---|---|---|")
     for name, run in results["memory"].items():

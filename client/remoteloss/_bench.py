@@ -13,6 +13,7 @@ them as JSON (``--json``) and a latency-vs-throughput plot (``--plot``, needs ma
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import platform
@@ -39,6 +40,7 @@ from remoteloss._request import LOSS_NAMES
 from remoteloss.v1 import loss_pb2 as pb
 
 __all__ = ["add_arguments", "main", "run"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (__doc__ or "").split("\n\n")[0]
@@ -84,9 +86,13 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is None and args.requests is None:
         args.duration = 3.0
     payload = request.SerializeToString()
-    channels = open_channels(args.target, args.channels)
+    credentials, metadata = _security(args)
+    channels = open_channels(args.target, args.channels, credentials=credentials)
     try:
-        calls, probe = _calls(args.mode, channels, request, payload)
+        calls, probe = _calls(args.mode, channels, payload, args.timeout)
+        if metadata:
+            calls = [functools.partial(call, metadata=metadata) for call in calls]
+            probe = _with_metadata(probe, metadata)
         report: dict[str, Any] = _header(args, len(payload))
         try:
             answer = probe()
@@ -129,19 +135,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
-def _calls(mode: str, channels: Sequence[grpc.Channel], request: pb.ComputeRequest,
-           payload: bytes) -> tuple[list[Callable[..., Any]], Callable[[], bytes]]:
-    """The callables the callers use and a probe that sends one request and returns the answer."""
+def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, str], ...]]:
+    """TLS credentials and API-key metadata from the CLI's connection flags (none without them)."""
+    from remoteloss import cli
+
+    connection = getattr(cli, "connection", None)  # the flags --api-key, --tls, --tls-ca, ...
+    if connection is None or not hasattr(args, "tls"):
+        return None, ()
+    from remoteloss._channel import api_key_metadata, tls_credentials
+
+    settings = connection(args)
+    credentials = tls_credentials(tls=settings["tls"], root_certificates=settings["root_certificates"],
+                                  client_cert=settings["client_cert"], client_key=settings["client_key"])
+    return credentials, api_key_metadata(args.target, settings["api_key"], secure=credentials is not None)
+
+
+def _with_metadata(probe: Callable[..., bytes], metadata: tuple[tuple[str, str], ...]) -> Callable[[], bytes]:
+    return lambda: probe(metadata=metadata)
+
+
+def _calls(mode: str, channels: Sequence[grpc.Channel], payload: bytes,
+           timeout_s: float | None) -> tuple[list[Callable[..., Any]], Callable[..., bytes]]:
+    """The callables the callers use and a probe that sends one request and returns the answer
+    (it takes the calls' ``metadata``)."""
     if mode == "unary":
         # _registered_method: as the generated stubs call it (the stubs of grpc lack the argument).
         calls = [channel.unary_unary(COMPUTE_METHOD, _registered_method=True)  # type: ignore[call-arg]
                  for channel in channels]
-        return list(calls), lambda: calls[0](payload, timeout=30.0)
+
+        def unary_probe(metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
+            answer: bytes = calls[0](payload, timeout=timeout_s, metadata=metadata)
+            return answer
+
+        return list(calls), unary_probe
     streams = [channel.stream_stream(STREAM_METHOD, _registered_method=True)  # type: ignore[call-arg]
                for channel in channels]
 
-    def probe() -> bytes:
-        (answer,) = list(streams[0](iter([stream_item(payload, 1)]), timeout=30.0))
+    def probe(metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
+        (answer,) = list(streams[0](iter([stream_item(payload, 1)]), timeout=timeout_s, metadata=metadata))
         _, failure = stream_answer(answer)
         if failure is not None:
             raise _ItemError(*failure)

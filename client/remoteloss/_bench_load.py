@@ -81,13 +81,14 @@ class Level:
         }
 
 
-def open_channels(target: str, count: int, options: Sequence[tuple[str, Any]] = ()) -> list[grpc.Channel]:
-    """``count`` channels to ``target`` with the SDK's settings; each has its own connection
-    when ``count`` > 1."""
+def open_channels(target: str, count: int, options: Sequence[tuple[str, Any]] = (), *,
+                  credentials: grpc.ChannelCredentials | None = None) -> list[grpc.Channel]:
+    """``count`` channels to ``target`` with the SDK's settings (TLS with ``credentials``); each
+    has its own connection when ``count`` > 1."""
     extra = list(options)
     if count > 1:
         extra.append(("grpc.use_local_subchannel_pool", 1))
-    return [create_channel(target, options=extra) for _ in range(count)]
+    return [create_channel(target, credentials=credentials, options=extra) for _ in range(count)]
 
 
 class Progress:

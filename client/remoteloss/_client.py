@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import grpc
 
 from remoteloss._calls import plan_loss, plan_value_and_grad, warn
-from remoteloss._channel import create_aio_channel, create_channel
+from remoteloss._channel import Pem, api_key_metadata, create_aio_channel, create_channel, tls_credentials
 from remoteloss._errors import _error_from_rpc
 from remoteloss._losses import LossMethods
 from remoteloss.v1 import loss_pb2 as pb
@@ -101,10 +101,24 @@ class _ClientBase(LossMethods):
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         metadata: Sequence[tuple[str, str | bytes]] = (),
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_cert: Pem | None = None,
+        client_key: Pem | None = None,
     ) -> None:
         self._target = target
         self._timeout = _check_timeout(timeout)
-        self._metadata = tuple(metadata)
+        credentials = tls_credentials(
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            credentials=credentials,
+        )
+        # Sent first with every call, also by with_options copies; never shown by repr.
+        self._auth_metadata = api_key_metadata(target, api_key, secure=credentials is not None)
+        self._metadata: tuple[tuple[str, str | bytes], ...] = (*self._auth_metadata, *metadata)
         self._connection = _Connection(target, credentials, options)
         self._owns_connection = True
 
@@ -132,7 +146,7 @@ class _ClientBase(LossMethods):
         if timeout is not _UNSET:
             clone._timeout = _check_timeout(timeout)
         if metadata is not _UNSET:
-            clone._metadata = tuple(metadata)
+            clone._metadata = (*self._auth_metadata, *metadata)
         return clone
 
     def __repr__(self) -> str:
@@ -154,9 +168,13 @@ class Client(_ClientBase):
     numpy arrays out; any torch tensor in gives a torch tensor out, on the first tensor's
     device, with a ``grad_fn`` when an input requires grad. Every call has a deadline of
     ``timeout`` seconds (None: none); ``with_options`` makes a copy with another.
-    ``credentials`` (``grpc.ChannelCredentials``) select TLS; ``options`` are extra gRPC
-    channel arguments; ``metadata`` is sent with every call. Thread-safe. ``stream()`` sends
-    many calls at once on one ``ComputeStream``.
+    TLS: ``tls=True`` (the system's root certificates), or ``root_certificates`` (a CA bundle),
+    plus ``client_cert`` and ``client_key`` for mutual TLS, each PEM bytes or a file's path; or
+    ready-made ``credentials`` (``grpc.ChannelCredentials``). ``api_key`` (default:
+    ``$REMOTELOSS_API_KEY``) is sent as ``authorization: Bearer <key>`` with every call; without
+    TLS only to a loopback target (ValueError otherwise). ``options`` are extra gRPC channel
+    arguments; ``metadata`` is sent with every call. Thread-safe. ``stream()`` sends many calls
+    at once on one ``ComputeStream``.
     """
 
     def __init__(
@@ -167,8 +185,24 @@ class Client(_ClientBase):
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         metadata: Sequence[tuple[str, str | bytes]] = (),
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_cert: Pem | None = None,
+        client_key: Pem | None = None,
     ) -> None:
-        super().__init__(target, timeout=timeout, credentials=credentials, options=options, metadata=metadata)
+        super().__init__(
+            target,
+            timeout=timeout,
+            credentials=credentials,
+            options=options,
+            metadata=metadata,
+            api_key=api_key,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+        )
         self._connection.stub()  # the channel exists from the start, as with grpc's own clients
 
     def close(self) -> None:

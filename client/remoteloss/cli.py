@@ -3,8 +3,8 @@
 Each subcommand is a module named in ``COMMANDS`` with two functions,
 ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status). A module is imported only
 when its command runs (or its ``--help`` is asked for), so a command whose module is missing or
-needs an absent package leaves the others working. ``args.target`` and ``args.timeout`` are set
-for every command. ``run`` raises ``UsageError`` for bad usage (exit 2); a
+needs an absent package leaves the others working. ``args.target``, ``args.timeout`` and the
+connection's security settings (``connection(args)``: API key and TLS) are set for every command. ``run`` raises ``UsageError`` for bad usage (exit 2); a
 ``remoteloss.LossServiceError`` it lets through prints the server's status and message (exit 1).
 torch is never needed.
 """
@@ -17,11 +17,13 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from remoteloss._errors import LossServiceError
 
-__all__ = ["COMMANDS", "Command", "UsageError", "main"]
+__all__ = ["COMMANDS", "Command", "UsageError", "connection", "main"]
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 30.0
@@ -50,7 +52,7 @@ COMMANDS: dict[str, Command] = {
 }
 
 # Options taking a value, for finding the command word in argv before parsing.
-_VALUE_OPTIONS = ("--target", "--timeout")
+_VALUE_OPTIONS = ("--target", "--timeout", "--api-key", "--tls-ca", "--tls-cert", "--tls-key")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,6 +117,47 @@ def _connection_arguments(parser: argparse.ArgumentParser, *, suppress: bool) ->
         metavar="SECONDS",
         help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_S:g})",
     )
+    unset = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--api-key",
+        default=unset,
+        metavar="KEY",
+        help="API key, sent as 'authorization: Bearer KEY' (default: $REMOTELOSS_API_KEY, which keeps "
+        "it out of the process list)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="connect with TLS, trusting the system's root certificates",
+    )
+    parser.add_argument("--tls-ca", default=unset, metavar="FILE", help="PEM CA certificates to trust (implies --tls)")
+    parser.add_argument("--tls-cert", default=unset, metavar="FILE", help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", default=unset, metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def connection(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``Client`` keyword arguments of the connection flags (API key, TLS), files read.
+
+    Raises ``UsageError`` for an unreadable file, a certificate without its key, or an API key
+    that would travel in plaintext to a non-loopback target.
+    """
+    from remoteloss._channel import api_key_metadata
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    files = {}
+    for name, path in (("root_certificates", args.tls_ca), ("client_cert", args.tls_cert), ("client_key", args.tls_key)):
+        try:
+            files[name] = None if path is None else Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    tls = bool(args.tls or files["root_certificates"] is not None or files["client_cert"] is not None)
+    try:
+        api_key_metadata(args.target, args.api_key, secure=tls)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return {"api_key": args.api_key, "tls": tls, **files}
 
 
 def _timeout(text: str) -> float:

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _LITTLE = sys.byteorder == "little"
+_MAX_EXTENT = 2**63 - 1  # torch's limit on the product of a shape's sizes (zeros counted as ones)
 
 
 @dataclass(frozen=True)
@@ -118,12 +119,19 @@ def _encode_torch(tensor: torch.Tensor, name: str, requires_grad: bool | None) -
 
 
 def check_tensor(
-    message: pb.Tensor, name: str, *, max_elements: int | None = None, data: bytes | None = None
+    message: pb.Tensor,
+    name: str,
+    *,
+    max_elements: int | None = None,
+    max_dims: int | None = None,
+    data: bytes | None = None,
 ) -> DTypeInfo:
     """Check a message's dtype, shape and byte length; return its dtype info.
 
-    ``data`` is ``message.data`` when the caller has it already: each read of a bytes field
-    copies it, which for a large tensor costs time and memory.
+    ``max_elements`` and ``max_dims`` are optional limits on the element count and the rank. A
+    shape whose sizes, with zeros counted as ones, multiply past 2**63 - 1 is rejected as torch
+    rejects it. ``data`` is ``message.data`` when the caller has it already: each read of a bytes
+    field copies it, which for a large tensor costs time and memory.
     """
     info = DTYPES.get(message.dtype)
     if info is None:
@@ -131,8 +139,12 @@ def check_tensor(
             raise ValueError(f"{name}: dtype is unset (DTYPE_UNSPECIFIED)")
         raise ValueError(f"{name}: unknown dtype value {message.dtype}")
     shape = tuple(message.shape)
+    if max_dims is not None and len(shape) > max_dims:
+        raise ValueError(f"{name}: shape has {len(shape)} dimensions, more than the limit of {max_dims}")
     if any(size < 0 for size in shape):
         raise ValueError(f"{name}: shape {list(shape)} has a negative size")
+    if math.prod(max(size, 1) for size in shape) > _MAX_EXTENT:
+        raise ValueError(f"{name}: shape {list(shape)} is too large: its sizes multiply past 2**63 - 1")
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:
         raise ValueError(f"{name}: {numel} elements exceed the limit of {max_elements}")
@@ -163,15 +175,18 @@ def decode_numpy(message: pb.Tensor, name: str = "tensor") -> np.ndarray[Any, An
     return np.frombuffer(data, dtype=info.numpy).reshape(shape)
 
 
-def decode_torch(message: pb.Tensor, name: str = "tensor", *, max_elements: int | None = None) -> torch.Tensor:
+def decode_torch(
+    message: pb.Tensor, name: str = "tensor", *, max_elements: int | None = None, max_dims: int | None = None
+) -> torch.Tensor:
     """Decode to a CPU torch tensor of the message's dtype, without per-element work.
 
     The tensor owns a copy of the bytes, so it is writable and outlives the message.
+    ``max_elements`` and ``max_dims`` are as in ``check_tensor``.
     """
     import torch
 
     data = message.data
-    info = check_tensor(message, name, max_elements=max_elements, data=data)
+    info = check_tensor(message, name, max_elements=max_elements, max_dims=max_dims, data=data)
     dtype = getattr(torch, info.name)
     shape = tuple(message.shape)
     if not data:

@@ -25,12 +25,14 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from remoteloss_server import __version__, allocator, workers
+from remoteloss_server import __version__, allocator, auth, workers
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.executor import Executor
+from remoteloss_server.limits import Admission
 from remoteloss_server.metrics import Metrics, MetricsHTTPServer, serve_http
 from remoteloss_server.servicer import SERVICE_NAME, LossServicer, add_to_server
+from remoteloss_server.telemetry import quote
 
 __all__ = ["SERVICE_NAME", "ServerThread", "StartupError", "WorkerError", "serve"]
 
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
 
@@ -73,6 +76,7 @@ class _Running:
 
 async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     logger.info("event=start version=%s torch=%s device=%s", __version__, torch.__version__, config.device)
+    keys, credentials = _security(config)
     try:
         executor = Executor(config.device, config.torch_threads)
     except ValueError as exc:
@@ -80,6 +84,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     pool = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="remoteloss-compute")
     limit = config.max_message_bytes
     server = grpc.aio.server(
+        interceptors=[] if keys is None else [auth.ApiKeyInterceptor(keys)],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -96,18 +101,30 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         metrics,
         batching=config.batching,
         max_batch_size=config.max_batch_size,
-        max_batch_elements=config.max_batch_elements,
+        max_batch_elements=config.max_batch_elements or executor.default_batch_elements,
         max_batch_delay_s=config.max_batch_delay_s,
         concurrency=config.compute_threads,
     )
-    add_to_server(LossServicer(executor, pool, metrics, worker=worker, batcher=batcher), server)
+    add_to_server(
+        LossServicer(
+            executor,
+            pool,
+            metrics,
+            worker=worker,
+            batcher=batcher,
+            max_elements=config.max_elements,
+            max_request_elements=config.max_request_elements,
+            admission=Admission(config.max_in_flight, config.max_in_flight_bytes),
+        ),
+        server,
+    )
     health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         pool.shutdown()
         raise StartupError(f"cannot bind {address}: {exc}") from None
@@ -127,11 +144,32 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    tls = "off" if credentials is None else "mutual" if config.tls_client_ca else "on"
     logger.info(
-        "event=ready address=%s:%d device=%s metrics=%s reflection=%s",
-        config.host, port, executor.device, metrics_address, config.reflection,
+        "event=ready address=%s:%d device=%s metrics=%s reflection=%s tls=%s auth=%s",
+        config.host, port, executor.device, metrics_address, config.reflection, tls,
+        "off" if keys is None else f"api_keys tenants={len(keys.tenants)}",
     )
+    if keys is None and config.host not in _LOOPBACK_HOSTS:
+        logger.warning(
+            "event=open_access address=%s:%d note=%s", config.host, port,
+            quote("no API keys: anyone who can reach this address may call the service (--api-keys-file, --tls-cert)"),
+        )
     return _Running(server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher)
+
+
+def _security(config: ServerConfig) -> tuple[auth.KeyTable | None, grpc.ServerCredentials | None]:
+    """The API keys (None: open) and TLS credentials (None: plaintext); StartupError for unusable ones."""
+    try:
+        keys = auth.load_keys(config.api_keys_file, config.api_keys)
+    except (OSError, ValueError) as exc:  # the messages name the file and entry, never a key
+        raise StartupError(f"API keys: {exc}") from None
+    if config.tls_cert is None or config.tls_key is None:
+        return keys, None
+    try:
+        return keys, auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"TLS: {exc}") from None
 
 
 def serve(config: ServerConfig, *, worker: int | None = None) -> None:

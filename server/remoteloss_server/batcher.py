@@ -10,6 +10,9 @@ rest for the next one. Calls whose caller went away are dropped, and calls whose
 passed fail with DEADLINE_EXCEEDED, both before anything is computed. ``close()`` refuses new
 calls (UNAVAILABLE), computes everything queued and returns when the last batch is done.
 
+A batch of at most ``executor.inline_elements`` tensor elements (a small batch on a CPU) is
+computed on the event loop itself: it takes less time than the hop to a compute thread and back.
+
 With ``batching=False`` each call is its own batch. Batch keys and the batched computation
 come from each loss's ``BatchRule`` (``losses.batching``) and ``Executor.run_batch``.
 """
@@ -24,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor as Pool
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -36,6 +39,8 @@ from remoteloss_server.metrics import Metrics
 __all__ = ["Batcher", "Runner"]
 
 logger = logging.getLogger(__name__)
+
+_PLAN_INLINE_ELEMENTS = 2**20
 
 
 class Runner(Protocol):
@@ -97,6 +102,9 @@ class Batcher:
         self._slots: asyncio.Semaphore | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
+        # Batches this small compute on the event loop (0: never); a runner without the attribute never.
+        self._inline_elements = int(getattr(executor, "inline_elements", 0))
+        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}  # metrics' label children by loss
 
     @property
     def queued(self) -> int:
@@ -133,11 +141,18 @@ class Batcher:
         if self._closed or self._loop_task is None or self._wakeup is None:
             raise UnavailableError("the server is shutting down" if self._closed else "the batcher is not running")
         rule = LOSSES[call.loss].batch if self._batching else None
-        plan = rule.plan(call) if rule is not None else None
+        plan = None
+        if rule is not None:  # a large call's key (digests of shared tensors) is made off the loop
+            large = sum(t.numel() for t in call.tensors.values()) > _PLAN_INLINE_ELEMENTS
+            plan = await asyncio.to_thread(rule.plan, call) if large else rule.plan(call)
+            if self._closed:
+                raise UnavailableError("the server is shutting down")
         seq = next(self._seq)
         key: Hashable = plan.key if plan is not None else ("alone", seq)
         elements = plan.elements if plan is not None else sum(t.numel() for t in call.tensors.values())
-        item = _Item(Job(call, grad_output, plan), elements, deadline, self.clock(), asyncio.get_running_loop().create_future())
+        item = _Item(
+            Job(call, grad_output, plan), elements, deadline, self.clock(), asyncio.get_running_loop().create_future()
+        )
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group(seq)
@@ -145,7 +160,21 @@ class Batcher:
         group.elements += elements
         self._metrics.queue_depth.inc()
         self._wakeup.set()
-        return await item.future  # a cancelled caller cancels the future; the loop then skips it
+        try:
+            return await item.future
+        except asyncio.CancelledError:  # the caller went away: free its place in the queue now
+            self._forget(key, group, item)
+            raise
+
+    def _forget(self, key: Hashable, group: _Group, item: _Item) -> None:
+        """Take a cancelled call out of the queue, unless a batch has taken it already."""
+        if self._groups.get(key) is not group or item not in group.items:
+            return
+        group.items.remove(item)
+        group.elements -= item.elements
+        self._metrics.queue_depth.dec()
+        if not group.items:
+            del self._groups[key]
 
     # ------------------------------------------------------------------------ the loop
 
@@ -161,6 +190,9 @@ class Batcher:
             if batch is None:
                 self._slots.release()
                 return
+            if self._inline_elements and sum(item.elements for item in batch) <= self._inline_elements:
+                self._compute_inline(batch)
+                continue
             task = asyncio.create_task(self._compute(batch))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
@@ -175,8 +207,9 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            key, group = min(self._groups.items(), key=lambda entry: entry[1].seq)
-            if self._delay > 0 and not self._closed and not self._full(group):
+            full = [entry for entry in self._groups.items() if self._full(entry[1])]
+            key, group = min(full or self._groups.items(), key=lambda entry: entry[1].seq)
+            if self._delay > 0 and not self._closed and not full:
                 wait = group.items[0].enqueued + self._delay - self.clock()
                 if wait > 0:
                     self._wakeup.clear()
@@ -219,30 +252,66 @@ class Batcher:
             group.seq = next(self._seq)  # the rest waits behind the groups queued meanwhile
         return batch
 
-    async def _compute(self, batch: list[_Item]) -> None:
-        assert self._slots is not None
+    def _observe(self, batch: list[_Item]) -> Any:
+        """Record the batch's queue metrics; return the compute-duration histogram's child."""
         loss = batch[0].job.call.loss
+        children = self._children.get(loss)
+        if children is None:
+            m = self._metrics
+            children = self._children[loss] = (
+                m.queue_duration.labels(loss), m.batch_requests.labels(loss),
+                m.batch_elements.labels(loss), m.compute_duration.labels(loss, self._device),
+            )
+        queue_duration, batch_requests, batch_elements, compute_duration = children
         started = self.clock()
         for item in batch:
-            self._metrics.queue_duration.labels(loss).observe(max(0.0, started - item.enqueued))
-        self._metrics.batch_requests.labels(loss).observe(len(batch))
-        self._metrics.batch_elements.labels(loss).observe(sum(item.elements for item in batch))
+            queue_duration.observe(max(0.0, started - item.enqueued))
+        batch_requests.observe(len(batch))
+        batch_elements.observe(sum(item.elements for item in batch))
+        return compute_duration
+
+    async def _compute(self, batch: list[_Item]) -> None:
+        assert self._slots is not None
+        compute_duration = self._observe(batch)
         jobs = [item.job for item in batch]
         begin = time.perf_counter()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._pool, self._executor.run_batch, jobs)
-        except Exception as exc:  # a bug or a CUDA error: every call of the batch fails with it
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
-        finally:
-            self._metrics.compute_duration.labels(loss, self._device).observe(time.perf_counter() - begin)
-            self._slots.release()
-        for item, result in zip(batch, results, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
+            try:
+                results = await asyncio.get_running_loop().run_in_executor(self._pool, self._executor.run_batch, jobs)
+            finally:
+                compute_duration.observe(time.perf_counter() - begin)
+                self._slots.release()
+            _resolve(batch, results)
+        except Exception as exc:  # noqa: BLE001 - a bug or a CUDA error: every call of the batch gets it
+            _fail(batch, exc)
+
+    def _compute_inline(self, batch: list[_Item]) -> None:
+        """``_compute`` on the event loop, for a batch too small to be worth a thread hop."""
+        assert self._slots is not None
+        compute_duration = self._observe(batch)
+        begin = time.perf_counter()
+        try:
+            try:
+                results = self._executor.run_batch([item.job for item in batch])
+            finally:
+                compute_duration.observe(time.perf_counter() - begin)
+                self._slots.release()
+            _resolve(batch, results)
+        except Exception as exc:  # noqa: BLE001 - as in _compute
+            _fail(batch, exc)
+
+
+def _resolve(batch: list[_Item], results: Sequence[Result | ServiceError]) -> None:
+    for item, result in zip(batch, results, strict=True):
+        if item.future.done():
+            continue
+        if isinstance(result, BaseException):
+            item.future.set_exception(result)
+        else:
+            item.future.set_result(result)
+
+
+def _fail(batch: list[_Item], exc: Exception) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(exc)

@@ -3,7 +3,8 @@
 Every setting is a flag and an environment variable ``REMOTELOSS_<FLAG>`` (``--torch-threads``
 -> ``REMOTELOSS_TORCH_THREADS``); a flag wins over the environment, which wins over the default.
 ``--grace-period`` sets ``shutdown_grace_s``, so ``REMOTELOSS_SHUTDOWN_GRACE_S`` works too; likewise
-``--max-batch-delay`` and ``REMOTELOSS_MAX_BATCH_DELAY_S``.
+``--max-batch-delay`` and ``REMOTELOSS_MAX_BATCH_DELAY_S``. API keys themselves come only from the
+environment (``REMOTELOSS_API_KEYS``) or a file (``--api-keys-file``), never from a flag.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = ["main"]
 
 PROG = "remoteloss-server"
 _ENV_PREFIX = "REMOTELOSS_"
+_API_KEYS_ENV = _ENV_PREFIX + "API_KEYS"  # "tenant:key" entries, separated by commas or newlines
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ _SETTINGS = (
     _Setting("reflection", "reflection", boolean, "", "turn off gRPC server reflection", switch=True),
     _Setting("batching", "batching", boolean, "", "turn off dynamic batching: each request alone", switch=True),
     _Setting("max-batch-size", "max_batch_size", int, "N", "requests in one batch"),
-    _Setting("max-batch-elements", "max_batch_elements", int, "N", "tensor elements in one batch"),
+    _Setting("max-batch-elements", "max_batch_elements", int, "N", "tensor elements in one batch; 0 picks by device"),
     _Setting(
         "max-batch-delay",
         "max_batch_delay_s",
@@ -77,6 +79,37 @@ _SETTINGS = (
         "SECONDS",
         "how long a batch may wait for more requests; 0 takes only what queued meanwhile",
         aliases=(_ENV_PREFIX + "MAX_BATCH_DELAY_S",),
+    ),
+    _Setting(
+        "max-elements", "max_elements", int, "N", "tensor elements one request may make the server hold"
+    ),
+    _Setting(
+        "max-request-elements",
+        "max_request_elements",
+        int,
+        "N",
+        "tensor elements one request may declare, summed over its tensors",
+    ),
+    _Setting("max-in-flight", "max_in_flight", int, "N", "requests queued or computing; more are RESOURCE_EXHAUSTED"),
+    _Setting(
+        "max-in-flight-bytes",
+        "max_in_flight_bytes",
+        int,
+        "BYTES",
+        "request bytes queued or computing; more are RESOURCE_EXHAUSTED",
+    ),
+    _Setting(
+        "api-keys-file",
+        "api_keys_file",
+        str,
+        "FILE",
+        "require an API key on every call but health checks: lines 'tenant:key' (keys may also come in "
+        f"{_ENV_PREFIX}API_KEYS)",
+    ),
+    _Setting("tls-cert", "tls_cert", str, "FILE", "PEM certificate chain: serve TLS (with --tls-key)"),
+    _Setting("tls-key", "tls_key", str, "FILE", "PEM private key of --tls-cert"),
+    _Setting(
+        "tls-client-ca", "tls_client_ca", str, "FILE", "PEM CA certificates: require client certificates they signed"
     ),
     _Setting(
         "malloc-mmap-threshold-bytes",
@@ -99,7 +132,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
-    parser = _Parser(prog=PROG, description="Serve every torch.nn loss over gRPC.")
+    # No abbreviations: "--api-keys alice:KEY" must not pass for --api-keys-file (and echo the key).
+    parser = _Parser(prog=PROG, description="Serve every torch.nn loss over gRPC.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for s in _SETTINGS:
         if s.switch:
@@ -131,6 +165,8 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
             except ValueError:
                 raise _UsageError(f"{name}: invalid {s.parse.__name__} value {environ[name]!r}") from None
         values[s.field] = value
+    if _API_KEYS_ENV in environ:  # no flag: a command line is visible to every user of the machine
+        values["api_keys"] = environ[_API_KEYS_ENV]
     config = ServerConfig(**values)
     config.validate()
     return config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["LOG_LEVELS", "ServerConfig"]
 
@@ -36,8 +36,26 @@ class ServerConfig:
     malloc_mmap_threshold_bytes: int = 256 * 1024 * 1024
     batching: bool = True  # compute queued requests of one loss, options and shapes as one batch
     max_batch_size: int = 64  # requests in one batch
-    max_batch_elements: int = 2**24  # tensor elements in one batch (one request may exceed it alone)
+    # Tensor elements in one batch (one request may exceed it alone); 0: by device, 2**18 on a CPU
+    # (where larger batches fall out of cache and are slower than calls alone), 2**24 on a GPU.
+    max_batch_elements: int = 0
     max_batch_delay_s: float = 0.0  # how long a batch may wait for more requests; 0: only what queued meanwhile
+    # Tensor elements a request may declare, summed over all its tensors and read from their
+    # shapes before anything is decoded (a 1-byte dtype packs 2**29 elements in 512 MiB).
+    max_request_elements: int = 2**28
+    # Requests accepted and not yet answered (queued or computing), by count and by request bytes;
+    # past either, a request fails at once with RESOURCE_EXHAUSTED. One request is always admitted.
+    max_in_flight: int = 1024
+    max_in_flight_bytes: int = 2 * 1024**3
+    # Tensor elements one request may make the server hold: each tensor it sends and each that its
+    # arguments imply (a broadcast, linear_cross_entropy's logits, ctc_loss's alignment table).
+    max_elements: int = 2**30
+    # Security (README, "Security"); all off by default. API keys: "tenant:key" entries.
+    api_keys_file: str | None = None  # a file of API keys; with it (or api_keys) every call needs a key
+    api_keys: str | None = field(default=None, repr=False)  # keys themselves (REMOTELOSS_API_KEYS); never logged
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, the port serves TLS only
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA certificates: clients must present a certificate they signed
 
     def validate(self) -> None:
         """Raise ValueError, with a one-line message naming the setting, if any is invalid."""
@@ -70,10 +88,22 @@ class ServerConfig:
             raise ValueError(f"metrics_port must be in [0, 65535] (0 turns /metrics off), got {self.metrics_port}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_batch_elements < 1:
-            raise ValueError(f"max_batch_elements must be >= 1, got {self.max_batch_elements}")
+        if self.max_batch_elements < 0:
+            raise ValueError(f"max_batch_elements must be >= 0 (0 picks by device), got {self.max_batch_elements}")
         if not (math.isfinite(self.max_batch_delay_s) and 0 <= self.max_batch_delay_s <= 1):
             raise ValueError(f"max_batch_delay_s must be in [0, 1] seconds, got {self.max_batch_delay_s}")
+        if self.max_elements < 1:
+            raise ValueError(f"max_elements must be >= 1, got {self.max_elements}")
+        for name in ("max_request_elements", "max_in_flight", "max_in_flight_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both to serve TLS, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must not be empty")
         if self.metrics_host == "":
             raise ValueError("metrics_host must not be empty")
         if self.metrics_port and self.metrics_port + self.workers - 1 > 65535:

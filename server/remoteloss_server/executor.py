@@ -1,7 +1,7 @@
 """Runs prepared calls on the device: one alone, or a batch of them as one computation.
 
-``Executor.run`` and ``Executor.run_batch`` block; they run on a compute thread, never on the
-event loop. This is the only module that picks a device or calls CUDA APIs. On a GPU, host
+``Executor.run`` and ``Executor.run_batch`` block; they run on a compute thread, except a CPU
+batch of at most ``inline_elements`` elements, which the batcher computes on the event loop. This is the only module that picks a device or calls CUDA APIs. On a GPU, host
 tensors are staged in pinned memory and copied without blocking, a batch synchronises once
 (when its results are copied back), and a batch that runs out of memory is split in halves
 and retried, down to single calls, which then fail alone with RESOURCE_EXHAUSTED.
@@ -79,6 +79,21 @@ class Executor:
         if self.device.type == "cuda":
             torch.empty(0, device=self.device)  # create the CUDA context now, not on the first request
 
+    @property
+    def default_batch_elements(self) -> int:
+        """The batch size, in tensor elements, that pays on this device. On a CPU, batches larger
+        than about 2**18 elements fall out of cache and compute slower than their calls alone;
+        on a GPU, batching pays until kernels are large enough to hide their launch."""
+        return 2**24 if self.device.type == "cuda" else 2**18
+
+    @property
+    def inline_elements(self) -> int:
+        """Batches of at most this many tensor elements are computed on the caller's thread (the
+        event loop) rather than on a compute thread: on a CPU a batch that small computes in less
+        time than the hop to a thread and back costs (about 0.1 ms on loopback). 0 on a GPU, whose
+        synchronisation would block the event loop."""
+        return 2**16 if self.device.type == "cpu" else 0
+
     def memory_reserved(self) -> int:
         """Bytes torch's caching allocator holds on this device; 0 on the CPU. Thread-safe."""
         return int(torch.cuda.memory_reserved(self.device)) if self.device.type == "cuda" else 0
@@ -139,16 +154,16 @@ class Executor:
         first = jobs[0].call
         rule = LOSSES[first.loss].batch
         assert rule is not None
-        stack = rule.stack([job.plan for job in jobs if job.plan is not None])
-        tensors = self._to_device(stack.tensors)
-        leaves = [tensors[name] for name in first.requires_grad]
         with record() as texts:
             try:
+                stack = rule.stack([job.plan for job in jobs if job.plan is not None], empty=self._empty_host)
+                tensors = self._to_device(stack.tensors)
+                leaves = [tensors[name] for name in first.requires_grad]
                 with torch.enable_grad() if leaves else torch.inference_mode():
                     for leaf in leaves:
                         leaf.requires_grad_(True)
                     unreduced = first.function(**tensors, **stack.options)
-                    losses = [stack.reduce(i, unreduced, tensors) for i in range(len(jobs))]
+                    losses = stack.reduce(unreduced, tensors)
                     gradients = self._batch_gradients(jobs, stack, leaves, losses) if leaves else [{}] * len(jobs)
                 flat = []
                 for loss, grads in zip(losses, gradients, strict=True):
@@ -180,7 +195,8 @@ class Executor:
     ) -> list[dict[str, torch.Tensor] | ServiceError]:
         """Each job's gradients, from one backward pass over every job whose grad_output fits."""
         names = jobs[0].call.requires_grad
-        outputs, seeds, answers = [], [], []
+        outputs, seeds = [], []
+        answers: list[InvalidArgumentError | None] = []
         for job, loss in zip(jobs, losses, strict=True):
             try:
                 seeds.append(self._grad_output(job.call, job.grad_output, loss))
@@ -243,6 +259,10 @@ class Executor:
             return pinned.to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
+    def _empty_host(self, shape: Sequence[int], *, dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor to fill: pinned when it is bound for a GPU."""
+        return torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+
     def _to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: self._stage(tensor) for name, tensor in tensors.items()}
 
@@ -252,7 +272,7 @@ class Executor:
             return [t.detach() for t in tensors]
         copies = []
         for t in tensors:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host = self._empty_host(t.shape, dtype=t.dtype)
             host.copy_(t.detach(), non_blocking=True)
             copies.append(host)
         torch.cuda.current_stream(self.device).synchronize()

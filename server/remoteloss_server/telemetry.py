@@ -4,16 +4,18 @@ The servicer reads the request id from the call's metadata and echoes it; this m
 ``ServicerContext``. Log lines are ``key=value`` pairs (logfmt): values are bare when they hold no
 space, quote or ``=``, and JSON-quoted otherwise, e.g.
 ``event=request_failed request_id=4f1c... loss=mse_loss code=INVALID_ARGUMENT duration_ms=0.412 details="mse_loss: target is required"``.
+With API keys on, ``tenant=<name>`` (the caller's key's tenant, never the key) follows the request id.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 
 from google.protobuf.message import Message
@@ -22,11 +24,13 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.metrics import Metrics
 
-__all__ = ["REQUEST_ID_KEY", "RequestRecord", "loss_label", "quote", "request_id"]
+__all__ = ["REQUEST_ID_KEY", "TENANT", "RequestRecord", "loss_label", "quote", "request_id"]
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+# The caller's tenant, set by auth.ApiKeyInterceptor for the RPC's task; None when API keys are off.
+TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("remoteloss_tenant", default=None)
 _REQUEST_ID = re.compile(r"[\w.~:/+=-]{1,128}", re.ASCII)  # UUIDs, ULIDs, base64: bare in a log line
 _TENSOR = pb.Tensor.DESCRIPTOR.full_name
 _BARE = re.compile(r'[^\s"=\\]+')
@@ -40,7 +44,7 @@ def request_id(sent: str | None) -> str:
     otherwise a new random one (32 hex digits)."""
     if sent is not None and _REQUEST_ID.fullmatch(sent):
         return sent
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as uuid4().hex, without building a UUID
 
 
 def loss_label(request: object) -> str:
@@ -82,13 +86,14 @@ class RequestRecord:
         self.metrics = metrics
         self.request = request
         self.request_id = request_id
+        self.tenant = TENANT.get()
         self.loss = loss_label(request)
         self._clock = clock
         self._started = clock()
         self._finished = False
         metrics.in_flight.inc()
         if isinstance(request, Message):
-            metrics.request_bytes.labels(self.loss).observe(request.ByteSize())
+            metrics.child(metrics.request_bytes, self.loss).observe(request.ByteSize())
 
     def finish(self, code: str, response: Message | None = None, details: str = "") -> None:
         """Record the answer: ``code`` is a status code name ("OK" with the ``response``)."""
@@ -98,19 +103,21 @@ class RequestRecord:
         duration_s = self._clock() - self._started
         m, loss = self.metrics, self.loss
         m.in_flight.dec()
-        m.requests.labels(loss, code).inc()
-        m.request_duration.labels(loss, code).observe(duration_s)
+        m.child(m.requests, loss, code).inc()
+        m.child(m.request_duration, loss, code).observe(duration_s)
         if response is not None:
-            m.response_bytes.labels(loss).observe(response.ByteSize())
+            m.child(m.response_bytes, loss).observe(response.ByteSize())
             if isinstance(self.request, pb.ComputeRequest) and loss != "none" and loss != "unknown":
-                m.elements.labels(loss).inc(_elements(getattr(self.request, loss)))
+                m.child(m.elements, loss).inc(_elements(getattr(self.request, loss)))
+        who = "" if self.tenant is None else f" tenant={self.tenant}"  # tenant names are bare words
         if code == "OK":
             logger.debug(
-                "event=request request_id=%s loss=%s code=OK duration_ms=%.3f", self.request_id, loss, duration_s * 1e3
+                "event=request request_id=%s%s loss=%s code=OK duration_ms=%.3f",
+                self.request_id, who, loss, duration_s * 1e3,
             )
         else:
             logger.log(
                 _LEVELS.get(code, logging.INFO),
-                "event=request_failed request_id=%s loss=%s code=%s duration_ms=%.3f details=%s",
-                self.request_id, loss, code, duration_s * 1e3, quote(details),
+                "event=request_failed request_id=%s%s loss=%s code=%s duration_ms=%.3f details=%s",
+                self.request_id, who, loss, code, duration_s * 1e3, quote(details),
             )

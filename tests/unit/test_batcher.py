@@ -129,7 +129,9 @@ def test_what_queued_while_a_batch_computed_forms_the_next_batch() -> None:
     assert metrics.registry.get_sample_value("remoteloss_batch_elements_sum", {"loss": "mse_loss"}) == 4 * 9
     assert metrics.registry.get_sample_value("remoteloss_queue_duration_seconds_count", {"loss": "mse_loss"}) == 5
     assert (
-        metrics.registry.get_sample_value("remoteloss_compute_duration_seconds_count", {"loss": "mse_loss", "device": "cpu"})
+        metrics.registry.get_sample_value(
+            "remoteloss_compute_duration_seconds_count", {"loss": "mse_loss", "device": "cpu"}
+        )
         == 1
     )
     assert metrics.registry.get_sample_value("remoteloss_queue_depth") == 0

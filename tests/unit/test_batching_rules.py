@@ -21,7 +21,7 @@ from remoteloss import codec
 from remoteloss._request import build_request
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
 from remoteloss_server.executor import Executor, Job, Result
-from remoteloss_server.losses import LOSSES, Call
+from remoteloss_server.losses import LOSSES
 from remoteloss_server.losses.batching import BATCHED, PADDED, RAGGED, SHARED
 
 torch.set_num_threads(1)
@@ -150,7 +150,8 @@ def test_ctc_concatenated_targets() -> None:
 @pytest.mark.parametrize("reduction", ["batchmean", "mean"])
 def test_kl_div_divides_by_each_calls_batch_size(reduction: str) -> None:
     calls = [
-        {"input": randn(n, 4).log_softmax(1), "target": randn(n, 4).softmax(1), "reduction": reduction} for n in (1, 2, 5)
+        {"input": randn(n, 4).log_softmax(1), "target": randn(n, 4).softmax(1), "reduction": reduction}
+        for n in (1, 2, 5)
     ]
     results = check_batch("kl_div", calls, wrt=("input", "target"))
     assert bool(results[0].warnings) == (reduction == "mean")  # torch's words, from torch
@@ -267,9 +268,7 @@ def test_out_of_memory_splits_the_batch_then_fails_single_calls() -> None:
 
 def test_a_bad_grad_output_fails_only_its_call() -> None:
     calls = [job("mse_loss", ("input",), input=randn(2, 2), target=randn(2, 2), reduction="none") for _ in range(2)]
-    calls.append(
-        job("mse_loss", ("input",), randn(3), input=randn(2, 2), target=randn(2, 2), reduction="none")
-    )
+    calls.append(job("mse_loss", ("input",), randn(3), input=randn(2, 2), target=randn(2, 2), reduction="none"))
     results = EXECUTOR._batched(calls)
     assert results is not None
     assert isinstance(results[0], Result) and isinstance(results[1], Result)

@@ -27,6 +27,11 @@ ENV_NAMES = (
     "REMOTELOSS_METRICS_HOST",
     "REMOTELOSS_REFLECTION",
     "REMOTELOSS_WORKERS",
+    "REMOTELOSS_BATCHING",
+    "REMOTELOSS_MAX_BATCH_SIZE",
+    "REMOTELOSS_MAX_BATCH_ELEMENTS",
+    "REMOTELOSS_MAX_BATCH_DELAY",
+    "REMOTELOSS_MAX_BATCH_DELAY_S",
 )
 
 
@@ -230,3 +235,39 @@ def test_help_lists_operations_flags(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     for flag in ("--metrics-port", "--metrics-host", "--no-reflection", "REMOTELOSS_METRICS_PORT", "default 9464"):
         assert flag in out
+
+
+def test_batching_defaults() -> None:
+    config = ServerConfig()
+    assert (config.batching, config.max_batch_size, config.max_batch_elements) == (True, 64, 0)
+    assert config.max_batch_delay_s == 0.0
+
+
+@pytest.mark.parametrize(
+    ("change", "setting"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_batch_elements": -1}, "max_batch_elements"),
+        ({"max_batch_delay_s": -0.001}, "max_batch_delay_s"),
+        ({"max_batch_delay_s": 2.0}, "max_batch_delay_s"),
+        ({"max_batch_delay_s": float("inf")}, "max_batch_delay_s"),
+    ],
+)
+def test_validate_rejects_batching_settings(change: dict[str, Any], setting: str) -> None:
+    with pytest.raises(ValueError, match=f"^{setting}"):
+        ServerConfig(**change).validate()
+
+
+def test_batching_flags_and_environment(served: list[ServerConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["--no-batching", "--max-batch-size=8", "--max-batch-elements=1000", "--max-batch-delay=0.005"]
+    assert cli.main(argv) == 0
+    expected = ServerConfig(batching=False, max_batch_size=8, max_batch_elements=1000, max_batch_delay_s=0.005)
+    assert served[-1] == expected
+    monkeypatch.setenv("REMOTELOSS_BATCHING", "off")
+    monkeypatch.setenv("REMOTELOSS_MAX_BATCH_SIZE", "16")
+    monkeypatch.setenv("REMOTELOSS_MAX_BATCH_DELAY_S", "0.01")
+    assert cli.main([]) == 0
+    assert (served[-1].batching, served[-1].max_batch_size, served[-1].max_batch_delay_s) == (False, 16, 0.01)
+    monkeypatch.setenv("REMOTELOSS_MAX_BATCH_DELAY", "0.02")  # spelled like the flag, it wins over the alias
+    assert cli.main(["--batching"]) == 0  # a flag wins over the environment
+    assert (served[-1].batching, served[-1].max_batch_delay_s) == (True, 0.02)

@@ -23,7 +23,7 @@ from remoteloss import codec
 from remoteloss._client import Client
 from remoteloss._errors import InternalServerError
 from remoteloss._request import LOSS_NAMES, tensor_names
-from remoteloss.cli import UsageError
+from remoteloss.cli import UsageError, connection
 from remoteloss.v1 import loss_pb2 as pb
 
 __all__ = ["add_arguments", "build_request", "parse_option", "run"]
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     request, wrt = build_request(args.loss, args.arg, args.opt, args.grad, args.grad_output)
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, timeout=args.timeout, **connection(args)) as client:
         response = client._compute_rpc(request)
     for text in response.warnings:
         print(f"remoteloss: warning: {text}", file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from remoteloss._channel import create_channel
+from remoteloss._channel import create_channel, tls_credentials
 from remoteloss._errors import _error_from_rpc
 
 __all__ = ["add_arguments", "check", "run"]
@@ -31,19 +31,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    status = check(args.target, service=args.service, timeout=args.timeout)
+    from remoteloss.cli import connection
+
+    settings = connection(args)  # the health service needs no API key, but TLS if the server has it
+    credentials = tls_credentials(
+        tls=settings["tls"],
+        root_certificates=settings["root_certificates"],
+        client_cert=settings["client_cert"],
+        client_key=settings["client_key"],
+    )
+    status = check(args.target, service=args.service, timeout=args.timeout, credentials=credentials)
     print(status)
     return 0 if status == "SERVING" else 1
 
 
-def check(target: str, *, service: str = "", timeout: float | None = 30.0) -> str:
+def check(
+    target: str,
+    *,
+    service: str = "",
+    timeout: float | None = 30.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> str:
     """The serving status the server reports for ``service``: "SERVING", "NOT_SERVING", ...
+    (``credentials``: TLS, as for ``Client``; health checks need no API key).
 
     A service the server does not know gives "SERVICE_UNKNOWN"; a failed call raises the
     client's exception for its status (``ServiceUnavailableError`` when no server answers).
     """
     request_class, response_class = _messages()
-    with create_channel(target) as channel:
+    with create_channel(target, credentials=credentials) as channel:
         call = channel.unary_unary(
             _METHOD,
             request_serializer=lambda message: message.SerializeToString(),

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from google.protobuf import json_format
 
 from remoteloss._client import Client
-from remoteloss.cli import UsageError
+from remoteloss.cli import UsageError, connection
 from remoteloss.v1 import loss_pb2 as pb
 
 __all__ = ["add_arguments", "run"]
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, timeout=args.timeout, **connection(args)) as client:
         losses = list(client.list_losses().losses)
     if args.name is not None:
         losses = [info for info in losses if info.name == args.name]

@@ -7,8 +7,8 @@ and how one call's slice of the unreduced loss is reduced exactly as torch reduc
 - ``rule.plan(call)`` -> ``Plan`` (grouping key, size, the call's own reduction and torch's
   warnings for it), or None where the call must run alone.
 - ``rule.stack(plans)`` -> ``Stack``: the batch's arguments, concatenated on the host.
-- ``stack.reduce(i, loss, tensors)``: the i-th call's loss from the batch's unreduced loss;
-  ``stack.piece(i, name, tensor)``: its share of a batched tensor (e.g. a gradient).
+- ``stack.reduce(loss, tensors)``: each call's loss from the batch's unreduced loss;
+  ``stack.piece(i, name, tensor)``: call i's share of a batched tensor (e.g. a gradient).
 
 A call without a batch dimension (torch's "unbatched" shapes) joins a batch as one sample: its
 tensors are unsqueezed, and its share is squeezed back. Calls run alone where re-reducing
@@ -47,6 +47,7 @@ _MAX_SHARED_ELEMENTS = 2**22  # larger shared tensors (a vocabulary-sized linear
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 Mean = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, Any]], torch.Tensor]
+Empty = Callable[..., torch.Tensor]
 
 
 class _Unbatchable(Exception):
@@ -112,11 +113,13 @@ class BatchRule:
         if reference.dim() < self.unbatched_rank:
             raise _Unbatchable  # torch rejects it; let it say so alone
         unbatched = reference.dim() == self.unbatched_rank
-        tensors = {name: self._with_batch_dim(name, t, reference) if unbatched else t for name, t in call.tensors.items()}
+        tensors = {
+            name: self._with_batch_dim(name, t, reference) if unbatched else t for name, t in call.tensors.items()
+        }
         reference = tensors[self.reference]
         size = reference.shape[self._dim(self.reference)]
         roles = {name: self._role(name, t, reference, size) for name, t in tensors.items()}
-        arguments = []
+        arguments: list[tuple[Any, ...]] = []
         for name, role in sorted(roles.items()):
             t = tensors[name]
             if role == SHARED:
@@ -170,19 +173,23 @@ class BatchRule:
             raise _Unbatchable
         return BATCHED
 
-    def stack(self, plans: Sequence[Plan]) -> Stack:
-        """The batch's arguments on the host: every call's, concatenated; shared ones once."""
+    def stack(self, plans: Sequence[Plan], empty: Empty = torch.empty) -> Stack:
+        """The batch's arguments on the host: every call's, concatenated into tensors made by
+        ``empty(shape, dtype=...)`` (the executor's pinned memory on a GPU); shared ones once."""
         first = plans[0]
         tensors = {}
         for name, role in first.roles.items():
             parts = [plan.tensors[name] for plan in plans]
             if role == SHARED:
                 tensors[name] = parts[0]
-            elif role == PADDED:
-                width = max(t.shape[1] for t in parts)
-                tensors[name] = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in parts])
-            else:
-                tensors[name] = torch.cat(parts, dim=self._dim(name) if role == BATCHED else 0)
+                continue
+            dim = self._dim(name) if role == BATCHED else 0
+            shape = list(parts[0].shape)
+            shape[dim] = sum(t.shape[dim] for t in parts)
+            if role == PADDED:
+                shape[1] = max(t.shape[1] for t in parts)
+                parts = [F.pad(t, (0, shape[1] - t.shape[1])) if t.shape[1] < shape[1] else t for t in parts]
+            tensors[name] = torch.cat(parts, dim=dim, out=empty(shape, dtype=parts[0].dtype))
         offsets, total = [], 0
         for plan in plans:
             offsets.append(total)
@@ -209,35 +216,44 @@ class Stack:
         part = tensor.narrow(dim, self.offsets[i], self.plans[i].size)
         return part.squeeze(dim) if self.plans[i].unbatched else part
 
-    def reduce(self, i: int, loss: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Call i's loss from the batch's unreduced ``loss``, computed from ``tensors``."""
-        plan = self.plans[i]
-        share = loss.narrow(0, self.offsets[i], plan.size)
-        if plan.reduction == "none":
-            return share.squeeze(0) if plan.unbatched else share
-        if plan.reduction == "sum":
-            return share.sum()
-        if plan.reduction == "batchmean":  # kl_div: the sum over the call's batch size
-            return share.sum() / plan.size
-        parts = {
-            name: tensors[name].narrow(self.rule._dim(name), self.offsets[i], plan.size)
-            for name, role in plan.roles.items()
-            if role in (BATCHED, PADDED)
-        }
-        parts.update((name, tensors[name]) for name, role in plan.roles.items() if role == SHARED)
-        return self.rule.mean(share, parts, self.options)
+    def reduce(self, loss: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Each call's loss from the batch's unreduced ``loss``, computed from ``tensors``.
+
+        The shares come from one ``split`` per tensor (not a slice per call), so that backward
+        assembles each gradient once instead of once per call.
+        """
+        sizes = [plan.size for plan in self.plans]
+        shares = loss.split_with_sizes(sizes)
+        parts: dict[str, Sequence[torch.Tensor]] = {}
+        if any(plan.reduction == "mean" for plan in self.plans):
+            for name, role in self.plans[0].roles.items():
+                if role in (BATCHED, PADDED):
+                    parts[name] = tensors[name].split_with_sizes(sizes, self.rule._dim(name))
+                elif role == SHARED:
+                    parts[name] = [tensors[name]] * len(sizes)
+        losses = []
+        for i, (plan, share) in enumerate(zip(self.plans, shares, strict=True)):
+            if plan.reduction == "none":
+                losses.append(share.squeeze(0) if plan.unbatched else share)
+            elif plan.reduction == "sum":
+                losses.append(share.sum())
+            elif plan.reduction == "batchmean":  # kl_div: the sum over the call's batch size
+                losses.append(share.sum() / plan.size)
+            else:
+                losses.append(self.rule.mean(share, {name: p[i] for name, p in parts.items()}, self.options))
+        return losses
 
 
 def _resolve_reduction(options: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
     """The reduction torch applies, and its deprecation warning where size_average/reduce are set."""
     reduction: str = options.get("reduction", "mean")
-    legacy = [options.get(name) for name in _LEGACY]
-    if all(value is None for value in legacy):
+    size_average, reduce = options.get("size_average"), options.get("reduce")
+    if size_average is None and reduce is None:
         return reduction, ()
     if reduction == "batchmean":  # kl_div divides the legacy reduction by the batch size, too
         raise _Unbatchable
     with record() as texts:
-        resolved = _reduction.legacy_get_string(*legacy)
+        resolved = _reduction.legacy_get_string(size_average, reduce)
     return resolved, tuple(texts)
 
 
@@ -248,7 +264,8 @@ def _without(shape: torch.Size, dim: int) -> tuple[int, ...]:
 def _digest(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().contiguous().reshape(-1)
     data = flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-    return hashlib.blake2b(data.numpy(), digest_size=16).digest()
+    buffer: Any = data.numpy()  # hashed in place, without a copy
+    return hashlib.blake2b(buffer, digest_size=16).digest()
 
 
 def _freeze(value: Any) -> Hashable:
@@ -293,9 +310,12 @@ def class_mean(loss: torch.Tensor, parts: Mapping[str, torch.Tensor], options: M
         return loss.mean()
     ignore_index = options.get("ignore_index")
     target = target.to(torch.int64)
-    kept = target[target != (-100 if ignore_index is None else ignore_index)]
+    kept = target != (-100 if ignore_index is None else ignore_index)
     weight = parts.get("weight")
-    total = kept.numel() if weight is None else weight[kept].sum()
+    if weight is None:
+        total = kept.sum()
+    else:  # masks rather than selection, which would wait for the device
+        total = (weight[torch.where(kept, target, 0)] * kept).sum()
     return (_sum(loss) / total).to(loss.dtype)
 
 

@@ -219,6 +219,7 @@ _SPECS = (
             TensorArg("input2", ANY, "the shape of input1"),
             TensorArg("target", ANY, "(N) or (); values 1 or -1"),
         ),
+        checks=(checks.broadcast("input1", "input2"),),
         batch=BatchRule(reference="input1", unbatched_rank=1, same_shape=frozenset({"input2"})),
     ),
     LossSpec(
@@ -251,11 +252,9 @@ _SPECS = (
             TensorArg("positive", REAL, "the rank of anchor, broadcastable with it"),
             TensorArg("negative", REAL, "the rank of anchor, broadcastable with it"),
         ),
-        checks=(checks.triplet,),
+        checks=(checks.triplet, checks.distance_dim),
         hooks={"distance_function": hooks.distance_function},
-        batch=BatchRule(
-            reference="anchor", unbatched_rank=1, same_shape=_TRIPLETS, alone=batching.distance_alone
-        ),
+        batch=BatchRule(reference="anchor", unbatched_rank=1, same_shape=_TRIPLETS, alone=batching.distance_alone),
     ),
     LossSpec(
         "linear_cross_entropy",

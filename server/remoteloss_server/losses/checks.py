@@ -4,12 +4,18 @@ They cover what torch checks only inside a kernel, where a CUDA device-side asse
 the context for the whole process (class indices, probabilities in [0, 1], CTC labels), and
 rules whose torch message does not name the argument. Everything else torch checks itself
 before launching a kernel; the executor reports that as INVALID_ARGUMENT in torch's words.
+
+The first paragraph of each check's docstring says what it checks, for users: docs/VALIDATION.md
+is generated from it (scripts/gen_validation.py). A check made by a factory gets its own.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from remoteloss_server.losses.hooks import CosineDistance
 from remoteloss_server.losses.spec import CLASS_INDEX, Args, Check, dtype_names
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "broadcast_to",
     "cross_entropy",
     "ctc_loss",
+    "distance_dim",
     "gaussian_var",
     "linear_cross_entropy",
     "multi_margin_loss",
@@ -53,6 +60,11 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def _shapes(a: Args, names: list[str]) -> str:
+    """``"input [3, 1] and target [1, 4]"``."""
+    return _listing([f"{n} {_shape(a.tensors[n])}" for n in names])
+
+
 def _broadcast_shape(*shapes: torch.Size) -> torch.Size | None:
     """torch's broadcast of ``shapes``, or None where they do not broadcast."""
     if all(shape == shapes[0] for shape in shapes[1:]):  # the common case, without torch's ~40 us
@@ -64,22 +76,31 @@ def _broadcast_shape(*shapes: torch.Size) -> torch.Size | None:
     return shape
 
 
+def _described(check: Check, text: str) -> Check:
+    check.__doc__ = text
+    return check
+
+
 def broadcast(*names: str) -> Check:
-    """The present tensors among ``names`` must broadcast together, as torch combines them."""
+    """The present tensors among ``names`` must broadcast together, as torch combines them, and
+    their broadcast must stay within ``max_elements``."""
 
     def check(a: Args) -> None:
         present = [n for n in names if n in a.tensors]
-        if _broadcast_shape(*(a.tensors[n].shape for n in present)) is None:
-            if len(present) == 2:
-                first, second = present
-                a.fail(
-                    f"{second} has shape {_shape(a.tensors[second])}, which does not broadcast with "
-                    f"{first}'s {_shape(a.tensors[first])}"
-                )
-            shapes = _listing([f"{n} {_shape(a.tensors[n])}" for n in present])
-            a.fail(f"the shapes of {shapes} do not broadcast together")
+        shape = _broadcast_shape(*(a.tensors[n].shape for n in present))
+        if shape is not None:
+            if len(present) > 1:  # a broadcast may hold far more elements than the tensors sent
+                a.limit(shape.numel(), lambda: f"the broadcast of {_shapes(a, present)}")
+            return
+        if len(present) == 2:
+            first, second = present
+            a.fail(
+                f"{second} has shape {_shape(a.tensors[second])}, which does not broadcast with "
+                f"{first}'s {_shape(a.tensors[first])}"
+            )
+        a.fail(f"the shapes of {_shapes(a, present)} do not broadcast together")
 
-    return check
+    return _described(check, f"{_listing(list(names))} (those sent) broadcast together, to at most max_elements elements")
 
 
 def broadcast_to(name: str, other: str) -> Check:
@@ -92,7 +113,7 @@ def broadcast_to(name: str, other: str) -> Check:
         if _broadcast_shape(shape, target) != target:
             a.fail(f"{name} has shape {list(shape)}, which does not broadcast to {other}'s shape {list(target)}")
 
-    return check
+    return _described(check, f"{name}, when sent, broadcasts to {other}'s shape")
 
 
 def same_shape(name: str, other: str) -> Check:
@@ -104,7 +125,7 @@ def same_shape(name: str, other: str) -> Check:
                 f"{name} has shape {_shape(a.tensors[name])}, but must have {other}'s shape {_shape(a.tensors[other])}"
             )
 
-    return check
+    return _described(check, f"{name}, when sent, has exactly {other}'s shape")
 
 
 def same_ndim(*names: str) -> Check:
@@ -118,11 +139,13 @@ def same_ndim(*names: str) -> Check:
                 f"{_listing([str(d) for d in dims])}"
             )
 
-    return check
+    return _described(check, f"{_listing(list(names))} have the same number of dimensions")
 
 
 def triplet(a: Args) -> None:
-    """Same ranks; the anchor's distance to each of the others (and theirs, with swap) must broadcast."""
+    """anchor, positive and negative have the same number of dimensions; anchor broadcasts with
+    positive and with negative (and positive with negative when swap), to at most max_elements
+    elements."""
     same_ndim("anchor", "positive", "negative")(a)
     broadcast("anchor", "positive")(a)
     broadcast("anchor", "negative")(a)
@@ -130,8 +153,22 @@ def triplet(a: Args) -> None:
         broadcast("positive", "negative")(a)
 
 
+def distance_dim(a: Args) -> None:
+    """distance_function's cosine_distance.dim is a dimension of anchor: in [-D, D) for D
+    dimensions (torch's message would not name the option)."""
+    distance = a.options.get("distance_function")
+    if isinstance(distance, CosineDistance):
+        rank = max(a.tensors["anchor"].dim(), 1)
+        if not -rank <= distance.dim < rank:
+            a.fail(
+                f"distance_function.cosine_distance.dim is {distance.dim}, but anchor has {rank} "
+                f"dimensions ({-rank} to {rank - 1})"
+            )
+
+
 def gaussian_var(a: Args) -> None:
-    """torch's rule: var has input's shape, input's shape minus the last dim, or one size 1."""
+    """var, when a tensor, has input's shape, that shape without its last dimension, or that
+    shape with one size set to 1 (torch's rule)."""
     var, input = a.tensors.get("var"), a.tensors["input"]
     if var is None or var.shape == input.shape or var.shape == input.shape[:-1]:
         return
@@ -155,7 +192,7 @@ def same_dtype(*names: str) -> Check:
                     f"{_dtype(a.tensors[present[0]])}; they must match"
                 )
 
-    return check
+    return _described(check, f"{_listing(list(names))} (those sent) have one dtype")
 
 
 def _target_kind(a: Args, logits_shape: tuple[int, ...], owner_s: str) -> bool:
@@ -199,29 +236,38 @@ def _logits_shape_from_input(a: Args) -> tuple[int, ...] | None:
 
 
 def nll_loss(a: Args) -> None:
+    """target holds class indices in [0, C) or ignore_index (C: input's size in dimension 1, or
+    its only one); weight has input's dtype."""
     shape = _logits_shape_from_input(a)
     if shape is not None:
         _class_indices(a, shape[1] if len(shape) > 1 else shape[0], "input", a.options["ignore_index"])
 
 
 def cross_entropy(a: Args) -> None:
+    """target holds class indices (int64 or uint8, of input's shape without dimension 1) in [0, C)
+    or ignore_index, or class probabilities (floating, of input's shape); with class indices,
+    weight has input's dtype and does not require grad."""
     shape = _logits_shape_from_input(a)
     if shape is not None and not _target_kind(a, shape, "input's"):
         _class_indices(a, shape[1] if len(shape) > 1 else shape[0], "input", a.options["ignore_index"])
 
 
 def linear_cross_entropy(a: Args) -> None:
+    """The logits (input's rows by linear_weight's classes) stay within max_elements; target as
+    for cross_entropy, with C = linear_weight's first size (ignore_index -100 when unset)."""
     input, linear_weight = a.tensors["input"], a.tensors["linear_weight"]
     if input.dim() not in (1, 2) or linear_weight.dim() < 2:
         return  # torch raises its own error
     classes = linear_weight.shape[0]
     logits_shape = (*input.shape[:-1], classes, *linear_weight.shape[1:-1])
+    a.limit(math.prod(logits_shape), lambda: f"the logits {list(logits_shape)} of input and linear_weight")
     if not _target_kind(a, logits_shape, "the logits'"):
         ignore_index = a.options["ignore_index"]
         _class_indices(a, classes, "linear_weight", -100 if ignore_index is None else ignore_index)
 
 
 def multi_margin_loss(a: Args) -> None:
+    """weight has input's dtype; target holds class indices in [0, C), C being input's last size."""
     input = a.tensors["input"]
     classes = input.shape[-1] if input.dim() else 1
     same_dtype("input", "weight")(a)
@@ -231,6 +277,7 @@ def multi_margin_loss(a: Args) -> None:
 
 
 def multilabel_margin_loss(a: Args) -> None:
+    """target holds class indices in [0, C), or -1 to end a sample's list (C: input's last size)."""
     input = a.tensors["input"]
     classes = input.shape[-1] if input.dim() else 1
     bad = _first_outside(a.tensors["target"], -1, classes)
@@ -242,6 +289,8 @@ def multilabel_margin_loss(a: Args) -> None:
 
 
 def binary_cross_entropy(a: Args) -> None:
+    """input and target have one dtype; input holds probabilities in [0, 1] (NaN is outside, as for
+    torch), which torch on a GPU checks only with a device-side assert."""
     same_dtype("input", "target")(a)
     input = a.tensors["input"]
     outside = ~((input >= 0) & (input <= 1))  # NaN is outside too, as in torch's own check
@@ -250,7 +299,12 @@ def binary_cross_entropy(a: Args) -> None:
 
 
 def ctc_loss(a: Args) -> None:
-    """Lengths, label ranges and blank, which torch reads on the device without checking all."""
+    """log_probs is (T, N, C) or (T, C); blank is in [0, C); input_lengths and target_lengths
+    hold N lengths each, all >= 0, input_lengths <= T; padded targets (N, S) have N rows and
+    target_lengths <= S, concatenated targets hold sum(target_lengths) labels; labels are in
+    [0, C); the alignment table N x T x (2 max(target_lengths) + 1) stays within max_elements.
+
+    torch reads lengths and labels on the device without checking them all."""
     log_probs, targets = a.tensors["log_probs"], a.tensors["targets"]
     if log_probs.dim() not in (2, 3):
         a.fail(f"log_probs must be (T, N, C) or unbatched (T, C), got shape {list(log_probs.shape)}")
@@ -286,6 +340,9 @@ def ctc_loss(a: Args) -> None:
         labels = targets
     else:
         a.fail(f"targets must be padded (N, S) or concatenated (sum(target_lengths)), got shape {list(targets.shape)}")
+    if batch:  # torch's alignment table
+        longest = int(target_lengths.max())
+        a.limit(batch * steps * (2 * longest + 1), lambda: f"the alignment table (N, T, 2 * {longest} + 1)")
     bad = _first_outside(labels, 0, classes)
     if bad is not None:
         a.fail(f"targets holds label {bad}, but log_probs has {classes} classes (0 to {classes - 1})")

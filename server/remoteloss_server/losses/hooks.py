@@ -31,6 +31,8 @@ def var_float(loss: str, message: Any) -> dict[str, Any]:
         raise InvalidArgumentError(f"{loss}: set either var or var_float, not both")
     if not (has_tensor or has_float):
         raise InvalidArgumentError(f"{loss}: var is required (a tensor in var, or a float in var_float)")
+    if has_float and message.var_float < 0:  # torch's own message would say "var"
+        raise InvalidArgumentError(f"{loss}: var_float is {message.var_float}, but must be >= 0")
     return {"var": message.var_float} if has_float else {}
 
 

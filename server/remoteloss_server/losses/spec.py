@@ -33,6 +33,7 @@ __all__ = [
     "FLOATING",
     "INT64",
     "INTEGER",
+    "MAX_DIMS",
     "REAL",
     "Args",
     "Call",
@@ -54,6 +55,9 @@ ANY = REAL | {torch.bool}
 CLASS_INDEX = frozenset({torch.int64, torch.uint8})  # what nll_loss takes as class indices
 INT64 = frozenset({torch.int64})
 Dtypes = frozenset[torch.dtype]
+# The most dimensions a tensor may have. torch has no limit, but its CUDA kernels take at most 25
+# dimensions, and some CPU kernels slow down with the rank squared (100000 dimensions: a minute).
+MAX_DIMS = 64
 
 _STANDARD_REDUCTIONS = ("none", "mean", "sum")
 _REDUCTIONS: dict[int, str] = {
@@ -95,9 +99,17 @@ class Args:
     tensors: Mapping[str, torch.Tensor]
     options: Mapping[str, Any]  # every option, torch's default where the request left it unset
     requires_grad: frozenset[str]
+    max_elements: int | None = None  # the most elements a tensor the call implies may have; None: no limit
 
     def fail(self, message: str) -> NoReturn:
         raise InvalidArgumentError(f"{self.loss}: {message}")
+
+    def limit(self, elements: int, what: Callable[[], str]) -> None:
+        """Fail when a tensor the call implies (``what()`` names it) would exceed ``max_elements``."""
+        if self.max_elements is not None and elements > self.max_elements:
+            self.fail(
+                f"{what()} would hold {elements} elements, more than this server's limit of {self.max_elements}"
+            )
 
 
 Check = Callable[[Args], None]
@@ -171,19 +183,23 @@ class LossSpec:
         assert isinstance(message_type, Descriptor)
         return message_type
 
-    def prepare(self, message: Message, device: torch.device | str) -> Call:
-        """Decode and validate one per-loss message; raise InvalidArgumentError naming the argument."""
-        tensors = self._decode_tensors(message)
+    def prepare(self, message: Message, device: torch.device | str, *, max_elements: int | None = None) -> Call:
+        """Decode and validate one per-loss message; raise InvalidArgumentError naming the argument.
+
+        ``max_elements`` bounds every tensor sent and every one its arguments imply (a broadcast,
+        linear_cross_entropy's logits, ctc_loss's alignment table); None: no bound.
+        """
+        tensors = self._decode_tensors(message, max_elements)
         requires_grad = tuple(t.name for t in self.tensors if t.name in tensors and _requires_grad(message, t.name))
         options = dict(self._defaults)
         options.update(self._decode_options(message))
-        args = Args(self.name, tensors, options, frozenset(requires_grad))
+        args = Args(self.name, tensors, options, frozenset(requires_grad), max_elements)
         for check in self.checks:
             check(args)
         on_device = {name: tensor.to(device) for name, tensor in tensors.items()}
         return Call(self.name, self.function, on_device, options, requires_grad)
 
-    def _decode_tensors(self, message: Message) -> dict[str, torch.Tensor]:
+    def _decode_tensors(self, message: Message, max_elements: int | None) -> dict[str, torch.Tensor]:
         tensors = {}
         for arg in self.tensors:
             if not message.HasField(arg.name):
@@ -191,7 +207,9 @@ class LossSpec:
                     raise InvalidArgumentError(f"{self.name}: {arg.name} is required")
                 continue
             try:
-                tensor = codec.decode_torch(getattr(message, arg.name), arg.name)
+                tensor = codec.decode_torch(
+                    getattr(message, arg.name), arg.name, max_elements=max_elements, max_dims=MAX_DIMS
+                )
             except ValueError as exc:
                 raise InvalidArgumentError(f"{self.name}: {exc}") from None
             if tensor.dtype not in arg.dtypes:

@@ -1,0 +1,58 @@
+# remoteloss-server with a CUDA-enabled torch; runs on the CPU where no GPU is given to it.
+#
+#   docker build -t remoteloss:0.1.0 .
+#   docker run --gpus 1 -p 50051:50051 -p 9464:9464 remoteloss:0.1.0
+#
+# Base: Debian's slim Python image plus torch==2.13.0 from PyPI. PyPI's Linux x86_64 torch wheel
+# is the CUDA build: its CUDA 13.0 runtime, cuDNN and NCCL come as wheels that torch itself pins,
+# so the image needs no CUDA toolkit, only the host's NVIDIA driver (one recent enough for CUDA
+# 13.0), which the NVIDIA Container Toolkit mounts in at run time. Not nvidia/cuda:*-runtime: its
+# CUDA libraries would be a second copy of the wheels' (gigabytes). Not pytorch/pytorch: its conda
+# Python and torch would have to track this project's pin by hand. The pin matches
+# scripts/test.sh, so the image runs the torch the tests ran.
+#
+# Every server setting is an environment variable (REMOTELOSS_<FLAG>, e.g. REMOTELOSS_DEVICE,
+# REMOTELOSS_MAX_BATCH_SIZE; `docker run --rm remoteloss:0.1.0 remoteloss-server --help` lists
+# them), or a flag: `docker run ... remoteloss:0.1.0 remoteloss-server --workers 2`.
+FROM python:3.11-slim-bookworm
+
+# NVIDIA_DRIVER_CAPABILITIES: the NVIDIA runtime mounts only the driver parts named here; unset
+# means "utility" (nvidia-smi) without "compute" (CUDA).
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# torch first, in its own layer: it is most of the image and changes least often.
+RUN pip install --no-cache-dir torch==2.13.0
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY client ./client
+COPY server ./server
+RUN pip install --no-cache-dir "./[server]" \
+    && rm -rf /src \
+    && groupadd --gid 10001 remoteloss \
+    && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin remoteloss
+
+WORKDIR /home/remoteloss
+USER 10001:10001
+
+# The server's defaults, spelled out because the health check and the EXPOSE lines rely on them.
+ENV REMOTELOSS_HOST="[::]" \
+    REMOTELOSS_PORT=50051 \
+    REMOTELOSS_METRICS_PORT=9464 \
+    REMOTELOSS_GRACE_PERIOD=10
+# gRPC (LossService, health, reflection) and Prometheus /metrics.
+EXPOSE 50051 9464
+
+# The standard gRPC health service, asked by the project's own client (exit 0 only for SERVING):
+# NOT_SERVING from the moment the server starts draining. The start period covers importing
+# torch and initialising CUDA.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["sh", "-c", "remoteloss --target \"127.0.0.1:${REMOTELOSS_PORT}\" --timeout 3 health --service remoteloss.v1.LossService >/dev/null || exit 1"]
+
+# Exec form: the server is PID 1 and gets SIGTERM itself, then drains for REMOTELOSS_GRACE_PERIOD
+# seconds; give `docker stop -t` (compose: stop_grace_period) more than that.
+CMD ["remoteloss-server"]

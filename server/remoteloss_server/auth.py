@@ -1,0 +1,236 @@
+"""Who may call: API keys checked by a server interceptor, and the server's TLS credentials.
+
+Keys are lines ``tenant:key`` (from ``--api-keys-file`` or ``REMOTELOSS_API_KEYS``); a client
+sends ``authorization: Bearer <key>`` metadata. ``ApiKeyInterceptor`` is the only code that reads
+that metadata: a call without a valid key gets UNAUTHENTICATED before its handler runs (and before
+its request is parsed); a call with one runs with the key's tenant in ``telemetry.TENANT``, which
+the request log lines show. Keys are never logged, and only their SHA-256 digests are kept; a
+presented key is compared with every configured one in constant time, without an early exit.
+``grpc.health.v1.Health`` stays open, so that load balancers and probes need no key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from remoteloss_server.telemetry import TENANT, quote
+
+__all__ = [
+    "AUTHORIZATION_KEY",
+    "OPEN_SERVICES",
+    "ApiKeyInterceptor",
+    "KeyTable",
+    "load_keys",
+    "parse_keys",
+    "server_credentials",
+]
+
+logger = logging.getLogger(__name__)
+
+AUTHORIZATION_KEY = "authorization"
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # answered without a key: probes and load balancers
+MIN_KEY_CHARS = 16
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Printable ASCII (a metadata value) without spaces or commas, which separate entries.
+_KEY = re.compile(r"[!-+\--~]{%d,512}" % MIN_KEY_CHARS)
+_BEARER = re.compile(r"bearer +(\S+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """Configured keys as (tenant, SHA-256 digest) pairs; a tenant may have several keys (rotation)."""
+
+    entries: tuple[tuple[str, bytes], ...]
+
+    @property
+    def tenants(self) -> frozenset[str]:
+        return frozenset(tenant for tenant, _ in self.entries)
+
+    def tenant(self, key: str) -> str | None:
+        """The tenant of ``key``, or None. The time taken does not depend on which key matches,
+        or on whether one does: every digest is compared, with ``hmac.compare_digest``."""
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        found = None
+        for tenant, expected in self.entries:
+            equal = hmac.compare_digest(digest, expected)
+            found = tenant if equal else found
+        return found
+
+
+def parse_keys(text: str, source: str) -> KeyTable:
+    """Entries ``tenant:key``, separated by newlines or commas; blank lines and ``#`` comments are
+    skipped. Raises ValueError naming ``source`` and the entry's position, never the key."""
+    entries: list[tuple[str, bytes]] = []
+    seen: set[bytes] = set()
+    position = 0
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        for entry in line.split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            position += 1
+            tenant, sep, key = entry.partition(":")
+            where = f"{source}: entry {position}"
+            if not sep:
+                raise ValueError(f"{where} is not 'tenant:key'")
+            if not _TENANT.fullmatch(tenant):
+                raise ValueError(f"{where}: the tenant must be 1 to 64 letters, digits or '_.-', starting with one of the first two")
+            if not _KEY.fullmatch(key):
+                raise ValueError(
+                    f"{where} (tenant {tenant}): the key must be {MIN_KEY_CHARS} to 512 printable ASCII "
+                    "characters without spaces or commas (e.g. from `openssl rand -hex 32`)"
+                )
+            digest = hashlib.sha256(key.encode()).digest()
+            if digest in seen:
+                raise ValueError(f"{where} (tenant {tenant}): this key is listed twice")
+            seen.add(digest)
+            entries.append((tenant, digest))
+    if not entries:
+        raise ValueError(f"{source}: no keys (expected lines 'tenant:key')")
+    return KeyTable(tuple(entries))
+
+
+def load_keys(path: str | None, text: str | None) -> KeyTable | None:
+    """The keys of the file at ``path`` and of ``text`` (REMOTELOSS_API_KEYS) together; None when
+    neither is set (the service is open). Raises ValueError, or OSError for an unreadable file."""
+    if path is None and text is None:
+        return None
+    entries: list[tuple[str, bytes]] = []
+    if path is not None:
+        entries += parse_keys(Path(path).read_text(encoding="utf-8"), path).entries
+    if text is not None:
+        entries += parse_keys(text, "REMOTELOSS_API_KEYS").entries
+    if len({digest for _, digest in entries}) != len(entries):
+        raise ValueError("a key is listed both in the API keys file and in REMOTELOSS_API_KEYS")
+    return KeyTable(tuple(entries))
+
+
+def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
+    """TLS from PEM files; with ``client_ca``, clients must present a certificate it signed.
+
+    The files are first loaded with Python's ``ssl``, whose errors say which file is wrong (gRPC's
+    would only fail to bind the port); raises ValueError for an unusable one, OSError for an unreadable one.
+    """
+    cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
+    root = Path(client_ca).read_bytes() if client_ca is not None else None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=b"")  # an encrypted key fails here instead of prompting
+    except ssl.SSLError as exc:
+        raise ValueError(f"tls_cert {cert} and tls_key {key} are not a PEM certificate chain and its key: {exc}") from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as exc:
+            raise ValueError(f"tls_client_ca {client_ca} holds no PEM CA certificate: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)],
+        root_certificates=root,
+        require_client_auth=root is not None,
+    )
+
+
+if TYPE_CHECKING:  # the stubs' generics, which grpc lacks at run time
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+    _Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class ApiKeyInterceptor(_Interceptor):
+    """UNAUTHENTICATED for a call to a closed service without a valid ``authorization: Bearer``
+    key; the key's tenant in ``telemetry.TENANT`` for the handler of every other call."""
+
+    def __init__(self, keys: KeyTable, open_services: frozenset[str] = OPEN_SERVICES) -> None:
+        self._keys = keys
+        self._open = open_services
+
+    async def intercept_service(  # type: ignore[override]  # None is gRPC's "no such method"
+        self, continuation: _Continuation, details: grpc.HandlerCallDetails
+    ) -> _Handler | None:
+        method: str = details.method  # "/package.Service/Method"
+        if method.split("/")[1] in self._open:
+            return await continuation(details)
+        tenant, reason = self._authenticate(details.invocation_metadata)
+        handler = await continuation(details)
+        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
+            return None
+        if tenant is None:
+            logger.info("event=unauthenticated method=%s reason=%s", quote(method), quote(reason))
+            return _replace_behavior(handler, _deny(reason), parse=False)
+        return _replace_behavior(handler, _with_tenant(handler, tenant), parse=True)
+
+    def _authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str | None, str]:
+        values = [v for k, v in metadata or () if k == AUTHORIZATION_KEY]
+        if not values:
+            return None, "no API key"
+        if len(values) > 1:
+            return None, "more than one authorization header"
+        match = _BEARER.fullmatch(values[0]) if isinstance(values[0], str) else None
+        if match is None:
+            return None, "the authorization header is not 'Bearer <key>'"
+        tenant = self._keys.tenant(match.group(1))
+        return (tenant, "") if tenant is not None else (None, "unknown API key")
+
+
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+def _kind(handler: _Handler) -> str:
+    return _KINDS[2 * bool(handler.request_streaming) + bool(handler.response_streaming)]
+
+
+def _replace_behavior(handler: _Handler, behavior: Any, *, parse: bool) -> _Handler:
+    changes: dict[str, Any] = {_kind(handler): behavior}
+    if not parse:  # a refused call's request is never parsed
+        changes["request_deserializer"] = None
+    replaced: _Handler = handler._replace(**changes)  # type: ignore[attr-defined]  # a namedtuple at run time
+    return replaced
+
+
+def _deny(reason: str) -> Any:
+    """A behavior that aborts with UNAUTHENTICATED. A coroutine fits every kind of RPC: grpc.aio
+    awaits a response-streaming handler that is a coroutine (it could write with ``context.write``)."""
+    details = f"{reason}: send the metadata 'authorization: Bearer <key>' with a key this server accepts"
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+
+    return deny
+
+
+def _with_tenant(handler: _Handler, tenant: str) -> Any:
+    """The handler's behavior, run with ``TENANT`` set. Each RPC runs in its own task, whose
+    context the handler and the tasks it starts share; a synchronous behavior (run on a thread
+    by grpc.aio; none of this server's) is left as it is."""
+    behavior = getattr(handler, _kind(handler))
+    if inspect.isasyncgenfunction(behavior):
+
+        async def tenant_stream(request: Any, context: Any) -> Any:
+            TENANT.set(tenant)
+            async for response in behavior(request, context):
+                yield response
+
+        return tenant_stream
+    if inspect.iscoroutinefunction(behavior):
+
+        async def tenant_call(request: Any, context: Any) -> Any:
+            TENANT.set(tenant)
+            return await behavior(request, context)
+
+        return tenant_call
+    return behavior

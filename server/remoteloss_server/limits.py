@@ -1,0 +1,100 @@
+"""Request limits checked before any work is done on a request (no grpc, no torch).
+
+- ``request_elements(message)``: the tensor elements a request declares, summed over every
+  ``Tensor`` in it, read from the shapes alone (the ``data`` bytes are never touched, so
+  nothing is copied or decoded); the servicer rejects a request over ``max_request_elements``
+  with INVALID_ARGUMENT before it decodes anything.
+- ``Admission``: the requests the server has accepted and not yet answered (queued or
+  computing), bounded in number (``max_in_flight``) and in request bytes
+  (``max_in_flight_bytes``). Past either bound a new request fails at once with
+  RESOURCE_EXHAUSTED ("the server is saturated"), so a flood meets a refusal rather than a
+  queue, and the memory the server holds for requests stays bounded. One request is always
+  admitted when nothing else is in flight, however large (``max_message_bytes`` bounds it).
+  A request frees its place when it is answered, fails, or its caller goes away. Used from the
+  event loop only, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from google.protobuf.message import Message
+from remoteloss.v1 import loss_pb2 as pb
+
+from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
+
+__all__ = ["Admission", "check_request_elements", "request_elements"]
+
+_TENSOR = pb.Tensor.DESCRIPTOR
+
+
+def request_elements(message: Message) -> int:
+    """The elements of every ``Tensor`` in ``message`` (nested ones too), from their shapes.
+
+    A negative dimension counts as 0 here; the codec rejects it later with its own message.
+    """
+    if message.DESCRIPTOR is _TENSOR:
+        count = 1
+        for size in message.shape:  # type: ignore[attr-defined]
+            count *= max(int(size), 0)
+        return count
+    total = 0
+    for field in message.DESCRIPTOR.fields:  # message fields only: reading a bytes field would copy it
+        if field.message_type is None:
+            continue
+        value = getattr(message, field.name)
+        if field.message_type.GetOptions().map_entry:
+            children = list(value.values())
+        elif field.is_repeated:
+            children = list(value)
+        else:
+            children = [value] if message.HasField(field.name) else []
+        total += sum(request_elements(child) for child in children if isinstance(child, Message))
+    return total
+
+
+def check_request_elements(loss: str, message: Message, limit: int | None) -> None:
+    """InvalidArgumentError when ``message`` declares more than ``limit`` tensor elements in all."""
+    if limit is None:
+        return
+    elements = request_elements(message)
+    if elements > limit:
+        raise InvalidArgumentError(
+            f"{loss}: the request's tensors hold {elements} elements in all, more than this server's "
+            f"max_request_elements of {limit}"
+        )
+
+
+class Admission:
+    """Bounds the requests in flight by count and by bytes; see the module's docstring."""
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        if max_requests < 1 or max_bytes < 1:
+            raise ValueError(f"limits must be >= 1, got max_requests={max_requests}, max_bytes={max_bytes}")
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.requests = 0  # admitted and not yet released
+        self.bytes = 0
+
+    @contextmanager
+    def admit(self, size: int) -> Iterator[None]:
+        """Hold a place for a request of ``size`` bytes while the block runs; raise
+        ResourceExhaustedError at once when the server is saturated."""
+        if self.requests >= self.max_requests:
+            raise ResourceExhaustedError(
+                f"the server is saturated: {self.requests} requests in flight, its max_in_flight; "
+                "retry later with backoff, or send to another replica"
+            )
+        if self.requests and self.bytes + size > self.max_bytes:
+            raise ResourceExhaustedError(
+                f"the server is saturated: {self.bytes} request bytes in flight, and {size} more would pass its "
+                f"max_in_flight_bytes of {self.max_bytes}; retry later with backoff, or send to another replica"
+            )
+        self.requests += 1
+        self.bytes += size
+        try:
+            yield
+        finally:
+            self.requests -= 1
+            self.bytes -= size

@@ -1,0 +1,73 @@
+"""Request limits: elements counted from shapes, admission by count and bytes, and their settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from remoteloss import codec
+from remoteloss.v1 import loss_pb2 as pb
+from remoteloss_server import app, cli
+from remoteloss_server.config import ServerConfig
+from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
+from remoteloss_server.limits import Admission, check_request_elements, request_elements
+
+_LIMIT_ENV = ("REMOTELOSS_MAX_REQUEST_ELEMENTS", "REMOTELOSS_MAX_IN_FLIGHT", "REMOTELOSS_MAX_IN_FLIGHT_BYTES")
+
+
+def test_request_elements_sum_every_tensor_from_shapes_alone() -> None:
+    request = pb.ComputeRequest(
+        cross_entropy=pb.CrossEntropy(
+            input=codec.encode(torch.zeros(4, 5)), target=codec.encode(torch.zeros(4, dtype=torch.int64)),
+            weight=codec.encode(torch.ones(5)),
+        ),
+        grad_output=codec.encode(torch.ones(())),
+    )
+    assert request_elements(request) == 20 + 4 + 5 + 1
+    # Shapes only: a tensor that declares 2**40 elements and carries no data is counted, not decoded.
+    huge = pb.ComputeRequest(mse_loss=pb.MseLoss(input=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**20, 2**20])))
+    assert request_elements(huge) == 2**40
+    assert request_elements(pb.ComputeRequest(mse_loss=pb.MseLoss(input=pb.Tensor(shape=[-3, 7])))) == 0
+
+
+def test_check_request_elements_names_the_limit() -> None:
+    request = pb.ComputeRequest(mse_loss=pb.MseLoss(input=pb.Tensor(shape=[10]), target=pb.Tensor(shape=[10])))
+    check_request_elements("mse_loss", request, 20)
+    check_request_elements("mse_loss", request, None)
+    with pytest.raises(InvalidArgumentError, match=r"mse_loss: .*20 elements in all.*max_request_elements of 19"):
+        check_request_elements("mse_loss", request, 19)
+
+
+def test_admission_bounds_count_and_bytes_and_frees_places() -> None:
+    admission = Admission(max_requests=2, max_bytes=100)
+    with admission.admit(60):
+        with pytest.raises(ResourceExhaustedError, match="saturated.*max_in_flight_bytes of 100"), admission.admit(41):
+            pass
+        with admission.admit(40), pytest.raises(ResourceExhaustedError, match="saturated: 2 requests"), admission.admit(0):
+            pass
+    assert (admission.requests, admission.bytes) == (0, 0)
+    with admission.admit(1000):  # alone, any size is admitted (max_message_bytes bounds it)
+        assert admission.bytes == 1000
+    with pytest.raises(KeyError), admission.admit(5):  # a failure frees its place too
+        raise KeyError
+    assert (admission.requests, admission.bytes) == (0, 0)
+
+
+def test_limit_defaults_and_validation() -> None:
+    config = ServerConfig()
+    assert (config.max_request_elements, config.max_in_flight, config.max_in_flight_bytes) == (2**28, 1024, 2 * 1024**3)
+    for name in ("max_request_elements", "max_in_flight", "max_in_flight_bytes"):
+        with pytest.raises(ValueError, match=f"^{name} must be >= 1"):
+            ServerConfig(**{name: 0}).validate()  # type: ignore[arg-type]
+
+
+def test_limit_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _LIMIT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    served: list[ServerConfig] = []
+    monkeypatch.setattr(app, "serve", served.append)
+    assert cli.main(["--max-request-elements=1000", "--max-in-flight=8", "--max-in-flight-bytes=4096"]) == 0
+    assert (served[-1].max_request_elements, served[-1].max_in_flight, served[-1].max_in_flight_bytes) == (1000, 8, 4096)
+    for name, value in zip(_LIMIT_ENV, ("2000", "16", "8192"), strict=True):
+        monkeypatch.setenv(name, value)
+    assert cli.main(["--max-in-flight=4"]) == 0  # a flag wins over the environment
+    assert (served[-1].max_request_elements, served[-1].max_in_flight, served[-1].max_in_flight_bytes) == (2000, 4, 8192)
