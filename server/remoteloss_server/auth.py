@@ -43,7 +43,7 @@ OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # answered without a key: 
 MIN_KEY_CHARS = 16
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Printable ASCII (a metadata value) without spaces or commas, which separate entries.
-_KEY = re.compile(r"[!-+\--~]{%d,512}" % MIN_KEY_CHARS)
+_KEY = re.compile(rf"[!-+\--~]{{{MIN_KEY_CHARS},512}}")
 _BEARER = re.compile(r"bearer +(\S+)", re.IGNORECASE)
 
 

@@ -25,7 +25,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
@@ -35,7 +35,6 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.config import ServerConfig
@@ -62,8 +61,8 @@ _TORCH_REJECTIONS = (RuntimeError, ValueError, IndexError, TypeError)
 class Tally:
     """Requests sent, by status; printed at the end of the run (tests/integration/conftest.py)."""
 
-    counts: collections.Counter[str] = collections.Counter()
-    exhausted: list[str] = []  # RESOURCE_EXHAUSTED answers (allowed, but worth a look): loss, details
+    counts: ClassVar[collections.Counter[str]] = collections.Counter()
+    exhausted: ClassVar[list[str]] = []  # RESOURCE_EXHAUSTED answers (allowed, but worth a look): loss, details
 
     @classmethod
     def summary(cls) -> str | None:

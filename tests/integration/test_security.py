@@ -16,16 +16,16 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 import remoteloss
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from remoteloss import cli
-from remoteloss._commands import health
 from remoteloss._channel import tls_credentials
+from remoteloss._commands import health
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server.app import ServerThread, StartupError
 from remoteloss_server.config import ServerConfig
+
 from tests.pki import Pki, make_pki
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

@@ -14,10 +14,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import remoteloss
 import torch
 from google.protobuf import json_format
-
-import remoteloss
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
@@ -27,7 +26,12 @@ from remoteloss_server.losses.spec import MAX_DIMS
 from remoteloss_server.losses.validation import TORCH_RULES
 
 from .cases import Case, OptionSet
-from .helpers import assert_rpc_invalid_argument, assert_server_answers, raw_request, rpc_error
+from .helpers import (
+    assert_rpc_invalid_argument,
+    assert_server_answers,
+    raw_request,
+    rpc_error,
+)
 
 RULES = [(loss, rule) for loss, rules in TORCH_RULES.items() for rule in rules]
 LIMIT = 1000  # max_elements of the small server

@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-
 from remoteloss._channel import api_key_metadata, is_loopback, tls_credentials
 from remoteloss_server import app, auth, cli
 from remoteloss_server.config import ServerConfig

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from remoteloss_server.losses import LOSSES
 from remoteloss_server.losses.validation import TORCH_RULES, render
 
@@ -21,7 +20,10 @@ def test_the_document_is_current() -> None:
 
 def test_the_script_checks_it() -> None:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gen_validation.py"), "--check"], capture_output=True, text=True
+        [sys.executable, str(ROOT / "scripts" / "gen_validation.py"), "--check"],
+        check=False,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
 
