@@ -93,6 +93,8 @@ class _Connection:
 class _ClientBase(LossMethods):
     """What ``Client`` and ``AsyncClient`` share: settings, ``with_options``, the blocking path."""
 
+    _eager_channel = False  # open the blocking channel at construction
+
     def __init__(
         self,
         target: str = "localhost:50051",
@@ -121,6 +123,8 @@ class _ClientBase(LossMethods):
         self._metadata: tuple[tuple[str, str | bytes], ...] = (*self._auth_metadata, *metadata)
         self._connection = _Connection(target, credentials, options)
         self._owns_connection = True
+        if self._eager_channel:
+            self._connection.stub()  # the channel exists from the start, as with grpc's own clients
 
     @property
     def target(self) -> str:
@@ -177,33 +181,7 @@ class Client(_ClientBase):
     at once on one ``ComputeStream``.
     """
 
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        timeout: float | None = 30.0,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        metadata: Sequence[tuple[str, str | bytes]] = (),
-        api_key: str | None = None,
-        tls: bool = False,
-        root_certificates: Pem | None = None,
-        client_cert: Pem | None = None,
-        client_key: Pem | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            timeout=timeout,
-            credentials=credentials,
-            options=options,
-            metadata=metadata,
-            api_key=api_key,
-            tls=tls,
-            root_certificates=root_certificates,
-            client_cert=client_cert,
-            client_key=client_key,
-        )
-        self._connection.stub()  # the channel exists from the start, as with grpc's own clients
+    _eager_channel = True
 
     def close(self) -> None:
         """Close the channel (a ``with_options`` copy leaves it open). Idempotent."""
