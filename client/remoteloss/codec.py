@@ -10,8 +10,10 @@ Rejections raise ``ValueError`` whose message starts with the argument's name.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DTYPES",
     "DTypeInfo",
+    "allow_read_only_buffers",
     "check_tensor",
     "decode_numpy",
     "decode_torch",
@@ -124,7 +127,7 @@ def check_tensor(
     *,
     max_elements: int | None = None,
     max_dims: int | None = None,
-    data: bytes | None = None,
+    data: bytes | memoryview | None = None,
 ) -> DTypeInfo:
     """Check a message's dtype, shape and byte length; return its dtype info.
 
@@ -176,22 +179,49 @@ def decode_numpy(message: pb.Tensor, name: str = "tensor") -> np.ndarray[Any, An
 
 
 def decode_torch(
-    message: pb.Tensor, name: str = "tensor", *, max_elements: int | None = None, max_dims: int | None = None
+    message: pb.Tensor,
+    name: str = "tensor",
+    *,
+    max_elements: int | None = None,
+    max_dims: int | None = None,
+    data: bytes | memoryview | None = None,
 ) -> torch.Tensor:
     """Decode to a CPU torch tensor of the message's dtype, without per-element work.
 
-    The tensor owns a copy of the bytes, so it is writable and outlives the message.
+    The tensor owns a copy of ``message.data``, so it is writable and outlives the message.
+    ``data``, when given, stands for ``message.data`` and is not copied: the tensor shares its
+    memory (read-only when ``data`` is), which is how a server reads a large request in place.
     ``max_elements`` and ``max_dims`` are as in ``check_tensor``.
     """
     import torch
 
-    data = message.data
+    shared = data is not None
+    if data is None:
+        data = message.data
     info = check_tensor(message, name, max_elements=max_elements, max_dims=max_dims, data=data)
     dtype = getattr(torch, info.name)
     shape = tuple(message.shape)
-    if not data:
+    if not len(data):
         return torch.empty(shape, dtype=dtype)
-    tensor = torch.frombuffer(bytearray(data), dtype=dtype)
+    if shared:
+        allow_read_only_buffers()
+        tensor = torch.frombuffer(data, dtype=dtype)
+    else:
+        tensor = torch.frombuffer(bytearray(data), dtype=dtype)
     if not _LITTLE and info.itemsize > 1:
         tensor = tensor.view(torch.uint8).reshape(-1, info.itemsize).flip(-1).reshape(-1).view(dtype)
     return tensor.reshape(shape)
+
+
+@functools.cache
+def allow_read_only_buffers() -> None:
+    """Raise, and swallow, torch's once-per-process warning about tensors over read-only memory
+    ("The given buffer is not writable..."), so that it never reaches a caller's warnings: the
+    tensors ``decode_torch`` makes over a given ``data`` are inputs that nothing writes to.
+    ``decode_torch`` calls it; a multi-threaded program calls it first, before its threads record
+    warnings, because ``warnings.catch_warnings`` is process-wide."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.frombuffer(memoryview(bytes(1)), dtype=torch.uint8)

@@ -12,6 +12,8 @@ calls (UNAVAILABLE), computes everything queued and returns when the last batch 
 
 A batch of at most ``executor.inline_elements`` tensor elements (a small batch on a CPU) is
 computed on the event loop itself: it takes less time than the hop to a compute thread and back.
+A call submitted ``lone`` (no other request in flight) that finds the batcher idle is computed
+at once, on the spot, as a batch of one: at low load the queue would only add its hops.
 
 With ``batching=False`` each call is its own batch. Batch keys and the batched computation
 come from each loss's ``BatchRule`` (``losses.batching``) and ``Executor.run_batch``.
@@ -105,6 +107,7 @@ class Batcher:
         # Batches this small compute on the event loop (0: never); a runner without the attribute never.
         self._inline_elements = int(getattr(executor, "inline_elements", 0))
         self._children: dict[str, tuple[Any, Any, Any, Any]] = {}  # metrics' label children by loss
+        self._computing = 0  # batches computing now
 
     @property
     def queued(self) -> int:
@@ -131,15 +134,26 @@ class Batcher:
             await asyncio.gather(*self._batches, return_exceptions=True)
 
     async def submit(
-        self, call: Call, grad_output: torch.Tensor | None = None, deadline: float | None = None
+        self, call: Call, grad_output: torch.Tensor | None = None, deadline: float | None = None, *, lone: bool = False
     ) -> Result:
         """Queue ``call`` and wait for its result. ``deadline`` is on ``self.clock``.
+
+        ``lone``: the caller knows of no other request in flight, so a batch could only form by
+        waiting. Then, when nothing is queued or computing, no batch delay is set and the call
+        is small enough for the event loop, it is computed at once, without the queue's hops.
 
         Raises the call's ServiceError; DeadlineExceededError when the deadline passes before
         its batch starts; UnavailableError once ``close()`` has been called.
         """
         if self._closed or self._loop_task is None or self._wakeup is None:
             raise UnavailableError("the server is shutting down" if self._closed else "the batcher is not running")
+        if lone and not self._groups and not self._computing and self._delay <= 0:
+            elements = sum(t.numel() for t in call.tensors.values())
+            if elements <= self._inline_elements:
+                item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
+                             asyncio.get_running_loop().create_future())
+                self._compute_inline([item], acquired=False)
+                return item.future.result()
         rule = LOSSES[call.loss].batch if self._batching else None
         plan = None
         if rule is not None:  # a large call's key (digests of shared tensors) is made off the loop
@@ -275,18 +289,21 @@ class Batcher:
         compute_duration = self._observe(batch)
         jobs = [item.job for item in batch]
         begin = time.perf_counter()
+        self._computing += 1
         try:
             try:
                 results = await asyncio.get_running_loop().run_in_executor(self._pool, self._executor.run_batch, jobs)
             finally:
                 compute_duration.observe(time.perf_counter() - begin)
+                self._computing -= 1
                 self._slots.release()
             _resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - a bug or a CUDA error: every call of the batch gets it
             _fail(batch, exc)
 
-    def _compute_inline(self, batch: list[_Item]) -> None:
-        """``_compute`` on the event loop, for a batch too small to be worth a thread hop."""
+    def _compute_inline(self, batch: list[_Item], *, acquired: bool = True) -> None:
+        """``_compute`` on the event loop, for a batch too small to be worth a thread hop.
+        ``acquired``: the batch holds a compute slot, to release when done."""
         assert self._slots is not None
         compute_duration = self._observe(batch)
         begin = time.perf_counter()
@@ -295,7 +312,8 @@ class Batcher:
                 results = self._executor.run_batch([item.job for item in batch])
             finally:
                 compute_duration.observe(time.perf_counter() - begin)
-                self._slots.release()
+                if acquired:
+                    self._slots.release()
             _resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - as in _compute
             _fail(batch, exc)

@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from remoteloss.v1 import loss_pb2 as pb
 
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
 
-__all__ = ["Admission", "check_request_elements", "request_elements"]
+__all__ = ["Admission", "check_elements", "check_request_elements", "request_elements"]
 
 _TENSOR = pb.Tensor.DESCRIPTOR
 
@@ -33,37 +34,53 @@ def request_elements(message: Message) -> int:
     """The elements of every ``Tensor`` in ``message`` (nested ones too), from their shapes.
 
     A negative dimension counts as 0 here; the codec rejects it later with its own message.
+    Only the fields that are set are visited (``ListFields``, one C call per message); a
+    ``Tensor``'s own fields are never listed, since reading its ``data`` would copy it.
     """
     if message.DESCRIPTOR is _TENSOR:
         count = 1
         for size in message.shape:  # type: ignore[attr-defined]
-            count *= max(int(size), 0)
+            count *= size if size > 0 else 0
         return count
     total = 0
-    for field in message.DESCRIPTOR.fields:  # message fields only: reading a bytes field would copy it
-        if field.message_type is None:
-            continue
-        value = getattr(message, field.name)
-        if field.message_type.GetOptions().map_entry:
-            children = list(value.values())
-        elif field.is_repeated:
-            children = list(value)
-        else:
-            children = [value] if message.HasField(field.name) else []
-        total += sum(request_elements(child) for child in children if isinstance(child, Message))
+    for field, value in message.ListFields():
+        kind = _KINDS.get(field)
+        if kind is None:
+            kind = _KINDS[field] = _kind(field)
+        if kind == _SINGLE:
+            total += request_elements(value)
+        elif kind != _SCALAR:
+            for child in value.values() if kind == _MAP else value:
+                if isinstance(child, Message):
+                    total += request_elements(child)
     return total
 
 
-def check_request_elements(loss: str, message: Message, limit: int | None) -> None:
-    """InvalidArgumentError when ``message`` declares more than ``limit`` tensor elements in all."""
-    if limit is None:
-        return
-    elements = request_elements(message)
-    if elements > limit:
+_SCALAR, _SINGLE, _REPEATED, _MAP = range(4)
+_KINDS: dict[FieldDescriptor, int] = {}
+
+
+def _kind(field: FieldDescriptor) -> int:
+    if field.message_type is None:
+        return _SCALAR
+    if field.message_type.GetOptions().map_entry:
+        return _MAP
+    return _REPEATED if field.is_repeated else _SINGLE
+
+
+def check_request_elements(loss: str, message: Message, limit: int | None) -> int:
+    """The tensor elements ``message`` declares; InvalidArgumentError when more than ``limit``."""
+    return check_elements(loss, request_elements(message), limit)
+
+
+def check_elements(loss: str, elements: int, limit: int | None) -> int:
+    """``elements``, a request's declared count; InvalidArgumentError when more than ``limit``."""
+    if limit is not None and elements > limit:
         raise InvalidArgumentError(
             f"{loss}: the request's tensors hold {elements} elements in all, more than this server's "
             f"max_request_elements of {limit}"
         )
+    return elements
 
 
 class Admission:

@@ -1,7 +1,10 @@
 """The ``LossService`` RPCs: the only place gRPC statuses are produced.
 
-Handlers raise the domain errors of ``errors``; ``translate_errors`` turns them into statuses and
-anything unexpected into an opaque INTERNAL, so no exception ever escapes a handler.
+Handlers raise the domain errors of ``errors``; ``status_of`` turns them into statuses (directly in
+Compute and ComputeStream, through ``translate_errors`` in ListLosses) and anything unexpected into
+an opaque INTERNAL, so no exception ever escapes a handler. Compute and ComputeStream take and give
+bytes: they parse requests themselves (``receive``), which lets a large request's tensors be read in
+place and every size be known without re-serializing.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor as Pool
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -26,20 +29,22 @@ from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.errors import InvalidArgumentError, ServiceError, UnimplementedError
 from remoteloss_server.executor import Executor, Result
-from remoteloss_server.limits import Admission, check_request_elements
+from remoteloss_server import wire
+from remoteloss_server.limits import Admission, check_elements, request_elements
 from remoteloss_server.losses import LOSSES, Call, describe_all
 from remoteloss_server.losses.spec import MAX_DIMS
 from remoteloss_server.metrics import Metrics
 from remoteloss_server.streaming import bounded_map
-from remoteloss_server.telemetry import REQUEST_ID_KEY, RequestRecord, request_id
+from remoteloss_server.telemetry import REQUEST_ID_KEY, RequestRecord, loss_label, request_id
 
 __all__ = [
     "SERVICE_NAME",
     "WORKER_METADATA_KEY",
     "LossServicer",
+    "Received",
     "UndecodableRequest",
     "add_to_server",
-    "recorded",
+    "receive",
     "translate_errors",
 ]
 
@@ -49,6 +54,10 @@ logger = logging.getLogger(__name__)
 # there; larger ones on a helper thread, so that a big request does not hold up the others. Below
 # a few MiB the hop to a thread costs more than the work it moves (measured on loopback).
 _INLINE_BYTES = 4 * 1024 * 1024
+# From this size on, a request's tensors are read in place from the received bytes (``wire.split``)
+# and an answer's gradients written once (``wire.serialize_with_tensors``), instead of through
+# protobuf's copies; below it protobuf's parser and serializer are faster.
+_SPLIT_BYTES = 1024 * 1024
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 WORKER_METADATA_KEY = "remoteloss-worker"  # trailing metadata: which worker process answered (--workers > 1)
@@ -86,50 +95,6 @@ def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
-def recorded(handler: _Handler[LossServicer, _Req, _Resp]) -> _Handler[LossServicer, _Req, _Resp]:
-    """Request metrics, the ``x-request-id`` echo (trailing metadata, also on errors) and one log
-    line per failure, around a handler already wrapped in ``translate_errors``. Each request is
-    recorded before its answer or status goes out, so a scrape after a reply always counts it."""
-
-    @functools.wraps(handler)
-    async def wrapper(
-        self: LossServicer, request: _Req, context: grpc.aio.ServicerContext[_Req, _Resp]
-    ) -> _Resp:
-        sent = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), None)
-        record = RequestRecord(self._metrics, request, request_id(sent if isinstance(sent, str) else None))
-        context.set_trailing_metadata(((REQUEST_ID_KEY, record.request_id),))
-        try:
-            response = await handler(self, request, _RecordingContext(context, record))  # type: ignore[arg-type]
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            record.finish("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
-            raise
-        except BaseException:  # after an abort, which recorded it; anything else is recorded here
-            code = context.code()
-            record.finish(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", details=context.details() or "")
-            raise
-        record.finish("OK", response if isinstance(response, Message) else None)
-        return response
-
-    return wrapper
-
-
-class _RecordingContext:
-    """A handler's context whose ``abort`` records the status in the request's record first."""
-
-    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], record: RequestRecord) -> None:
-        self._context = context
-        self._record = record
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any, **kwargs: Any) -> NoReturn:
-        self._record.finish(code.name, details=details)
-        await self._context.abort(code, details, *args, **kwargs)
-        raise AssertionError("context.abort returned")  # pragma: no cover
-
-
 @dataclass(frozen=True)
 class UndecodableRequest:
     """Bytes that do not parse as the request message; the handler answers INVALID_ARGUMENT
@@ -161,9 +126,33 @@ def _stream_id(message_type: type[Message], data: bytes) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class Received:
+    """A request as the handler got it: the parsed message (or why it did not parse), its size on
+    the wire, and, for a large one, where its tensors' bytes lie in the received bytes."""
+
+    message: Message | UndecodableRequest
+    size: int
+    payloads: wire.Payloads | None = None
+
+
+def receive(data: bytes, message_type: type[Message]) -> Received:
+    """Parse ``data``. From ``_SPLIT_BYTES`` on, the tensors' bytes are not copied into the
+    message: ``wire.split`` leaves them where they are, and the loss reads them there."""
+    try:
+        if len(data) >= _SPLIT_BYTES:
+            stripped, payloads = wire.split(data, message_type.DESCRIPTOR)
+            return Received(message_type.FromString(stripped), len(data), payloads)
+        return Received(message_type.FromString(data), len(data))
+    except DecodeError as exc:
+        reason = UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc), _stream_id(message_type, data))
+        return Received(reason, len(data))
+
+
 def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` as the generated ``add_LossServiceServicer_to_server`` does, with
-    deserializers that let undecodable bytes reach ``translate_errors``."""
+    """Register ``servicer`` as the generated ``add_LossServiceServicer_to_server`` does, except
+    that Compute and ComputeStream take and give bytes (they parse and serialize themselves, see
+    ``receive``), and ListLosses's deserializer lets undecodable bytes reach ``translate_errors``."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["LossService"].methods:
         request_type: type[Message] = getattr(pb, method.input_type.name)
@@ -172,13 +161,17 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
         if streams not in ((True, True), (False, False)):  # pragma: no cover - the schema has no such RPC
             raise TypeError(f"{method.name}: one-sided streaming is not wired")
         make = grpc.stream_stream_rpc_method_handler if streams[0] else grpc.unary_unary_rpc_method_handler
+        raw = method.name in _RAW_METHODS
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=_lenient(request_type),
-            response_serializer=response_type.SerializeToString,
+            request_deserializer=None if raw else _lenient(request_type),
+            response_serializer=None if raw else response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+
+_RAW_METHODS = frozenset({"Compute", "ComputeStream"})
 
 
 class LossServicer(loss_pb2_grpc.LossServiceServicer):
@@ -209,34 +202,49 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         self._max_elements = max_elements  # tensor elements a request may imply; None: no limit
         self._max_request_elements = max_request_elements  # declared by one request in all; None: no limit
         self._admission = admission  # bounds the requests in flight; None: no bound
+        codec.allow_read_only_buffers()  # now, before any compute thread records warnings
 
-    @recorded
-    @translate_errors
-    async def Compute(
-        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext[pb.ComputeRequest, pb.ComputeResponse]
-    ) -> pb.ComputeResponse:
-        _add_trailing_metadata(context, self._worker)
-        return await self._compute(request, context)
+    async def Compute(self, data: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        """One serialized ComputeRequest in, one serialized ComputeResponse out. Each request is
+        recorded (metrics, the ``x-request-id`` echo as trailing metadata, one log line per
+        failure) before its answer or status goes out, so a scrape after a reply always counts it."""
+        received = receive(data, pb.ComputeRequest)
+        parsed = isinstance(received.message, Message)
+        record = RequestRecord(
+            self._metrics, loss_label(received.message), _request_id(context), received.size if parsed else None
+        )
+        context.set_trailing_metadata(((REQUEST_ID_KEY, record.request_id), *self._worker))
+        try:
+            response = await self._compute(received, record, context)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            record.finish("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+            raise
+        except Exception as exc:
+            code, details = status_of(exc, "Compute")
+            record.finish(code.name, details=details)
+            await context.abort(code, details)
+            raise AssertionError("context.abort returned") from None  # pragma: no cover
+        record.finish("OK", len(response))
+        return response
 
     stream_window = 64  # unanswered requests per ComputeStream; no more are read until one is answered
 
     async def ComputeStream(
-        self,
-        requests: AsyncIterator[pb.ComputeStreamRequest | UndecodableRequest],
-        context: grpc.aio.ServicerContext[pb.ComputeStreamRequest, pb.ComputeStreamResponse],
-    ) -> AsyncIterator[pb.ComputeStreamResponse]:
-        """Each item through ``_compute``, ``stream_window`` at a time, answered as each finishes.
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        """Each serialized ComputeStreamRequest through ``_compute``, ``stream_window`` at a time,
+        answered (a serialized ComputeStreamResponse) as each finishes.
 
         An item's failure is its answer's ``error``; only an item whose id cannot be read, or a
         failure of the stream itself, ends the stream. Each item is recorded as one request, with
         the request id ``<the stream's x-request-id>/<item id>``.
         """
-        sent = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), None)
-        stream_id = request_id(sent if isinstance(sent, str) else None)
+        stream_id = _request_id(context)
         _add_trailing_metadata(context, ((REQUEST_ID_KEY, stream_id), *self._worker))
 
-        def respond(item: pb.ComputeStreamRequest | UndecodableRequest) -> Awaitable[pb.ComputeStreamResponse]:
-            return self._stream_item(item, context, stream_id)
+        def respond(data: bytes) -> Awaitable[bytes]:
+            return self._stream_item(data, context, stream_id)
 
         try:
             answers = bounded_map(requests, respond, self.stream_window)
@@ -247,17 +255,18 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         except Exception as exc:
             await context.abort(*status_of(exc, "ComputeStream"))
 
-    async def _stream_item(
-        self,
-        item: pb.ComputeStreamRequest | UndecodableRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
-        stream_id: str,
-    ) -> pb.ComputeStreamResponse:
+    async def _stream_item(self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], stream_id: str) -> bytes:
         """One item's answer, an error included; raises only for an undecodable item without an id."""
+        received = receive(data, pb.ComputeStreamRequest)
+        item = received.message
+        assert isinstance(item, pb.ComputeStreamRequest | UndecodableRequest)
         if isinstance(item, UndecodableRequest) and item.id is None:
             raise InvalidArgumentError(f"the request is not a valid {item.type_name}: {item.reason}")
         inner = item.request if isinstance(item, pb.ComputeStreamRequest) else item
-        record = RequestRecord(self._metrics, inner, f"{stream_id}/{item.id}")
+        record = RequestRecord(
+            self._metrics, loss_label(inner), f"{stream_id}/{item.id}",
+            received.size if isinstance(item, Message) else None,
+        )
         try:
             if isinstance(item, UndecodableRequest):
                 raise InvalidArgumentError(f"the request is not a valid {item.type_name}: {item.reason}")
@@ -267,34 +276,45 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
                     f"the stream request holds field {unknown[0].field_number}, which this server does not know; "
                     "it may come from a newer client"
                 )
-            response = await self._compute(item.request, context)
+            response = await self._compute(Received(item.request, received.size, received.payloads), record, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             record.finish("CANCELLED")
             raise
         except Exception as exc:
             code, message = status_of(exc, "ComputeStream")
             record.finish(code.name, details=message)
-            return pb.ComputeStreamResponse(id=item.id or 0, error=pb.Error(code=code.value[0], message=message))
-        record.finish("OK", response)
-        return pb.ComputeStreamResponse(id=item.id, response=response)
+            error = pb.Error(code=code.value[0], message=message)
+            return pb.ComputeStreamResponse(id=item.id or 0, error=error).SerializeToString()
+        record.finish("OK", len(response))
+        # ComputeStreamResponse{id, response} written around the answer's bytes, not re-parsed.
+        return pb.ComputeStreamResponse(id=item.id).SerializeToString() + wire.length_delimited(2, response)
 
     async def _compute(
-        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ComputeResponse:
-        """One request, from checks to answer: the path of Compute and of every ComputeStream item.
+        self, received: Received, record: RequestRecord, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """One request, from checks to serialized answer: the path of Compute and of every
+        ComputeStream item.
 
-        Raises the domain errors of ``errors``; never aborts ``context``, which a stream's items share.
+        Raises the domain errors of ``errors``; never aborts the call, which a stream's items share.
         A saturated server (``admission``) refuses it first, with RESOURCE_EXHAUSTED; its place is
         freed when it is answered, fails or is cancelled.
         """
+        request = received.message
+        if isinstance(request, UndecodableRequest):
+            raise InvalidArgumentError(f"the request is not a valid {request.type_name}: {request.reason}")
+        assert isinstance(request, pb.ComputeRequest)
         if self._admission is None:
-            return await self._compute_admitted(request, context)
-        with self._admission.admit(request.ByteSize()):
-            return await self._compute_admitted(request, context)
+            return await self._compute_admitted(request, received, record, context)
+        with self._admission.admit(received.size):
+            return await self._compute_admitted(request, received, record, context)
 
     async def _compute_admitted(
-        self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ComputeResponse:
+        self,
+        request: pb.ComputeRequest,
+        received: Received,
+        record: RequestRecord,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> bytes:
         unknown = _unknown_field(request)
         if unknown is not None:
             raise UnimplementedError(
@@ -305,19 +325,31 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             raise InvalidArgumentError("no loss set in the request")
         if name not in LOSSES:
             raise UnimplementedError(f"{name} is not served here")
-        check_request_elements(name, request, self._max_request_elements)  # from shapes, before decoding
+        # From the shapes, before decoding: the loss's arguments (counted in the metrics) and grad_output.
+        record.elements = request_elements(getattr(request, name))
+        incoming = request_elements(request.grad_output) if request.HasField("grad_output") else 0
+        check_elements(name, record.elements + incoming, self._max_request_elements)
+        payloads = received.payloads
         if self._batcher is None:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._compute_blocking, name, request)
-        large = request.ByteSize() > _INLINE_BYTES
+            return await loop.run_in_executor(self._pool, self._compute_blocking, name, request, payloads)
+        large = received.size > _INLINE_BYTES
         limit = self._max_elements
         call, grad_output = (
-            await asyncio.to_thread(_prepare, name, request, limit) if large else _prepare(name, request, limit)
+            await asyncio.to_thread(_prepare, name, request, limit, payloads)
+            if large
+            else _prepare(name, request, limit, payloads)
         )
         remaining = context.time_remaining()
         deadline = None if remaining is None else self._batcher.clock() + remaining
-        result = await self._batcher.submit(call, grad_output, deadline)
-        return await asyncio.to_thread(_response, result) if large else _response(result)
+        # Alone in the server, a request has nothing to wait for: the batcher may compute it at once.
+        # One turn of the event loop first lets requests that arrived with it show themselves.
+        lone = False
+        if self._admission is not None and self._admission.requests == 1:
+            await asyncio.sleep(0)
+            lone = self._admission.requests == 1
+        result = await self._batcher.submit(call, grad_output, deadline, lone=lone)
+        return await asyncio.to_thread(_serialize, result) if large else _serialize(result)
 
     @translate_errors
     async def ListLosses(
@@ -327,33 +359,44 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
     ) -> pb.ListLossesResponse:
         return self._catalog
 
-    def _compute_blocking(self, name: str, request: pb.ComputeRequest) -> pb.ComputeResponse:
-        """Decode, validate, compute and encode; runs on a compute thread."""
-        return _response(self._executor.run(*_prepare(name, request, self._max_elements)))
+    def _compute_blocking(self, name: str, request: pb.ComputeRequest, payloads: wire.Payloads | None) -> bytes:
+        """Decode, validate, compute and serialize; runs on a compute thread."""
+        return _serialize(self._executor.run(*_prepare(name, request, self._max_elements, payloads)))
 
 
 def _prepare(
-    name: str, request: pb.ComputeRequest, max_elements: int | None = None
+    name: str, request: pb.ComputeRequest, max_elements: int | None = None, payloads: wire.Payloads | None = None
 ) -> tuple[Call, torch.Tensor | None]:
     """The validated call (its tensors on the host) and the decoded grad_output."""
-    call = LOSSES[name].prepare(getattr(request, name), "cpu", max_elements=max_elements)
+    call = LOSSES[name].prepare(getattr(request, name), "cpu", max_elements=max_elements, payloads=payloads)
     grad_output = None
     if request.HasField("grad_output"):
+        sent = request.grad_output
         try:
             grad_output = codec.decode_torch(
-                request.grad_output, "grad_output", max_elements=max_elements, max_dims=MAX_DIMS
+                sent, "grad_output", max_elements=max_elements, max_dims=MAX_DIMS,
+                data=None if payloads is None else payloads.resolve(sent.data),
             )
         except ValueError as exc:
             raise InvalidArgumentError(f"{name}: {exc}") from None
     return call, grad_output
 
 
-def _response(result: Result) -> pb.ComputeResponse:
-    return pb.ComputeResponse(
-        loss=codec.encode(result.loss, name="loss", requires_grad=False),
-        gradients={k: codec.encode(v, name=k, requires_grad=False) for k, v in result.gradients.items()},
-        warnings=result.warnings,
-    )
+def _serialize(result: Result) -> bytes:
+    """The serialized ComputeResponse; large gradients are written once, straight from the tensors."""
+    response = pb.ComputeResponse(loss=codec.encode(result.loss, name="loss", requires_grad=False),
+                                  warnings=result.warnings)
+    if sum(t.numel() * t.element_size() for t in result.gradients.values()) >= _SPLIT_BYTES:
+        return wire.serialize_with_tensors(response, "gradients", result.gradients)
+    for name, gradient in result.gradients.items():
+        response.gradients[name].CopyFrom(codec.encode(gradient, name=name, requires_grad=False))
+    return response.SerializeToString()
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's ``x-request-id`` when well formed, else a new one."""
+    sent = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), None)
+    return request_id(sent if isinstance(sent, str) else None)
 
 
 def _add_trailing_metadata(

@@ -26,49 +26,44 @@ async def bounded_map(
     reaches the sender through gRPC's flow control. An exception from ``function`` or from
     reading ends the stream with that exception; closing the generator cancels what is in
     flight.
+
+    One reader task feeds the calls; each finished call (and the reader, when it ends) lands in
+    one queue, so each item costs O(1) whatever ``limit`` is.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    iterator = aiter(items)
+    slots = asyncio.Semaphore(limit)
+    finished: asyncio.Queue[asyncio.Future[Any]] = asyncio.Queue()
     running: set[asyncio.Future[_R]] = set()
-    reading: asyncio.Future[tuple[bool, _T]] | None = None
-    exhausted = False
-    try:
+
+    async def read() -> None:
+        iterator = aiter(items)
         while True:
-            if reading is None and not exhausted and len(running) < limit:
-                reading = asyncio.ensure_future(_next(iterator))
-            waiting: set[asyncio.Future[Any]] = set(running)
-            if reading is not None:
-                waiting.add(reading)
-            if not waiting:
+            await slots.acquire()
+            try:
+                item = await anext(iterator)
+            except StopAsyncIteration:
                 return
-            finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if reading is not None and reading in finished:
-                finished.discard(reading)
-                more, item = reading.result()
-                reading = None
-                if more:
-                    running.add(asyncio.ensure_future(function(item)))
-                else:
-                    exhausted = True
-            for task in finished:
-                running.discard(task)
-                result: _R = task.result()
-                yield result
+            call = asyncio.ensure_future(function(item))
+            running.add(call)
+            call.add_done_callback(finished.put_nowait)
+
+    reader = asyncio.ensure_future(read())
+    reader.add_done_callback(finished.put_nowait)
+    reading = True
+    try:
+        while reading or running:
+            done = await finished.get()
+            if done is reader:
+                reading = False
+                done.result()  # the reading's exception, if any, ends the stream
+                continue
+            running.discard(done)
+            result: _R = done.result()
+            yield result
+            slots.release()
     finally:
-        pending: list[asyncio.Future[Any]] = [*running, *([reading] if reading is not None else [])]
+        pending: list[asyncio.Future[Any]] = [*running, reader]
         for task in pending:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-
-
-async def _next(iterator: AsyncIterator[_T]) -> tuple[bool, _T]:
-    """``(True, item)``, or ``(False, _END)`` at the end: a Task cannot end in StopAsyncIteration."""
-    try:
-        return True, await anext(iterator)
-    except StopAsyncIteration:
-        return False, _END  # never used as an item
-
-
-_END: Any = object()
+        await asyncio.gather(*pending, return_exceptions=True)

@@ -12,13 +12,11 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import math
 import os
 import re
 import time
 from collections.abc import Callable
 
-from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from remoteloss.v1 import loss_pb2 as pb
@@ -32,7 +30,6 @@ REQUEST_ID_KEY = "x-request-id"
 # The caller's tenant, set by auth.ApiKeyInterceptor for the RPC's task; None when API keys are off.
 TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("remoteloss_tenant", default=None)
 _REQUEST_ID = re.compile(r"[\w.~:/+=-]{1,128}", re.ASCII)  # UUIDs, ULIDs, base64: bare in a log line
-_TENSOR = pb.Tensor.DESCRIPTOR.full_name
 _BARE = re.compile(r'[^\s"=\\]+')
 # Failures that point at the server rather than at the request get a louder log level.
 _LEVELS = {"INTERNAL": logging.ERROR, "UNKNOWN": logging.ERROR, "DATA_LOSS": logging.ERROR,
@@ -65,38 +62,37 @@ def quote(value: object) -> str:
     return text if _BARE.fullmatch(text) else json.dumps(text)
 
 
-def _elements(message: Message) -> int:
-    """Elements of the tensors set directly in one per-loss message, from their shapes."""
-    return sum(
-        math.prod(value.shape)
-        for field, value in message.ListFields()
-        if field.message_type is not None and field.message_type.full_name == _TENSOR
-    )
-
-
 class RequestRecord:
     """One request from receipt to answer; ``finish`` records it exactly once.
 
-    Created when the handler starts: counts the request in flight and observes its size.
+    Created when the handler starts: counts the request in flight and observes its size in bytes
+    as received (None: not observed, for bytes that did not parse). ``elements``, the tensor
+    elements of the loss's arguments, is set by the handler once it knows them, and counted
+    for answered requests.
     """
 
     def __init__(
-        self, metrics: Metrics, request: object, request_id: str, clock: Callable[[], float] = time.perf_counter
+        self,
+        metrics: Metrics,
+        loss: str,
+        request_id: str,
+        size: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.metrics = metrics
-        self.request = request
         self.request_id = request_id
         self.tenant = TENANT.get()
-        self.loss = loss_label(request)
+        self.loss = loss
+        self.elements = 0
         self._clock = clock
         self._started = clock()
         self._finished = False
         metrics.in_flight.inc()
-        if isinstance(request, Message):
-            metrics.child(metrics.request_bytes, self.loss).observe(request.ByteSize())
+        if size is not None:
+            metrics.child(metrics.request_bytes, loss).observe(size)
 
-    def finish(self, code: str, response: Message | None = None, details: str = "") -> None:
-        """Record the answer: ``code`` is a status code name ("OK" with the ``response``)."""
+    def finish(self, code: str, response_size: int | None = None, details: str = "") -> None:
+        """Record the answer: ``code`` is a status code name ("OK" with the answer's size in bytes)."""
         if self._finished:
             return
         self._finished = True
@@ -105,10 +101,10 @@ class RequestRecord:
         m.in_flight.dec()
         m.child(m.requests, loss, code).inc()
         m.child(m.request_duration, loss, code).observe(duration_s)
-        if response is not None:
-            m.child(m.response_bytes, loss).observe(response.ByteSize())
-            if isinstance(self.request, pb.ComputeRequest) and loss != "none" and loss != "unknown":
-                m.child(m.elements, loss).inc(_elements(getattr(self.request, loss)))
+        if response_size is not None:
+            m.child(m.response_bytes, loss).observe(response_size)
+            if self.elements:
+                m.child(m.elements, loss).inc(self.elements)
         who = "" if self.tenant is None else f" tenant={self.tenant}"  # tenant names are bare words
         if code == "OK":
             logger.debug(

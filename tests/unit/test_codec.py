@@ -146,3 +146,18 @@ def test_max_elements_is_enforced() -> None:
 def test_is_torch_tensor() -> None:
     assert codec.is_torch_tensor(torch.ones(1))
     assert not codec.is_torch_tensor(np.ones(1))
+
+
+def test_decode_torch_over_given_bytes_shares_them_and_warns_nothing() -> None:
+    import warnings
+
+    values = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    message = codec.encode(values)
+    received = bytes(message.data)  # as a server holds a request's bytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = codec.decode_torch(message, "input", data=memoryview(received))
+    torch.testing.assert_close(tensor, values)
+    assert tensor.data_ptr() == np.frombuffer(received, dtype=np.uint8).ctypes.data  # no copy
+    with pytest.raises(ValueError, match="data holds 4 bytes"):
+        codec.decode_torch(message, "input", data=memoryview(received)[:4])

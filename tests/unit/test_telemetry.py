@@ -35,13 +35,14 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
 
 def test_a_successful_request(caplog: pytest.LogCaptureFixture) -> None:
     metrics, clock, request = Metrics(), Clock(), mse_request()
-    record = RequestRecord(metrics, request, "req-1", clock=clock)
+    record = RequestRecord(metrics, loss_label(request), "req-1", request.ByteSize(), clock=clock)
+    record.elements = 12
     assert value(metrics, "remoteloss_requests_in_flight") == 1
     clock.now += 0.25
     response = pb.ComputeResponse(loss=codec.encode(torch.tensor(1.0)))
     with caplog.at_level(logging.DEBUG, logger="remoteloss_server.telemetry"):
-        record.finish("OK", response)
-        record.finish("OK", response)  # a second finish records nothing
+        record.finish("OK", response.ByteSize())
+        record.finish("OK", response.ByteSize())  # a second finish records nothing
     assert value(metrics, "remoteloss_requests_in_flight") == 0
     assert value(metrics, "remoteloss_requests_total", loss="mse_loss", code="OK") == 1
     assert value(metrics, "remoteloss_request_duration_seconds_count", loss="mse_loss", code="OK") == 1
@@ -63,7 +64,8 @@ def test_a_successful_request(caplog: pytest.LogCaptureFixture) -> None:
 def test_a_failed_request_logs_one_line(caplog: pytest.LogCaptureFixture, code: str, level: int) -> None:
     metrics, clock = Metrics(), Clock()
     request = pb.ComputeRequest(nll_loss=pb.NllLoss(input=codec.encode(torch.zeros(2, 3))))
-    record = RequestRecord(metrics, request, "abc", clock=clock)
+    record = RequestRecord(metrics, loss_label(request), "abc", request.ByteSize(), clock=clock)
+    record.elements = 6
     clock.now += 0.0015
     with caplog.at_level(logging.DEBUG, logger="remoteloss_server.telemetry"):
         record.finish(code, details="nll_loss: target is required")
@@ -83,7 +85,9 @@ def test_a_failed_request_logs_one_line(caplog: pytest.LogCaptureFixture, code: 
 
 def test_an_undecodable_request_is_labelled_unknown() -> None:
     metrics = Metrics()
-    RequestRecord(metrics, UndecodableRequest("remoteloss.v1.ComputeRequest", "bad"), "x").finish("INVALID_ARGUMENT")
+    RequestRecord(metrics, loss_label(UndecodableRequest("remoteloss.v1.ComputeRequest", "bad")), "x").finish(
+        "INVALID_ARGUMENT"
+    )
     assert value(metrics, "remoteloss_requests_total", loss="unknown", code="INVALID_ARGUMENT") == 1
     assert value(metrics, "remoteloss_request_bytes_count", loss="unknown") is None
 

@@ -26,6 +26,7 @@ from remoteloss_server.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from remoteloss_server.losses.batching import BatchRule
+    from remoteloss_server.wire import Payloads
 
 __all__ = [
     "ANY",
@@ -183,13 +184,21 @@ class LossSpec:
         assert isinstance(message_type, Descriptor)
         return message_type
 
-    def prepare(self, message: Message, device: torch.device | str, *, max_elements: int | None = None) -> Call:
+    def prepare(
+        self,
+        message: Message,
+        device: torch.device | str,
+        *,
+        max_elements: int | None = None,
+        payloads: Payloads | None = None,
+    ) -> Call:
         """Decode and validate one per-loss message; raise InvalidArgumentError naming the argument.
 
         ``max_elements`` bounds every tensor sent and every one its arguments imply (a broadcast,
-        linear_cross_entropy's logits, ctc_loss's alignment table); None: no bound.
+        linear_cross_entropy's logits, ctc_loss's alignment table); None: no bound. ``payloads``:
+        the message came from ``wire.split``, and its tensors' bytes are read there, in place.
         """
-        tensors = self._decode_tensors(message, max_elements)
+        tensors = self._decode_tensors(message, max_elements, payloads)
         requires_grad = tuple(t.name for t in self.tensors if t.name in tensors and _requires_grad(message, t.name))
         options = dict(self._defaults)
         options.update(self._decode_options(message))
@@ -199,16 +208,20 @@ class LossSpec:
         on_device = {name: tensor.to(device) for name, tensor in tensors.items()}
         return Call(self.name, self.function, on_device, options, requires_grad)
 
-    def _decode_tensors(self, message: Message, max_elements: int | None) -> dict[str, torch.Tensor]:
+    def _decode_tensors(
+        self, message: Message, max_elements: int | None, payloads: Payloads | None
+    ) -> dict[str, torch.Tensor]:
         tensors = {}
         for arg in self.tensors:
             if not message.HasField(arg.name):
                 if arg.required:
                     raise InvalidArgumentError(f"{self.name}: {arg.name} is required")
                 continue
+            sent = getattr(message, arg.name)
             try:
                 tensor = codec.decode_torch(
-                    getattr(message, arg.name), arg.name, max_elements=max_elements, max_dims=MAX_DIMS
+                    sent, arg.name, max_elements=max_elements, max_dims=MAX_DIMS,
+                    data=None if payloads is None else payloads.resolve(sent.data),
                 )
             except ValueError as exc:
                 raise InvalidArgumentError(f"{self.name}: {exc}") from None
