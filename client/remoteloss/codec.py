@@ -111,12 +111,16 @@ def _encode_torch(tensor: torch.Tensor, name: str, requires_grad: bool | None) -
         raise ValueError(f"{name}: {exc}") from None
     if tensor.layout != torch.strided:
         raise ValueError(f"{name}: {tensor.layout} tensors cannot be sent; call .to_dense() first")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if DTYPES[code].itemsize > 1:
-        # Reinterpret as plain integers of the same width, which numpy can always view.
-        view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[DTYPES[code].itemsize]
-        flat = flat.view(view)
-    data = flat.numpy().astype(f"<{flat.numpy().dtype.char}", copy=False).tobytes() if not _LITTLE else flat.numpy().tobytes()
+    if _LITTLE and tensor.device.type == "cpu" and DTYPES[code].numpy is not None:
+        data = tensor.detach().resolve_neg().numpy().tobytes()  # numpy writes C order, strided or not
+    else:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if DTYPES[code].itemsize > 1:
+            # Reinterpret as plain integers of the same width, which numpy can always view.
+            view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[DTYPES[code].itemsize]
+            flat = flat.view(view)
+        array = flat.numpy()
+        data = array.tobytes() if _LITTLE else array.astype(f"<{array.dtype.char}", copy=False).tobytes()
     grad = tensor.requires_grad if requires_grad is None else requires_grad
     return pb.Tensor(dtype=code, shape=tuple(tensor.shape), data=data, requires_grad=bool(grad))
 

@@ -147,13 +147,12 @@ class Batcher:
         """
         if self._closed or self._loop_task is None or self._wakeup is None:
             raise UnavailableError("the server is shutting down" if self._closed else "the batcher is not running")
-        if lone and not self._groups and not self._computing and self._delay <= 0:
+        if lone and self.idle_for(call):
             elements = sum(t.numel() for t in call.tensors.values())
-            if elements <= self._inline_elements:
-                item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
-                             asyncio.get_running_loop().create_future())
-                self._compute_inline([item], acquired=False)
-                return item.future.result()
+            item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
+                         asyncio.get_running_loop().create_future())
+            self._compute_inline([item], acquired=False)
+            return item.future.result()
         rule = LOSSES[call.loss].batch if self._batching else None
         plan = None
         if rule is not None:  # a large call's key (digests of shared tensors) is made off the loop
@@ -179,6 +178,13 @@ class Batcher:
         except asyncio.CancelledError:  # the caller went away: free its place in the queue now
             self._forget(key, group, item)
             raise
+
+    def idle_for(self, call: Call) -> bool:
+        """Whether ``submit(call, lone=True)`` would compute it at once: nothing is queued or
+        computing, no batch delay is set, and the call is small enough for the event loop."""
+        if self._groups or self._computing or self._delay > 0 or self._closed:
+            return False
+        return sum(t.numel() for t in call.tensors.values()) <= self._inline_elements
 
     def _forget(self, key: Hashable, group: _Group, item: _Item) -> None:
         """Take a cancelled call out of the queue, unless a batch has taken it already."""

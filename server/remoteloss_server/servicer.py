@@ -345,7 +345,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         # Alone in the server, a request has nothing to wait for: the batcher may compute it at once.
         # One turn of the event loop first lets requests that arrived with it show themselves.
         lone = False
-        if self._admission is not None and self._admission.requests == 1:
+        if self._admission is not None and self._admission.requests == 1 and self._batcher.idle_for(call):
             await asyncio.sleep(0)
             lone = self._admission.requests == 1
         result = await self._batcher.submit(call, grad_output, deadline, lone=lone)

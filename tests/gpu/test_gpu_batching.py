@@ -135,3 +135,29 @@ def test_a_gpu_server_batches_concurrent_requests() -> None:
     for value, x, y in zip(values, inputs, targets, strict=True):
         expected = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y))
         np.testing.assert_allclose(value, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_gpu_server_reads_large_requests_in_place() -> None:
+    """Requests over the split size: tensors over the received bytes, staged to the GPU, and
+    gradients written once; equal to torch on the CPU, alone and batched with a second caller."""
+    config = ServerConfig(host="127.0.0.1", port=0, device="cuda", metrics_port=0, shutdown_grace_s=0.5)
+    rows = 2048  # 2048 x 512 float32: 4 MiB per tensor
+    inputs = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    targets = [torch.randint(0, 512, (rows,), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+
+    def remote(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = pair[0].clone().requires_grad_()
+        value = client.cross_entropy(x, pair[1], label_smoothing=0.1)
+        value.backward()
+        assert x.grad is not None
+        return value.detach(), x.grad
+
+    with ServerThread(config) as server, remoteloss.Client(server.target) as client:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            answers = list(pool.map(remote, zip(inputs, targets, strict=True)))
+    for (value, grad), x, y in zip(answers, inputs, targets, strict=True):
+        leaf = x.clone().requires_grad_()
+        expected = F.cross_entropy(leaf, y, label_smoothing=0.1)
+        expected.backward()
+        torch.testing.assert_close(value, expected.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-7)

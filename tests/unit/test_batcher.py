@@ -108,6 +108,51 @@ def test_a_lone_call_runs_at_once_and_gets_its_result() -> None:
     assert runner.sizes() == [1]
 
 
+class InlineRunner(Runner):
+    inline_elements = 16  # batches this small compute on the event loop, as a CPU executor's do
+
+
+def test_a_lone_call_on_an_idle_batcher_is_computed_on_the_spot() -> None:
+    runner = InlineRunner()
+
+    async def test(batcher: Batcher) -> None:
+        call = mse(value=1.0)
+        assert batcher.idle_for(call) and not batcher.idle_for(mse(rows=5))  # 20 elements: too many
+        submitted = batcher.submit(call, lone=True)
+        with pytest.raises(StopIteration) as finished:  # it never waits: no queue, no hop
+            submitted.send(None)
+        assert float(finished.value.value.loss) == 4.0
+
+    metrics = run(test, runner)
+    assert runner.sizes() == [1]
+    assert metrics.registry.get_sample_value("remoteloss_batch_requests_count", {"loss": "mse_loss"}) == 1
+
+
+def test_a_lone_call_queues_behind_a_busy_batcher_and_batches() -> None:
+    runner = InlineRunner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = asyncio.create_task(batcher.submit(mse(rows=5, loss="l1_loss")))  # on a compute thread
+        await asyncio.to_thread(runner.started.wait, 10)
+        calls = [mse(value=i) for i in range(3)]
+        assert not batcher.idle_for(calls[0])
+        tasks = [asyncio.create_task(batcher.submit(call, lone=True)) for call in calls]
+        await settle()
+        assert batcher.queued == 3
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+
+    run(test, runner)
+    assert runner.sizes() == [1, 3]
+
+
+def test_a_batch_delay_turns_the_spot_computation_off() -> None:
+    async def test(batcher: Batcher) -> None:
+        assert not batcher.idle_for(mse())
+
+    run(test, InlineRunner(), max_batch_delay_s=0.01)
+
+
 def test_what_queued_while_a_batch_computed_forms_the_next_batch() -> None:
     runner = Runner(hold=True)
 
