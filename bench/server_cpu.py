@@ -1,0 +1,58 @@
+"""Server CPU time per request under 64 callers: remoteloss against the echo and floor servers.
+
+    python bench/server_cpu.py [--rounds 2] [--duration 4]
+
+Throughput alone mixes the server's cost with the client's (both share the machine); this reads
+the server processes' own CPU time (user + system, every thread: gRPC's poller and the compute
+threads too) around one ``remoteloss bench --concurrency 64`` level of small forward requests,
+and prints it per request, round by round. What remoteloss costs beyond the floor server is its
+own Python path; what the floor costs beyond the echo is parsing, decoding and torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from servers import Client, Fleet, Server
+
+
+def _cpu_seconds(server: Server) -> float:
+    ticks = 0
+    for pid in server.pids():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the line)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=4.0)
+    args = parser.parse_args()
+    client = Client()
+    with tempfile.TemporaryDirectory(prefix="remoteloss-cpu-") as folder, Fleet() as fleet:
+        logs = Path(folder)
+        servers = [
+            Server.echo_server("echo", logs=logs),
+            Server.floor_server("floor-inline", logs=logs),
+            Server.remoteloss("remoteloss", logs=logs),
+        ]
+        fleet.start(*servers)
+        for server in servers:
+            client.bench(server, duration_s=1.0)  # warm up: first requests, torch's first call
+        print("round  server          req/s   server CPU us/request")
+        for round_ in range(1, args.rounds + 1):
+            for server in servers:
+                before = _cpu_seconds(server)
+                level = client.bench(server, concurrency=64, duration_s=args.duration, warmup_s=0)["level"]
+                used = _cpu_seconds(server) - before
+                # The level counts requests in its window; a few in flight at its edges are not counted.
+                print(f"{round_:5d}  {server.name:14s} {level['throughput_rps']:6.0f}   "
+                      f"{used / max(level['requests'], 1) * 1e6:8.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Where a small request's time goes inside the server: each stage of its path, in this process.
+
+    python bench/stages.py [--loss mse_loss] [--shape 1000] [--grad]
+
+No transport: the real ``LossServicer.Compute`` is called with the request's bytes and a minimal
+stand-in for gRPC's context, one request at a time (the path a lone caller takes) and 64 at once
+(the path that batches), then each stage alone on the same request. Prints microseconds per
+request (the best of three repeats): a profile in numbers, to set beside the echo and floor
+servers of ``bench/run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import timeit
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from remoteloss import codec
+from remoteloss._bench_payload import build, parse_shape
+from remoteloss.v1 import loss_pb2 as pb
+from remoteloss_server.batcher import Batcher
+from remoteloss_server.config import ServerConfig
+from remoteloss_server.executor import Executor
+from remoteloss_server.limits import Admission, request_elements
+from remoteloss_server.metrics import Metrics
+from remoteloss_server.servicer import LossServicer, _prepare, _serialize, _unknown_field, receive
+from remoteloss_server.telemetry import RequestRecord
+
+
+class _Context:
+    """What the servicer reads of grpc.aio's ServicerContext."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: Any, details: str = "") -> None:
+        raise RuntimeError(f"{code}: {details}")
+
+
+def _per_call(function: Callable[[], object], number: int) -> float:
+    return min(timeit.repeat(function, number=number, repeat=3)) / number * 1e6
+
+
+async def _handler(data: bytes, rounds: int, together: int) -> float:
+    """Microseconds per request through ``Compute``, ``together`` requests at a time."""
+    defaults = ServerConfig()
+    executor = Executor("cpu", defaults.torch_threads)
+    metrics = Metrics()
+    with ThreadPoolExecutor(defaults.compute_threads) as pool:
+        batcher = Batcher(executor, pool, metrics, max_batch_size=defaults.max_batch_size,
+                          max_batch_elements=executor.default_batch_elements)
+        servicer = LossServicer(executor, pool, metrics, batcher=batcher,
+                                admission=Admission(defaults.max_in_flight, defaults.max_in_flight_bytes))
+        await batcher.start()
+        context: Any = _Context()
+        best = float("inf")
+        for _ in range(3):
+            begin = time.perf_counter()
+            for _ in range(rounds):
+                await asyncio.gather(*(servicer.Compute(data, context) for _ in range(together)))
+            best = min(best, (time.perf_counter() - begin) / (rounds * together) * 1e6)
+        await batcher.close()
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--loss", default="mse_loss")
+    parser.add_argument("--shape", type=parse_shape, default=(1000,))
+    parser.add_argument("--grad", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(ServerConfig().torch_threads)
+    data = build(args.loss, args.shape, "float32", grad=args.grad).SerializeToString()
+    request = pb.ComputeRequest.FromString(data)
+    executor = Executor("cpu", 1)
+    call, grad_output = _prepare(args.loss, request)
+    result = executor.run(call, grad_output)
+    metrics = Metrics()
+
+    def record() -> None:
+        entry = RequestRecord(metrics, args.loss, "id", len(data))
+        entry.elements = request_elements(getattr(request, args.loss))
+        entry.finish("OK", 16)
+
+    n = 5000
+    rows = {
+        "Compute, one request at a time (handler to answer bytes)": asyncio.run(_handler(data, n // 10, 1)),
+        "Compute, 64 requests at a time (batched), per request": asyncio.run(_handler(data, n // 640, 64)),
+        "parse and unknown-field check": _per_call(lambda: _unknown_field(receive(data, pb.ComputeRequest).message), n),
+        "decode and validate (prepare, fresh message)": _per_call(
+            lambda: _prepare(args.loss, pb.ComputeRequest.FromString(data)), n),
+        "compute (Executor.run)": _per_call(lambda: executor.run(call, grad_output), n),
+        "  of which torch's loss function alone": _per_call(lambda: call.function(**call.tensors, **call.options), n),
+        "serialize the answer": _per_call(lambda: _serialize(result), n),
+        "  of which encoding the loss value": _per_call(
+            lambda: codec.encode(result.loss, name="loss", requires_grad=False), n),
+        "metrics and log record": _per_call(record, n),
+    }
+    grad = " + gradient" if args.grad else ""
+    print(f"{args.loss} {'x'.join(map(str, args.shape))} float32{grad}, {len(data)} B: us per request")
+    for name, value in rows.items():
+        print(f"{value:9.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
