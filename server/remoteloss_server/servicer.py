@@ -106,11 +106,10 @@ class UndecodableRequest:
 
 
 def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
+    """A request deserializer that lets undecodable bytes reach the handler."""
+
     def deserialize(data: bytes) -> Message | UndecodableRequest:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc), _stream_id(message_type, data))
+        return receive(data, message_type).message
 
     return deserialize
 
