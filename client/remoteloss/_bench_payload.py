@@ -26,7 +26,7 @@ import numpy as np
 from remoteloss._request import LOSS_NAMES, build_request, tensor_names
 from remoteloss.v1 import loss_pb2 as pb
 
-__all__ = ["DTYPES", "build", "parse_shape"]
+__all__ = ["DTYPES", "arguments", "build", "parse_shape"]
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -54,15 +54,20 @@ def build(loss: str, shape: tuple[int, ...], dtype: str, *, grad: bool, seed: in
 
     Raises ValueError for an unknown loss or dtype, or a shape the loss cannot take.
     """
+    main = tensor_names(loss)[0]
+    return build_request(loss, arguments(loss, shape, dtype, seed=seed), wrt=(main,) if grad else ())
+
+
+def arguments(loss: str, shape: tuple[int, ...], dtype: str, *, seed: int = 0) -> dict[str, Any]:
+    """The arguments of ``build``'s request (floating arrays of bfloat16 are torch tensors).
+    Raises as ``build``."""
     if loss not in LOSS_NAMES:
         raise ValueError(f"loss must be one of {', '.join(LOSS_NAMES)}; got {loss!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     rng = np.random.default_rng(seed)
     arrays = _MAKERS.get(loss, _elementwise)(rng, shape)
-    floating = {name: _cast(value, dtype) if _is_float(value) else value for name, value in arrays.items()}
-    main = tensor_names(loss)[0]
-    return build_request(loss, floating, wrt=(main,) if grad else ())
+    return {name: _cast(value, dtype) if _is_float(value) else value for name, value in arrays.items()}
 
 
 def _is_float(value: Any) -> bool:

@@ -19,7 +19,8 @@ import numpy as np
 from remoteloss import codec
 from remoteloss._errors import InternalServerError, InvalidArgumentError
 from remoteloss._losses import LossMethods
-from remoteloss._request import LOSS_NAMES, build_request, tensor_names
+from remoteloss._request import LOSS_NAMES, Request, prepare_request, tensor_names
+from remoteloss._transport import Answer
 from remoteloss.v1 import loss_pb2 as pb
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["Backward", "Plan", "plan_loss", "plan_value_and_grad", "warn"]
 
 # A blocking Compute: what autograd's backward uses when it needs a second call.
-Backward = Callable[[pb.ComputeRequest], pb.ComputeResponse]
+Backward = Callable[[Request], Answer]
 
 
 @dataclass(frozen=True)
@@ -37,26 +38,26 @@ class Plan:
 
     loss: str
     arguments: dict[str, Any]
-    request: pb.ComputeRequest
+    request: Request
     wrt: tuple[str, ...]  # the gradients the request asks for
     autograd: bool  # the result is a torch tensor with a grad_fn over the torch arguments
     value_and_grad: bool  # the result is (loss, {name: gradient})
 
-    def finish(self, response: pb.ComputeResponse, backward: Backward) -> Any:
-        """The result of ``response``; ``backward`` serves autograd's second call, if one is needed.
+    def finish(self, answer: Answer, backward: Backward) -> Any:
+        """The result of ``answer``; ``backward`` serves autograd's second call, if one is needed.
 
         The server's warnings are the caller's to re-raise (``warn``), where the user called.
         """
         if self.value_and_grad:
-            return results(response, self.loss, self.arguments, self.wrt)
+            return results(answer, self.loss, self.arguments, self.wrt)
         if not self.autograd:
-            return results(response, self.loss, self.arguments, ())[0]
+            return results(answer, self.loss, self.arguments, ())[0]
         import torch
 
         from remoteloss import _autograd
 
         tensors = torch_arguments(self.loss, self.arguments)
-        call = _RemoteCall(self, response, backward, tuple(tensors))
+        call = _RemoteCall(self, answer, backward, tuple(tensors))
         with torch.enable_grad():  # the request was planned with grad enabled; keep it for the node
             return _autograd.apply(call, list(tensors.values()))
 
@@ -72,7 +73,7 @@ def plan_loss(loss: str, arguments: dict[str, Any]) -> Plan:
 
         if torch.is_grad_enabled():
             wrt = tuple(name for name, tensor in tensors.items() if tensor.requires_grad)
-    request = build_request(loss, arguments, wrt=wrt)
+    request = prepare_request(loss, arguments, wrt=wrt)
     return Plan(loss, arguments, request, wrt, autograd=bool(wrt), value_and_grad=False)
 
 
@@ -91,8 +92,8 @@ def plan_value_and_grad(
     bound.apply_defaults()
     arguments = {name: value for name, value in bound.arguments.items() if name != "self"}
     names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
-    request = build_request(loss_name, arguments, wrt=names, grad_output=grad_output)
-    message = getattr(request, loss_name)
+    request = prepare_request(loss_name, arguments, wrt=names, grad_output=grad_output)
+    message = getattr(request.message, loss_name)
     for name in names:
         if name not in tensor_names(loss_name) or not message.HasField(name):
             raise InvalidArgumentError(
@@ -105,14 +106,14 @@ def plan_value_and_grad(
 class _RemoteCall:
     """The ``RemoteCall`` of ``_autograd``: forward is the answer already received."""
 
-    def __init__(self, plan: Plan, response: pb.ComputeResponse, backward: Backward, names: tuple[str, ...]):
+    def __init__(self, plan: Plan, answer: Answer, backward: Backward, names: tuple[str, ...]):
         self.plan = plan
-        self.response = response
+        self.answer = answer
         self.send = backward
         self.names = names
 
     def forward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, gradients = results(self.response, self.plan.loss, self.plan.arguments, self.plan.wrt)
+        loss, gradients = results(self.answer, self.plan.loss, self.plan.arguments, self.plan.wrt)
         return loss, gradients
 
     def backward(
@@ -120,9 +121,10 @@ class _RemoteCall:
     ) -> dict[str, torch.Tensor]:
         loss = self.plan.loss
         arguments = {**self.plan.arguments, **dict(zip(self.names, tensors, strict=True))}
-        response = self.send(build_request(loss, arguments, wrt=wrt, grad_output=grad_output))
-        warn((text for text in response.warnings if text not in self.response.warnings), stacklevel=1)
-        gradients: dict[str, torch.Tensor] = results(response, loss, arguments, wrt)[1]
+        answer = self.send(prepare_request(loss, arguments, wrt=wrt, grad_output=grad_output))
+        seen = self.answer.message.warnings
+        warn((text for text in answer.message.warnings if text not in seen), stacklevel=1)
+        gradients: dict[str, torch.Tensor] = results(answer, loss, arguments, wrt)[1]
         return gradients
 
 
@@ -137,36 +139,42 @@ def torch_arguments(loss: str, arguments: dict[str, Any]) -> dict[str, torch.Ten
 
 
 def results(
-    response: pb.ComputeResponse, loss: str, arguments: dict[str, Any], wrt: Iterable[str]
+    answer: Answer, loss: str, arguments: dict[str, Any], wrt: Iterable[str]
 ) -> tuple[Any, dict[str, Any]]:
     """The loss and the gradients for ``wrt``: numpy arrays, or torch tensors when any tensor
-    argument is one (the loss on the first one's device, each gradient on its argument's)."""
+    argument is one (the loss on the first one's device, each gradient on its argument's). Each
+    owns its memory (one copy of the answer's bytes) and is writable."""
+    response = answer.message
     tensors = torch_arguments(loss, arguments)
     gradients = {name: response.gradients[name] for name in wrt if name in response.gradients}
     missing = [name for name in wrt if name not in gradients]
     if missing:
         raise InternalServerError(f"{loss}: the server's answer lacks the gradients of {missing}")
     if not tensors:
-        return _numpy(response.loss, loss, "loss"), {n: _numpy(g, loss, n) for n, g in gradients.items()}
+        return _numpy(answer, response.loss, loss, "loss"), {
+            n: _numpy(answer, g, loss, n) for n, g in gradients.items()
+        }
     first = next(iter(tensors.values()))
     placements = {n: (t.device, t.dtype) for n, t in tensors.items()}
-    return _torch(response.loss, loss, "loss", first.device), {
-        n: _torch(g, loss, n, *placements.get(n, (first.device, None))) for n, g in gradients.items()
+    return _torch(answer, response.loss, loss, "loss", first.device), {
+        n: _torch(answer, g, loss, n, *placements.get(n, (first.device, None))) for n, g in gradients.items()
     }
 
 
-def _numpy(message: pb.Tensor, loss: str, name: str) -> np.ndarray[Any, Any]:
+def _numpy(answer: Answer, message: pb.Tensor, loss: str, name: str) -> np.ndarray[Any, Any]:
     try:
-        return codec.decode_numpy(message, name).copy()  # writable, like torch's results
+        return codec.decode_numpy(message, name, data=answer.data(message)).copy()  # writable, like torch's results
     except ValueError as exc:
         raise InternalServerError(f"{loss}: the server's answer is malformed: {exc}") from exc
 
 
 def _torch(
-    message: pb.Tensor, loss: str, name: str, device: torch.device, dtype: torch.dtype | None = None
+    answer: Answer, message: pb.Tensor, loss: str, name: str, device: torch.device, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     try:
-        tensor = codec.decode_torch(message, name)
+        view = answer.data(message)
+        # A view of the received bytes becomes a bytearray of the tensor's own: writable, one copy.
+        tensor = codec.decode_torch(message, name, data=None if view is None else bytearray(view))
     except ValueError as exc:
         raise InternalServerError(f"{loss}: the server's answer is malformed: {exc}") from exc
     return tensor.to(device=device, dtype=dtype)

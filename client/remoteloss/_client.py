@@ -20,8 +20,9 @@ from remoteloss._calls import plan_loss, plan_value_and_grad, warn
 from remoteloss._channel import Pem, api_key_metadata, create_aio_channel, create_channel, tls_credentials
 from remoteloss._errors import _error_from_rpc
 from remoteloss._losses import LossMethods
+from remoteloss._request import Request
+from remoteloss._transport import Answer, Stub
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss.v1 import loss_pb2_grpc
 
 if TYPE_CHECKING:
     from remoteloss._stream import AsyncStream, Stream
@@ -52,28 +53,28 @@ class _Connection:
         self._options = tuple(options)
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
-        self._stub: Any = None
+        self._stub: Stub | None = None
         self._aio_channel: grpc.aio.Channel | None = None
-        self._aio_stub: Any = None
+        self._aio_stub: Stub | None = None
         self.closed = False
 
-    def stub(self) -> Any:
-        """The ``LossServiceStub`` on the blocking channel."""
+    def stub(self) -> Stub:
+        """The ``Stub`` on the blocking channel."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("the client is closed")
             if self._stub is None:
                 self._channel = create_channel(self._target, credentials=self._credentials, options=self._options)
-                self._stub = loss_pb2_grpc.LossServiceStub(self._channel)  # type: ignore[no-untyped-call]
+                self._stub = Stub(self._channel)
             return self._stub
 
-    def aio_stub(self) -> Any:
-        """The ``LossServiceStub`` on the ``grpc.aio`` channel; call it from the event loop."""
+    def aio_stub(self) -> Stub:
+        """The ``Stub`` on the ``grpc.aio`` channel; call it from the event loop."""
         if self.closed:
             raise RuntimeError("the client is closed")
         if self._aio_stub is None:
             self._aio_channel = create_aio_channel(self._target, credentials=self._credentials, options=self._options)
-            self._aio_stub = loss_pb2_grpc.LossServiceStub(self._aio_channel)  # type: ignore[no-untyped-call]
+            self._aio_stub = Stub(self._aio_channel)
         return self._aio_stub
 
     def close(self) -> None:
@@ -217,9 +218,9 @@ class Client(_ClientBase):
         arrays, or torch tensors (without ``grad_fn``) when any tensor argument is one.
         """
         plan = plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output)
-        response = self._compute_rpc(plan.request)
-        result: tuple[Any, dict[str, Any]] = plan.finish(response, self._compute_rpc)
-        warn(response.warnings, stacklevel=2)  # value_and_grad's caller
+        answer = self._compute_rpc(plan.request)
+        result: tuple[Any, dict[str, Any]] = plan.finish(answer, self._compute_rpc)
+        warn(answer.message.warnings, stacklevel=2)  # value_and_grad's caller
         return result
 
     def stream(self, *, timeout: float | None = None, window: int = DEFAULT_STREAM_WINDOW) -> Stream:
@@ -231,14 +232,14 @@ class Client(_ClientBase):
 
     def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
         plan = plan_loss(loss, arguments)
-        response = self._compute_rpc(plan.request)
-        result = plan.finish(response, self._compute_rpc)
-        warn(response.warnings, stacklevel=3)  # _compute, the loss method, its caller
+        answer = self._compute_rpc(plan.request)
+        result = plan.finish(answer, self._compute_rpc)
+        warn(answer.message.warnings, stacklevel=3)  # _compute, the loss method, its caller
         return result
 
-    def _compute_rpc(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
-        response: pb.ComputeResponse = self._blocking_unary("Compute", request)
-        return response
+    def _compute_rpc(self, request: Request) -> Answer:
+        answer: Answer = self._blocking_unary("Compute", request.serialize())
+        return answer
 
 
 class AsyncClient(_ClientBase):
@@ -284,9 +285,9 @@ class AsyncClient(_ClientBase):
     ) -> tuple[Any, dict[str, Any]]:
         """The loss and its gradients with respect to ``wrt``, in one call; see ``Client.value_and_grad``."""
         plan = plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output)
-        response = await self._compute_rpc(plan.request)
-        result: tuple[Any, dict[str, Any]] = plan.finish(response, self._backward_rpc)
-        warn(response.warnings, stacklevel=2)  # the coroutine awaiting value_and_grad
+        answer = await self._compute_rpc(plan.request)
+        result: tuple[Any, dict[str, Any]] = plan.finish(answer, self._backward_rpc)
+        warn(answer.message.warnings, stacklevel=2)  # the coroutine awaiting value_and_grad
         return result
 
     def stream(self, *, timeout: float | None = None, window: int = DEFAULT_STREAM_WINDOW) -> AsyncStream:
@@ -297,18 +298,18 @@ class AsyncClient(_ClientBase):
 
     async def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
         plan = plan_loss(loss, arguments)
-        response = await self._compute_rpc(plan.request)
-        result = plan.finish(response, self._backward_rpc)
-        warn(response.warnings, stacklevel=2)  # _compute, the coroutine awaiting the loss method
+        answer = await self._compute_rpc(plan.request)
+        result = plan.finish(answer, self._backward_rpc)
+        warn(answer.message.warnings, stacklevel=2)  # _compute, the coroutine awaiting the loss method
         return result
 
-    async def _compute_rpc(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
-        response: pb.ComputeResponse = await self._unary("Compute", request)
-        return response
+    async def _compute_rpc(self, request: Request) -> Answer:
+        answer: Answer = await self._unary("Compute", request.serialize())  # serialized now, not when sent
+        return answer
 
-    def _backward_rpc(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
-        response: pb.ComputeResponse = self._blocking_unary("Compute", request)
-        return response
+    def _backward_rpc(self, request: Request) -> Answer:
+        answer: Answer = self._blocking_unary("Compute", request.serialize())
+        return answer
 
     async def _unary(self, method: str, request: Any) -> Any:
         if self._connection.closed:

@@ -4,6 +4,10 @@ A loss's arguments map onto its message by name, since fields carry torch's argu
 names. Conversions are chosen by field type, never per loss: Tensor fields go through
 the codec, ``Reduction`` takes torch's strings, optional scalars are set only when not
 None, and the two option messages take torch's objects.
+
+What the SDK sends is a ``Request``: from ``SPLIT_BYTES`` of tensor data on, its tensors hold
+placeholders for views of the arguments' memory, and serializing it writes each tensor's
+bytes once (``wire.join``) instead of through protobuf's copies.
 """
 
 from __future__ import annotations
@@ -12,18 +16,19 @@ import functools
 import operator
 import sys
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from remoteloss import codec
+from remoteloss import codec, wire
 from remoteloss._distances import CosineDistance, PairwiseDistance
 from remoteloss._errors import InvalidArgumentError
 from remoteloss.v1 import loss_pb2 as pb
 
-__all__ = ["LOSS_NAMES", "REDUCTIONS", "build_request", "tensor_names"]
+__all__ = ["LOSS_NAMES", "REDUCTIONS", "SPLIT_BYTES", "Request", "build_request", "prepare_request", "tensor_names"]
 
 LOSS_NAMES: tuple[str, ...] = tuple(f.name for f in pb.ComputeRequest.DESCRIPTOR.oneofs_by_name["loss"].fields)
 
@@ -34,8 +39,38 @@ REDUCTIONS: dict[str, int] = {
     if value.number != pb.REDUCTION_UNSPECIFIED
 }
 
+# From this many bytes of tensor data on, a request's tensors are written once, from the arguments'
+# memory, and an answer's read in place (as the server does from its servicer._SPLIT_BYTES on);
+# below it protobuf's own serializer and parser are faster.
+SPLIT_BYTES = 1024 * 1024
+
 _TENSOR = pb.Tensor.DESCRIPTOR
 _FLOAT_SUFFIX = "_float"  # `var_float`: the float form of the Tensor field `var`
+
+_Tensors = list[tuple[pb.Tensor, memoryview]]  # the Tensors of a request, each with its data, not yet set
+
+
+@dataclass(frozen=True)
+class Request:
+    """A ``ComputeRequest`` ready to send: ``message``, in which, when ``payloads`` is not None,
+    each non-empty Tensor's data is a placeholder of ``payloads`` (a view of an argument's memory,
+    or of a copy of it)."""
+
+    message: pb.ComputeRequest
+    payloads: wire.Payloads | None = None
+
+    def serialize(self) -> bytes:
+        """The serialized ``ComputeRequest``, the tensors' bytes in place of their placeholders."""
+        return self._serialize(self.message, pb.ComputeRequest.DESCRIPTOR)
+
+    def serialize_item(self, key: int) -> bytes:
+        """The serialized ``ComputeStreamRequest(id=key, request=...)`` that carries it on a stream."""
+        item = pb.ComputeStreamRequest(id=key, request=self.message)
+        return self._serialize(item, pb.ComputeStreamRequest.DESCRIPTOR)
+
+    def _serialize(self, message: Message, descriptor: Any) -> bytes:
+        data = message.SerializeToString()
+        return data if self.payloads is None else wire.join(data, descriptor, self.payloads)
 
 
 @functools.cache
@@ -52,27 +87,57 @@ def build_request(
     wrt: Collection[str] = (),
     grad_output: Any = None,
 ) -> pb.ComputeRequest:
-    """The request computing ``loss(**arguments)`` and the gradients for ``wrt``.
+    """The request computing ``loss(**arguments)`` and the gradients for ``wrt``, every tensor's
+    bytes in it.
 
     Raises InvalidArgumentError for a bad value and TypeError for a value of the wrong kind.
     """
+    return _build(loss, arguments, wrt, grad_output, split_bytes=None).message
+
+
+def prepare_request(
+    loss: str,
+    arguments: Mapping[str, Any],
+    *,
+    wrt: Collection[str] = (),
+    grad_output: Any = None,
+) -> Request:
+    """``build_request``'s request, ready to send: from ``SPLIT_BYTES`` of tensor data on, its
+    tensors' bytes are left where they are until it is serialized. Raises as ``build_request``."""
+    return _build(loss, arguments, wrt, grad_output, split_bytes=SPLIT_BYTES)
+
+
+def _build(
+    loss: str, arguments: Mapping[str, Any], wrt: Collection[str], grad_output: Any, split_bytes: int | None
+) -> Request:
     request = pb.ComputeRequest()
     message = getattr(request, loss)
     message.SetInParent()  # selects the loss even when every argument is a default
+    tensors: _Tensors = []
     try:
         for name, value in arguments.items():
             if value is not None:
-                _set(loss, message, name, value, requires_grad=name in wrt)
+                _set(loss, message, name, value, requires_grad=name in wrt, tensors=tensors)
         if grad_output is not None:
-            request.grad_output.CopyFrom(codec.encode(grad_output, name="grad_output", requires_grad=False))
+            head, data = codec.encode_view(grad_output, name="grad_output", requires_grad=False)
+            request.grad_output.CopyFrom(head)
+            tensors.append((request.grad_output, data))
     except ValueError as exc:
         if isinstance(exc, InvalidArgumentError):
             raise
         raise InvalidArgumentError(f"{loss}: {exc}") from exc
-    return request
+    if split_bytes is None or sum(data.nbytes for _, data in tensors) < split_bytes:
+        for tensor, data in tensors:
+            tensor.data = data.tobytes()
+        return Request(request)
+    payloads = wire.Payloads()
+    for tensor, data in tensors:
+        if data.nbytes:  # an empty bytes field is never written
+            tensor.data = payloads.add(data)
+    return Request(request, payloads)
 
 
-def _set(loss: str, message: Message, name: str, value: Any, *, requires_grad: bool) -> None:
+def _set(loss: str, message: Message, name: str, value: Any, *, requires_grad: bool, tensors: _Tensors) -> None:
     fields = message.DESCRIPTOR.fields_by_name
     field = fields.get(name)
     if field is None:
@@ -81,7 +146,9 @@ def _set(loss: str, message: Message, name: str, value: Any, *, requires_grad: b
         if name + _FLOAT_SUFFIX in fields and _is_real_number(value):
             setattr(message, name + _FLOAT_SUFFIX, float(value))
         else:
-            getattr(message, name).CopyFrom(_tensor(name, value, requires_grad))
+            head, data = _tensor(name, value, requires_grad)
+            getattr(message, name).CopyFrom(head)
+            tensors.append((getattr(message, name), data))
     elif field.enum_type is pb.Reduction.DESCRIPTOR:
         setattr(message, name, _reduction(loss, value))
     elif field.message_type is not None:
@@ -94,15 +161,15 @@ def _set(loss: str, message: Message, name: str, value: Any, *, requires_grad: b
             raise ValueError(f"{name}: {exc}") from None
 
 
-def _tensor(name: str, value: Any, requires_grad: bool) -> pb.Tensor:
+def _tensor(name: str, value: Any, requires_grad: bool) -> tuple[pb.Tensor, memoryview]:
     if name.endswith("_lengths") and not (codec.is_torch_tensor(value) or isinstance(value, np.ndarray)):
         lengths = np.asarray(value)  # a tuple or list, as torch accepts for ctc_loss
         if lengths.dtype.kind not in "iu":
             raise ValueError(f"{name}: lengths must be integers, got {lengths.dtype}")
         value = lengths.astype(np.int64)
-    tensor = codec.encode(value, name=name, requires_grad=requires_grad)
-    codec.check_tensor(tensor, name)  # a requires_grad on integers fails here, not remotely
-    return tensor
+    head, data = codec.encode_view(value, name=name, requires_grad=requires_grad)
+    codec.check_tensor(head, name, data=data)  # a requires_grad on integers fails here, not remotely
+    return head, data
 
 
 def _reduction(loss: str, value: Any) -> int:

@@ -30,7 +30,10 @@ from remoteloss._errors import (
     _error_from_rpc,
 )
 from remoteloss._losses import LossMethods
+from remoteloss._request import Request
+from remoteloss._transport import Answer
 from remoteloss.v1 import loss_pb2 as pb
+from remoteloss.wire import Payloads
 
 if TYPE_CHECKING:
     from remoteloss._client import AsyncClient, Client
@@ -60,12 +63,12 @@ class LossFuture(concurrent.futures.Future[Any]):
         self.set_running_or_notify_cancel()
 
     def result(self, timeout: float | None = None) -> Any:
-        response: pb.ComputeResponse = super().result(timeout)
+        answer: Answer = super().result(timeout)
         with self._finish_lock:
             if not self._finished:
-                self._value = self._plan.finish(response, self._backward)
+                self._value = self._plan.finish(answer, self._backward)
                 self._finished = True
-                warn(response.warnings, stacklevel=2)  # result's caller
+                warn(answer.message.warnings, stacklevel=2)  # result's caller
         return self._value
 
 
@@ -127,7 +130,7 @@ class Stream(_StreamBase):
         self._client = client
         self._room = threading.Condition()
         self._pending: dict[int, LossFuture] = {}
-        self._outbox: queue.SimpleQueue[pb.ComputeStreamRequest | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # serialized items
         stub = client._connection.stub()
         self._call = stub.ComputeStream(self._requests(), timeout=timeout, metadata=client._metadata)
         self._reader = threading.Thread(target=self._read, name="remoteloss-stream", daemon=True)
@@ -159,29 +162,30 @@ class Stream(_StreamBase):
 
     def _submit(self, make_plan: Callable[[], Plan]) -> LossFuture:
         plan = make_plan()  # a bad argument raises here, in the caller, as a direct call would
+        key = next(self._ids)
+        item = plan.request.serialize_item(key)  # now: the arguments may change once this returns
         with self._room:
             while len(self._pending) >= self._window and self._failure is None and not self._closed:
                 self._room.wait()
             self._check_open()
-            key = next(self._ids)
             future = LossFuture(plan, self._client._compute_rpc)
             self._pending[key] = future
-            self._outbox.put(pb.ComputeStreamRequest(id=key, request=plan.request))
+            self._outbox.put(item)
         return future
 
-    def _requests(self) -> Iterator[pb.ComputeStreamRequest]:
+    def _requests(self) -> Iterator[bytes]:
         while (request := self._outbox.get()) is not None:
             yield request
 
     def _read(self) -> None:
         failure: LossServiceError | None = None
         try:
-            for answer in self._call:
+            for answer, payloads in self._call:
                 with self._room:
                     future = self._pending.pop(answer.id, None)
                     self._room.notify()
                 if future is not None:
-                    outcome = _outcome(answer)
+                    outcome = _outcome(answer, payloads)
                     if isinstance(outcome, LossServiceError):
                         future.set_exception(outcome)
                     else:
@@ -218,8 +222,8 @@ class AsyncStream(_StreamBase):
         super().__init__(timeout, window)
         self._client = client
         self._slots = asyncio.Semaphore(window)
-        self._pending: dict[int, asyncio.Future[pb.ComputeResponse]] = {}
-        self._outbox: asyncio.Queue[pb.ComputeStreamRequest | None] = asyncio.Queue()
+        self._pending: dict[int, asyncio.Future[Answer]] = {}
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # serialized items
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -254,12 +258,12 @@ class AsyncStream(_StreamBase):
 
     async def _submit(self, make_plan: Callable[[], Plan]) -> Any:
         plan = make_plan()  # a bad argument raises when awaited, as on AsyncClient
-        response = await self._send(plan.request)
-        result = plan.finish(response, self._client._backward_rpc)
-        warn(response.warnings, stacklevel=2)  # _submit, the coroutine awaiting the loss method
+        answer = await self._send(plan.request)
+        result = plan.finish(answer, self._client._backward_rpc)
+        warn(answer.message.warnings, stacklevel=2)  # _submit, the coroutine awaiting the loss method
         return result
 
-    async def _send(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
+    async def _send(self, request: Request) -> Answer:
         async with self._slots:
             self._check_open()
             if self._call is None:
@@ -270,9 +274,9 @@ class AsyncStream(_StreamBase):
             key = next(self._ids)
             answer = asyncio.get_running_loop().create_future()
             self._pending[key] = answer
-            self._outbox.put_nowait(pb.ComputeStreamRequest(id=key, request=request))
+            self._outbox.put_nowait(request.serialize_item(key))
             try:
-                response: pb.ComputeResponse = await answer
+                response: Answer = await answer
                 return response
             finally:
                 self._pending.pop(key, None)
@@ -293,10 +297,11 @@ class AsyncStream(_StreamBase):
     async def _read(self, call: Any) -> None:
         failure: LossServiceError | None = None
         try:
-            while (answer := await call.read()) is not _EOF:
+            while (item := await call.read()) is not _EOF:
+                answer, payloads = item
                 future = self._pending.pop(answer.id, None)
                 if future is not None and not future.done():  # not done: its caller may have gone
-                    outcome = _outcome(answer)
+                    outcome = _outcome(answer, payloads)
                     if isinstance(outcome, LossServiceError):
                         future.set_exception(outcome)
                     else:
@@ -323,11 +328,11 @@ class AsyncStream(_StreamBase):
                     future.set_exception(_copy(failure))
 
 
-def _outcome(answer: pb.ComputeStreamResponse) -> pb.ComputeResponse | LossServiceError:
+def _outcome(answer: pb.ComputeStreamResponse, payloads: Payloads | None) -> Answer | LossServiceError:
     """The answer's response, or the exception a unary call would have raised for its error."""
     kind = answer.WhichOneof("result")
     if kind == "response":
-        return answer.response
+        return Answer(answer.response, payloads)
     if kind == "error":
         return _error_from_code(_CODES.get(answer.error.code, grpc.StatusCode.UNKNOWN), answer.error.message)
     return InternalServerError(f"the stream's answer {answer.id} holds neither a response nor an error")

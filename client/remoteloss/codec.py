@@ -33,6 +33,7 @@ __all__ = [
     "decode_torch",
     "dtype_from_torch",
     "encode",
+    "encode_view",
     "is_torch_tensor",
 ]
 
@@ -88,8 +89,24 @@ def encode(value: Any, *, name: str = "tensor", requires_grad: bool | None = Non
     A torch tensor keeps its dtype (bfloat16 included) and, unless overridden, its
     requires_grad. Python floats become float32 and ints int64, as torch.tensor does.
     """
+    code, shape, array, grad = _prepare(value, name, requires_grad)
+    return pb.Tensor(dtype=code, shape=shape, data=array.tobytes(), requires_grad=grad)
+
+
+def encode_view(value: Any, *, name: str = "tensor", requires_grad: bool | None = None) -> tuple[pb.Tensor, memoryview]:
+    """What ``encode`` gives, but for its ``data``: the message without it, and the bytes it would
+    hold as a flat read-only view, of ``value``'s own memory where that already is little-endian
+    and C-contiguous (else of a copy). The view is valid while ``value`` is left unchanged."""
+    code, shape, array, grad = _prepare(value, name, requires_grad)
+    data = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data.toreadonly()
+    return pb.Tensor(dtype=code, shape=shape, requires_grad=grad), data
+
+
+def _prepare(value: Any, name: str, requires_grad: bool | None) -> tuple[pb.DType, tuple[int, ...], Any, bool]:
+    """The wire dtype, the shape, a little-endian numpy array holding the data (a view of
+    ``value`` where it can be, C-contiguous or not; bfloat16 as int16), and requires_grad."""
     if is_torch_tensor(value):
-        return _encode_torch(value, name, requires_grad)
+        return _prepare_torch(value, name, requires_grad)
     array = np.asarray(value)
     if array.dtype == np.float64 and not isinstance(value, np.ndarray | np.generic):
         array = array.astype(np.float32)  # a Python float list, like torch.tensor([...])
@@ -98,11 +115,12 @@ def encode(value: Any, *, name: str = "tensor", requires_grad: bool | None = Non
         raise ValueError(f"{name}: numpy dtype {array.dtype} cannot be sent")
     info = DTYPES[code]
     assert info.numpy is not None
-    data = np.ascontiguousarray(array, dtype=info.numpy).tobytes()
-    return pb.Tensor(dtype=code, shape=array.shape, data=data, requires_grad=bool(requires_grad))
+    return code, array.shape, np.ascontiguousarray(array, dtype=info.numpy), bool(requires_grad)
 
 
-def _encode_torch(tensor: torch.Tensor, name: str, requires_grad: bool | None) -> pb.Tensor:
+def _prepare_torch(
+    tensor: torch.Tensor, name: str, requires_grad: bool | None
+) -> tuple[pb.DType, tuple[int, ...], Any, bool]:
     import torch
 
     try:
@@ -112,7 +130,7 @@ def _encode_torch(tensor: torch.Tensor, name: str, requires_grad: bool | None) -
     if tensor.layout != torch.strided:
         raise ValueError(f"{name}: {tensor.layout} tensors cannot be sent; call .to_dense() first")
     if _LITTLE and tensor.device.type == "cpu" and DTYPES[code].numpy is not None:
-        data = tensor.detach().resolve_neg().numpy().tobytes()  # numpy writes C order, strided or not
+        array = tensor.detach().resolve_neg().numpy()  # strided or not: tobytes writes C order
     else:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         if DTYPES[code].itemsize > 1:
@@ -120,9 +138,10 @@ def _encode_torch(tensor: torch.Tensor, name: str, requires_grad: bool | None) -
             view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[DTYPES[code].itemsize]
             flat = flat.view(view)
         array = flat.numpy()
-        data = array.tobytes() if _LITTLE else array.astype(f"<{array.dtype.char}", copy=False).tobytes()
+        if not _LITTLE:
+            array = array.astype(f"<{array.dtype.char}")
     grad = tensor.requires_grad if requires_grad is None else requires_grad
-    return pb.Tensor(dtype=code, shape=tuple(tensor.shape), data=data, requires_grad=bool(grad))
+    return code, tuple(tensor.shape), array, bool(grad)
 
 
 def check_tensor(
@@ -131,7 +150,7 @@ def check_tensor(
     *,
     max_elements: int | None = None,
     max_dims: int | None = None,
-    data: bytes | memoryview | None = None,
+    data: bytes | bytearray | memoryview | None = None,
 ) -> DTypeInfo:
     """Check a message's dtype, shape and byte length; return its dtype info.
 
@@ -167,13 +186,17 @@ def check_tensor(
     return info
 
 
-def decode_numpy(message: pb.Tensor, name: str = "tensor") -> np.ndarray[Any, Any]:
-    """Decode to a numpy array (read-only, sharing the message's bytes).
+def decode_numpy(
+    message: pb.Tensor, name: str = "tensor", *, data: bytes | bytearray | memoryview | None = None
+) -> np.ndarray[Any, Any]:
+    """Decode to a numpy array (read-only, sharing the message's bytes, or ``data``, which then
+    stands for ``message.data``).
 
     bfloat16 has no numpy dtype: it comes back as float32, exactly (bfloat16 is the
     upper half of a float32).
     """
-    data = message.data
+    if data is None:
+        data = message.data
     info = check_tensor(message, name, data=data)
     shape = tuple(message.shape)
     if info.numpy is None:  # bfloat16
@@ -188,13 +211,14 @@ def decode_torch(
     *,
     max_elements: int | None = None,
     max_dims: int | None = None,
-    data: bytes | memoryview | None = None,
+    data: bytes | bytearray | memoryview | None = None,
 ) -> torch.Tensor:
     """Decode to a CPU torch tensor of the message's dtype, without per-element work.
 
     The tensor owns a copy of ``message.data``, so it is writable and outlives the message.
     ``data``, when given, stands for ``message.data`` and is not copied: the tensor shares its
-    memory (read-only when ``data`` is), which is how a server reads a large request in place.
+    memory (read-only when ``data`` is), which is how a server reads a large request in place
+    (and a client gives an answer's large tensor a writable ``bytearray`` of its own).
     ``max_elements`` and ``max_dims`` are as in ``check_tensor``.
     """
     import torch
@@ -208,7 +232,8 @@ def decode_torch(
     if not len(data):
         return torch.empty(shape, dtype=dtype)
     if shared:
-        allow_read_only_buffers()
+        if memoryview(data).readonly:
+            allow_read_only_buffers()
         tensor = torch.frombuffer(data, dtype=dtype)
     else:
         tensor = torch.frombuffer(bytearray(data), dtype=dtype)

@@ -23,13 +23,12 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 from google.protobuf.wrappers_pb2 import UInt64Value
 
-from remoteloss import codec
+from remoteloss import codec, wire
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.errors import InvalidArgumentError, ServiceError, UnimplementedError
 from remoteloss_server.executor import Executor, Result
-from remoteloss_server import wire
 from remoteloss_server.limits import Admission, check_elements, request_elements
 from remoteloss_server.losses import LOSSES, Call, describe_all
 from remoteloss_server.losses.spec import MAX_DIMS

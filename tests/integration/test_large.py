@@ -1,8 +1,10 @@
-"""Requests and answers above the server's split size (1 MiB), whose tensors the server reads in
-place from the received bytes and whose gradients it writes once: the same answers as torch."""
+"""Requests and answers above the split size (1 MiB), whose tensors the server reads in place from
+the received bytes and whose gradients it writes once, and which the SDK writes and reads with one
+copy of each tensor: the same answers as torch, writable, through every client."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -11,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from remoteloss import codec
+import remoteloss
+from remoteloss import _transport, codec, wire
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server import servicer
 
@@ -104,3 +107,120 @@ def test_a_large_request_with_a_wrong_data_length_names_the_argument(channel: gr
     exc = rpc_error(lambda: compute(request.SerializeToString(), timeout=30))
     assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (exc.details() or "").startswith("mse_loss: target: data holds")
+
+
+def _large_pair(seed: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(_ELEMENTS, dtype=np.float32), rng.standard_normal(_ELEMENTS, dtype=np.float32)
+
+
+def _check_numpy(got: Any, expected: torch.Tensor) -> None:
+    assert isinstance(got, np.ndarray) and got.flags.writeable and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+    got += 1  # its own memory
+
+
+def _check_torch(got: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(got.detach(), expected.detach())
+    got.detach().add_(1)  # writable: no read-only buffer behind it (warnings are errors here)
+
+
+def test_large_calls_through_the_client_in_numpy_and_torch(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    joined, read = _spy(monkeypatch)
+    xn, yn = _large_pair(20)
+    x, y = torch.from_numpy(xn), torch.from_numpy(yn)
+    _check_numpy(client.mse_loss(xn, yn, reduction="none"), F.mse_loss(x, y, reduction="none"))
+    loss, gradients = client.value_and_grad("mse_loss", xn, yn, wrt=("input", "target"), reduction="none")
+    leaf, target = x.clone().requires_grad_(), y.clone().requires_grad_()
+    expected = F.mse_loss(leaf, target, reduction="none")
+    expected.sum().backward()
+    _check_numpy(loss, expected)
+    assert leaf.grad is not None and target.grad is not None
+    _check_numpy(gradients["input"], leaf.grad)
+    _check_numpy(gradients["target"], target.grad)
+    remote, local = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = client.huber_loss(remote, y, reduction="none")
+    expected = F.huber_loss(local, y, reduction="none")
+    incoming = torch.from_numpy(_large_pair(21)[0])
+    got.backward(incoming)  # a second call, large, carrying grad_output
+    expected.backward(incoming)
+    _check_torch(got, expected)
+    assert remote.grad is not None and local.grad is not None
+    _check_torch(remote.grad, local.grad)
+    assert len(joined) == 4 and read == [True] * 4  # every request and answer took the large path
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[bool]]:
+    """The sizes of the requests ``wire.join`` writes, and whether each answer was split."""
+    joined: list[int] = []
+    read: list[bool] = []
+    join, read_message = wire.join, _transport._read
+
+    def spy_join(*args: Any) -> bytes:
+        data = join(*args)
+        joined.append(len(data))
+        return data
+
+    def spy_read(*args: Any) -> Any:
+        message, payloads = read_message(*args)
+        read.append(payloads is not None)
+        return message, payloads
+
+    monkeypatch.setattr(wire, "join", spy_join)
+    monkeypatch.setattr(_transport, "_read", spy_read)
+    return joined, read
+
+
+def test_large_calls_through_the_async_client(server: Any) -> None:
+    xn, yn = _large_pair(22)
+    x, y = torch.from_numpy(xn), torch.from_numpy(yn)
+
+    async def main() -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+        async with remoteloss.AsyncClient(server.target) as aclient:
+            numpy_loss = await aclient.l1_loss(xn, yn, reduction="none")
+            _, gradients = await aclient.value_and_grad("l1_loss", xn, yn)
+            leaf = x.clone().requires_grad_()
+            torch_loss = await aclient.mse_loss(leaf, y, reduction="none")
+            torch_loss.backward(torch.from_numpy(yn))  # a second call, on the blocking channel
+            assert leaf.grad is not None
+            return numpy_loss, gradients["input"], torch_loss, leaf.grad
+
+    numpy_loss, numpy_grad, torch_loss, torch_grad = asyncio.run(main())
+    _check_numpy(numpy_loss, F.l1_loss(x, y, reduction="none"))
+    local = x.clone().requires_grad_()
+    F.l1_loss(local, y).backward()
+    assert local.grad is not None
+    _check_numpy(numpy_grad, local.grad)
+    local = x.clone().requires_grad_()
+    expected = F.mse_loss(local, y, reduction="none")
+    expected.backward(y)
+    assert local.grad is not None
+    _check_torch(torch_loss, expected)
+    _check_torch(torch_grad, local.grad)
+
+
+def test_large_answers_on_streams(client: Any, server: Any) -> None:
+    xn, yn = _large_pair(23)
+    x, y = torch.from_numpy(xn.copy()), torch.from_numpy(yn)
+    remote = x.clone().requires_grad_()
+    with client.stream() as stream:
+        numpy_future = stream.mse_loss(xn, yn, reduction="none")
+        torch_future = stream.mse_loss(remote, y, reduction="none")
+        xn[:] = 0  # after the call, before the answer: what is sent was fixed by the call
+    _check_numpy(numpy_future.result(), F.mse_loss(x, y, reduction="none"))
+    got = torch_future.result()
+    local = x.clone().requires_grad_()
+    expected = F.mse_loss(local, y, reduction="none")
+    got.sum().backward()
+    expected.sum().backward()
+    _check_torch(got, expected)
+    assert remote.grad is not None and local.grad is not None
+    _check_torch(remote.grad, local.grad)
+
+    async def main() -> Any:
+        async with remoteloss.AsyncClient(server.target) as aclient, aclient.stream() as astream:
+            return await asyncio.gather(astream.l1_loss(yn, x.numpy(), reduction="none"), astream.l1_loss(yn, yn))
+
+    large, small = asyncio.run(main())
+    _check_numpy(large, F.l1_loss(y, x, reduction="none"))
+    assert small == 0.0

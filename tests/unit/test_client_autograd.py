@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import remoteloss
 from remoteloss import codec
+from remoteloss._request import Request
+from remoteloss._transport import Answer
 from remoteloss.v1 import loss_pb2 as pb
 
 torch.set_num_threads(1)
@@ -53,7 +55,10 @@ class LocalServer:
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> LocalServer:
     local = LocalServer()
-    monkeypatch.setattr(remoteloss.Client, "_compute_rpc", lambda self, request: local(request))
+    def compute_rpc(self: Any, request: Request) -> Answer:
+        return Answer(local(pb.ComputeRequest.FromString(request.serialize())))
+
+    monkeypatch.setattr(remoteloss.Client, "_compute_rpc", compute_rpc)
     return local
 
 

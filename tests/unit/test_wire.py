@@ -1,4 +1,4 @@
-"""remoteloss_server.wire: split agrees with upb's parse, keeps tensors' bytes in place and unknown
+"""remoteloss.wire: split agrees with upb's parse, keeps tensors' bytes in place and unknown
 fields intact, and rejects what upb rejects; serialize_with_tensors gives what the codec gives.
 """
 
@@ -15,11 +15,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, st
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from remoteloss import _bench_payload, codec
+from remoteloss import _bench_payload, codec, wire
 from remoteloss._request import LOSS_NAMES
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss_server import wire
-from remoteloss_server.wire import length_delimited as ld
+from remoteloss.wire import length_delimited as ld
 
 torch.set_num_threads(1)
 
@@ -473,3 +472,89 @@ def test_length_delimited_wraps_a_response() -> None:
     for number in (0, 2**29, -1):
         with pytest.raises(ValueError, match="field_number"):
             ld(number, b"")
+
+
+# --- join ------------------------------------------------------------------------------------
+
+
+def _with_placeholders(message: Message) -> tuple[Message, wire.Payloads]:
+    """A copy of ``message`` whose every Tensor's data is a placeholder for it, as the SDK sends."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    payloads = wire.Payloads()
+    for tensor in _tensors(copy):
+        tensor.data = payloads.add(tensor.data)
+    return copy, payloads
+
+
+def _check_join(message: Message) -> bytes:
+    """``join`` of ``message`` serialized with placeholders: what upb gives for ``message``, byte for byte."""
+    held, payloads = _with_placeholders(message)
+    joined = wire.join(held.SerializeToString(), message.DESCRIPTOR, payloads)
+    assert joined == message.SerializeToString()
+    return joined
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_join_gives_upb_bytes_for_every_loss(loss: str, dtype: str) -> None:
+    request = _bench_payload.build(loss, _SHAPES.get(loss, (3, 4)), dtype, grad=True)
+    request.grad_output.CopyFrom(codec.encode(torch.ones(()), requires_grad=False))  # field 64: 2-byte tag
+    _check_join(request)
+    _check_join(pb.ComputeStreamRequest(id=2**64 - 1, request=request))
+
+
+def test_join_of_nested_options_and_large_lengths() -> None:
+    request = _bench_payload.build("linear_cross_entropy", (300, 40), "float64", grad=True)  # lengths of 3 bytes
+    options = request.linear_cross_entropy.options
+    options.batch_chunk_size = 2
+    options.chunking_method = "none"
+    options.acc_dtype = pb.DTYPE_FLOAT32
+    request.linear_cross_entropy.label_smoothing = 0.1
+    _check_join(request)
+    triplet = _bench_payload.build("triplet_margin_with_distance_loss", (2, 3), "float64", grad=False)
+    triplet.triplet_margin_with_distance_loss.distance_function.pairwise_distance.p = float("inf")
+    _check_join(triplet)
+    _check_join(pb.ComputeStreamRequest(id=7, request=triplet))
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), ()], ids=str)
+def test_join_of_empty_and_scalar_tensors(shape: tuple[int, ...]) -> None:
+    request = pb.ComputeRequest()
+    request.mse_loss.input.CopyFrom(codec.encode(torch.zeros(shape, dtype=torch.bfloat16), requires_grad=True))
+    request.mse_loss.target.SetInParent()  # present, every field default
+    _check_join(request)
+
+
+def test_join_inverts_split() -> None:
+    for data, message_type in _fuzz_seeds():
+        stripped, payloads = wire.split(data, message_type.DESCRIPTOR)
+        joined = wire.join(stripped, message_type.DESCRIPTOR, payloads)
+        assert message_type.FromString(joined) == message_type.FromString(data)
+
+
+def test_join_leaves_a_message_without_tensors_as_it_is() -> None:
+    data = pb.ComputeRequest(mse_loss=pb.MseLoss(reduction=pb.REDUCTION_SUM)).SerializeToString()
+    assert wire.join(data, pb.ComputeRequest.DESCRIPTOR, wire.Payloads()) is data
+    assert wire.join(memoryview(data), pb.ComputeRequest.DESCRIPTOR, wire.Payloads()) == data
+
+
+def test_join_rejects_data_that_is_no_placeholder() -> None:
+    data = pb.ComputeRequest(mse_loss=pb.MseLoss(input=codec.encode(torch.ones(2)))).SerializeToString()
+    with pytest.raises(ValueError, match="placeholder"):
+        wire.join(data, pb.ComputeRequest.DESCRIPTOR, wire.Payloads())
+    with pytest.raises(DecodeError):
+        wire.join(_NESTED[:-1], pb.ComputeRequest.DESCRIPTOR, wire.Payloads())
+
+
+def test_join_copies_the_bytes_once() -> None:
+    request = _bench_payload.build("mse_loss", (1 << 20,), "float32", grad=True)  # 8 MB
+    held, payloads = _with_placeholders(request)
+    stripped = held.SerializeToString()
+    tracemalloc.start()
+    try:
+        data = wire.join(stripped, pb.ComputeRequest.DESCRIPTOR, payloads)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data) - (8 << 20) < 64 and peak < len(data) + (64 << 10)

@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from remoteloss import codec
 from remoteloss._client import Client
 from remoteloss._errors import InternalServerError
-from remoteloss._request import LOSS_NAMES, tensor_names
+from remoteloss._request import LOSS_NAMES, Request, tensor_names
 from remoteloss.cli import UsageError, connection
 from remoteloss.v1 import loss_pb2 as pb
 
@@ -62,10 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     request, wrt = build_request(args.loss, args.arg, args.opt, args.grad, args.grad_output)
     with Client(args.target, timeout=args.timeout, **connection(args)) as client:
-        response = client._compute_rpc(request)
+        answer = client._compute_rpc(Request(request))
+    response = answer.message
     for text in response.warnings:
         print(f"remoteloss: warning: {text}", file=sys.stderr)
-    loss = codec.decode_numpy(response.loss, "loss")
+    loss = codec.decode_numpy(response.loss, "loss", data=answer.data(response.loss))
     written: dict[str, str] = {}
     if wrt:
         args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         if name not in response.gradients:
             raise InternalServerError(f"{args.loss}: the server's answer lacks the gradient of {name!r}")
         path = args.out_dir / f"grad_{name}.npy"
-        np.save(path, codec.decode_numpy(response.gradients[name], f"gradients[{name}]"))
+        gradient = response.gradients[name]
+        np.save(path, codec.decode_numpy(gradient, f"gradients[{name}]", data=answer.data(gradient)))
         written[name] = str(path)
         if not args.json:
             print(f"remoteloss: wrote {path}", file=sys.stderr)

@@ -26,7 +26,7 @@ from remoteloss_server.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from remoteloss_server.losses.batching import BatchRule
-    from remoteloss_server.wire import Payloads
+    from remoteloss.wire import Payloads
 
 __all__ = [
     "ANY",

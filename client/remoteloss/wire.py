@@ -7,19 +7,21 @@ dominate a request. This module works on the wire format itself:
 - ``split`` takes a serialized message and returns it with every ``Tensor.data`` replaced by a
   4-byte placeholder, plus ``Payloads``, which maps each placeholder to a zero-copy view of the
   tensor's bytes in the received buffer;
+- ``join``, its inverse, puts the bytes back in place of the placeholders: a client sets
+  placeholders (``Payloads.add``) as the data of its large tensors, serializes the small message
+  that leaves, and ``join`` copies each tensor's bytes once, into the result;
 - ``serialize_with_tensors`` serializes a message and appends ``map<string, Tensor>`` entries
   built from torch tensors, whose bytes are copied once, into the result.
 
-Both follow the protobuf encoding spec and, where it leaves a choice, what upb does.
+All follow the protobuf encoding spec and, where it leaves a choice, what upb does. Shared by
+the SDK and the server; no grpc, and torch only when ``serialize_with_tensors`` is called.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
@@ -30,7 +32,15 @@ if TYPE_CHECKING:
     import torch
     from google._upb._message import Descriptor as _UpbDescriptor  # how stubs type Message.DESCRIPTOR
 
-__all__ = ["MAX_DEPTH", "PLACEHOLDER_SIZE", "Payloads", "length_delimited", "serialize_with_tensors", "split"]
+__all__ = [
+    "MAX_DEPTH",
+    "PLACEHOLDER_SIZE",
+    "Payloads",
+    "join",
+    "length_delimited",
+    "serialize_with_tensors",
+    "split",
+]
 
 MAX_DEPTH = 100  # nested messages and groups, as upb allows by default
 PLACEHOLDER_SIZE = 4  # bytes of a placeholder: a little-endian payload index
@@ -46,18 +56,17 @@ _MAX_FIELD_NUMBER = (1 << 29) - 1
 _TENSOR = pb.Tensor.DESCRIPTOR
 _DATA = _TENSOR.fields_by_name["data"].number
 _DATA_TAG = bytes([_DATA << 3 | _DELIMITED, PLACEHOLDER_SIZE])
-_DTYPE_TAG = bytes([_TENSOR.fields_by_name["dtype"].number << 3 | _VARINT])
-_SHAPE_TAG = bytes([_TENSOR.fields_by_name["shape"].number << 3 | _DELIMITED])
 _MAP_KEY_TAG = bytes([1 << 3 | _DELIMITED])
 _MAP_VALUE = 2
 _MAP_VALUE_TAG = bytes([_MAP_VALUE << 3 | _DELIMITED])
-_LITTLE = sys.byteorder == "little"
 
 
 class Payloads:
-    """The tensors' bytes of a message stripped by ``split``: one read-only view per placeholder.
+    """The tensors' bytes of a message stripped by ``split``, or to be put back by ``join``: one
+    view per placeholder.
 
-    Each view is a slice of the buffer given to ``split`` and keeps that buffer alive.
+    Each view that ``split`` issues is a read-only slice of the buffer given to it and keeps that
+    buffer alive; ``add`` keeps the buffer it is given.
     """
 
     __slots__ = ("_views",)
@@ -65,12 +74,16 @@ class Payloads:
     def __init__(self) -> None:
         self._views: list[memoryview] = []
 
-    def resolve(self, placeholder: bytes) -> memoryview:
+    def resolve(self, placeholder: bytes | memoryview) -> memoryview:
         """The bytes a placeholder stands for; ValueError for one this object did not issue."""
         index = int.from_bytes(placeholder, "little") if len(placeholder) == PLACEHOLDER_SIZE else -1
         if not 0 <= index < len(self._views):
             raise ValueError(f"{bytes(placeholder[:8])!r} is not a tensor placeholder of this message")
         return self._views[index]
+
+    def add(self, data: bytes | memoryview) -> bytes:
+        """A new placeholder standing for ``data``, which is kept, not copied (for ``join``)."""
+        return _placeholder(self._issue(memoryview(data)))
 
     def __len__(self) -> int:
         return len(self._views)
@@ -116,6 +129,24 @@ def split(data: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor) -> 
     else:
         stripped = b"".join(changed[0])
     return stripped, walk.payloads
+
+
+def join(stripped: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor, payloads: Payloads) -> bytes:
+    """The inverse of ``split``: ``stripped`` (a serialized ``descriptor`` message) with each
+    ``Tensor.data`` placeholder replaced by the bytes it stands for in ``payloads`` and every
+    enclosing length fixed; each tensor's bytes are copied once, into the result.
+
+    A placeholder that stands for no bytes leaves no field, as protobuf writes an empty ``bytes``,
+    so for a message that upb serialized with placeholders as its tensors' data, the result is
+    byte for byte what upb gives for the message holding the bytes themselves. All else is copied
+    through. Raises ValueError for a ``Tensor.data`` that is no placeholder of ``payloads``,
+    DecodeError for bytes that are not a well-formed message.
+    """
+    view = memoryview(stripped).cast("B")
+    joined = _join(view, 0, len(view), _plan(descriptor), payloads, MAX_DEPTH)
+    if joined is None:
+        return stripped if isinstance(stripped, bytes) else view.tobytes()
+    return b"".join(joined[0])
 
 
 def serialize_with_tensors(message: Message, field: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -345,22 +376,10 @@ class _Walk:
                         size += field_start - kept
                     kept = pos
                     data = (body, pos)
-            elif wire_type == _VARINT:
+            elif wire_type == _VARINT:  # the most frequent kind, inline
                 pos = _skip_varint(view, pos, end)
-            elif wire_type == _FIXED64:
-                pos += 8
-                if pos > end:
-                    raise DecodeError(f"truncated fixed64 at byte {field_start}")
-            elif wire_type == _FIXED32:
-                pos += 4
-                if pos > end:
-                    raise DecodeError(f"truncated fixed32 at byte {field_start}")
-            elif wire_type == _START_GROUP:
-                pos = _skip_group(view, pos, end, number, depth - 1)
-            elif wire_type == _END_GROUP:
-                raise DecodeError(f"end-group tag outside a group at byte {field_start}")
             else:
-                raise DecodeError(f"invalid wire type {wire_type} at byte {field_start}")
+                pos = _skip_field(view, pos, end, number, wire_type, field_start, depth)
 
         if stray:
             self._clear(key)  # the entry stays as it came, an unknown field
@@ -396,7 +415,7 @@ class _Walk:
             self.payloads._replace(index, data)
         else:
             return None
-        return _DATA_TAG + index.to_bytes(PLACEHOLDER_SIZE, "little")
+        return _DATA_TAG + _placeholder(index)
 
     def _oneof(
         self, key: _Key, number: int, wire_type: int, member: tuple[int, int, frozenset[int] | None], pos: int, end: int
@@ -425,6 +444,81 @@ class _Walk:
             self.payloads._replace(self.tensors.pop(key), self.view[0:0])
         for slot in [s for s in self.members if s[0][:width] == prefix]:
             del self.members[slot]
+
+
+# --- join ----------------------------------------------------------------------------------
+
+
+def _join(
+    view: memoryview, start: int, end: int, plan: _Plan, payloads: Payloads, depth: int
+) -> tuple[list[_Part], int] | None:
+    """The fields in ``view[start:end]`` with the placeholders resolved, and their size; None
+    when there is none."""
+    parts: list[_Part] = []
+    size = 0
+    kept = start  # where the span not yet in ``parts`` starts
+    pos = start
+    while pos < end:
+        field_start = pos
+        tag, pos = _read_varint(view, pos, end, 5)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type != _DELIMITED:
+            pos = _skip_field(view, pos, end, number, wire_type, field_start, depth)
+            continue
+        length_at = pos
+        length, body = _read_varint(view, pos, end, 5)
+        pos = body + length
+        if pos > end:
+            raise DecodeError(f"length past the end at byte {length_at}")
+        child = plan.children.get(number)
+        if child is not None:
+            if depth <= 0:
+                raise DecodeError(f"nested deeper than {MAX_DEPTH} at byte {field_start}")
+            changed = _join(view, body, pos, child[0], payloads, depth - 1)
+            if changed is None:
+                continue
+            new: list[_Part] = [view[kept:length_at], _varint(changed[1]), *changed[0]]
+            size += length_at - kept + len(new[1]) + changed[1]
+        elif plan.tensor and number == _DATA:
+            data = payloads.resolve(view[body:pos])
+            new = [view[kept:field_start]]
+            size += field_start - kept
+            if data.nbytes:
+                head = view[field_start:length_at].tobytes() + _varint(data.nbytes)
+                new += (head, data)
+                size += len(head) + data.nbytes
+        else:
+            continue
+        parts += new
+        kept = pos
+    if not parts:
+        return None
+    parts.append(view[kept:end])
+    return parts, size + end - kept
+
+
+# --- the wire format -------------------------------------------------------------------------
+
+
+def _placeholder(index: int) -> bytes:
+    return index.to_bytes(PLACEHOLDER_SIZE, "little")
+
+
+def _skip_field(view: memoryview, pos: int, end: int, number: int, wire_type: int, at: int, depth: int) -> int:
+    """The position after the value at ``pos`` of a field that is not length-delimited, whose tag
+    is at ``at``."""
+    if wire_type == _VARINT:
+        return _skip_varint(view, pos, end)
+    if wire_type == _FIXED64 or wire_type == _FIXED32:
+        pos += 8 if wire_type == _FIXED64 else 4
+        if pos > end:
+            raise DecodeError(f"truncated fixed-size field at byte {at}")
+        return pos
+    if wire_type == _START_GROUP:
+        return _skip_group(view, pos, end, number, depth - 1)
+    if wire_type == _END_GROUP:
+        raise DecodeError(f"end-group tag outside a group at byte {at}")
+    raise DecodeError(f"invalid wire type {wire_type} at byte {at}")
 
 
 def _read_varint(view: memoryview, start: int, end: int, limit: int) -> tuple[int, int]:
@@ -462,26 +556,18 @@ def _skip_group(view: memoryview, pos: int, end: int, number: int, depth: int) -
         if tag > _MAX_TAG:
             raise DecodeError(f"tag out of range at byte {tag_at}")
         inner, wire_type = tag >> 3, tag & 7
-        if wire_type == _VARINT:
-            pos = _skip_varint(view, pos, end)
-        elif wire_type == _FIXED64 or wire_type == _FIXED32:
-            pos += 8 if wire_type == _FIXED64 else 4
-            if pos > end:
-                raise DecodeError(f"truncated fixed-size field at byte {tag_at}")
-        elif wire_type == _DELIMITED:
+        if wire_type == _DELIMITED:
             length_at = pos
             length, pos = _read_varint(view, pos, end, 5)
             if length >= _MAX_LENGTH or pos + length > end:
                 raise DecodeError(f"length past the end at byte {length_at}")
             pos += length
-        elif wire_type == _START_GROUP:
-            pos = _skip_group(view, pos, end, inner, depth - 1)
         elif wire_type == _END_GROUP:
             if inner != number:
                 raise DecodeError(f"end-group tag of field {inner} closes field {number} at byte {tag_at}")
             return pos
         else:
-            raise DecodeError(f"invalid wire type {wire_type} at byte {tag_at}")
+            pos = _skip_field(view, pos, end, inner, wire_type, tag_at, depth)
     raise DecodeError(f"group of field {number} not closed")
 
 
@@ -517,26 +603,8 @@ def _tensor_map_number(descriptor: Descriptor, name: str) -> int:
 def _encode_tensor(tensor: torch.Tensor, name: str) -> tuple[bytes, memoryview]:
     """A Tensor message as ``codec.encode(tensor, requires_grad=False)`` serializes it: the
     fields before ``data`` (the data tag and length included), and the data, not copied."""
-    import torch
-
-    try:
-        code = codec.dtype_from_torch(tensor.dtype)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-    if tensor.layout != torch.strided:
-        raise ValueError(f"{name}: {tensor.layout} tensors cannot be sent; call .to_dense() first")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    itemsize = codec.DTYPES[code].itemsize
-    if itemsize > 1:  # same-width integers, which numpy can always view (bfloat16 included)
-        flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize])
-    array = flat.numpy()
-    if not _LITTLE:
-        array = array.astype(array.dtype.newbyteorder("<"))
-    body = array.view(np.uint8).data
-    head = bytearray(_DTYPE_TAG + _varint(code))
-    if tensor.dim():
-        sizes = b"".join(_varint(size) for size in tensor.shape)
-        head += _SHAPE_TAG + _varint(len(sizes)) + sizes
+    message, body = codec.encode_view(tensor, name=name, requires_grad=False)
+    head = message.SerializeToString()  # dtype and shape; requires_grad false, so nothing after data
     if body.nbytes:
         head += _varint(_DATA << 3 | _DELIMITED) + _varint(body.nbytes)
-    return bytes(head), body
+    return head, body
