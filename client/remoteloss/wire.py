@@ -7,29 +7,24 @@ dominate a request. This module works on the wire format itself:
 - ``split`` takes a serialized message and returns it with every ``Tensor.data`` replaced by a
   4-byte placeholder, plus ``Payloads``, which maps each placeholder to a zero-copy view of the
   tensor's bytes in the received buffer;
-- ``join``, its inverse, puts the bytes back in place of the placeholders: a client sets
+- ``join``, its inverse, puts the bytes back in place of the placeholders: a sender sets
   placeholders (``Payloads.add``) as the data of its large tensors, serializes the small message
-  that leaves, and ``join`` copies each tensor's bytes once, into the result;
-- ``serialize_with_tensors`` serializes a message and appends ``map<string, Tensor>`` entries
-  built from torch tensors, whose bytes are copied once, into the result.
+  that leaves, and ``join`` copies each tensor's bytes once, into the result.
 
-All follow the protobuf encoding spec and, where it leaves a choice, what upb does. Shared by
-the SDK and the server; no grpc, and torch only when ``serialize_with_tensors`` is called.
+Both follow the protobuf encoding spec and, where it leaves a choice, what upb does. Shared by
+the SDK (requests out, answers in) and the server (requests in, answers out); no grpc, no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
-from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 
 if TYPE_CHECKING:
-    import torch
     from google._upb._message import Descriptor as _UpbDescriptor  # how stubs type Message.DESCRIPTOR
 
 __all__ = [
@@ -38,7 +33,6 @@ __all__ = [
     "Payloads",
     "join",
     "length_delimited",
-    "serialize_with_tensors",
     "split",
 ]
 
@@ -56,7 +50,6 @@ _MAX_FIELD_NUMBER = (1 << 29) - 1
 _TENSOR = pb.Tensor.DESCRIPTOR
 _DATA = _TENSOR.fields_by_name["data"].number
 _DATA_TAG = bytes([_DATA << 3 | _DELIMITED, PLACEHOLDER_SIZE])
-_MAP_KEY_TAG = bytes([1 << 3 | _DELIMITED])
 _MAP_VALUE = 2
 _MAP_VALUE_TAG = bytes([_MAP_VALUE << 3 | _DELIMITED])
 
@@ -147,29 +140,6 @@ def join(stripped: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor, 
     if joined is None:
         return stripped if isinstance(stripped, bytes) else view.tobytes()
     return b"".join(joined[0])
-
-
-def serialize_with_tensors(message: Message, field: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """``message`` serialized, with one entry of its ``map<string, Tensor>`` ``field`` per tensor.
-
-    Each entry holds what ``codec.encode(tensor, name=name, requires_grad=False)`` gives, and
-    each tensor's bytes are copied once, into the result. ``field`` must be empty in ``message``.
-    Raises ValueError for such a field that is not empty, or a tensor the codec rejects.
-    """
-    number = _tensor_map_number(_checked(message.DESCRIPTOR), field)
-    if len(getattr(message, field)):
-        raise ValueError(f"{field} already has entries; pass all of them in tensors")
-    tag = _varint(number << 3 | _DELIMITED)
-    parts: list[_Part] = [message.SerializeToString()]
-    for name, tensor in tensors.items():
-        head, body = _encode_tensor(tensor, name)
-        key = name.encode()
-        size = len(head) + body.nbytes
-        key_part = _MAP_KEY_TAG + _varint(len(key)) + key
-        value_head = _MAP_VALUE_TAG + _varint(size) + head
-        entry = len(key_part) + len(value_head) + body.nbytes
-        parts += (tag + _varint(entry) + key_part + value_head, body)
-    return b"".join(parts)
 
 
 def length_delimited(field_number: int, payload: bytes) -> bytes:
@@ -582,29 +552,3 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
-
-
-# --- serialize_with_tensors ----------------------------------------------------------------
-
-
-def _tensor_map_number(descriptor: Descriptor, name: str) -> int:
-    """The number of ``descriptor``'s field ``name``, checked to be a ``map<string, Tensor>``."""
-    f = descriptor.fields_by_name.get(name)
-    entry = None if f is None else f.message_type
-    if f is None or entry is None or not entry.GetOptions().map_entry:
-        raise ValueError(f"{descriptor.full_name} has no map field {name!r}")
-    key, value = entry.fields_by_number[1], entry.fields_by_number[_MAP_VALUE]
-    value_type = value.message_type
-    if key.type != FieldDescriptor.TYPE_STRING or value_type is None or value_type.full_name != _TENSOR.full_name:
-        raise ValueError(f"{f.full_name} is not a map<string, {_TENSOR.full_name}>")
-    return f.number
-
-
-def _encode_tensor(tensor: torch.Tensor, name: str) -> tuple[bytes, memoryview]:
-    """A Tensor message as ``codec.encode(tensor, requires_grad=False)`` serializes it: the
-    fields before ``data`` (the data tag and length included), and the data, not copied."""
-    message, body = codec.encode_view(tensor, name=name, requires_grad=False)
-    head = message.SerializeToString()  # dtype and shape; requires_grad false, so nothing after data
-    if body.nbytes:
-        head += _varint(_DATA << 3 | _DELIMITED) + _varint(body.nbytes)
-    return head, body

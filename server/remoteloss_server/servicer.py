@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 # a few MiB the hop to a thread costs more than the work it moves (measured on loopback).
 _INLINE_BYTES = 4 * 1024 * 1024
 # From this size on, a request's tensors are read in place from the received bytes (``wire.split``)
-# and an answer's gradients written once (``wire.serialize_with_tensors``), instead of through
+# and an answer's tensors written once (``wire.join``), instead of through
 # protobuf's copies; below it protobuf's parser and serializer are faster.
 _SPLIT_BYTES = 1024 * 1024
 
@@ -381,14 +381,24 @@ def _prepare(
 
 
 def _serialize(result: Result) -> bytes:
-    """The serialized ComputeResponse; large gradients are written once, straight from the tensors."""
-    response = pb.ComputeResponse(loss=codec.encode(result.loss, name="loss", requires_grad=False),
-                                  warnings=result.warnings)
-    if sum(t.numel() * t.element_size() for t in result.gradients.values()) >= _SPLIT_BYTES:
-        return wire.serialize_with_tensors(response, "gradients", result.gradients)
-    for name, gradient in result.gradients.items():
-        response.gradients[name].CopyFrom(codec.encode(gradient, name=name, requires_grad=False))
-    return response.SerializeToString()
+    """The serialized ComputeResponse. Large tensors are written once, straight from their
+    memory (``wire.join``), instead of through ``tobytes``, the message and its serialization."""
+    tensors = {"loss": result.loss, **result.gradients}
+    if sum(t.numel() * t.element_size() for t in tensors.values()) < _SPLIT_BYTES:
+        response = pb.ComputeResponse(loss=codec.encode(result.loss, name="loss", requires_grad=False),
+                                      warnings=result.warnings)
+        for name, gradient in result.gradients.items():
+            response.gradients[name].CopyFrom(codec.encode(gradient, name=name, requires_grad=False))
+        return response.SerializeToString()
+    payloads = wire.Payloads()
+    messages = {}
+    for name, tensor in tensors.items():
+        message, data = codec.encode_view(tensor, name=name, requires_grad=False)
+        message.data = payloads.add(data)
+        messages[name] = message
+    loss = messages.pop("loss")
+    response = pb.ComputeResponse(loss=loss, gradients=messages, warnings=result.warnings)
+    return wire.join(response.SerializeToString(), pb.ComputeResponse.DESCRIPTOR, payloads)
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:

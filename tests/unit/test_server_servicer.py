@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tracemalloc
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.errors import ResourceExhaustedError
-from remoteloss_server.executor import Executor
+from remoteloss_server import servicer as servicer_module
+from remoteloss_server.executor import Executor, Result
 from remoteloss_server.servicer import LossServicer, UndecodableRequest, _lenient
 
 torch.set_num_threads(1)
@@ -189,3 +191,58 @@ def test_lenient_deserializer() -> None:
     assert parse(mse_request().SerializeToString()) == mse_request()
     undecodable = parse(bytes([2 << 3 | 2, 50, 1, 2]))
     assert isinstance(undecodable, UndecodableRequest) and undecodable.type_name == "remoteloss.v1.ComputeRequest"
+
+
+# ---------------------------------------------------------------------------- large answers
+
+
+def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randint(-(2**40), 2**40, shape, generator=g, dtype=torch.int64).to(dtype)
+
+
+def _upb(result: Result) -> bytes:
+    return pb.ComputeResponse(
+        loss=codec.encode(result.loss, name="loss", requires_grad=False),
+        gradients={name: codec.encode(g, name=name, requires_grad=False) for name, g in result.gradients.items()},
+        warnings=result.warnings,
+    ).SerializeToString()
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (5,), (2, 3)], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool], ids=str
+)
+def test_an_answer_written_in_place_is_what_protobuf_writes(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    monkeypatch.setattr(servicer_module, "_SPLIT_BYTES", 0)  # every answer through wire.join
+    result = Result(_tensor(dtype, shape, seed=2), {"input": _tensor(dtype, shape)}, ["careful"])
+    assert servicer_module._serialize(result) == _upb(result)
+
+
+def test_an_answer_keeps_every_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(servicer_module, "_SPLIT_BYTES", 0)
+    gradients = {
+        "input": torch.randn(4, 5).t(),  # not contiguous
+        "target": torch.randn(3, requires_grad=True) * 2,  # requires_grad, not a leaf
+        "välue": torch.tensor(7, dtype=torch.int64),
+    }
+    result = Result(torch.randn(4), gradients, [])
+    answer = pb.ComputeResponse.FromString(servicer_module._serialize(result))
+    assert answer == pb.ComputeResponse.FromString(_upb(result))
+    assert not answer.loss.requires_grad and not any(t.requires_grad for t in answer.gradients.values())
+
+
+def test_a_large_answer_copies_each_tensor_once() -> None:
+    result = Result(torch.randn(1 << 18), {"input": torch.randn(1 << 18)}, [])  # 1 MiB each
+    tracemalloc.start()
+    try:
+        data = servicer_module._serialize(result)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data == _upb(result)
+    assert peak < len(data) + (64 << 10)

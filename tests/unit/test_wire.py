@@ -1,5 +1,5 @@
 """remoteloss.wire: split agrees with upb's parse, keeps tensors' bytes in place and unknown
-fields intact, and rejects what upb rejects; serialize_with_tensors gives what the codec gives.
+fields intact, and rejects what upb rejects.
 """
 
 from __future__ import annotations
@@ -401,67 +401,6 @@ def test_payloads_resolve_only_their_placeholders() -> None:
     for bad in (b"", b"\x01\x00\x00\x00", b"\x00\x00\x00", b"\x00\x00\x00\x00\x00", codec.encode(torch.ones(2)).data):
         with pytest.raises(ValueError, match="placeholder"):
             payloads.resolve(bad)
-
-
-# --- serialize_with_tensors ------------------------------------------------------------------
-
-
-def _grad(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    if dtype.is_floating_point:
-        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    return torch.randint(-(2**40), 2**40, shape, generator=g, dtype=torch.int64).to(dtype)
-
-
-@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (5,), (2, 3)], ids=str)
-@pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool], ids=str
-)
-def test_serialize_with_tensors_matches_the_codec(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    tensor = _grad(dtype, shape)
-    encoded = codec.encode(tensor, name="input", requires_grad=False)
-    data = wire.serialize_with_tensors(pb.ComputeResponse(), "gradients", {"input": tensor})
-    assert data == pb.ComputeResponse(gradients={"input": encoded}).SerializeToString()
-
-
-def test_serialize_with_tensors_keeps_the_message_and_adds_every_entry() -> None:
-    tensors = {
-        "input": torch.randn(4, 5).t(),  # not contiguous
-        "target": torch.randn(3, requires_grad=True) * 2,  # requires_grad, not a leaf
-        "": torch.zeros(0, dtype=torch.bfloat16),
-        "välue": torch.tensor(7, dtype=torch.int64),
-    }
-    response = pb.ComputeResponse(loss=codec.encode(torch.tensor(0.5)), warnings=["careful"])
-    data = wire.serialize_with_tensors(response, "gradients", tensors)
-    expected = pb.ComputeResponse()
-    expected.CopyFrom(response)
-    for name, tensor in tensors.items():
-        expected.gradients[name].CopyFrom(codec.encode(tensor, name=name, requires_grad=False))
-    assert pb.ComputeResponse.FromString(data) == expected
-    assert not any(t.requires_grad for t in pb.ComputeResponse.FromString(data).gradients.values())
-
-
-def test_serialize_with_tensors_copies_the_bytes_once() -> None:
-    tensor = torch.randn(1 << 20)  # 4 MB
-    tracemalloc.start()
-    try:
-        data = wire.serialize_with_tensors(pb.ComputeResponse(), "gradients", {"input": tensor})
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert len(data) - (4 << 20) < 64 and peak < len(data) + (64 << 10)
-
-
-def test_serialize_with_tensors_rejects() -> None:
-    with pytest.raises(ValueError, match="already has entries"):
-        wire.serialize_with_tensors(pb.ComputeResponse(gradients={"x": pb.Tensor()}), "gradients", {})
-    for field in ("warnings", "loss", "nope"):
-        with pytest.raises(ValueError, match=field):
-            wire.serialize_with_tensors(pb.ComputeResponse(), field, {})
-    with pytest.raises(ValueError, match="^input: dtype complex64"):
-        wire.serialize_with_tensors(pb.ComputeResponse(), "gradients", {"input": torch.zeros(2, dtype=torch.complex64)})
-    with pytest.raises(ValueError, match="^input: .*to_dense"):
-        wire.serialize_with_tensors(pb.ComputeResponse(), "gradients", {"input": torch.eye(2).to_sparse()})
 
 
 def test_length_delimited_wraps_a_response() -> None:
