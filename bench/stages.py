@@ -1,6 +1,6 @@
 """Where a small request's time goes inside the server: each stage of its path, in this process.
 
-    python bench/stages.py [--loss mse_loss] [--shape 1000] [--grad]
+    python bench/stages.py [--loss mse_loss] [--shape 1000] [--grad] [--device cpu]
 
 No transport: the real ``LossServicer.Compute`` is called with the request's bytes and a minimal
 stand-in for gRPC's context, one request at a time (the path a lone caller takes) and 64 at once
@@ -52,10 +52,10 @@ def _per_call(function: Callable[[], object], number: int) -> float:
     return min(timeit.repeat(function, number=number, repeat=3)) / number * 1e6
 
 
-async def _handler(data: bytes, rounds: int, together: int) -> float:
+async def _handler(data: bytes, device: str, rounds: int, together: int) -> float:
     """Microseconds per request through ``Compute``, ``together`` requests at a time."""
     defaults = ServerConfig()
-    executor = Executor("cpu", defaults.torch_threads)
+    executor = Executor(device, defaults.torch_threads)
     metrics = Metrics()
     with ThreadPoolExecutor(defaults.compute_threads) as pool:
         batcher = Batcher(executor, pool, metrics, max_batch_size=defaults.max_batch_size,
@@ -79,11 +79,12 @@ def main() -> None:
     parser.add_argument("--loss", default="mse_loss")
     parser.add_argument("--shape", type=parse_shape, default=(1000,))
     parser.add_argument("--grad", action="store_true")
+    parser.add_argument("--device", default="cpu", help="as the server's --device (default: cpu)")
     args = parser.parse_args()
     torch.set_num_threads(ServerConfig().torch_threads)
     data = build(args.loss, args.shape, "float32", grad=args.grad).SerializeToString()
     request = pb.ComputeRequest.FromString(data)
-    executor = Executor("cpu", 1)
+    executor = Executor(args.device, 1)
     call, grad_output = _prepare(args.loss, request)
     result = executor.run(call, grad_output)
     metrics = Metrics()
@@ -95,20 +96,23 @@ def main() -> None:
 
     n = 5000
     rows = {
-        "Compute, one request at a time (handler to answer bytes)": asyncio.run(_handler(data, n // 10, 1)),
-        "Compute, 64 requests at a time (batched), per request": asyncio.run(_handler(data, n // 640, 64)),
+        "Compute, one request at a time (handler to answer bytes)": asyncio.run(
+            _handler(data, args.device, n // 10, 1)),
+        "Compute, 64 requests at a time (batched), per request": asyncio.run(_handler(data, args.device, n // 640, 64)),
         "parse and unknown-field check": _per_call(lambda: _unknown_field(receive(data, pb.ComputeRequest).message), n),
         "decode and validate (prepare, fresh message)": _per_call(
             lambda: _prepare(args.loss, pb.ComputeRequest.FromString(data)), n),
         "compute (Executor.run)": _per_call(lambda: executor.run(call, grad_output), n),
-        "  of which torch's loss function alone": _per_call(lambda: call.function(**call.tensors, **call.options), n),
+        "  of which torch's loss function alone (on the host)": _per_call(
+            lambda: call.function(**call.tensors, **call.options), n),
         "serialize the answer": _per_call(lambda: _serialize(result), n),
         "  of which encoding the loss value": _per_call(
             lambda: codec.encode(result.loss, name="loss", requires_grad=False), n),
         "metrics and log record": _per_call(record, n),
     }
     grad = " + gradient" if args.grad else ""
-    print(f"{args.loss} {'x'.join(map(str, args.shape))} float32{grad}, {len(data)} B: us per request")
+    print(f"{args.loss} {'x'.join(map(str, args.shape))} float32{grad} on {executor.device}, {len(data)} B: "
+          "us per request")
     for name, value in rows.items():
         print(f"{value:9.1f}  {name}")
 
