@@ -13,7 +13,9 @@ calls (UNAVAILABLE), computes everything queued and returns when the last batch 
 A batch of at most ``executor.inline_elements`` tensor elements (a small batch on a CPU) is
 computed on the event loop itself: it takes less time than the hop to a compute thread and back.
 A call submitted ``lone`` (no other request in flight) that finds the batcher idle is computed
-at once, on the spot, as a batch of one: at low load the queue would only add its hops.
+at once as a batch of one, on the spot or on a compute thread (taking a compute slot, as any
+batch does): at low load the queue would only add its hops. The loop holds a slot only once
+work is queued.
 
 With ``batching=False`` each call is its own batch. Batch keys and the batched computation
 come from each loss's ``BatchRule`` (``losses.batching``) and ``Executor.run_batch``.
@@ -151,8 +153,13 @@ class Batcher:
             elements = sum(t.numel() for t in call.tensors.values())
             item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
                          asyncio.get_running_loop().create_future())
-            self._compute_inline([item], acquired=False)
-            return item.future.result()
+            if elements <= self._inline_elements:
+                self._compute_inline([item], acquired=False)
+                return item.future.result()
+            assert self._slots is not None
+            await self._slots.acquire()  # free (idle_for), so this does not wait
+            self._start_compute([item])  # its own task, as the loop's batches: it keeps the slot
+            return await item.future  # until the thread is done, even if this caller goes away
         rule = LOSSES[call.loss].batch if self._batching else None
         plan = None
         if rule is not None:  # a large call's key (digests of shared tensors) is made off the loop
@@ -180,11 +187,12 @@ class Batcher:
             raise
 
     def idle_for(self, call: Call) -> bool:
-        """Whether ``submit(call, lone=True)`` would compute it at once: nothing is queued or
-        computing, no batch delay is set, and the call is small enough for the event loop."""
-        if self._groups or self._computing or self._delay > 0 or self._closed:
-            return False
-        return sum(t.numel() for t in call.tensors.values()) <= self._inline_elements
+        """Whether ``submit(call, lone=True)`` would compute it at once, without the queue: nothing
+        is queued or computing, a compute slot is free and no batch delay is set. It then computes
+        on the event loop when small enough (``inline_elements``), else straight on a compute thread."""
+        slots = self._slots
+        return not (self._groups or self._computing or self._delay > 0 or self._closed
+                    or slots is None or slots.locked())
 
     def _forget(self, key: Hashable, group: _Group, item: _Item) -> None:
         """Take a cancelled call out of the queue, unless a batch has taken it already."""
@@ -199,8 +207,13 @@ class Batcher:
     # ------------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
-        assert self._slots is not None
+        assert self._slots is not None and self._wakeup is not None
         while True:
+            while not self._groups:  # wait for work without holding a slot, which a lone call may take
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
             await self._slots.acquire()
             try:
                 batch = await self._next_batch()
@@ -213,9 +226,13 @@ class Batcher:
             if self._inline_elements and sum(item.elements for item in batch) <= self._inline_elements:
                 self._compute_inline(batch)
                 continue
-            task = asyncio.create_task(self._compute(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            self._start_compute(batch)
+
+    def _start_compute(self, batch: list[_Item]) -> None:
+        """``_compute(batch)`` as a task of its own, holding an acquired slot until it is done."""
+        task = asyncio.create_task(self._compute(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     async def _next_batch(self) -> list[_Item] | None:
         """The next batch to compute; None once closed with nothing left."""

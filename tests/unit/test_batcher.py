@@ -117,7 +117,7 @@ def test_a_lone_call_on_an_idle_batcher_is_computed_on_the_spot() -> None:
 
     async def test(batcher: Batcher) -> None:
         call = mse(value=1.0)
-        assert batcher.idle_for(call) and not batcher.idle_for(mse(rows=5))  # 20 elements: too many
+        assert batcher.idle_for(call)
         submitted = batcher.submit(call, lone=True)
         with pytest.raises(StopIteration) as finished:  # it never waits: no queue, no hop
             submitted.send(None)
@@ -126,6 +126,27 @@ def test_a_lone_call_on_an_idle_batcher_is_computed_on_the_spot() -> None:
     metrics = run(test, runner)
     assert runner.sizes() == [1]
     assert metrics.registry.get_sample_value("remoteloss_batch_requests_count", {"loss": "mse_loss"}) == 1
+
+
+def test_a_lone_call_too_large_for_the_event_loop_goes_straight_to_a_compute_thread() -> None:
+    runner = InlineRunner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        lone = asyncio.create_task(batcher.submit(mse(rows=5), lone=True))  # 20 elements: on a thread
+        await asyncio.to_thread(runner.started.wait, 10)
+        assert batcher.queued == 0 and not batcher.idle_for(mse())  # never queued; computing now
+        others = [asyncio.create_task(batcher.submit(mse(rows=5, value=i), lone=True)) for i in (1, 2)]
+        await settle()
+        assert batcher.queued == 2  # the lone call holds the only slot: these wait in the queue
+        lone.cancel()  # its caller goes away; the slot stays taken until the thread is done
+        await settle()
+        assert batcher.queued == 2
+        runner.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*others), 5)
+        assert [float(r.loss) for r in results] == [10.0, 20.0]
+
+    run(test, runner)
+    assert runner.sizes() == [1, 2]  # the two queued calls batched
 
 
 def test_a_lone_call_queues_behind_a_busy_batcher_and_batches() -> None:
