@@ -223,9 +223,7 @@ def _level(run: _Run, concurrency: int) -> Level:
 
 
 def _caller(run: _Run, call: Callable[..., Any], payload: Any, timeout_s: float | None) -> None:
-    latencies: list[float] = []
-    failures: list[tuple[str, str]] = []
-    first = last = None
+    tally = _Tally(run)
     try:
         while True:
             start = time.perf_counter()
@@ -235,25 +233,46 @@ def _caller(run: _Run, call: Callable[..., Any], payload: Any, timeout_s: float 
                 call(payload, timeout=timeout_s)
                 failure = None
             except grpc.RpcError as exc:
-                code = exc.code()
-                failure = (code.name if code is not None else "UNKNOWN", str(exc.details()))
-            end = time.perf_counter()
-            if start < run.record_from:
-                continue
-            first = start if first is None else first
-            last = end
-            if failure is None:
-                latencies.append(end - start)
-            else:
-                failures.append(failure)
-                run.failed += 1
-            run.done += 1
+                failure = _failure(exc)
+            tally.add(start, time.perf_counter(), failure)
     finally:
-        with run.lock:
-            run.latencies.extend(latencies)
-            run.failures.extend(failures)
-            if first is not None and last is not None:
-                run.spans.append((first, last))
+        tally.merge()
+
+
+@dataclass
+class _Tally:
+    """One caller's recorded requests; ``merge`` adds them to the run when the caller stops."""
+
+    run: _Run
+    latencies: list[float] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    first: float | None = None  # the first recorded start
+    last: float | None = None  # the last recorded end
+
+    def add(self, start: float, end: float, failure: tuple[str, str] | None) -> None:
+        """One request, unless it started before the run records."""
+        if start < self.run.record_from:
+            return
+        self.first = start if self.first is None else self.first
+        self.last = end
+        if failure is None:
+            self.latencies.append(end - start)
+        else:
+            self.failures.append(failure)
+            self.run.failed += 1
+        self.run.done += 1
+
+    def merge(self) -> None:
+        with self.run.lock:
+            self.run.latencies.extend(self.latencies)
+            self.run.failures.extend(self.failures)
+            if self.first is not None and self.last is not None:
+                self.run.spans.append((self.first, self.last))
+
+
+def _failure(exc: grpc.RpcError) -> tuple[str, str]:
+    code = exc.code()
+    return code.name if code is not None else "UNKNOWN", str(exc.details())
 
 
 def stream_item(payload: bytes, item_id: int) -> bytes:
@@ -313,9 +332,7 @@ def _stream_caller(run: _Run, call: Callable[..., Any], payload: bytes, window: 
     sent: dict[int, float] = {}
     slots = threading.Semaphore(window)
     done = threading.Event()
-    latencies: list[float] = []
-    failures: list[tuple[str, str]] = []
-    first = last = None
+    tally = _Tally(run)
 
     def requests() -> Any:
         while True:
@@ -340,23 +357,9 @@ def _stream_caller(run: _Run, call: Callable[..., Any], payload: bytes, window: 
             start = sent.pop(item_id)
             free.append(item_id)
             slots.release()
-            if start < run.record_from:
-                continue
-            first = start if first is None else first
-            last = end
-            if failure is None:
-                latencies.append(end - start)
-            else:
-                failures.append(failure)
-                run.failed += 1
-            run.done += 1
+            tally.add(start, end, failure)
     except grpc.RpcError as exc:  # the stream failed: every item in flight failed with it
-        code = exc.code()
-        failures.extend([(code.name if code is not None else "UNKNOWN", str(exc.details()))] * max(len(sent), 1))
+        tally.failures.extend([_failure(exc)] * max(len(sent), 1))
     finally:
         done.set()
-        with run.lock:
-            run.latencies.extend(latencies)
-            run.failures.extend(failures)
-            if first is not None and last is not None:
-                run.spans.append((first, last))
+        tally.merge()

@@ -5,7 +5,7 @@ names. Conversions are chosen by field type, never per loss: Tensor fields go th
 the codec, ``Reduction`` takes torch's strings, optional scalars are set only when not
 None, and the two option messages take torch's objects.
 
-What the SDK sends is a ``Request``: from ``SPLIT_BYTES`` of tensor data on, its tensors hold
+What the SDK sends is a ``Request``: from ``wire.SPLIT_BYTES`` of tensor data on, its tensors hold
 placeholders for views of the arguments' memory, and serializing it writes each tensor's
 bytes once (``wire.join``) instead of through protobuf's copies.
 """
@@ -28,7 +28,7 @@ from remoteloss._distances import CosineDistance, PairwiseDistance
 from remoteloss._errors import InvalidArgumentError
 from remoteloss.v1 import loss_pb2 as pb
 
-__all__ = ["LOSS_NAMES", "REDUCTIONS", "SPLIT_BYTES", "Request", "build_request", "prepare_request", "tensor_names"]
+__all__ = ["LOSS_NAMES", "REDUCTIONS", "Request", "build_request", "prepare_request", "tensor_names"]
 
 LOSS_NAMES: tuple[str, ...] = tuple(f.name for f in pb.ComputeRequest.DESCRIPTOR.oneofs_by_name["loss"].fields)
 
@@ -38,11 +38,6 @@ REDUCTIONS: dict[str, int] = {
     for value in pb.Reduction.DESCRIPTOR.values
     if value.number != pb.REDUCTION_UNSPECIFIED
 }
-
-# From this many bytes of tensor data on, a request's tensors are written once, from the arguments'
-# memory, and an answer's read in place (as the server does from its servicer._SPLIT_BYTES on);
-# below it protobuf's own serializer and parser are faster.
-SPLIT_BYTES = 1024 * 1024
 
 _TENSOR = pb.Tensor.DESCRIPTOR
 _FLOAT_SUFFIX = "_float"  # `var_float`: the float form of the Tensor field `var`
@@ -61,16 +56,12 @@ class Request:
 
     def serialize(self) -> bytes:
         """The serialized ``ComputeRequest``, the tensors' bytes in place of their placeholders."""
-        return self._serialize(self.message, pb.ComputeRequest.DESCRIPTOR)
+        return wire.serialize(self.message, self.payloads)
 
     def serialize_item(self, key: int) -> bytes:
         """The serialized ``ComputeStreamRequest(id=key, request=...)`` that carries it on a stream."""
         item = pb.ComputeStreamRequest(id=key, request=self.message)
-        return self._serialize(item, pb.ComputeStreamRequest.DESCRIPTOR)
-
-    def _serialize(self, message: Message, descriptor: Any) -> bytes:
-        data = message.SerializeToString()
-        return data if self.payloads is None else wire.join(data, descriptor, self.payloads)
+        return wire.serialize(item, self.payloads)
 
 
 @functools.cache
@@ -92,7 +83,7 @@ def build_request(
 
     Raises InvalidArgumentError for a bad value and TypeError for a value of the wrong kind.
     """
-    return _build(loss, arguments, wrt, grad_output, split_bytes=None).message
+    return _build(loss, arguments, wrt, grad_output, whole=True).message
 
 
 def prepare_request(
@@ -102,13 +93,13 @@ def prepare_request(
     wrt: Collection[str] = (),
     grad_output: Any = None,
 ) -> Request:
-    """``build_request``'s request, ready to send: from ``SPLIT_BYTES`` of tensor data on, its
+    """``build_request``'s request, ready to send: from ``wire.SPLIT_BYTES`` of tensor data on, its
     tensors' bytes are left where they are until it is serialized. Raises as ``build_request``."""
-    return _build(loss, arguments, wrt, grad_output, split_bytes=SPLIT_BYTES)
+    return _build(loss, arguments, wrt, grad_output, whole=False)
 
 
 def _build(
-    loss: str, arguments: Mapping[str, Any], wrt: Collection[str], grad_output: Any, split_bytes: int | None
+    loss: str, arguments: Mapping[str, Any], wrt: Collection[str], grad_output: Any, whole: bool
 ) -> Request:
     request = pb.ComputeRequest()
     message = getattr(request, loss)
@@ -126,15 +117,11 @@ def _build(
         if isinstance(exc, InvalidArgumentError):
             raise
         raise InvalidArgumentError(f"{loss}: {exc}") from exc
-    if split_bytes is None or sum(data.nbytes for _, data in tensors) < split_bytes:
+    if whole:  # every tensor's bytes in the message, whatever their size
         for tensor, data in tensors:
             tensor.data = data.tobytes()
         return Request(request)
-    payloads = wire.Payloads()
-    for tensor, data in tensors:
-        if data.nbytes:  # an empty bytes field is never written
-            tensor.data = payloads.add(data)
-    return Request(request, payloads)
+    return Request(request, wire.attach(tensors))
 
 
 def _set(loss: str, message: Message, name: str, value: Any, *, requires_grad: bool, tensors: _Tensors) -> None:

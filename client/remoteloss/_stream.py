@@ -185,11 +185,7 @@ class Stream(_StreamBase):
                     future = self._pending.pop(answer.id, None)
                     self._room.notify()
                 if future is not None:
-                    outcome = _outcome(answer, payloads)
-                    if isinstance(outcome, LossServiceError):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+                    _settle(future, answer, payloads)
         except grpc.RpcError as exc:
             failure = _error_from_rpc(exc)
             failure.__cause__ = exc
@@ -301,11 +297,7 @@ class AsyncStream(_StreamBase):
                 answer, payloads = item
                 future = self._pending.pop(answer.id, None)
                 if future is not None and not future.done():  # not done: its caller may have gone
-                    outcome = _outcome(answer, payloads)
-                    if isinstance(outcome, LossServiceError):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+                    _settle(future, answer, payloads)
         except grpc.RpcError as exc:
             failure = _error_from_rpc(exc)
             failure.__cause__ = exc
@@ -326,6 +318,19 @@ class AsyncStream(_StreamBase):
             for future in unanswered:
                 if not future.done():
                     future.set_exception(_copy(failure))
+
+
+def _settle(
+    future: concurrent.futures.Future[Any] | asyncio.Future[Answer],
+    answer: pb.ComputeStreamResponse,
+    payloads: Payloads | None,
+) -> None:
+    """Resolve a call's future with its answer, or with the error a unary call would have raised."""
+    outcome = _outcome(answer, payloads)
+    if isinstance(outcome, LossServiceError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _outcome(answer: pb.ComputeStreamResponse, payloads: Payloads | None) -> Answer | LossServiceError:

@@ -2,7 +2,7 @@
 
 A request is serialized by its caller before the call starts (``Request.serialize``,
 ``Request.serialize_item``), so that what is sent is fixed when the call is made, even on a
-stream, which sends later. An answer from ``SPLIT_BYTES`` on is read with ``wire.split``: its
+stream, which sends later. An answer from ``wire.SPLIT_BYTES`` on is read with ``wire.split``: its
 tensors' bytes stay in the received buffer until ``_calls.results`` copies each once, into the
 array or tensor it returns (protobuf would copy them twice before that).
 """
@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from google.protobuf.message import Message
 
 from remoteloss import wire
-from remoteloss._request import SPLIT_BYTES
 from remoteloss.v1 import loss_pb2 as pb
 
 if TYPE_CHECKING:
@@ -44,19 +43,12 @@ class Answer(NamedTuple):
 
 def read_answer(data: bytes) -> Answer:
     """A serialized ``ComputeResponse`` as an ``Answer``; raises DecodeError as protobuf does."""
-    return Answer(*_read(data, pb.ComputeResponse))
+    return Answer(*wire.parse(data, pb.ComputeResponse))
 
 
 def read_stream_answer(data: bytes) -> tuple[pb.ComputeStreamResponse, wire.Payloads | None]:
     """A serialized ``ComputeStreamResponse``, and the payloads of its response's tensors."""
-    return _read(data, pb.ComputeStreamResponse)
-
-
-def _read(data: bytes, message_type: type[_M]) -> tuple[_M, wire.Payloads | None]:
-    if len(data) < SPLIT_BYTES:
-        return message_type.FromString(data), None
-    stripped, payloads = wire.split(data, message_type.DESCRIPTOR)
-    return message_type.FromString(stripped), payloads
+    return wire.parse(data, pb.ComputeStreamResponse)
 
 
 class Stub:

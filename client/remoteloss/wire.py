@@ -9,7 +9,9 @@ dominate a request. This module works on the wire format itself:
   tensor's bytes in the received buffer;
 - ``join``, its inverse, puts the bytes back in place of the placeholders: a sender sets
   placeholders (``Payloads.add``) as the data of its large tensors, serializes the small message
-  that leaves, and ``join`` copies each tensor's bytes once, into the result.
+  that leaves, and ``join`` copies each tensor's bytes once, into the result;
+- ``parse``, ``attach`` and ``serialize`` are what a sender and a receiver call: they take these
+  paths from ``SPLIT_BYTES`` on and protobuf's own below it.
 
 Both follow the protobuf encoding spec and, where it leaves a choice, what upb does. Shared by
 the SDK (requests out, answers in) and the server (requests in, answers out); no grpc, no torch.
@@ -17,10 +19,11 @@ the SDK (requests out, answers in) and the server (requests in, answers out); no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from remoteloss.v1 import loss_pb2 as pb
 
@@ -30,14 +33,22 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_DEPTH",
     "PLACEHOLDER_SIZE",
+    "SPLIT_BYTES",
     "Payloads",
+    "attach",
     "join",
     "length_delimited",
+    "parse",
+    "serialize",
     "split",
 ]
 
 MAX_DEPTH = 100  # nested messages and groups, as upb allows by default
 PLACEHOLDER_SIZE = 4  # bytes of a placeholder: a little-endian payload index
+# From this many bytes (of a message, or of its tensors' data) on, ``parse``, ``attach`` and
+# ``serialize`` leave tensors' bytes where they are; below it protobuf's own parser and serializer
+# are faster than the walk over the wire format.
+SPLIT_BYTES = 1024 * 1024
 
 _Part = bytes | memoryview
 _Key = tuple[int, ...]  # a message's place in the parsed tree, as a path of field numbers
@@ -142,6 +153,40 @@ def join(stripped: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor, 
     return b"".join(joined[0])
 
 
+_M = TypeVar("_M", bound=Message)
+
+
+def parse(data: bytes, message_type: type[_M]) -> tuple[_M, Payloads | None]:
+    """``data`` parsed; from ``SPLIT_BYTES`` on through ``split``, with the ``Payloads`` its
+    tensors' data resolve in (None below it). Raises DecodeError as protobuf does."""
+    if len(data) < SPLIT_BYTES:
+        return message_type.FromString(data), None
+    stripped, payloads = split(data, message_type.DESCRIPTOR)
+    return message_type.FromString(stripped), payloads
+
+
+def attach(tensors: Sequence[tuple[Message, memoryview]]) -> Payloads | None:
+    """Give each ``Tensor`` message its data: the bytes themselves when all of them come to less
+    than ``SPLIT_BYTES`` (returns None), else placeholders of the returned ``Payloads`` (an empty
+    one stays unset), for ``serialize`` to write once."""
+    if sum(data.nbytes for _, data in tensors) < SPLIT_BYTES:
+        for tensor, data in tensors:
+            tensor.data = data.tobytes()  # type: ignore[attr-defined]
+        return None
+    payloads = Payloads()
+    for tensor, data in tensors:
+        if data.nbytes:  # an empty bytes field is never written
+            tensor.data = payloads.add(data)  # type: ignore[attr-defined]
+    return payloads
+
+
+def serialize(message: Message, payloads: Payloads | None) -> bytes:
+    """``message`` serialized, with the bytes of ``payloads`` (from ``attach``) in place of their
+    placeholders."""
+    data = message.SerializeToString()
+    return data if payloads is None else join(data, message.DESCRIPTOR, payloads)
+
+
 def length_delimited(field_number: int, payload: bytes) -> bytes:
     """A length-delimited field: tag, length and ``payload``, e.g. a message as a field."""
     if not 1 <= field_number <= _MAX_FIELD_NUMBER:
@@ -204,7 +249,7 @@ def _plan(descriptor: Descriptor | _UpbDescriptor) -> _Plan:
                 if sub.full_name in holds:
                     raise ValueError(f"{f.full_name}: Tensors inside group-encoded fields are not supported")
                 continue
-            plan.children[f.number] = (made[sub.full_name], _is_repeated(f))
+            plan.children[f.number] = (made[sub.full_name], bool(f.is_repeated))
         for oneof in d.oneofs:
             if any(f.message_type is not None and f.message_type.full_name in holds for f in oneof.fields):
                 for f in oneof.fields:
@@ -226,10 +271,6 @@ def _checked(descriptor: Descriptor | _UpbDescriptor) -> Descriptor:
     if not isinstance(descriptor, Descriptor):
         raise TypeError(f"expected a message Descriptor, got {type(descriptor).__name__}")
     return descriptor
-
-
-def _is_repeated(f: FieldDescriptor) -> bool:
-    return bool(f.is_repeated)
 
 
 def _reachable(descriptor: Descriptor) -> list[Descriptor]:

@@ -149,7 +149,7 @@ class Batcher:
         """
         if self._closed or self._loop_task is None or self._wakeup is None:
             raise UnavailableError("the server is shutting down" if self._closed else "the batcher is not running")
-        if lone and self.idle_for(call):
+        if lone and self.idle:
             elements = sum(t.numel() for t in call.tensors.values())
             item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
                          asyncio.get_running_loop().create_future())
@@ -157,7 +157,7 @@ class Batcher:
                 self._compute_inline([item], acquired=False)
                 return item.future.result()
             assert self._slots is not None
-            await self._slots.acquire()  # free (idle_for), so this does not wait
+            await self._slots.acquire()  # free (idle), so this does not wait
             self._start_compute([item])  # its own task, as the loop's batches: it keeps the slot
             return await item.future  # until the thread is done, even if this caller goes away
         rule = LOSSES[call.loss].batch if self._batching else None
@@ -186,10 +186,11 @@ class Batcher:
             self._forget(key, group, item)
             raise
 
-    def idle_for(self, call: Call) -> bool:
-        """Whether ``submit(call, lone=True)`` would compute it at once, without the queue: nothing
-        is queued or computing, a compute slot is free and no batch delay is set. It then computes
-        on the event loop when small enough (``inline_elements``), else straight on a compute thread."""
+    @property
+    def idle(self) -> bool:
+        """Whether ``submit(call, lone=True)`` would compute at once, without the queue: nothing is
+        queued or computing, a compute slot is free and no batch delay is set. It then computes on
+        the event loop when small enough (``inline_elements``), else straight on a compute thread."""
         slots = self._slots
         return not (self._groups or self._computing or self._delay > 0 or self._closed
                     or slots is None or slots.locked())
@@ -207,13 +208,10 @@ class Batcher:
     # ------------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
-        assert self._slots is not None and self._wakeup is not None
+        assert self._slots is not None
         while True:
-            while not self._groups:  # wait for work without holding a slot, which a lone call may take
-                if self._closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            if not await self._work():  # waits without holding a slot, which a lone call may take
+                return
             await self._slots.acquire()
             try:
                 batch = await self._next_batch()
@@ -238,12 +236,8 @@ class Batcher:
         """The next batch to compute; None once closed with nothing left."""
         assert self._wakeup is not None
         while True:
-            if not self._groups:
-                if self._closed:
-                    return None
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+            if not await self._work():
+                return None
             full = [entry for entry in self._groups.items() if self._full(entry[1])]
             key, group = min(full or self._groups.items(), key=lambda entry: entry[1].seq)
             if self._delay > 0 and not self._closed and not full:
@@ -258,6 +252,16 @@ class Batcher:
             batch = self._take(key, group)
             if batch:
                 return batch
+
+    async def _work(self) -> bool:
+        """Wait until a call is queued; False once closed with nothing queued."""
+        assert self._wakeup is not None
+        while not self._groups:
+            if self._closed:
+                return False
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return True
 
     def _full(self, group: _Group) -> bool:
         return len(group.items) >= self._max_size or group.elements >= self._max_elements

@@ -25,7 +25,7 @@ from remoteloss.v1 import loss_pb2 as pb
 
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
 
-__all__ = ["Admission", "check_elements", "check_request_elements", "request_elements"]
+__all__ = ["Admission", "check_elements", "request_elements"]
 
 _TENSOR = pb.Tensor.DESCRIPTOR
 
@@ -66,11 +66,6 @@ def _kind(field: FieldDescriptor) -> int:
     if field.message_type.GetOptions().map_entry:
         return _MAP
     return _REPEATED if field.is_repeated else _SINGLE
-
-
-def check_request_elements(loss: str, message: Message, limit: int | None) -> int:
-    """The tensor elements ``message`` declares; InvalidArgumentError when more than ``limit``."""
-    return check_elements(loss, request_elements(message), limit)
 
 
 def check_elements(loss: str, elements: int, limit: int | None) -> int:

@@ -53,10 +53,6 @@ logger = logging.getLogger(__name__)
 # there; larger ones on a helper thread, so that a big request does not hold up the others. Below
 # a few MiB the hop to a thread costs more than the work it moves (measured on loopback).
 _INLINE_BYTES = 4 * 1024 * 1024
-# From this size on, a request's tensors are read in place from the received bytes (``wire.split``)
-# and an answer's tensors written once (``wire.join``), instead of through
-# protobuf's copies; below it protobuf's parser and serializer are faster.
-_SPLIT_BYTES = 1024 * 1024
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 WORKER_METADATA_KEY = "remoteloss-worker"  # trailing metadata: which worker process answered (--workers > 1)
@@ -74,7 +70,7 @@ def translate_errors(handler: _Handler[_S, _Req, _Resp]) -> _Handler[_S, _Req, _
     async def wrapper(self: _S, request: _Req, context: grpc.aio.ServicerContext[_Req, _Resp]) -> _Resp:
         try:
             if isinstance(request, UndecodableRequest):
-                raise InvalidArgumentError(f"the request is not a valid {request.type_name}: {request.reason}")
+                raise request.error()
             return await handler(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -102,6 +98,9 @@ class UndecodableRequest:
     type_name: str
     reason: str
     id: int | None = None  # a ComputeStreamRequest's id, when it can still be read
+
+    def error(self) -> InvalidArgumentError:
+        return InvalidArgumentError(f"the request is not a valid {self.type_name}: {self.reason}")
 
 
 def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
@@ -135,16 +134,14 @@ class Received:
 
 
 def receive(data: bytes, message_type: type[Message]) -> Received:
-    """Parse ``data``. From ``_SPLIT_BYTES`` on, the tensors' bytes are not copied into the
+    """Parse ``data``. From ``wire.SPLIT_BYTES`` on, the tensors' bytes are not copied into the
     message: ``wire.split`` leaves them where they are, and the loss reads them there."""
     try:
-        if len(data) >= _SPLIT_BYTES:
-            stripped, payloads = wire.split(data, message_type.DESCRIPTOR)
-            return Received(message_type.FromString(stripped), len(data), payloads)
-        return Received(message_type.FromString(data), len(data))
+        message, payloads = wire.parse(data, message_type)
     except DecodeError as exc:
         reason = UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc), _stream_id(message_type, data))
         return Received(reason, len(data))
+    return Received(message, len(data), payloads)
 
 
 def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
@@ -259,7 +256,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         item = received.message
         assert isinstance(item, pb.ComputeStreamRequest | UndecodableRequest)
         if isinstance(item, UndecodableRequest) and item.id is None:
-            raise InvalidArgumentError(f"the request is not a valid {item.type_name}: {item.reason}")
+            raise item.error()
         inner = item.request if isinstance(item, pb.ComputeStreamRequest) else item
         record = RequestRecord(
             self._metrics, loss_label(inner), f"{stream_id}/{item.id}",
@@ -267,7 +264,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         )
         try:
             if isinstance(item, UndecodableRequest):
-                raise InvalidArgumentError(f"the request is not a valid {item.type_name}: {item.reason}")
+                raise item.error()
             unknown = UnknownFieldSet(item)
             if len(unknown):
                 raise UnimplementedError(
@@ -299,7 +296,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         """
         request = received.message
         if isinstance(request, UndecodableRequest):
-            raise InvalidArgumentError(f"the request is not a valid {request.type_name}: {request.reason}")
+            raise request.error()
         assert isinstance(request, pb.ComputeRequest)
         if self._admission is None:
             return await self._compute_admitted(request, received, record, context)
@@ -343,7 +340,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         # Alone in the server, a request has nothing to wait for: the batcher may compute it at once.
         # One turn of the event loop first lets requests that arrived with it show themselves.
         lone = False
-        if self._admission is not None and self._admission.requests == 1 and self._batcher.idle_for(call):
+        if self._admission is not None and self._admission.requests == 1 and self._batcher.idle:
             await asyncio.sleep(0)
             lone = self._admission.requests == 1
         result = await self._batcher.submit(call, grad_output, deadline, lone=lone)
@@ -381,24 +378,16 @@ def _prepare(
 
 
 def _serialize(result: Result) -> bytes:
-    """The serialized ComputeResponse. Large tensors are written once, straight from their
-    memory (``wire.join``), instead of through ``tobytes``, the message and its serialization."""
-    tensors = {"loss": result.loss, **result.gradients}
-    if sum(t.numel() * t.element_size() for t in tensors.values()) < _SPLIT_BYTES:
-        response = pb.ComputeResponse(loss=codec.encode(result.loss, name="loss", requires_grad=False),
-                                      warnings=result.warnings)
-        for name, gradient in result.gradients.items():
-            response.gradients[name].CopyFrom(codec.encode(gradient, name=name, requires_grad=False))
-        return response.SerializeToString()
-    payloads = wire.Payloads()
-    messages = {}
-    for name, tensor in tensors.items():
-        message, data = codec.encode_view(tensor, name=name, requires_grad=False)
-        message.data = payloads.add(data)
-        messages[name] = message
+    """The serialized ComputeResponse. From ``wire.SPLIT_BYTES`` of tensor data on, each tensor is
+    written once, straight from its memory, instead of through ``tobytes``, the message and its
+    serialization (``wire.attach``, ``wire.serialize``)."""
+    messages, tensors = {}, []
+    for name, value in {"loss": result.loss, **result.gradients}.items():
+        messages[name], data = codec.encode_view(value, name=name, requires_grad=False)
+        tensors.append((messages[name], data))
+    payloads = wire.attach(tensors)
     loss = messages.pop("loss")
-    response = pb.ComputeResponse(loss=loss, gradients=messages, warnings=result.warnings)
-    return wire.join(response.SerializeToString(), pb.ComputeResponse.DESCRIPTOR, payloads)
+    return wire.serialize(pb.ComputeResponse(loss=loss, gradients=messages, warnings=result.warnings), payloads)
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:

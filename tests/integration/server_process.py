@@ -20,6 +20,18 @@ from .deploy_files import free_port
 STARTUP_S = 90.0  # a fresh interpreter importing torch, on a busy machine
 
 
+def scrape(metrics_port: int, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` with ``labels`` on 127.0.0.1:``metrics_port``/metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
 class ServerProcess:
     """One server process; its ports stay the same across restarts."""
 
@@ -72,14 +84,7 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples ``name`` with ``labels``, from the server's own /metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        )
+        return scrape(self.metrics_port, name, **labels)
 
     def rss_bytes(self) -> int:
         """The server's resident set size (VmRSS of /proc/PID/status)."""

@@ -39,7 +39,7 @@ from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.errors import ServiceError
-from remoteloss_server.limits import check_request_elements
+from remoteloss_server.limits import check_elements, request_elements
 from remoteloss_server.servicer import _prepare, _unknown_field
 
 from .cases import LOSS_NAMES, Case, OptionSet, tolerance
@@ -250,7 +250,7 @@ def expected(request: pb.ComputeRequest) -> Expected:
     if name is None:
         return Expected(grpc.StatusCode.INVALID_ARGUMENT)
     try:
-        check_request_elements(name, request, DEFAULTS.max_request_elements)
+        check_elements(name, request_elements(request), DEFAULTS.max_request_elements)
         call, grad_output = _prepare(name, request, DEFAULTS.max_elements)
     except ServiceError as exc:
         return Expected(grpc.StatusCode[exc.code])

@@ -14,15 +14,14 @@ import torch
 import torch.nn.functional as F
 
 import remoteloss
-from remoteloss import _transport, codec, wire
+from remoteloss import codec, wire
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss_server import servicer
 
 from .helpers import rpc_error
 
 pytestmark = pytest.mark.filterwarnings("error::UserWarning")  # e.g. torch's warning about read-only buffers
 
-_ELEMENTS = 2 * servicer._SPLIT_BYTES // 4  # float32 elements in 2 MiB: every tensor alone passes the size
+_ELEMENTS = 2 * wire.SPLIT_BYTES // 4  # float32 elements in 2 MiB: every tensor alone passes the size
 
 
 def _leaves(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,24 +150,27 @@ def test_large_calls_through_the_client_in_numpy_and_torch(client: Any, monkeypa
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[bool]]:
-    """The sizes of the requests the SDK writes with ``wire.join``, and whether each answer was split."""
+    """The sizes of the requests the SDK writes with ``wire.join``, and whether each answer it
+    read was split (the in-process server's own parses and joins are left out)."""
     joined: list[int] = []
     read: list[bool] = []
-    join, read_message = wire.join, _transport._read
+    join, parse = wire.join, wire.parse
+    answers = (pb.ComputeResponse, pb.ComputeStreamResponse)
 
     def spy_join(stripped: Any, descriptor: Any, payloads: Any) -> bytes:
         data = join(stripped, descriptor, payloads)
-        if descriptor is not pb.ComputeResponse.DESCRIPTOR:  # the in-process server writes answers with it
+        if descriptor is not pb.ComputeResponse.DESCRIPTOR:  # the server writes answers with it
             joined.append(len(data))
         return data
 
-    def spy_read(*args: Any) -> Any:
-        message, payloads = read_message(*args)
-        read.append(payloads is not None)
+    def spy_parse(data: bytes, message_type: Any) -> Any:
+        message, payloads = parse(data, message_type)
+        if message_type in answers:
+            read.append(payloads is not None)
         return message, payloads
 
     monkeypatch.setattr(wire, "join", spy_join)
-    monkeypatch.setattr(_transport, "_read", spy_read)
+    monkeypatch.setattr(wire, "parse", spy_parse)
     return joined, read
 
 

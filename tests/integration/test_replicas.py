@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,12 @@ import remoteloss
 import torch
 import torch.nn.functional as F
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 from remoteloss._channel import SERVICE_CONFIG
 from remoteloss_server.servicer import SERVICE_NAME
 
 from .. import tools
 from .deploy_files import free_port, nginx_config
+from .server_process import scrape
 
 REPLICAS = 3
 STARTUP_S = 90.0  # fresh interpreters importing torch, on a busy machine
@@ -83,14 +82,7 @@ class Replica:
         return self._sum("remoteloss_requests_total", code="OK")
 
     def _sum(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        )
+        return scrape(self.metrics_port, name, **labels)
 
     def in_flight(self) -> float:
         """Requests this replica has received and not yet answered, from its own /metrics."""

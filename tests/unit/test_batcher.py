@@ -117,7 +117,7 @@ def test_a_lone_call_on_an_idle_batcher_is_computed_on_the_spot() -> None:
 
     async def test(batcher: Batcher) -> None:
         call = mse(value=1.0)
-        assert batcher.idle_for(call)
+        assert batcher.idle
         submitted = batcher.submit(call, lone=True)
         with pytest.raises(StopIteration) as finished:  # it never waits: no queue, no hop
             submitted.send(None)
@@ -134,7 +134,7 @@ def test_a_lone_call_too_large_for_the_event_loop_goes_straight_to_a_compute_thr
     async def test(batcher: Batcher) -> None:
         lone = asyncio.create_task(batcher.submit(mse(rows=5), lone=True))  # 20 elements: on a thread
         await asyncio.to_thread(runner.started.wait, 10)
-        assert batcher.queued == 0 and not batcher.idle_for(mse())  # never queued; computing now
+        assert batcher.queued == 0 and not batcher.idle  # never queued; computing now
         others = [asyncio.create_task(batcher.submit(mse(rows=5, value=i), lone=True)) for i in (1, 2)]
         await settle()
         assert batcher.queued == 2  # the lone call holds the only slot: these wait in the queue
@@ -156,7 +156,7 @@ def test_a_lone_call_queues_behind_a_busy_batcher_and_batches() -> None:
         blocker = asyncio.create_task(batcher.submit(mse(rows=5, loss="l1_loss")))  # on a compute thread
         await asyncio.to_thread(runner.started.wait, 10)
         calls = [mse(value=i) for i in range(3)]
-        assert not batcher.idle_for(calls[0])
+        assert not batcher.idle
         tasks = [asyncio.create_task(batcher.submit(call, lone=True)) for call in calls]
         await settle()
         assert batcher.queued == 3
@@ -169,7 +169,7 @@ def test_a_lone_call_queues_behind_a_busy_batcher_and_batches() -> None:
 
 def test_a_batch_delay_turns_the_spot_computation_off() -> None:
     async def test(batcher: Batcher) -> None:
-        assert not batcher.idle_for(mse())
+        assert not batcher.idle
 
     run(test, InlineRunner(), max_batch_delay_s=0.01)
 

@@ -21,8 +21,7 @@ _SHAPES = {"ctc_loss": (6, 2, 4)}
 @pytest.fixture
 def split_always(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every request and answer takes the large path, however small."""
-    monkeypatch.setattr(_request, "SPLIT_BYTES", 0)
-    monkeypatch.setattr(_transport, "SPLIT_BYTES", 0)
+    monkeypatch.setattr(wire, "SPLIT_BYTES", 0)
 
 
 def _same_bytes(loss: str, arguments: dict[str, Any], **kwargs: Any) -> Request:

@@ -9,7 +9,7 @@ from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server import app, cli
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
-from remoteloss_server.limits import Admission, check_request_elements, request_elements
+from remoteloss_server.limits import Admission, check_elements, request_elements
 
 _LIMIT_ENV = ("REMOTELOSS_MAX_REQUEST_ELEMENTS", "REMOTELOSS_MAX_IN_FLIGHT", "REMOTELOSS_MAX_IN_FLIGHT_BYTES")
 
@@ -29,12 +29,12 @@ def test_request_elements_sum_every_tensor_from_shapes_alone() -> None:
     assert request_elements(pb.ComputeRequest(mse_loss=pb.MseLoss(input=pb.Tensor(shape=[-3, 7])))) == 0
 
 
-def test_check_request_elements_names_the_limit() -> None:
+def test_check_elements_names_the_limit() -> None:
     request = pb.ComputeRequest(mse_loss=pb.MseLoss(input=pb.Tensor(shape=[10]), target=pb.Tensor(shape=[10])))
-    check_request_elements("mse_loss", request, 20)
-    check_request_elements("mse_loss", request, None)
+    elements = request_elements(request)
+    assert check_elements("mse_loss", elements, 20) == check_elements("mse_loss", elements, None) == 20
     with pytest.raises(InvalidArgumentError, match=r"mse_loss: .*20 elements in all.*max_request_elements of 19"):
-        check_request_elements("mse_loss", request, 19)
+        check_elements("mse_loss", elements, 19)
 
 
 def test_admission_bounds_count_and_bytes_and_frees_places() -> None:

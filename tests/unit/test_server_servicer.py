@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from remoteloss import codec
+from remoteloss import codec, wire
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss_server.errors import ResourceExhaustedError
 from remoteloss_server import servicer as servicer_module
+from remoteloss_server.errors import ResourceExhaustedError
 from remoteloss_server.executor import Executor, Result
 from remoteloss_server.servicer import LossServicer, UndecodableRequest, _lenient
 
@@ -218,13 +218,13 @@ def _upb(result: Result) -> bytes:
 def test_an_answer_written_in_place_is_what_protobuf_writes(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, shape: tuple[int, ...]
 ) -> None:
-    monkeypatch.setattr(servicer_module, "_SPLIT_BYTES", 0)  # every answer through wire.join
+    monkeypatch.setattr(wire, "SPLIT_BYTES", 0)  # every answer through wire.join
     result = Result(_tensor(dtype, shape, seed=2), {"input": _tensor(dtype, shape)}, ["careful"])
     assert servicer_module._serialize(result) == _upb(result)
 
 
 def test_an_answer_keeps_every_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(servicer_module, "_SPLIT_BYTES", 0)
+    monkeypatch.setattr(wire, "SPLIT_BYTES", 0)
     gradients = {
         "input": torch.randn(4, 5).t(),  # not contiguous
         "target": torch.randn(3, requires_grad=True) * 2,  # requires_grad, not a leaf
