@@ -8,7 +8,8 @@ protobuf and torch, so every large request then pays page faults for each copy, 
 the kernel must zero. ``configure(threshold)`` raises the mmap threshold to ``threshold`` bytes
 and the trim threshold to twice that, so buffers up to ``threshold`` are reused from the heap;
 the cost is that memory freed after a burst stays with the process (up to the trim threshold
-per arena) instead of going back to the kernel at once.
+per arena) instead of going back to the kernel at once; ``trim()`` gives it back, and the server
+calls it once a burst of bytes in flight has passed.
 
 ``bench/RESULTS.md`` has the measurements behind the default. Only glibc has ``mallopt``;
 elsewhere ``configure`` does nothing. No torch and no grpc here.
@@ -20,7 +21,7 @@ import ctypes
 import logging
 import os
 
-__all__ = ["MAX_THRESHOLD_BYTES", "configure", "is_glibc"]
+__all__ = ["MAX_THRESHOLD_BYTES", "configure", "is_glibc", "trim"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +63,15 @@ def configure(mmap_threshold_bytes: int) -> bool:
         str(applied).lower(), mmap_threshold_bytes, trim,
     )
     return applied
+
+
+def trim() -> bool:
+    """Give the heap's free memory back to the kernel (``malloc_trim(0)``: every arena, free
+    pages inside the heap too); glibc only. Returns whether any memory was released.
+
+    It holds each arena's lock while it works (milliseconds for a heap of hundreds of MiB), so
+    the server calls it off the event loop, and only once a burst has passed (``app``).
+    """
+    if not is_glibc():
+        return False
+    return bool(ctypes.CDLL(None).malloc_trim(0))

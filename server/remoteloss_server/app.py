@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -29,7 +30,7 @@ from remoteloss_server import __version__, allocator, auth, workers
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.executor import Executor
-from remoteloss_server.limits import Admission
+from remoteloss_server.limits import Admission, Budget
 from remoteloss_server.metrics import Metrics, MetricsHTTPServer, serve_http
 from remoteloss_server.servicer import SERVICE_NAME, LossServicer, add_to_server
 from remoteloss_server.telemetry import quote
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+_IDENTITY_ONLY = 1  # a bit set of gRPC's compression algorithms: bit 0, identity, alone
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
 
@@ -90,6 +92,9 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             ("grpc.max_send_message_length", limit),
             # One process: a port already taken is an error. --workers N: N processes share it.
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+            # No compression, either way: gRPC refuses a compressed request before inflating it
+            # (UNIMPLEMENTED), so a few KiB on the wire cannot become gigabytes in the server.
+            ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
         ]
     )
     metrics = Metrics()
@@ -114,7 +119,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             batcher=batcher,
             max_elements=config.max_elements,
             max_request_elements=config.max_request_elements,
-            admission=Admission(config.max_in_flight, config.max_in_flight_bytes),
+            admission=admission(config, on_quiet=_Trimmer()),
         ),
         server,
     )
@@ -156,6 +161,45 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             quote("no API keys: anyone who can reach this address may call the service (--api-keys-file, --tls-cert)"),
         )
     return _Running(server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher)
+
+
+def admission(config: ServerConfig, on_quiet: Callable[[], None] | None = None) -> Admission:
+    """The in-flight budgets of ``config``: the server's, each tenant's and each connection's."""
+    return Admission(
+        config.max_in_flight,
+        config.max_in_flight_bytes,
+        on_quiet=on_quiet,
+        tenant=Budget(config.max_tenant_in_flight, config.max_tenant_in_flight_bytes, "max_tenant_in_flight"),
+        connection=Budget(
+            config.max_connection_in_flight, config.max_connection_in_flight_bytes, "max_connection_in_flight"
+        ),
+    )
+
+
+class _Trimmer:
+    """Gives the memory a burst freed back to the kernel (``allocator.trim`` on a thread), at
+    most one at a time and once per ``interval_s``; called on the event loop when a burst of
+    bytes in flight has passed (``Admission``'s ``on_quiet``)."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self._interval_s = interval_s
+        self._last = -interval_s
+        self._scheduled = False
+
+    def __call__(self) -> None:
+        if self._scheduled:
+            return
+        self._scheduled = True
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, self._last + self._interval_s - loop.time()), self._start, loop)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.run_in_executor(None, allocator.trim)
+        task.add_done_callback(lambda _: self._done(loop))
+
+    def _done(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._last = loop.time()
+        self._scheduled = False
 
 
 def _security(config: ServerConfig) -> tuple[auth.KeyTable | None, grpc.ServerCredentials | None]:

@@ -2,8 +2,8 @@
 
 Keys are lines ``tenant:key`` (from ``--api-keys-file`` or ``REMOTELOSS_API_KEYS``); a client
 sends ``authorization: Bearer <key>`` metadata. ``ApiKeyInterceptor`` is the only code that reads
-that metadata: a call without a valid key gets UNAUTHENTICATED before its handler runs (and before
-its request is parsed); a call with one runs with the key's tenant in ``telemetry.TENANT``, which
+that metadata: a call without a valid key gets UNAUTHENTICATED from its headers, before any of its
+request is read (``_deny``); a call with one runs with the key's tenant in ``telemetry.TENANT``, which
 the request log lines show. Keys are never logged, and only their SHA-256 digests are kept; a
 presented key is compared with every configured one in constant time, without an early exit.
 ``grpc.health.v1.Health`` stays open, so that load balancers and probes need no key.
@@ -171,8 +171,8 @@ class ApiKeyInterceptor(_Interceptor):
             return None
         if tenant is None:
             logger.info("event=unauthenticated method=%s reason=%s", quote(method), quote(reason))
-            return _replace_behavior(handler, _deny(reason), parse=False)
-        return _replace_behavior(handler, _with_tenant(handler, tenant), parse=True)
+            return _deny(reason)
+        return _replace_behavior(handler, _with_tenant(handler, tenant))
 
     def _authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str | None, str]:
         values = [v for k, v in metadata or () if k == AUTHORIZATION_KEY]
@@ -194,23 +194,26 @@ def _kind(handler: _Handler) -> str:
     return _KINDS[2 * bool(handler.request_streaming) + bool(handler.response_streaming)]
 
 
-def _replace_behavior(handler: _Handler, behavior: Any, *, parse: bool) -> _Handler:
-    changes: dict[str, Any] = {_kind(handler): behavior}
-    if not parse:  # a refused call's request is never parsed
-        changes["request_deserializer"] = None
-    replaced: _Handler = handler._replace(**changes)  # type: ignore[attr-defined]  # a namedtuple at run time
+def _replace_behavior(handler: _Handler, behavior: Any) -> _Handler:
+    replaced: _Handler = handler._replace(**{_kind(handler): behavior})  # type: ignore[attr-defined]  # a namedtuple
     return replaced
 
 
-def _deny(reason: str) -> Any:
-    """A behavior that aborts with UNAUTHENTICATED. A coroutine fits every kind of RPC: grpc.aio
-    awaits a response-streaming handler that is a coroutine (it could write with ``context.write``)."""
+def _deny(reason: str) -> _Handler:
+    """A handler that aborts with UNAUTHENTICATED without reading the request.
+
+    It is a stream-stream handler whatever the method's kind: HTTP/2 frames a unary call like a
+    stream of one message, and grpc.aio reads a unary request whole before its handler runs (a
+    200 MiB body would be buffered only to be refused), while a streaming handler reads nothing
+    until it asks. The refusal then costs the server the call's headers alone: gRPC ends the
+    stream, and flow control stops the sender.
+    """
     details = f"{reason}: send the metadata 'authorization: Bearer <key>' with a key this server accepts"
 
-    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def deny(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
 
-    return deny
+    return grpc.stream_stream_rpc_method_handler(deny)
 
 
 def _with_tenant(handler: _Handler, tenant: str) -> Any:

@@ -90,13 +90,28 @@ _SETTINGS = (
         "N",
         "tensor elements one request may declare, summed over its tensors",
     ),
-    _Setting("max-in-flight", "max_in_flight", int, "N", "requests queued or computing; more are RESOURCE_EXHAUSTED"),
     _Setting(
-        "max-in-flight-bytes",
-        "max_in_flight_bytes",
-        int,
-        "BYTES",
-        "request bytes queued or computing; more are RESOURCE_EXHAUSTED",
+        "max-in-flight", "max_in_flight", int, "N",
+        "requests queued, computing or with answers not yet sent; more are RESOURCE_EXHAUSTED",
+    ),
+    _Setting(
+        "max-in-flight-bytes", "max_in_flight_bytes", int, "BYTES",
+        "bytes of those requests and their unsent answers; more are RESOURCE_EXHAUSTED",
+    ),
+    _Setting(
+        "max-tenant-in-flight", "max_tenant_in_flight", int, "N", "as --max-in-flight, for each API key's tenant"
+    ),
+    _Setting(
+        "max-tenant-in-flight-bytes", "max_tenant_in_flight_bytes", int, "BYTES",
+        "as --max-in-flight-bytes, for each API key's tenant",
+    ),
+    _Setting(
+        "max-connection-in-flight", "max_connection_in_flight", int, "N",
+        "as --max-in-flight, for each client connection",
+    ),
+    _Setting(
+        "max-connection-in-flight-bytes", "max_connection_in_flight_bytes", int, "BYTES",
+        "as --max-in-flight-bytes, for each client connection",
     ),
     _Setting(
         "api-keys-file",

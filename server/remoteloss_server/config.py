@@ -43,10 +43,17 @@ class ServerConfig:
     # Tensor elements a request may declare, summed over all its tensors and read from their
     # shapes before anything is decoded (a 1-byte dtype packs 2**29 elements in 512 MiB).
     max_request_elements: int = 2**28
-    # Requests accepted and not yet answered (queued or computing), by count and by request bytes;
-    # past either, a request fails at once with RESOURCE_EXHAUSTED. One request is always admitted.
+    # Requests accepted whose answers have not left yet (queued, computing, or answered and waiting
+    # for the caller to read), by count and by bytes (request and answer); past either, a request
+    # fails at once with RESOURCE_EXHAUSTED. The same bounds per tenant (API key) and per client
+    # connection, so that one caller meets its own bound before it spends everyone's. A holder with
+    # nothing in flight is always admitted one request.
     max_in_flight: int = 1024
     max_in_flight_bytes: int = 2 * 1024**3
+    max_tenant_in_flight: int = 512
+    max_tenant_in_flight_bytes: int = 1024**3
+    max_connection_in_flight: int = 256
+    max_connection_in_flight_bytes: int = 512 * 1024**2
     # Tensor elements one request may make the server hold: each tensor it sends and each that its
     # arguments imply (a broadcast, linear_cross_entropy's logits, ctc_loss's alignment table).
     max_elements: int = 2**30
@@ -94,7 +101,10 @@ class ServerConfig:
             raise ValueError(f"max_batch_delay_s must be in [0, 1] seconds, got {self.max_batch_delay_s}")
         if self.max_elements < 1:
             raise ValueError(f"max_elements must be >= 1, got {self.max_elements}")
-        for name in ("max_request_elements", "max_in_flight", "max_in_flight_bytes"):
+        for name in (
+            "max_request_elements", "max_in_flight", "max_in_flight_bytes", "max_tenant_in_flight",
+            "max_tenant_in_flight_bytes", "max_connection_in_flight", "max_connection_in_flight_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -16,8 +16,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -25,9 +25,11 @@ from remoteloss.v1 import loss_pb2 as pb
 
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
 
-__all__ = ["Admission", "check_elements", "request_elements"]
+__all__ = ["Admission", "Budget", "Ticket", "check_elements", "request_elements"]
 
 _TENSOR = pb.Tensor.DESCRIPTOR
+BURST_BYTES = 64 * 1024 * 1024  # bytes in flight that make a burst worth giving memory back after
+QUIET_BYTES = 1024 * 1024  # bytes in flight below which a burst has passed
 
 
 def request_elements(message: Message) -> int:
@@ -78,35 +80,150 @@ def check_elements(loss: str, elements: int, limit: int | None) -> int:
     return elements
 
 
-class Admission:
-    """Bounds the requests in flight by count and by bytes; see the module's docstring."""
+@dataclass
+class _Usage:
+    """What one holder of a budget (the server, a tenant, a connection) has in flight."""
 
-    def __init__(self, max_requests: int, max_bytes: int) -> None:
-        if max_requests < 1 or max_bytes < 1:
-            raise ValueError(f"limits must be >= 1, got max_requests={max_requests}, max_bytes={max_bytes}")
-        self.max_requests = max_requests
-        self.max_bytes = max_bytes
-        self.requests = 0  # admitted and not yet released
-        self.bytes = 0
+    requests: int = 0
+    bytes: int = 0
 
-    @contextmanager
-    def admit(self, size: int) -> Iterator[None]:
-        """Hold a place for a request of ``size`` bytes while the block runs; raise
-        ResourceExhaustedError at once when the server is saturated."""
-        if self.requests >= self.max_requests:
-            raise ResourceExhaustedError(
-                f"the server is saturated: {self.requests} requests in flight, its max_in_flight; "
-                "retry later with backoff, or send to another replica"
-            )
-        if self.requests and self.bytes + size > self.max_bytes:
-            raise ResourceExhaustedError(
-                f"the server is saturated: {self.bytes} request bytes in flight, and {size} more would pass its "
-                f"max_in_flight_bytes of {self.max_bytes}; retry later with backoff, or send to another replica"
-            )
-        self.requests += 1
+
+@dataclass(frozen=True)
+class Budget:
+    """Bounds on what one holder may have in flight: requests, and request plus answer bytes."""
+
+    requests: int
+    bytes: int
+    setting: str  # the settings' common stem, for messages: "max_in_flight", "max_tenant_in_flight", ...
+
+    def __post_init__(self) -> None:
+        if self.requests < 1 or self.bytes < 1:
+            raise ValueError(f"{self.setting}: limits must be >= 1, got {self.requests} requests, {self.bytes} bytes")
+
+
+_Holder = tuple[_Usage, "dict[str, _Usage] | None", str]  # usage, the table it lives in, its name there
+
+
+class Ticket:
+    """One admitted request's place in every budget it counts against, from admission until its
+    answer has left (``release``; idempotent). ``answered(size)`` adds the answer's bytes, which
+    count until gRPC has taken them: a caller that does not read its answers spends its own budget."""
+
+    __slots__ = ("_admission", "_holders", "bytes", "_pending")
+
+    def __init__(self, admission: Admission, holders: tuple[_Holder, ...], size: int) -> None:
+        self._admission = admission
+        self._holders = holders
+        self.bytes = size
+        self._pending = True
+
+    def answered(self, size: int) -> None:
+        """The answer (``size`` bytes) is ready and waits for gRPC to send it."""
+        for usage, _, _ in self._holders:
+            usage.bytes += size
         self.bytes += size
-        try:
-            yield
-        finally:
-            self.requests -= 1
-            self.bytes -= size
+        self._admission._peak = max(self._admission._peak, self._admission.bytes)
+        self._done_computing()
+
+    def release(self) -> None:
+        self._done_computing()
+        for usage, table, name in self._holders:
+            usage.requests -= 1
+            usage.bytes -= self.bytes
+            if table is not None and not usage.requests:  # tables hold only who has something in flight
+                del table[name]
+        if self._holders:
+            self._holders = ()
+            self._admission._released()
+
+    def _done_computing(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._admission.pending -= 1
+
+
+class Admission:
+    """Bounds what is in flight, in the server as a whole, per tenant and per connection; see the
+    module's docstring. ``admit(size, tenant=, connection=)`` returns a ``Ticket`` or raises
+    ResourceExhaustedError naming the budget that is spent."""
+
+    def __init__(
+        self,
+        max_requests: int,
+        max_bytes: int,
+        *,
+        tenant: Budget | None = None,
+        connection: Budget | None = None,
+        on_quiet: Callable[[], None] | None = None,
+    ) -> None:
+        self.total = Budget(max_requests, max_bytes, "max_in_flight")
+        self._on_quiet = on_quiet
+        self._peak = 0  # bytes in flight at most since on_quiet was last called
+        self.tenant = tenant
+        self.connection = connection
+        self._all = _Usage()
+        self._tenants: dict[str, _Usage] = {}
+        self._connections: dict[str, _Usage] = {}
+        self.pending = 0  # admitted and not yet answered (queued or computing)
+
+    @property
+    def requests(self) -> int:
+        """Requests admitted whose answers have not left yet."""
+        return self._all.requests
+
+    @property
+    def bytes(self) -> int:
+        """Their request and answer bytes."""
+        return self._all.bytes
+
+    def in_flight(self, *, tenant: str | None = None, connection: str | None = None) -> tuple[int, int]:
+        """(requests, bytes) in flight for one tenant or connection (or the whole server)."""
+        usage = (self._tenants.get(tenant) if tenant is not None else
+                 self._connections.get(connection) if connection is not None else self._all)
+        return (usage.requests, usage.bytes) if usage is not None else (0, 0)
+
+    def admit(self, size: int, *, tenant: str | None = None, connection: str | None = None) -> Ticket:
+        """A place for a request of ``size`` bytes in every budget it counts against, or
+        ResourceExhaustedError at once. A holder with nothing in flight is always admitted one
+        request, however large (``max_message_bytes`` bounds it)."""
+        _check(self._all, self.total, "the server", size)
+        places: list[tuple[dict[str, _Usage], str]] = []
+        for name, budget, table, who in (
+            (tenant, self.tenant, self._tenants, f"tenant {tenant}"),
+            (connection, self.connection, self._connections, "this connection"),
+        ):
+            if name is not None and budget is not None:
+                usage = table.get(name)
+                if usage is not None:  # nothing in flight: always admitted
+                    _check(usage, budget, who, size)
+                places.append((table, name))
+        holders: list[_Holder] = [(self._all, None, "")]
+        holders += [(table.setdefault(name, _Usage()), table, name) for table, name in places]
+        for usage, _, _ in holders:
+            usage.requests += 1
+            usage.bytes += size
+        self.pending += 1
+        self._peak = max(self._peak, self._all.bytes)
+        return Ticket(self, tuple(holders), size)
+
+    def _released(self) -> None:
+        """``on_quiet()`` once the bytes in flight fall to ``QUIET_BYTES`` after a burst of at
+        least ``BURST_BYTES`` (the server then gives freed memory back to the kernel)."""
+        if self._all.bytes <= QUIET_BYTES and self._peak >= BURST_BYTES:
+            self._peak = self._all.bytes
+            if self._on_quiet is not None:
+                self._on_quiet()
+
+
+def _check(usage: _Usage, budget: Budget, who: str, size: int) -> None:
+    advice = "retry later with backoff, or send to another replica"
+    if usage.requests >= budget.requests:
+        raise ResourceExhaustedError(
+            f"{who} is saturated: {usage.requests} requests in flight (answers not yet sent included), "
+            f"its {budget.setting}; {advice}"
+        )
+    if usage.requests and usage.bytes + size > budget.bytes:
+        raise ResourceExhaustedError(
+            f"{who} is saturated: {usage.bytes} bytes in flight (requests, and answers not yet sent), and "
+            f"{size} more would pass its {budget.setting}_bytes of {budget.bytes}; {advice}"
+        )

@@ -29,12 +29,12 @@ from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.errors import InvalidArgumentError, ServiceError, UnimplementedError
 from remoteloss_server.executor import Executor, Result
-from remoteloss_server.limits import Admission, check_elements, request_elements
+from remoteloss_server.limits import Admission, Ticket, check_elements, request_elements
 from remoteloss_server.losses import LOSSES, Call, describe_all
 from remoteloss_server.losses.spec import MAX_DIMS
 from remoteloss_server.metrics import Metrics
 from remoteloss_server.streaming import bounded_map
-from remoteloss_server.telemetry import REQUEST_ID_KEY, RequestRecord, loss_label, request_id
+from remoteloss_server.telemetry import REQUEST_ID_KEY, TENANT, RequestRecord, loss_label, request_id
 
 __all__ = [
     "SERVICE_NAME",
@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 # there; larger ones on a helper thread, so that a big request does not hold up the others. Below
 # a few MiB the hop to a thread costs more than the work it moves (measured on loopback).
 _INLINE_BYTES = 4 * 1024 * 1024
+
+# An answer waiting to be sent is held twice: the bytes made here, and gRPC's copy of them.
+_HELD_COPIES = 2
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 WORKER_METADATA_KEY = "remoteloss-worker"  # trailing metadata: which worker process answered (--workers > 1)
@@ -210,7 +213,10 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         )
         context.set_trailing_metadata(((REQUEST_ID_KEY, record.request_id), *self._worker))
         try:
-            response = await self._compute(received, record, context)
+            ticket = self._admit(received.size, context)
+            if ticket is not None:  # the answer counts until gRPC has sent it (or the call ended)
+                context.add_done_callback(lambda _: ticket.release())
+            response = await self._compute(received, record, context, ticket)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             record.finish("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
@@ -238,20 +244,32 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         stream_id = _request_id(context)
         _add_trailing_metadata(context, ((REQUEST_ID_KEY, stream_id), *self._worker))
 
-        def respond(data: bytes) -> Awaitable[bytes]:
-            return self._stream_item(data, context, stream_id)
+        unsent: set[Ticket] = set()  # the budgets of answers computed and not yet written
+
+        def respond(data: bytes) -> Awaitable[tuple[bytes, Ticket | None]]:
+            return self._stream_item(data, context, stream_id, unsent)
 
         try:
             answers = bounded_map(requests, respond, self.stream_window)
-            async for answer in answers:
-                yield answer
+            async for answer, ticket in answers:
+                yield answer  # resumes once gRPC has taken the answer
+                if ticket is not None:
+                    ticket.release()
+                    unsent.discard(ticket)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
             await context.abort(*status_of(exc, "ComputeStream"))
+        finally:
+            for ticket in unsent:
+                ticket.release()
 
-    async def _stream_item(self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], stream_id: str) -> bytes:
-        """One item's answer, an error included; raises only for an undecodable item without an id."""
+    async def _stream_item(
+        self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], stream_id: str, unsent: set[Ticket]
+    ) -> tuple[bytes, Ticket | None]:
+        """One item's answer, an error included, and its place in the budgets (added to
+        ``unsent`` until the stream has written the answer); raises only for an undecodable item
+        without an id."""
         received = receive(data, pb.ComputeStreamRequest)
         item = received.message
         assert isinstance(item, pb.ComputeStreamRequest | UndecodableRequest)
@@ -262,7 +280,11 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             self._metrics, loss_label(inner), f"{stream_id}/{item.id}",
             received.size if isinstance(item, Message) else None,
         )
+        ticket = None
         try:
+            ticket = self._admit(received.size, context)
+            if ticket is not None:
+                unsent.add(ticket)
             if isinstance(item, UndecodableRequest):
                 raise item.error()
             unknown = UnknownFieldSet(item)
@@ -271,39 +293,52 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
                     f"the stream request holds field {unknown[0].field_number}, which this server does not know; "
                     "it may come from a newer client"
                 )
-            response = await self._compute(Received(item.request, received.size, received.payloads), record, context)
+            inner_received = Received(item.request, received.size, received.payloads)
+            response = await self._compute(inner_received, record, context, ticket)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             record.finish("CANCELLED")
+            if ticket is not None:
+                ticket.release()
             raise
         except Exception as exc:
             code, message = status_of(exc, "ComputeStream")
             record.finish(code.name, details=message)
             error = pb.Error(code=code.value[0], message=message)
-            return pb.ComputeStreamResponse(id=item.id or 0, error=error).SerializeToString()
+            return pb.ComputeStreamResponse(id=item.id or 0, error=error).SerializeToString(), ticket
         record.finish("OK", len(response))
         # ComputeStreamResponse{id, response} written around the answer's bytes, not re-parsed.
-        return pb.ComputeStreamResponse(id=item.id).SerializeToString() + wire.length_delimited(2, response)
+        return pb.ComputeStreamResponse(id=item.id).SerializeToString() + wire.length_delimited(2, response), ticket
+
+    def _admit(self, size: int, context: grpc.aio.ServicerContext[Any, Any]) -> Ticket | None:
+        """A place in the in-flight budgets (the server's, the caller's tenant's and connection's)
+        for a request of ``size`` bytes; ResourceExhaustedError when one is spent. The caller
+        releases it once the answer has left."""
+        if self._admission is None:
+            return None
+        return self._admission.admit(size, tenant=TENANT.get(), connection=context.peer())
 
     async def _compute(
-        self, received: Received, record: RequestRecord, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        received: Received,
+        record: RequestRecord,
+        context: grpc.aio.ServicerContext[Any, Any],
+        ticket: Ticket | None,
     ) -> bytes:
-        """One request, from checks to serialized answer: the path of Compute and of every
-        ComputeStream item.
+        """One admitted request, from checks to serialized answer: the path of Compute and of
+        every ComputeStream item. The answer's bytes join ``ticket``'s budgets.
 
         Raises the domain errors of ``errors``; never aborts the call, which a stream's items share.
-        A saturated server (``admission``) refuses it first, with RESOURCE_EXHAUSTED; its place is
-        freed when it is answered, fails or is cancelled.
         """
         request = received.message
         if isinstance(request, UndecodableRequest):
             raise request.error()
         assert isinstance(request, pb.ComputeRequest)
-        if self._admission is None:
-            return await self._compute_admitted(request, received, record, context)
-        with self._admission.admit(received.size):
-            return await self._compute_admitted(request, received, record, context)
+        answer = await self._answer(request, received, record, context)
+        if ticket is not None:
+            ticket.answered(_HELD_COPIES * len(answer))
+        return answer
 
-    async def _compute_admitted(
+    async def _answer(
         self,
         request: pb.ComputeRequest,
         received: Received,
@@ -340,9 +375,9 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         # Alone in the server, a request has nothing to wait for: the batcher may compute it at once.
         # One turn of the event loop first lets requests that arrived with it show themselves.
         lone = False
-        if self._admission is not None and self._admission.requests == 1 and self._batcher.idle:
+        if self._admission is not None and self._admission.pending == 1 and self._batcher.idle:
             await asyncio.sleep(0)
-            lone = self._admission.requests == 1
+            lone = self._admission.pending == 1
         result = await self._batcher.submit(call, grad_output, deadline, lone=lone)
         return await asyncio.to_thread(_serialize, result) if large else _serialize(result)
 

@@ -9,7 +9,7 @@ from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server import app, cli
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
-from remoteloss_server.limits import Admission, check_elements, request_elements
+from remoteloss_server.limits import Admission, Budget, check_elements, request_elements
 
 _LIMIT_ENV = ("REMOTELOSS_MAX_REQUEST_ELEMENTS", "REMOTELOSS_MAX_IN_FLIGHT", "REMOTELOSS_MAX_IN_FLIGHT_BYTES")
 
@@ -39,23 +39,72 @@ def test_check_elements_names_the_limit() -> None:
 
 def test_admission_bounds_count_and_bytes_and_frees_places() -> None:
     admission = Admission(max_requests=2, max_bytes=100)
-    with admission.admit(60):
-        with pytest.raises(ResourceExhaustedError, match="saturated.*max_in_flight_bytes of 100"), admission.admit(41):
-            pass
-        with admission.admit(40), pytest.raises(ResourceExhaustedError, match="saturated: 2 requests"), admission.admit(0):
-            pass
+    first = admission.admit(60)
+    with pytest.raises(ResourceExhaustedError, match="the server is saturated.*max_in_flight_bytes of 100"):
+        admission.admit(41)
+    second = admission.admit(40)
+    with pytest.raises(ResourceExhaustedError, match="the server is saturated: 2 requests .*its max_in_flight;"):
+        admission.admit(0)
+    first.release()
+    second.release()
+    second.release()  # idempotent
+    assert (admission.requests, admission.bytes, admission.pending) == (0, 0, 0)
+    alone = admission.admit(1000)  # alone, any size is admitted (max_message_bytes bounds it)
+    assert admission.bytes == 1000
+    alone.release()
     assert (admission.requests, admission.bytes) == (0, 0)
-    with admission.admit(1000):  # alone, any size is admitted (max_message_bytes bounds it)
-        assert admission.bytes == 1000
-    with pytest.raises(KeyError), admission.admit(5):  # a failure frees its place too
-        raise KeyError
+
+
+def test_an_answer_counts_until_it_has_left() -> None:
+    admission = Admission(max_requests=10, max_bytes=100)
+    ticket = admission.admit(10)
+    assert admission.pending == 1
+    ticket.answered(80)  # computed: no longer pending, but its 90 bytes are still held
+    assert (admission.requests, admission.bytes, admission.pending) == (1, 90, 0)
+    with pytest.raises(ResourceExhaustedError, match="90 bytes in flight .*answers not yet sent"):
+        admission.admit(11)
+    ticket.release()
     assert (admission.requests, admission.bytes) == (0, 0)
+
+
+def test_a_tenant_or_connection_meets_its_own_budget_first() -> None:
+    admission = Admission(
+        100, 10_000,
+        tenant=Budget(3, 100, "max_tenant_in_flight"),
+        connection=Budget(2, 1_000, "max_connection_in_flight"),
+    )
+    heavy = [admission.admit(60, tenant="heavy", connection="ipv4:a")]
+    with pytest.raises(ResourceExhaustedError, match="^tenant heavy is saturated.*max_tenant_in_flight_bytes of 100"):
+        admission.admit(41, tenant="heavy", connection="ipv4:b")
+    heavy.append(admission.admit(40, tenant="heavy", connection="ipv4:b"))
+    # Another tenant, and the same tenant's requests on another connection, are not held back.
+    light = admission.admit(50, tenant="light", connection="ipv4:b")
+    with pytest.raises(ResourceExhaustedError, match="^this connection is saturated: 2 requests.*max_connection_in_flight;"):
+        admission.admit(1, tenant="other", connection="ipv4:b")
+    assert admission.in_flight(tenant="heavy") == (2, 100)
+    assert admission.in_flight(connection="ipv4:b") == (2, 90)
+    for ticket in (*heavy, light):
+        ticket.release()
+    # Tables keep only who has something in flight: connections come and go.
+    assert admission.in_flight(tenant="heavy") == admission.in_flight(connection="ipv4:a") == (0, 0)
+    assert (admission._tenants, admission._connections) == ({}, {})
+    # A refusal by one budget leaves no place taken in another.
+    only = admission.admit(1, tenant="t", connection="c")
+    with pytest.raises(ResourceExhaustedError):
+        admission.admit(2_000, tenant="u", connection="c")
+    only.release()
+    assert (admission._tenants, admission._connections, admission.requests) == ({}, {}, 0)
 
 
 def test_limit_defaults_and_validation() -> None:
     config = ServerConfig()
     assert (config.max_request_elements, config.max_in_flight, config.max_in_flight_bytes) == (2**28, 1024, 2 * 1024**3)
-    for name in ("max_request_elements", "max_in_flight", "max_in_flight_bytes"):
+    assert (config.max_tenant_in_flight, config.max_tenant_in_flight_bytes) == (512, 1024**3)
+    assert (config.max_connection_in_flight, config.max_connection_in_flight_bytes) == (256, 512 * 1024**2)
+    for name in (
+        "max_request_elements", "max_in_flight", "max_in_flight_bytes", "max_tenant_in_flight",
+        "max_tenant_in_flight_bytes", "max_connection_in_flight", "max_connection_in_flight_bytes",
+    ):
         with pytest.raises(ValueError, match=f"^{name} must be >= 1"):
             ServerConfig(**{name: 0}).validate()  # type: ignore[arg-type]
 
@@ -71,3 +120,8 @@ def test_limit_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
     assert cli.main(["--max-in-flight=4"]) == 0  # a flag wins over the environment
     assert (served[-1].max_request_elements, served[-1].max_in_flight, served[-1].max_in_flight_bytes) == (2000, 4, 8192)
+    assert cli.main(["--max-tenant-in-flight-bytes=100", "--max-connection-in-flight=3"]) == 0
+    assert (served[-1].max_tenant_in_flight_bytes, served[-1].max_connection_in_flight) == (100, 3)
+    budgets = app.admission(served[-1])
+    assert budgets.tenant is not None and budgets.connection is not None
+    assert (budgets.total.bytes, budgets.tenant.bytes, budgets.connection.requests) == (8192, 100, 3)

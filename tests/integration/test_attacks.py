@@ -1,0 +1,138 @@
+"""Attacks on a shared server, each while a bystander measures its slowest call and the server's
+RSS is sampled (``attack.Watch``): callers without a key, compressed bombs, callers that never read
+their answers, tenants over their budgets, many connections and slow senders.
+
+The server runs with API keys for two tenants, ``heavy`` and ``light``, and in-flight budgets
+small enough for the attacks to meet them on a 2-core CI machine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from remoteloss import codec
+from remoteloss.v1 import loss_pb2 as pb
+
+from .attack import MiB, Watch
+from .raw_http2 import RawConnection, frame
+from .server_process import ServerProcess
+
+HEAVY = "heavy-key-0123456789abcdef"
+LIGHT = "light-key-0123456789abcdef"
+COMPUTE = "/remoteloss.v1.LossService/Compute"
+STREAM = "/remoteloss.v1.LossService/ComputeStream"
+MAX_IN_FLIGHT_BYTES = 256 * MiB
+TENANT_IN_FLIGHT_BYTES = 128 * MiB
+MAX_MESSAGE_BYTES = 256 * MiB
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("attacks")
+    keys = folder / "api-keys"
+    keys.write_text(f"heavy:{HEAVY}\nlight:{LIGHT}\n")
+    process = ServerProcess(
+        folder, "--api-keys-file", str(keys), "--grace-period", "5",
+        "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+        "--max-in-flight-bytes", str(MAX_IN_FLIGHT_BYTES),
+        "--max-tenant-in-flight-bytes", str(TENANT_IN_FLIGHT_BYTES),
+    )
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def mse_request(elements: int) -> bytes:
+    """A serialized mse_loss request of two float32 tensors of ``elements`` each, built without numpy."""
+    data = bytes(4 * elements)
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[elements], data=data, requires_grad=True)
+    return pb.ComputeRequest(mse_loss=pb.MseLoss(input=tensor, target=tensor)).SerializeToString()
+
+
+def raw_compute(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    return channel.unary_unary(COMPUTE)  # bytes in, bytes out
+
+
+def test_callers_without_a_key_cost_no_more_than_their_headers(server: ServerProcess) -> None:
+    """Four 200 MiB calls without a key: refused UNAUTHENTICATED from their headers, unread."""
+    request = mse_request(25 * MiB)  # 200 MiB
+    codes: list[grpc.StatusCode] = []
+    with Watch(server, "4 x 200 MiB without a key", metadata=bearer(LIGHT)) as watch:
+        began = time.perf_counter()
+
+        def attack() -> None:
+            with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", -1)]) as channel:
+                try:
+                    raw_compute(channel)(request, timeout=60)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())  # type: ignore[attr-defined]
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: attack(), range(4)))
+        watch.figures.notes.append(f"refused in {time.perf_counter() - began:.2f} s")
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 4
+    assert watch.figures.rss_peak - watch.figures.rss_before < 64 * MiB
+
+
+def test_a_compressed_request_is_refused_before_it_inflates(server: ServerProcess) -> None:
+    """Eight gzip bombs (100 MB of zeros each, about 100 KiB on the wire), sent compressed as
+    gRPC frames them: refused from their headers, never inflated. The server accepts no
+    compression (README, Security)."""
+    bomb = gzip.compress(mse_request(50 * 1000 * 1000 // 4), compresslevel=9)  # 2 x 50 MB of zeros
+    assert len(bomb) < 256 * 1024
+    statuses = []
+    with Watch(server, "8 gzip bombs of 100 MB", metadata=bearer(LIGHT)):
+        with RawConnection(server.target) as attacker:
+            metadata = (*bearer(HEAVY), ("grpc-encoding", "gzip"))
+            streams = [attacker.call(COMPUTE, frame(bomb, compressed=True), metadata=metadata) for _ in range(8)]
+            statuses = [(attacker.status(stream), attacker.message(stream)) for stream in streams]
+    unimplemented = str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+    assert all(code == unimplemented and "gzip" in message for code, message in statuses), statuses
+
+
+def broadcast_request(side: int) -> bytes:
+    """16 KiB for ``side=2048``: mse_loss of a (1, side) input and a (side, 1) target with
+    reduction "none", whose answer is side * side float32 (16 MiB)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, side)).astype(np.float32)
+    y = rng.standard_normal((side, 1)).astype(np.float32)
+    message = pb.MseLoss(input=codec.encode(x), target=codec.encode(y), reduction=pb.REDUCTION_NONE)
+    return pb.ComputeRequest(mse_loss=message).SerializeToString()
+
+
+def test_a_caller_that_never_reads_waits_alone(server: ServerProcess) -> None:
+    """100 calls of 16 KiB asking for 16 MiB answers, on one connection that never opens its
+    window: the answers count against the tenant's budget until gRPC has sent them, so the caller
+    gets RESOURCE_EXHAUSTED for its new calls once it holds the tenant's bytes, and no one else
+    notices."""
+    body = frame(broadcast_request(2048))
+    calls = 100
+    with Watch(server, "100 x 16 MiB answers never read", metadata=bearer(LIGHT),
+               peak_over_bytes=TENANT_IN_FLIGHT_BYTES + 256 * MiB) as watch:
+        with RawConnection(server.target, window=0) as attacker:
+            streams = [attacker.call(COMPUTE, body, metadata=bearer(HEAVY)) for _ in range(calls)]
+            statuses = [attacker.status(stream, timeout_s=0.2) for stream in streams]
+            time.sleep(2)  # the answers computed meanwhile wait, unsent
+            statuses = [attacker.status(stream, timeout_s=0.05) if s is None else s for s, stream in zip(statuses, streams)]
+            refused = [attacker.message(s) for s, code in zip(streams, statuses) if code == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])]
+            held = statuses.count(None)
+            watch.figures.notes.append(f"{held} answers held unsent, {len(refused)} calls refused")
+        time.sleep(1)  # the connection is gone: its held answers go with it
+    assert len(refused) + held == calls, statuses
+    assert 1 <= held <= TENANT_IN_FLIGHT_BYTES // (16 * MiB) + 1
+    assert all("heavy" in message and "max_tenant_in_flight_bytes" in message for message in refused), refused[:3]
