@@ -9,7 +9,7 @@ the kernel must zero. ``configure(threshold)`` raises the mmap threshold to ``th
 and the trim threshold to twice that, so buffers up to ``threshold`` are reused from the heap;
 the cost is that memory freed after a burst stays with the process (up to the trim threshold
 per arena) instead of going back to the kernel at once; ``trim()`` gives it back, and the server
-calls it once a burst of bytes in flight has passed.
+calls it when it is quiet.
 
 ``bench/RESULTS.md`` has the measurements behind the default. Only glibc has ``mallopt``;
 elsewhere ``configure`` does nothing. No torch and no grpc here.
@@ -21,7 +21,7 @@ import ctypes
 import logging
 import os
 
-__all__ = ["MAX_THRESHOLD_BYTES", "configure", "is_glibc", "trim"]
+__all__ = ["MAX_THRESHOLD_BYTES", "configure", "free_heap_bytes", "is_glibc", "resident_bytes", "trim"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,36 @@ def trim() -> bool:
     pages inside the heap too); glibc only. Returns whether any memory was released.
 
     It holds each arena's lock while it works (milliseconds for a heap of hundreds of MiB), so
-    the server calls it off the event loop, and only once a burst has passed (``app``).
+    the server calls it off the event loop, and only when quiet (``app._give_back_memory``).
     """
     if not is_glibc():
         return False
     return bool(ctypes.CDLL(None).malloc_trim(0))
+
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+    )]
+
+
+def free_heap_bytes() -> int:
+    """Bytes the heap holds free (``mallinfo2().fordblks``: kept for reuse, whether or not a trim
+    has handed their pages back); 0 where glibc lacks ``mallinfo2`` (before 2.33)."""
+    if not is_glibc():
+        return 0
+    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
+    if mallinfo2 is None:
+        return 0
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size, from ``/proc/self/statm`` (0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

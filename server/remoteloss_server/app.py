@@ -16,7 +16,6 @@ import logging
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -43,6 +42,8 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 _IDENTITY_ONLY = 1  # a bit set of gRPC's compression algorithms: bit 0, identity, alone
+_QUIET_BYTES = 1024 * 1024  # bytes in flight under which the server counts as quiet
+_TRIM_SLACK_BYTES = 16 * 1024 * 1024  # a change in free heap bytes that makes another trim worth it
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
 
@@ -63,9 +64,12 @@ class _Running:
     metrics: Metrics
     metrics_http: MetricsHTTPServer | None = None
     batcher: Batcher | None = None
+    trimmer: asyncio.Task[None] | None = None
 
     async def stop(self, grace_s: float) -> None:
         logger.info("event=draining grace_s=%.1f", grace_s)
+        if self.trimmer is not None:
+            self.trimmer.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         if self.batcher is not None:
@@ -100,6 +104,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     metrics = Metrics()
     if executor.device.type == "cuda":
         metrics.watch_gpu_memory(str(executor.device), executor.memory_reserved)
+    budgets = admission(config)
     batcher = Batcher(
         executor,
         pool,
@@ -119,7 +124,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             batcher=batcher,
             max_elements=config.max_elements,
             max_request_elements=config.max_request_elements,
-            admission=admission(config, on_quiet=_Trimmer()),
+            admission=budgets,
         ),
         server,
     )
@@ -146,6 +151,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
                 f"cannot bind {metrics_address} for /metrics: {exc} (metrics_port=0 turns /metrics off)"
             ) from None
     await batcher.start()
+    trimmer = asyncio.create_task(_give_back_memory(budgets), name="remoteloss-trim")
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -160,15 +166,14 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             "event=open_access address=%s:%d note=%s", config.host, port,
             quote("no API keys: anyone who can reach this address may call the service (--api-keys-file, --tls-cert)"),
         )
-    return _Running(server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher)
+    return _Running(server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher, trimmer=trimmer)
 
 
-def admission(config: ServerConfig, on_quiet: Callable[[], None] | None = None) -> Admission:
+def admission(config: ServerConfig) -> Admission:
     """The in-flight budgets of ``config``: the server's, each tenant's and each connection's."""
     return Admission(
         config.max_in_flight,
         config.max_in_flight_bytes,
-        on_quiet=on_quiet,
         tenant=Budget(config.max_tenant_in_flight, config.max_tenant_in_flight_bytes, "max_tenant_in_flight"),
         connection=Budget(
             config.max_connection_in_flight, config.max_connection_in_flight_bytes, "max_connection_in_flight"
@@ -176,30 +181,24 @@ def admission(config: ServerConfig, on_quiet: Callable[[], None] | None = None) 
     )
 
 
-class _Trimmer:
-    """Gives the memory a burst freed back to the kernel (``allocator.trim`` on a thread), at
-    most one at a time and once per ``interval_s``; called on the event loop when a burst of
-    bytes in flight has passed (``Admission``'s ``on_quiet``)."""
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self._interval_s = interval_s
-        self._last = -interval_s
-        self._scheduled = False
-
-    def __call__(self) -> None:
-        if self._scheduled:
-            return
-        self._scheduled = True
-        loop = asyncio.get_running_loop()
-        loop.call_later(max(0.0, self._last + self._interval_s - loop.time()), self._start, loop)
-
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        task = loop.run_in_executor(None, allocator.trim)
-        task.add_done_callback(lambda _: self._done(loop))
-
-    def _done(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._last = loop.time()
-        self._scheduled = False
+async def _give_back_memory(admission: Admission, interval_s: float = 2.0) -> None:
+    """Give freed memory back to the kernel once the server is quiet, as jemalloc's background
+    purging does: every ``interval_s``, when no more than ``_QUIET_BYTES`` were in flight since
+    the last look and, since the last trim, the heap's free bytes changed or the process grew by
+    ``_TRIM_SLACK_BYTES``, ``allocator.trim()`` (on a thread, as the look at the heap: both take
+    glibc's arena locks). Without it, the heap a burst grew (glibc keeps up to its trim
+    threshold, see ``allocator``) stays with the process after the callers are gone, also after
+    bytes that gRPC alone held, such as stalled requests."""
+    free_at, resident_at = 0, 0  # after the last trim
+    while True:
+        await asyncio.sleep(interval_s)
+        if admission.take_peak() > _QUIET_BYTES:
+            continue
+        free = await asyncio.to_thread(allocator.free_heap_bytes)
+        if abs(free - free_at) < _TRIM_SLACK_BYTES and allocator.resident_bytes() - resident_at < _TRIM_SLACK_BYTES:
+            continue
+        await asyncio.to_thread(allocator.trim)
+        free_at, resident_at = free, allocator.resident_bytes()
 
 
 def _security(config: ServerConfig) -> tuple[auth.KeyTable | None, grpc.ServerCredentials | None]:

@@ -150,7 +150,7 @@ class Batcher:
         if self._closed or self._loop_task is None or self._wakeup is None:
             raise UnavailableError("the server is shutting down" if self._closed else "the batcher is not running")
         if lone and self.idle:
-            elements = sum(t.numel() for t in call.tensors.values())
+            elements = call.elements
             item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
                          asyncio.get_running_loop().create_future())
             if elements <= self._inline_elements:
@@ -169,7 +169,7 @@ class Batcher:
                 raise UnavailableError("the server is shutting down")
         seq = next(self._seq)
         key: Hashable = plan.key if plan is not None else ("alone", seq)
-        elements = plan.elements if plan is not None else sum(t.numel() for t in call.tensors.values())
+        elements = max(plan.elements, call.implied_elements) if plan is not None else call.elements
         item = _Item(
             Job(call, grad_output, plan), elements, deadline, self.clock(), asyncio.get_running_loop().create_future()
         )

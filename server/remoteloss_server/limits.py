@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -28,8 +27,6 @@ from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedErro
 __all__ = ["Admission", "Budget", "Ticket", "check_elements", "request_elements"]
 
 _TENSOR = pb.Tensor.DESCRIPTOR
-BURST_BYTES = 64 * 1024 * 1024  # bytes in flight that make a burst worth giving memory back after
-QUIET_BYTES = 1024 * 1024  # bytes in flight below which a burst has passed
 
 
 def request_elements(message: Message) -> int:
@@ -101,40 +98,70 @@ class Budget:
             raise ValueError(f"{self.setting}: limits must be >= 1, got {self.requests} requests, {self.bytes} bytes")
 
 
-_Holder = tuple[_Usage, "dict[str, _Usage] | None", str]  # usage, the table it lives in, its name there
+@dataclass(frozen=True)
+class _Holder:
+    usage: _Usage
+    budget: Budget
+    who: str  # for messages: "the server", "tenant alice", "this connection"
+    table: dict[str, _Usage] | None = None  # where ``usage`` lives, under ``name``; None: the server's
+    name: str = ""
 
 
 class Ticket:
     """One admitted request's place in every budget it counts against, from admission until its
-    answer has left (``release``; idempotent). ``answered(size)`` adds the answer's bytes, which
-    count until gRPC has taken them: a caller that does not read its answers spends its own budget."""
+    answer has left (``release``; idempotent). ``reserve`` adds, before computing, what the call
+    will hold; ``answered`` replaces that by the answer's bytes, which count until gRPC has taken
+    them: a caller that does not read its answers spends its own budget."""
 
-    __slots__ = ("_admission", "_holders", "bytes", "_pending")
+    __slots__ = ("_admission", "_holders", "bytes", "_extra", "_pending")
 
     def __init__(self, admission: Admission, holders: tuple[_Holder, ...], size: int) -> None:
         self._admission = admission
         self._holders = holders
-        self.bytes = size
+        self.bytes = size  # counted in every holder's usage
+        self._extra = 0  # of which reserved or answered beyond the request
         self._pending = True
 
+    def reserve(self, size: int, loss: str) -> None:
+        """Count ``size`` more bytes, what the call will hold while it computes and answers, before
+        they are spent. InvalidArgumentError when they pass a budget on their own (the call can
+        never run here), ResourceExhaustedError when they pass it with what else is in flight."""
+        for h in sorted(self._holders, key=lambda h: h.budget.bytes):  # the tightest budget first
+            if size > h.budget.bytes:
+                raise InvalidArgumentError(
+                    f"{loss}: the call would hold about {size} bytes (the tensors it implies and its answer), "
+                    f"more than {h.who}'s {h.budget.setting}_bytes of {h.budget.bytes}"
+                )
+        for h in self._holders:
+            if h.usage.requests > 1 and h.usage.bytes + size > h.budget.bytes:
+                raise ResourceExhaustedError(
+                    f"{h.who} is saturated: {h.usage.bytes} bytes in flight (requests, and answers not yet sent), "
+                    f"and this {loss} call would hold {size} more, past its {h.budget.setting}_bytes of "
+                    f"{h.budget.bytes}; {_ADVICE}"
+                )
+        self._count(size)
+
     def answered(self, size: int) -> None:
-        """The answer (``size`` bytes) is ready and waits for gRPC to send it."""
-        for usage, _, _ in self._holders:
-            usage.bytes += size
-        self.bytes += size
-        self._admission._peak = max(self._admission._peak, self._admission.bytes)
+        """The answer (``size`` bytes) is ready and waits for gRPC to send it; it replaces what
+        ``reserve`` counted."""
+        self._count(size - self._extra)
         self._done_computing()
+
+    def _count(self, delta: int) -> None:
+        for h in self._holders:
+            h.usage.bytes += delta
+        self.bytes += delta
+        self._extra += delta
+        self._admission._peak = max(self._admission._peak, self._admission.bytes)
 
     def release(self) -> None:
         self._done_computing()
-        for usage, table, name in self._holders:
-            usage.requests -= 1
-            usage.bytes -= self.bytes
-            if table is not None and not usage.requests:  # tables hold only who has something in flight
-                del table[name]
-        if self._holders:
-            self._holders = ()
-            self._admission._released()
+        for h in self._holders:
+            h.usage.requests -= 1
+            h.usage.bytes -= self.bytes
+            if h.table is not None and not h.usage.requests:  # tables hold only who has something in flight
+                del h.table[h.name]
+        self._holders = ()
 
     def _done_computing(self) -> None:
         if self._pending:
@@ -154,11 +181,9 @@ class Admission:
         *,
         tenant: Budget | None = None,
         connection: Budget | None = None,
-        on_quiet: Callable[[], None] | None = None,
     ) -> None:
         self.total = Budget(max_requests, max_bytes, "max_in_flight")
-        self._on_quiet = on_quiet
-        self._peak = 0  # bytes in flight at most since on_quiet was last called
+        self._peak = 0  # the most bytes in flight since take_peak()
         self.tenant = tenant
         self.connection = connection
         self._all = _Usage()
@@ -187,7 +212,7 @@ class Admission:
         ResourceExhaustedError at once. A holder with nothing in flight is always admitted one
         request, however large (``max_message_bytes`` bounds it)."""
         _check(self._all, self.total, "the server", size)
-        places: list[tuple[dict[str, _Usage], str]] = []
+        places: list[tuple[Budget, str, dict[str, _Usage], str]] = []
         for name, budget, table, who in (
             (tenant, self.tenant, self._tenants, f"tenant {tenant}"),
             (connection, self.connection, self._connections, "this connection"),
@@ -196,34 +221,33 @@ class Admission:
                 usage = table.get(name)
                 if usage is not None:  # nothing in flight: always admitted
                     _check(usage, budget, who, size)
-                places.append((table, name))
-        holders: list[_Holder] = [(self._all, None, "")]
-        holders += [(table.setdefault(name, _Usage()), table, name) for table, name in places]
-        for usage, _, _ in holders:
-            usage.requests += 1
-            usage.bytes += size
+                places.append((budget, who, table, name))
+        holders = [_Holder(self._all, self.total, "the server")]
+        holders += [_Holder(table.setdefault(name, _Usage()), b, who, table, name) for b, who, table, name in places]
+        for h in holders:
+            h.usage.requests += 1
+            h.usage.bytes += size
         self.pending += 1
         self._peak = max(self._peak, self._all.bytes)
         return Ticket(self, tuple(holders), size)
 
-    def _released(self) -> None:
-        """``on_quiet()`` once the bytes in flight fall to ``QUIET_BYTES`` after a burst of at
-        least ``BURST_BYTES`` (the server then gives freed memory back to the kernel)."""
-        if self._all.bytes <= QUIET_BYTES and self._peak >= BURST_BYTES:
-            self._peak = self._all.bytes
-            if self._on_quiet is not None:
-                self._on_quiet()
+    def take_peak(self) -> int:
+        """The most bytes that were in flight since the last call (or since the start)."""
+        peak, self._peak = self._peak, self._all.bytes
+        return peak
+
+
+_ADVICE = "retry later with backoff, or send to another replica"
 
 
 def _check(usage: _Usage, budget: Budget, who: str, size: int) -> None:
-    advice = "retry later with backoff, or send to another replica"
     if usage.requests >= budget.requests:
         raise ResourceExhaustedError(
             f"{who} is saturated: {usage.requests} requests in flight (answers not yet sent included), "
-            f"its {budget.setting}; {advice}"
+            f"its {budget.setting}; {_ADVICE}"
         )
     if usage.requests and usage.bytes + size > budget.bytes:
         raise ResourceExhaustedError(
             f"{who} is saturated: {usage.bytes} bytes in flight (requests, and answers not yet sent), and "
-            f"{size} more would pass its {budget.setting}_bytes of {budget.bytes}; {advice}"
+            f"{size} more would pass its {budget.setting}_bytes of {budget.bytes}; {_ADVICE}"
         )

@@ -333,7 +333,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         if isinstance(request, UndecodableRequest):
             raise request.error()
         assert isinstance(request, pb.ComputeRequest)
-        answer = await self._answer(request, received, record, context)
+        answer = await self._answer(request, received, record, context, ticket)
         if ticket is not None:
             ticket.answered(_HELD_COPIES * len(answer))
         return answer
@@ -344,6 +344,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         received: Received,
         record: RequestRecord,
         context: grpc.aio.ServicerContext[Any, Any],
+        ticket: Ticket | None,
     ) -> bytes:
         unknown = _unknown_field(request)
         if unknown is not None:
@@ -363,13 +364,14 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         if self._batcher is None:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, self._compute_blocking, name, request, payloads)
-        large = received.size > _INLINE_BYTES
         limit = self._max_elements
         call, grad_output = (
             await asyncio.to_thread(_prepare, name, request, limit, payloads)
-            if large
+            if received.size > _INLINE_BYTES
             else _prepare(name, request, limit, payloads)
         )
+        if ticket is not None:  # what the call will hold, counted before it is spent
+            ticket.reserve(_held_bytes(call), name)
         remaining = context.time_remaining()
         deadline = None if remaining is None else self._batcher.clock() + remaining
         # Alone in the server, a request has nothing to wait for: the batcher may compute it at once.
@@ -379,6 +381,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             await asyncio.sleep(0)
             lone = self._admission.pending == 1
         result = await self._batcher.submit(call, grad_output, deadline, lone=lone)
+        large = sum(t.nbytes for t in (result.loss, *result.gradients.values())) > _INLINE_BYTES
         return await asyncio.to_thread(_serialize, result) if large else _serialize(result)
 
     @translate_errors
@@ -410,6 +413,19 @@ def _prepare(
         except ValueError as exc:
             raise InvalidArgumentError(f"{name}: {exc}") from None
     return call, grad_output
+
+
+def _held_bytes(call: Call) -> int:
+    """About what ``call`` will hold beyond its arguments: while it computes, the largest tensor it
+    implies (or its largest argument); then its answer, held twice until sent (``_HELD_COPIES``):
+    the loss (that tensor again, unreduced, with ``reduction="none"``) and a gradient for each
+    argument that requires one."""
+    tensors = call.tensors.values()
+    itemsize = max((t.element_size() for t in tensors if t.is_floating_point()), default=8)  # the loss's dtype
+    largest = max(max((t.numel() for t in tensors), default=0), call.implied_elements)
+    loss = largest if call.options.get("reduction") == "none" else 1
+    gradients = sum(call.tensors[name].numel() for name in call.requires_grad)
+    return itemsize * (largest + _HELD_COPIES * (loss + gradients))
 
 
 def _serialize(result: Result) -> bytes:

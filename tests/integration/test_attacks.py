@@ -52,9 +52,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     )
     process.start()
     try:
+        warm_up(process)
         yield process
     finally:
         process.stop()
+
+
+def warm_up(server: ServerProcess) -> None:
+    """Large calls on every path once (compute threads, helper threads, torch's kernels), so that
+    what a server keeps after its first large call (thread arenas and stacks: about 80 MiB here,
+    once) is not counted against the first attack."""
+    with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        for body in (broadcast_request(3000), mse_request(4 * MiB)):
+            raw_compute(channel)(body, timeout=120, metadata=bearer(LIGHT))
 
 
 def mse_request(elements: int) -> bytes:
@@ -136,3 +146,39 @@ def test_a_caller_that_never_reads_waits_alone(server: ServerProcess) -> None:
     assert len(refused) + held == calls, statuses
     assert 1 <= held <= TENANT_IN_FLIGHT_BYTES // (16 * MiB) + 1
     assert all("heavy" in message and "max_tenant_in_flight_bytes" in message for message in refused), refused[:3]
+
+
+def test_slow_senders_hold_little_and_no_one_waits_for_them(server: ServerProcess) -> None:
+    """1,000 calls that send 60 KiB of a 1 MiB request and stall (a slowloris), on 10 connections:
+    gRPC holds each call's received bytes within its flow-control window, nothing reaches a handler,
+    and the bystander does not notice."""
+    body = frame(mse_request(128 * 1024))  # 1 MiB
+    with Watch(server, "1,000 calls stalled mid-request", metadata=bearer(LIGHT)) as watch:
+        connections = [RawConnection(server.target) for _ in range(10)]
+        try:
+            for connection in connections:
+                for _ in range(100):
+                    connection.call(COMPUTE, body[: 60 * 1024], metadata=bearer(HEAVY), end=False)
+            time.sleep(2)
+            watch.figures.notes.append(f"RSS with the calls open {server.rss_bytes() / MiB:.0f} MiB")
+        finally:
+            for connection in connections:
+                connection.close()
+
+
+def test_a_small_request_that_implies_a_large_tensor_is_sized_by_what_it_implies(server: ServerProcess) -> None:
+    """Small requests asking for large broadcasts: one whose answer alone passes the tenant's
+    budget is INVALID_ARGUMENT before anything is computed; one within it (a 36 MB answer from
+    12 KiB) is computed and encoded on a compute thread, not on the event loop every caller shares."""
+    with Watch(server, "12 KiB implying a 36 MB answer, 28 KiB implying 196 MB", metadata=bearer(LIGHT),
+               peak_over_bytes=TENANT_IN_FLIGHT_BYTES + 256 * MiB) as watch:
+        with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                raw_compute(channel)(broadcast_request(7000), timeout=120, metadata=bearer(HEAVY))
+            begin = time.perf_counter()
+            answer = raw_compute(channel)(broadcast_request(3000), timeout=120, metadata=bearer(HEAVY))
+            watch.figures.notes.append(f"the 36 MB answer took {time.perf_counter() - begin:.2f} s")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "mse_loss: the call would hold about" in refused.value.details()  # type: ignore[attr-defined]
+    assert "tenant heavy's max_tenant_in_flight_bytes" in refused.value.details()  # type: ignore[attr-defined]
+    assert list(pb.ComputeResponse.FromString(answer).loss.shape) == [3000, 3000]

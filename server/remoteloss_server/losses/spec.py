@@ -101,12 +101,15 @@ class Args:
     options: Mapping[str, Any]  # every option, torch's default where the request left it unset
     requires_grad: frozenset[str]
     max_elements: int | None = None  # the most elements a tensor the call implies may have; None: no limit
+    implied: list[int] = field(default_factory=list)  # elements of each tensor the checks said the call implies
 
     def fail(self, message: str) -> NoReturn:
         raise InvalidArgumentError(f"{self.loss}: {message}")
 
     def limit(self, elements: int, what: Callable[[], str]) -> None:
-        """Fail when a tensor the call implies (``what()`` names it) would exceed ``max_elements``."""
+        """Fail when a tensor the call implies (``what()`` names it) would exceed ``max_elements``;
+        else note its size (``Call.implied_elements``)."""
+        self.implied.append(elements)
         if self.max_elements is not None and elements > self.max_elements:
             self.fail(
                 f"{what()} would hold {elements} elements, more than this server's limit of {self.max_elements}"
@@ -126,6 +129,14 @@ class Call:
     tensors: dict[str, torch.Tensor]
     options: dict[str, Any]
     requires_grad: tuple[str, ...]  # names of the tensors to differentiate with respect to
+    # The largest tensor the call makes beyond its arguments (a broadcast, logits, CTC's alignment
+    # table), in elements; 0 when none. What it costs is sized by this, not by what was sent.
+    implied_elements: int = 0
+
+    @property
+    def elements(self) -> int:
+        """The elements the call holds at most at once: its arguments, or what they imply."""
+        return max(sum(t.numel() for t in self.tensors.values()), self.implied_elements)
 
     def __call__(self) -> torch.Tensor:
         return self.function(**self.tensors, **self.options)
@@ -206,7 +217,7 @@ class LossSpec:
         for check in self.checks:
             check(args)
         on_device = {name: tensor.to(device) for name, tensor in tensors.items()}
-        return Call(self.name, self.function, on_device, options, requires_grad)
+        return Call(self.name, self.function, on_device, options, requires_grad, max(args.implied, default=0))
 
     def _decode_tensors(
         self, message: Message, max_elements: int | None, payloads: Payloads | None
