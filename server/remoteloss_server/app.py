@@ -61,10 +61,13 @@ class _Running:
     metrics: Metrics
     metrics_http: MetricsHTTPServer | None = None
     batcher: Batcher | None = None
+    servicer: LossServicer | None = None
 
     async def stop(self, grace_s: float) -> None:
         logger.info("event=draining grace_s=%.1f", grace_s)
         await self.health.enter_graceful_shutdown()
+        if self.servicer is not None:  # open streams answer what they took and end now
+            self.servicer.drain()
         await self.server.stop(grace_s)
         if self.batcher is not None:
             await self.batcher.close()
@@ -105,19 +108,17 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         max_batch_delay_s=config.max_batch_delay_s,
         concurrency=config.compute_threads,
     )
-    add_to_server(
-        LossServicer(
-            executor,
-            pool,
-            metrics,
-            worker=worker,
-            batcher=batcher,
-            max_elements=config.max_elements,
-            max_request_elements=config.max_request_elements,
-            admission=Admission(config.max_in_flight, config.max_in_flight_bytes),
-        ),
-        server,
+    servicer = LossServicer(
+        executor,
+        pool,
+        metrics,
+        worker=worker,
+        batcher=batcher,
+        max_elements=config.max_elements,
+        max_request_elements=config.max_request_elements,
+        admission=Admission(config.max_in_flight, config.max_in_flight_bytes),
     )
+    add_to_server(servicer, server)
     health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
@@ -155,7 +156,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             "event=open_access address=%s:%d note=%s", config.host, port,
             quote("no API keys: anyone who can reach this address may call the service (--api-keys-file, --tls-cert)"),
         )
-    return _Running(server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher)
+    return _Running(server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher, servicer=servicer)
 
 
 def _security(config: ServerConfig) -> tuple[auth.KeyTable | None, grpc.ServerCredentials | None]:
