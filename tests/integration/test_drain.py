@@ -1,0 +1,271 @@
+"""A SIGTERM drain loses no call: unary callers and open streams, one server or two replicas.
+
+Real `python -m remoteloss_server` processes (`ServerProcess`) and the real SDK. 32 caller threads
+(28 unary through `remoteloss.Client`; 4 on streams, each keeping 16 items in flight: two on
+`Client.stream()`, two on `AsyncClient.stream()`)
+call `mse_loss` on small tensors, every answer checked against torch computed here; one server
+gets SIGTERM while they call. What counts:
+
+- lost: a call the server took and did not answer. The server logs every request it took that
+  ended without an answer (`event=request_failed ... code=CANCELLED`, for a stream item with the
+  request id `<stream>/<item>`); a drain must log none.
+- wrong: an answer unequal to torch's, or a failure of any class but `ServiceUnavailableError`.
+- With one server, a caller may see `ServiceUnavailableError` once the server is gone (a unary
+  call refused by the draining server and retried by gRPC to the end; a stream item the drain did
+  not take, resent by the SDK with no server left to take it). With two replicas behind
+  `ipv4:127.0.0.1:A,127.0.0.1:B`, no caller sees any error: refused unary calls are retried on the
+  other replica by gRPC, and the stream items the drain did not take are resent there by the SDK.
+
+Each run's figures (answers, failures, lost) are printed (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import remoteloss
+import torch
+import torch.nn.functional as F
+
+from .server_process import ServerProcess
+
+UNARY_THREADS = 28
+STREAM_THREADS = 4
+CLIENTS = 4
+STREAM_DEPTH = 16  # items each stream thread keeps unanswered
+_RNG = np.random.default_rng(5)
+CASES = [
+    (x, y, float(F.mse_loss(torch.from_numpy(x), torch.from_numpy(y))))
+    for x, y in (
+        (_RNG.standard_normal((16, 32)).astype(np.float32), _RNG.standard_normal((16, 32)).astype(np.float32))
+        for _ in range(8)
+    )
+]
+_FAILED = re.compile(r"event=request_failed request_id=(\S+) .*code=(\w+)")
+_DRAINED = re.compile(r"event=stream_drained request_id=\S+ answered=(\d+)")
+
+
+def is_right(value: object, expected: float) -> bool:
+    return abs(float(value) - expected) <= 1e-6 * max(1.0, abs(expected))  # type: ignore[arg-type]
+
+
+class Load:
+    """32 caller threads on ``CLIENTS`` SDK clients, each outcome tallied by kind and class."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.clients = [remoteloss.Client(target, timeout=30) for _ in range(CLIENTS)]
+        self.outcomes: Counter[str] = Counter()  # "unary OK", "stream ServiceUnavailableError", ...
+        self.problems: list[str] = []  # wrong answers and unexpected failures
+        self.failures: Counter[str] = Counter()  # each failure, by kind and text
+        self.answered_at: list[float] = []  # when each call was answered correctly
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._unary, args=(i,), daemon=True) for i in range(UNARY_THREADS)]
+        self._threads += [threading.Thread(target=self._stream, args=(i,), daemon=True) for i in range(STREAM_THREADS)]
+
+    def _tally(self, kind: str, outcome: object, expected: float) -> bool:
+        """Record one call's outcome (a value or an exception); False when the caller should stop."""
+        with self._lock:
+            if isinstance(outcome, BaseException):
+                self.outcomes[f"{kind} {type(outcome).__name__}"] += 1
+                self.failures[f"{kind} {outcome!r}"] += 1
+                if not isinstance(outcome, remoteloss.ServiceUnavailableError):
+                    self.problems.append(f"{kind}: {outcome!r}")
+                return False
+            self.outcomes[f"{kind} OK"] += 1
+            if is_right(outcome, expected):
+                self.answered_at.append(time.monotonic())
+            else:
+                self.problems.append(f"{kind}: {outcome} where torch gives {expected}")
+            return True
+
+    def _unary(self, index: int) -> None:
+        client = self.clients[index % CLIENTS]
+        for n in range(index, 1 << 30):
+            if self._stop.is_set():
+                return
+            x, y, expected = CASES[n % len(CASES)]
+            try:
+                outcome: object = client.mse_loss(x, y)
+            except Exception as exc:  # noqa: BLE001 - tallied
+                outcome = exc
+            if not self._tally("unary", outcome, expected):
+                return
+
+    def _stream(self, index: int) -> None:
+        if index % 2:
+            asyncio.run(self._async_stream(index))
+            return
+        client = self.clients[index % CLIENTS]
+        waiting: deque[tuple[remoteloss.LossFuture, float]] = deque()
+        going = True
+        with client.stream() as stream:
+            for n in range(index, 1 << 30):
+                if self._stop.is_set() or not going:
+                    break
+                x, y, expected = CASES[n % len(CASES)]
+                try:
+                    waiting.append((stream.mse_loss(x, y), expected))
+                except remoteloss.LossServiceError as exc:  # the stream has failed: later calls fail too
+                    self._tally("stream", exc, expected)
+                    break
+                while len(waiting) >= STREAM_DEPTH:
+                    going = self._settle(*waiting.popleft()) and going
+            while waiting:
+                self._settle(*waiting.popleft())
+
+    async def _async_stream(self, index: int) -> None:
+        waiting: deque[tuple[asyncio.Task[object], float]] = deque()
+        async with remoteloss.AsyncClient(self.target, timeout=30) as client, client.stream() as stream:
+            for n in range(index, 1 << 30):
+                if self._stop.is_set() or (waiting and not await self._async_settle(waiting, STREAM_DEPTH)):
+                    break
+                x, y, expected = CASES[n % len(CASES)]
+                waiting.append((asyncio.create_task(stream.mse_loss(x, y)), expected))
+            await self._async_settle(waiting, 0)
+
+    async def _async_settle(self, waiting: deque[tuple[asyncio.Task[object], float]], keep: int) -> bool:
+        """Settle the oldest calls until ``keep`` are left; False once one has failed."""
+        going = True
+        while len(waiting) > keep or (waiting and waiting[0][0].done()):
+            task, expected = waiting.popleft()
+            try:
+                outcome: object = await task
+            except Exception as exc:  # noqa: BLE001 - tallied
+                outcome = exc
+            going = self._tally("stream", outcome, expected) and going
+        await asyncio.sleep(0)  # let the stream send and read
+        return going
+
+    def _settle(self, future: remoteloss.LossFuture, expected: float) -> bool:
+        try:
+            outcome: object = future.result(timeout=60)
+        except Exception as exc:  # noqa: BLE001 - tallied
+            outcome = exc
+        return self._tally("stream", outcome, expected)
+
+    def finished(self) -> bool:
+        """Whether every caller has stopped (each stops at its first failure)."""
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def count(self, kind: str) -> int:
+        with self._lock:
+            return self.outcomes[f"{kind} OK"]
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting until {what}: {dict(self.outcomes)}"
+            assert not self.problems, self.problems[:5]
+            time.sleep(0.02)
+
+    def __enter__(self) -> Load:
+        for client in self.clients:  # connect to every address first, outside the measured load
+            client.list_losses()
+        for thread in self._threads:
+            thread.start()
+        self.wait_for(lambda: self.count("unary") >= 200 and self.count("stream") >= 200, "calls flow")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=90)
+        for client in self.clients:
+            client.close()
+        assert not any(thread.is_alive() for thread in self._threads), "a caller never finished"
+
+
+def lost(server: ServerProcess) -> list[str]:
+    """The calls the server took and did not answer, from its log: "<request id> <code>"."""
+    return [" ".join(found) for found in _FAILED.findall(server.log.read_text())]
+
+
+def drained(server: ServerProcess) -> list[int]:
+    """The answers each stream that the drain ended had sent, from the server's log."""
+    return [int(n) for n in _DRAINED.findall(server.log.read_text())]
+
+
+def sigterm_and_wait(server: ServerProcess, timeout_s: float = 30.0) -> tuple[int, float]:
+    """SIGTERM ``server``; its exit status and how long it took to exit, in seconds."""
+    begin = time.monotonic()
+    server.signal(signal.SIGTERM)
+    status = server.wait(timeout=timeout_s)
+    return status, time.monotonic() - begin
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    """Two server processes with a 3 s grace period, started together; stopped after the test."""
+    started = [ServerProcess(tmp_path, "--grace-period", "3", name=f"replica-{i}") for i in range(2)]
+    try:
+        for server in started:
+            server.start(wait=False)
+        for server in started:
+            server.wait_serving()
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_drain_of_the_only_server_answers_every_call_it_took(servers: list[ServerProcess]) -> None:
+    server = servers[0]
+    with Load(server.target) as load:
+        status, exit_s = sigterm_and_wait(server)
+        load.wait_for(load.finished, "every caller sees the server gone")
+    missing, streams = lost(server), drained(server)
+    print(f"\none server: {dict(load.outcomes)}; taken and not answered {len(missing)}; "
+          f"streams drained {len(streams)}; exited {status} after {exit_s:.1f} s; failures {dict(load.failures)}")
+    assert status == 0, server.log.read_text()[-3000:]
+    assert not load.problems, (load.problems[:5], dict(load.outcomes))
+    assert not missing, f"{len(missing)} calls taken and not answered, e.g. {missing[:5]}"
+    # Every stream was open at SIGTERM and ended by the drain, and its callers got every answer
+    # it sent: the items that failed (ServiceUnavailableError) were never taken.
+    assert len(streams) == STREAM_THREADS, f"streams the drain ended: {streams}"
+    assert sum(streams) == load.count("stream"), (streams, dict(load.outcomes))
+
+
+@pytest.mark.timeout(120)
+def test_a_drain_behind_two_replicas_fails_no_call(servers: list[ServerProcess]) -> None:
+    draining, staying = servers
+    target = f"ipv4:{draining.target},{staying.target}"
+    with Load(target) as load:
+        status, exit_s = sigterm_and_wait(draining)
+        after = len(load.answered_at)
+        load.wait_for(lambda: len(load.answered_at) >= after + 400, "calls go on on the other replica")
+    missing, streams = lost(draining), drained(draining)
+    print(f"\ntwo replicas: {dict(load.outcomes)}; taken and not answered {len(missing)}; "
+          f"streams drained {len(streams)}; exited {status} after {exit_s:.1f} s; failures {dict(load.failures)}")
+    assert status == 0, draining.log.read_text()[-3000:]
+    assert not load.problems, (load.problems[:5], dict(load.outcomes))
+    assert set(load.outcomes) <= {"unary OK", "stream OK"}, dict(load.outcomes)
+    assert not missing, f"{len(missing)} calls taken and not answered, e.g. {missing[:5]}"
+    assert streams, "no stream was open on the drained replica"
+
+
+@pytest.mark.timeout(120)
+def test_an_idle_open_stream_does_not_hold_shutdown(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, "--grace-period", "30")
+    server.start()
+    try:
+        x, y, expected = CASES[0]
+        with remoteloss.Client(server.target, timeout=30) as client, client.stream() as stream:
+            assert is_right(stream.mse_loss(x, y).result(timeout=30), expected)
+            status, exit_s = sigterm_and_wait(server, timeout_s=60)
+        print(f"\nidle stream: exited {status} after {exit_s:.1f} s of a 30 s grace period")
+        assert status == 0, server.log.read_text()[-3000:]
+        assert exit_s < 5, f"the server took {exit_s:.1f} s to exit"
+    finally:
+        server.stop()
