@@ -121,7 +121,7 @@ class _StreamBase(LossMethods):
             return None
         if attempts >= _RESENDS:
             return None
-        delay = min(_RESEND_MAX_BACKOFF_S, _RESEND_BACKOFF_S * 2**attempts) * random.uniform(0.5, 1.0)
+        delay = min(_RESEND_MAX_BACKOFF_S, _RESEND_BACKOFF_S * 2.0**attempts) * random.uniform(0.5, 1.0)
         if self._deadline is not None and time.monotonic() + delay >= self._deadline:
             return None
         return delay
