@@ -2,7 +2,8 @@
 
 ``serve(config)`` runs in the foreground until SIGTERM or SIGINT; ``ServerThread(config)`` runs
 the same server on its own event loop in a background thread, for tests and notebooks.
-Shutdown, in order: health goes NOT_SERVING, gRPC refuses new RPCs and gives in-flight ones
+Shutdown, in order: health goes NOT_SERVING, open ComputeStreams stop reading, answer what they
+took and end (``LossServicer.drain``), gRPC refuses new RPCs and gives in-flight ones
 ``shutdown_grace_s`` to finish, the batcher computes what is still queued (refusing new work with
 UNAVAILABLE), then the compute threads wind down and /metrics closes. A second
 signal while draining takes the signal's default action: an immediate exit. Lifecycle events are
