@@ -395,7 +395,11 @@ class AsyncStream(_StreamBase):
             delay = self._resend_delay(failure, attempts)
             if delay is None:
                 break
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:  # this task's cancel (its loop closing)
+                self._fail_all(CancelledError("the stream was cancelled"))
+                raise
             if self._cancelled:
                 failure = CancelledError("the stream was cancelled")
                 break

@@ -109,17 +109,19 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         max_batch_delay_s=config.max_batch_delay_s,
         concurrency=config.compute_threads,
     )
-    servicer = LossServicer(
-        executor,
-        pool,
-        metrics,
-        worker=worker,
-        batcher=batcher,
-        max_elements=config.max_elements,
-        max_request_elements=config.max_request_elements,
-        admission=Admission(config.max_in_flight, config.max_in_flight_bytes),
+    add_to_server(
+        servicer := LossServicer(
+            executor,
+            pool,
+            metrics,
+            worker=worker,
+            batcher=batcher,
+            max_elements=config.max_elements,
+            max_request_elements=config.max_request_elements,
+            admission=Admission(config.max_in_flight, config.max_in_flight_bytes),
+        ),
+        server,
     )
-    add_to_server(servicer, server)
     health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:

@@ -1,27 +1,32 @@
 """A SIGTERM drain loses no call: unary callers and open streams, one server or two replicas.
 
-Real `python -m remoteloss_server` processes (`ServerProcess`) and the real SDK. 32 caller threads
-(28 unary through `remoteloss.Client`; 4 on streams, each keeping 16 items in flight: two on
-`Client.stream()`, two on `AsyncClient.stream()`)
-call `mse_loss` on small tensors, every answer checked against torch computed here; one server
-gets SIGTERM while they call. What counts:
+Real `python -m remoteloss_server` processes (`ServerProcess`) and the real SDK. 32 caller
+threads (28 unary through `remoteloss.Client`; 4 on streams, each keeping 16 requests in flight,
+two on `Client.stream()` and two on `AsyncClient.stream()`) call `mse_loss` on small tensors,
+every answer checked against torch computed here; one server gets SIGTERM while they call.
+What counts:
 
-- lost: a call the server took and did not answer. The server logs every request it took that
-  ended without an answer (`event=request_failed ... code=CANCELLED`, for a stream item with the
-  request id `<stream>/<item>`); a drain must log none.
+- taken and not answered: the server logs every request that it took and that ended without an
+  answer (`event=request_failed`, a stream item as `<stream's x-request-id>/<item id>`). None.
 - wrong: an answer unequal to torch's, or a failure of any class but `ServiceUnavailableError`.
-- With one server, a caller may see `ServiceUnavailableError` once the server is gone (a unary
-  call refused by the draining server and retried by gRPC to the end; a stream item the drain did
-  not take, resent by the SDK with no server left to take it). With two replicas behind
-  `ipv4:127.0.0.1:A,127.0.0.1:B`, no caller sees any error: refused unary calls are retried on the
-  other replica by gRPC, and the stream items the drain did not take are resent there by the SDK.
+  None.
+- Every stream open at SIGTERM is ended by the drain (`event=stream_drained request_id=<its
+  x-request-id> answered=<N>`), and a `Stream`'s callers received all N answers.
+- One server: once it is gone a caller may see `ServiceUnavailableError` (a unary call refused by
+  the draining server, retried by gRPC to the end; a stream request the drain did not take, resent
+  by the SDK with no server left to take it). Two replicas behind `ipv4:127.0.0.1:A,127.0.0.1:B`:
+  no caller sees any error (gRPC retries refused unary calls on the other replica; the SDK resends
+  the stream requests there).
+- An idle open stream does not hold shutdown: with a 30 s grace period the server exits at once.
 
-Each run's figures (answers, failures, lost) are printed (`pytest -s`).
+Each run's figures are printed (`pytest -s`). The last test reads a drained stream on the wire,
+as another language's client would: UNAVAILABLE and `remoteloss-drained: <N>`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import re
 import signal
 import threading
@@ -30,11 +35,18 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import remoteloss
 import torch
 import torch.nn.functional as F
+from remoteloss import codec
+from remoteloss.v1 import loss_pb2 as pb
+from remoteloss.v1 import loss_pb2_grpc
+from remoteloss_server.app import ServerThread
+from remoteloss_server.config import ServerConfig
+from remoteloss_server.servicer import DRAINED_METADATA_KEY
 
 from .server_process import ServerProcess
 
@@ -305,3 +317,35 @@ def test_an_idle_open_stream_does_not_hold_shutdown(start: Callable[..., list[Se
     print(f"\nidle stream: exited {status} after {exit_s:.1f} s of a 30 s grace period")
     assert status == 0, server.log.read_text()[-3000:]
     assert exit_s < 5, f"the server took {exit_s:.1f} s to exit"
+
+
+def test_on_the_wire_a_drained_stream_ends_unavailable_naming_the_answers_it_sent() -> None:
+    """What another language's client sees: the answers of what was taken, then UNAVAILABLE with
+    ``remoteloss-drained: <answers sent>``; an idle stream ends at once, whatever the grace."""
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, shutdown_grace_s=30)
+    server = ServerThread(config).__enter__()
+    stopper = threading.Thread(target=server.__exit__, args=(None, None, None))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            outbox: queue.SimpleQueue[pb.ComputeStreamRequest | None] = queue.SimpleQueue()
+            call = loss_pb2_grpc.LossServiceStub(channel).ComputeStream(iter(outbox.get, None), timeout=60)
+            for key, (x, y, _) in enumerate(CASES[:3], start=1):
+                request = pb.ComputeRequest(mse_loss=pb.MseLoss(input=codec.encode(x), target=codec.encode(y)))
+                outbox.put(pb.ComputeStreamRequest(id=key, request=request))
+            answers = {next(call).id for _ in range(3)}
+            assert answers == {1, 2, 3}
+            begin = time.monotonic()
+            stopper.start()  # the drain; the stream is open and idle
+            with pytest.raises(grpc.RpcError) as ended:
+                next(call)
+            drained_s = time.monotonic() - begin
+            outbox.put(None)
+        error: grpc.Call = ended.value  # type: ignore[assignment]
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        assert "draining" in (error.details() or "")
+        assert (DRAINED_METADATA_KEY, "3") in tuple(error.trailing_metadata() or ())
+        assert drained_s < 5, f"the idle stream ended {drained_s:.1f} s after the drain began"
+    finally:
+        if stopper.ident is None:  # the test failed before the drain began
+            stopper.start()
+        stopper.join(timeout=60)
