@@ -4,8 +4,15 @@ Each loss method (and ``value_and_grad``) of a stream sends its request tagged w
 and the answer, which may overtake earlier ones, resolves that id's future. Requests are built
 and checked locally as for a direct call (``Stream``: when the method is called;
 ``AsyncStream``: when its coroutine runs); a request the server rejects fails its own call with
-the class a direct call would raise, and the stream goes on. A failure of the whole stream
-(deadline, cancellation, the server going away) fails every unanswered call and every later one.
+the class a direct call would raise, and the stream goes on.
+
+A stream that ends with UNAVAILABLE (a server's drain, which answers every request it took and
+ends with ``remoteloss-drained`` in its trailing metadata, or a lost connection) is opened again
+on the same channel, which may pick another replica, and its unanswered requests are sent again:
+their bytes are kept until answered. Compute is a pure function, so a request computed twice is
+harmless. Up to ``_RESENDS`` times in a row without an answer, with backoff, within the stream's
+deadline. Any other failure of the whole stream (deadline, cancellation, the server going away
+for good) fails every unanswered call and every later one.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import asyncio
 import concurrent.futures
 import itertools
 import queue
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -42,6 +51,13 @@ __all__ = ["AsyncStream", "LossFuture", "Stream"]
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
+_RESENDS = 5  # new streams in a row, after UNAVAILABLE, that get no answer before the calls fail
+_RESEND_BACKOFF_S = 0.05  # the wait before the first; doubled each time, up to _RESEND_MAX_BACKOFF_S
+_RESEND_MAX_BACKOFF_S = 1.0
+# What grpc.aio reports, as INTERNAL, when a write fails because the server has just ended the call
+# (a drain ends streams while their clients still write): the call's own status is then lost.
+# No server sends it (ours says "internal error"), so it is taken as the end of a connection.
+_LOST_STATUS = "Internal error from Core"
 
 
 class LossFuture(concurrent.futures.Future[Any]):
@@ -79,10 +95,36 @@ class _StreamBase(LossMethods):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self._timeout = timeout
+        self._deadline: float | None = None  # time.monotonic() of the deadline, once the call starts
         self._window = window
         self._ids = itertools.count(1)
         self._failure: LossServiceError | None = None  # what ended the stream, once it ended badly
         self._closed = False
+        self._cancelled = False  # cancel() was called: nothing is sent again
+
+    def _call_timeout(self) -> float | None:
+        """The timeout of the next ComputeStream call: what is left of the stream's deadline."""
+        if self._timeout is None:
+            return None
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self._timeout
+            return self._timeout
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _resend_delay(self, failure: LossServiceError | None, attempts: int) -> float | None:
+        """How long to wait before sending the unanswered requests again on a new call (None: do
+        not): after UNAVAILABLE, ``attempts`` new calls in a row without an answer so far."""
+        if failure is None or self._cancelled:
+            return None
+        lost = failure.code == grpc.StatusCode.INTERNAL and failure.details == _LOST_STATUS
+        if failure.code != grpc.StatusCode.UNAVAILABLE and not lost:
+            return None
+        if attempts >= _RESENDS:
+            return None
+        delay = min(_RESEND_MAX_BACKOFF_S, _RESEND_BACKOFF_S * 2.0**attempts) * random.uniform(0.5, 1.0)
+        if self._deadline is not None and time.monotonic() + delay >= self._deadline:
+            return None
+        return delay
 
     def value_and_grad(
         self,
@@ -129,10 +171,10 @@ class Stream(_StreamBase):
         super().__init__(timeout, window)
         self._client = client
         self._room = threading.Condition()
-        self._pending: dict[int, LossFuture] = {}
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # serialized items
-        stub = client._connection.stub()
-        self._call = stub.ComputeStream(self._requests(), timeout=timeout, metadata=client._metadata)
+        self._pending: dict[int, tuple[LossFuture, bytes]] = {}  # each unanswered call and its item
+        self._outbox: queue.SimpleQueue[bytes | None]
+        self._call: Any
+        self._open([])
         self._reader = threading.Thread(target=self._read, name="remoteloss-stream", daemon=True)
         self._reader.start()
 
@@ -149,16 +191,18 @@ class Stream(_StreamBase):
     def close(self) -> None:
         """Send no more requests and wait until every one sent is answered. Idempotent."""
         with self._room:
-            closing = not self._closed
-            self._closed = True
+            if not self._closed:
+                self._closed = True
+                self._outbox.put(None)
             self._room.notify_all()
-        if closing:
-            self._outbox.put(None)
         self._reader.join()
 
     def cancel(self) -> None:
         """End the stream now: unanswered futures fail with ``remoteloss.CancelledError``."""
-        self._call.cancel()
+        with self._room:
+            self._cancelled = True
+            call = self._call
+        call.cancel()
 
     def _submit(self, make_plan: Callable[[], Plan]) -> LossFuture:
         plan = make_plan()  # a bad argument raises here, in the caller, as a direct call would
@@ -169,28 +213,65 @@ class Stream(_StreamBase):
                 self._room.wait()
             self._check_open()
             future = LossFuture(plan, self._client._compute_rpc)
-            self._pending[key] = future
+            self._pending[key] = (future, item)
             self._outbox.put(item)
         return future
 
-    def _requests(self) -> Iterator[bytes]:
-        while (request := self._outbox.get()) is not None:
-            yield request
+    def _open(self, items: list[bytes]) -> None:
+        """Start a ComputeStream call that sends ``items``, then what later calls queue (under
+        ``_room`` once the stream runs)."""
+        outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # serialized items
+        for item in items:
+            outbox.put(item)
+        if self._closed:
+            outbox.put(None)
+        stub = self._client._connection.stub()
+        self._outbox = outbox
+        self._call = stub.ComputeStream(_requests(outbox), timeout=self._call_timeout(), metadata=self._client._metadata)
 
     def _read(self) -> None:
-        failure: LossServiceError | None = None
+        attempts = 0
+        while True:
+            failure, answered = self._read_call(self._call)
+            attempts = 0 if answered else attempts
+            delay = self._resend_delay(failure, attempts)
+            if delay is None:
+                break
+            time.sleep(delay)
+            with self._room:
+                if self._cancelled:
+                    failure = CancelledError("the stream was cancelled")
+                    break
+                if self._closed and not self._pending:
+                    break
+                ended = self._outbox
+                self._open([item for _, (_, item) in sorted(self._pending.items())])
+            ended.put(None)  # ends gRPC's request thread of the ended call if it still waits
+            attempts += 1
+        self._finish(failure)
+
+    def _read_call(self, call: Any) -> tuple[LossServiceError | None, bool]:
+        """Settle the answers of ``call`` until it ends; why it ended (None: cleanly), and
+        whether it answered anything."""
+        answered = False
         try:
-            for answer, payloads in self._call:
+            for answer, payloads in call:
+                answered = True
                 with self._room:
-                    future = self._pending.pop(answer.id, None)
+                    entry = self._pending.pop(answer.id, None)
                     self._room.notify()
-                if future is not None:
-                    _settle(future, answer, payloads)
+                if entry is not None:
+                    _settle(entry[0], answer, payloads)
         except grpc.RpcError as exc:
             failure = _error_from_rpc(exc)
             failure.__cause__ = exc
+            return failure, answered
+        return None, answered
+
+    def _finish(self, failure: LossServiceError | None) -> None:
         with self._room:
-            unanswered, self._pending = list(self._pending.values()), {}
+            unanswered = [future for future, _ in self._pending.values()]
+            self._pending = {}
             failure = _ended(failure, len(unanswered))
             self._failure = failure
             self._closed = True
@@ -199,6 +280,11 @@ class Stream(_StreamBase):
         if failure is not None:
             for future in unanswered:
                 future.set_exception(_copy(failure))
+
+
+def _requests(outbox: queue.SimpleQueue[bytes | None]) -> Iterator[bytes]:
+    while (request := outbox.get()) is not None:
+        yield request
 
 
 class AsyncStream(_StreamBase):
@@ -218,7 +304,7 @@ class AsyncStream(_StreamBase):
         super().__init__(timeout, window)
         self._client = client
         self._slots = asyncio.Semaphore(window)
-        self._pending: dict[int, asyncio.Future[Answer]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[Answer], bytes]] = {}  # each unanswered call, its item
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # serialized items
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
@@ -249,6 +335,7 @@ class AsyncStream(_StreamBase):
 
     def cancel(self) -> None:
         """End the stream now: unanswered calls raise ``remoteloss.CancelledError``."""
+        self._cancelled = True
         if self._call is not None:
             self._call.cancel()
 
@@ -263,25 +350,35 @@ class AsyncStream(_StreamBase):
         async with self._slots:
             self._check_open()
             if self._call is None:
-                stub = self._client._connection.aio_stub()
-                self._call = stub.ComputeStream(timeout=self._timeout, metadata=self._client._metadata)
-                self._reader = asyncio.create_task(self._read(self._call))
-                self._writer = asyncio.create_task(self._write(self._call))
+                self._open([])
+                self._reader = asyncio.create_task(self._read())
             key = next(self._ids)
             answer = asyncio.get_running_loop().create_future()
-            self._pending[key] = answer
-            self._outbox.put_nowait(request.serialize_item(key))
+            item = request.serialize_item(key)
+            self._pending[key] = (answer, item)
+            self._outbox.put_nowait(item)
             try:
                 response: Answer = await answer
                 return response
             finally:
                 self._pending.pop(key, None)
 
-    async def _write(self, call: Any) -> None:
+    def _open(self, items: list[bytes]) -> None:
+        """Start a ComputeStream call, and its writer, which sends ``items``, then what later calls queue."""
+        self._outbox = asyncio.Queue()
+        for item in items:
+            self._outbox.put_nowait(item)
+        if self._closed:
+            self._outbox.put_nowait(None)
+        stub = self._client._connection.aio_stub()
+        self._call = stub.ComputeStream(timeout=self._call_timeout(), metadata=self._client._metadata)
+        self._writer = asyncio.create_task(self._write(self._call, self._outbox))
+
+    async def _write(self, call: Any, outbox: asyncio.Queue[bytes | None]) -> None:
         """Send the queued requests in order, one write at a time, then half-close. A caller that
         gives up never cancels a write, which in grpc.aio would cancel the whole call."""
         try:
-            while (request := await self._outbox.get()) is not None:
+            while (request := await outbox.get()) is not None:
                 await call.write(request)
             await call.done_writing()
         except (grpc.RpcError, asyncio.InvalidStateError):
@@ -290,27 +387,58 @@ class AsyncStream(_StreamBase):
             if not call.done():  # this task itself was cancelled
                 raise
 
-    async def _read(self, call: Any) -> None:
-        failure: LossServiceError | None = None
+    async def _read(self) -> None:
+        attempts = 0
+        while True:
+            failure, answered = await self._read_call(self._call)
+            attempts = 0 if answered else attempts
+            delay = self._resend_delay(failure, attempts)
+            if delay is None:
+                break
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:  # this task's cancel (its loop closing)
+                self._fail_all(CancelledError("the stream was cancelled"))
+                raise
+            if self._cancelled:
+                failure = CancelledError("the stream was cancelled")
+                break
+            if self._closed and not self._pending:
+                break
+            ended = self._writer
+            self._open([item for _, (_, item) in sorted(self._pending.items())])
+            if ended is not None:  # it waits for a request, or has stopped on the ended call
+                ended.cancel()
+                await asyncio.gather(ended, return_exceptions=True)
+            attempts += 1
+        self._fail_all(failure)
+
+    async def _read_call(self, call: Any) -> tuple[LossServiceError | None, bool]:
+        """Settle the answers of ``call`` until it ends; why it ended (None: cleanly), and
+        whether it answered anything."""
+        answered = False
         try:
             while (item := await call.read()) is not _EOF:
+                answered = True
                 answer, payloads = item
-                future = self._pending.pop(answer.id, None)
-                if future is not None and not future.done():  # not done: its caller may have gone
-                    _settle(future, answer, payloads)
+                entry = self._pending.pop(answer.id, None)
+                if entry is not None and not entry[0].done():  # not done: its caller may have gone
+                    _settle(entry[0], answer, payloads)
         except grpc.RpcError as exc:
             failure = _error_from_rpc(exc)
             failure.__cause__ = exc
+            return failure, answered
         except asyncio.CancelledError:  # grpc.aio's word for a call cancelled here, or this task's cancel
-            failure = CancelledError("the stream was cancelled")
             if not call.cancelled():
-                self._fail_all(failure)
+                self._fail_all(CancelledError("the stream was cancelled"))
                 raise
-        self._fail_all(failure)
+            return CancelledError("the stream was cancelled"), answered
+        return None, answered
 
     def _fail_all(self, failure: LossServiceError | None) -> None:
         """Mark the stream ended and fail every unanswered call (``failure`` None: a clean end)."""
-        unanswered, self._pending = list(self._pending.values()), {}
+        unanswered = [future for future, _ in self._pending.values()]
+        self._pending = {}
         failure = _ended(failure, len(unanswered))
         self._failure = failure
         self._closed = True

@@ -2,7 +2,8 @@
 
 ``serve(config)`` runs in the foreground until SIGTERM or SIGINT; ``ServerThread(config)`` runs
 the same server on its own event loop in a background thread, for tests and notebooks.
-Shutdown, in order: health goes NOT_SERVING, gRPC refuses new RPCs and gives in-flight ones
+Shutdown, in order: health goes NOT_SERVING, open ComputeStreams stop reading, answer what they
+took and end (``LossServicer.drain``), gRPC refuses new RPCs and gives in-flight ones
 ``shutdown_grace_s`` to finish, the batcher computes what is still queued (refusing new work with
 UNAVAILABLE), then the compute threads wind down and /metrics closes. A second
 signal while draining takes the signal's default action: an immediate exit. Lifecycle events are
@@ -65,12 +66,15 @@ class _Running:
     metrics_http: MetricsHTTPServer | None = None
     batcher: Batcher | None = None
     trimmer: asyncio.Task[None] | None = None
+    servicer: LossServicer | None = None
 
     async def stop(self, grace_s: float) -> None:
         logger.info("event=draining grace_s=%.1f", grace_s)
         if self.trimmer is not None:
             self.trimmer.cancel()
         await self.health.enter_graceful_shutdown()
+        if self.servicer is not None:  # open streams answer what they took and end now
+            self.servicer.drain()
         await self.server.stop(grace_s)
         if self.batcher is not None:
             await self.batcher.close()
@@ -116,7 +120,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         concurrency=config.compute_threads,
     )
     add_to_server(
-        LossServicer(
+        servicer := LossServicer(
             executor,
             pool,
             metrics,
@@ -166,7 +170,9 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             "event=open_access address=%s:%d note=%s", config.host, port,
             quote("no API keys: anyone who can reach this address may call the service (--api-keys-file, --tls-cert)"),
         )
-    return _Running(server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher, trimmer=trimmer)
+    return _Running(
+        server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher, trimmer=trimmer, servicer=servicer
+    )
 
 
 def admission(config: ServerConfig) -> Admission:

@@ -33,10 +33,11 @@ from remoteloss_server.limits import Admission, Ticket, check_elements, request_
 from remoteloss_server.losses import LOSSES, Call, describe_all
 from remoteloss_server.losses.spec import MAX_DIMS
 from remoteloss_server.metrics import Metrics
-from remoteloss_server.streaming import bounded_map
+from remoteloss_server.streaming import Stopped, bounded_map
 from remoteloss_server.telemetry import REQUEST_ID_KEY, TENANT, RequestRecord, loss_label, request_id
 
 __all__ = [
+    "DRAINED_METADATA_KEY",
     "SERVICE_NAME",
     "WORKER_METADATA_KEY",
     "LossServicer",
@@ -59,6 +60,8 @@ _HELD_COPIES = 2
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 WORKER_METADATA_KEY = "remoteloss-worker"  # trailing metadata: which worker process answered (--workers > 1)
+# Trailing metadata of a ComputeStream that a drain ended (UNAVAILABLE): the answers it sent.
+DRAINED_METADATA_KEY = "remoteloss-drained"
 
 _S = TypeVar("_S")
 _Req = TypeVar("_Req")
@@ -200,6 +203,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         self._max_elements = max_elements  # tensor elements a request may imply; None: no limit
         self._max_request_elements = max_request_elements  # declared by one request in all; None: no limit
         self._admission = admission  # bounds the requests in flight; None: no bound
+        self._draining = asyncio.Event()  # set by drain(): streams read no more requests
         codec.allow_read_only_buffers()  # now, before any compute thread records warnings
 
     async def Compute(self, data: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -240,6 +244,11 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         An item's failure is its answer's ``error``; only an item whose id cannot be read, or a
         failure of the stream itself, ends the stream. Each item is recorded as one request, with
         the request id ``<the stream's x-request-id>/<item id>``.
+
+        Once ``drain()`` is called, the stream reads no more requests, sends the answers of those
+        it has read, and ends with UNAVAILABLE and the trailing metadata ``remoteloss-drained:
+        <answers sent>``: a request without an answer was not taken (unless the client had
+        half-closed and every request was read: then the stream ends OK as usual).
         """
         stream_id = _request_id(context)
         _add_trailing_metadata(context, ((REQUEST_ID_KEY, stream_id), *self._worker))
@@ -249,13 +258,23 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         def respond(data: bytes) -> Awaitable[tuple[bytes, Ticket | None]]:
             return self._stream_item(data, context, stream_id, unsent)
 
+        answered = 0
         try:
-            answers = bounded_map(requests, respond, self.stream_window)
+            answers = bounded_map(requests, respond, self.stream_window, stop=self._draining)
             async for answer, ticket in answers:
                 yield answer  # resumes once gRPC has taken the answer
+                answered += 1
                 if ticket is not None:
                     ticket.release()
                     unsent.discard(ticket)
+        except Stopped:
+            logger.info("event=stream_drained request_id=%s answered=%d", stream_id, answered)
+            _add_trailing_metadata(context, ((DRAINED_METADATA_KEY, str(answered)),))
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server is draining: it answered every request it took on this stream ({answered}); "
+                "the requests without an answer were not taken: send them again on a new stream",
+            )
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
@@ -263,6 +282,11 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         finally:
             for ticket in unsent:
                 ticket.release()
+
+    def drain(self) -> None:
+        """Begin the drain: every ComputeStream, open or new, stops reading requests, answers
+        those it has read, and ends (see ComputeStream). Call it on the server's event loop."""
+        self._draining.set()
 
     async def _stream_item(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], stream_id: str, unsent: set[Ticket]

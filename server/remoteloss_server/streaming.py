@@ -9,14 +9,23 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["bounded_map"]
+__all__ = ["Stopped", "bounded_map"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
+class Stopped(Exception):
+    """``bounded_map`` stopped reading on its ``stop`` event before the items ran out; every item
+    it had read was answered (yielded) before this was raised."""
+
+
 async def bounded_map(
-    items: AsyncIterable[_T], function: Callable[[_T], Awaitable[_R]], limit: int
+    items: AsyncIterable[_T],
+    function: Callable[[_T], Awaitable[_R]],
+    limit: int,
+    *,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[_R]:
     """Yield ``await function(item)`` for every item, in the order the calls finish.
 
@@ -26,6 +35,11 @@ async def bounded_map(
     reaches the sender through gRPC's flow control. An exception from ``function`` or from
     reading ends the stream with that exception; closing the generator cancels what is in
     flight.
+
+    Once ``stop`` is set, no more items are read (a read under way is abandoned: its item, if
+    one arrives, is never taken); the calls already made finish and their results are yielded,
+    then the stream ends with ``Stopped``, unless the items had run out before. Nothing in
+    flight ends it at once.
 
     One reader task feeds the calls; each finished call (and the reader, when it ends) lands in
     one queue, so each item costs O(1) whatever ``limit`` is.
@@ -48,22 +62,36 @@ async def bounded_map(
             running.add(call)
             call.add_done_callback(finished.put_nowait)
 
-    reader = asyncio.ensure_future(read())
-    reader.add_done_callback(finished.put_nowait)
-    reading = True
+    def watch(awaitable: Awaitable[Any]) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(awaitable)
+        task.add_done_callback(finished.put_nowait)
+        return task
+
+    stopped = stop is not None and stop.is_set()
+    reader = None if stopped else watch(read())
+    watcher = None if stop is None or stopped else watch(stop.wait())
+    helpers = [task for task in (reader, watcher) if task is not None]
+    reading = reader is not None
     try:
         while reading or running:
             done = await finished.get()
-            if done is reader:
-                reading = False
-                done.result()  # the reading's exception, if any, ends the stream
-                continue
-            running.discard(done)
-            result: _R = done.result()
-            yield result
-            slots.release()
+            if done is watcher:
+                if reading and reader is not None and not reader.done():
+                    reader.cancel()  # the reader's own end, when it comes, is ignored
+                    reading, stopped = False, True
+            elif done is reader:
+                if reading:
+                    reading = False
+                    done.result()  # the reading's exception, if any, ends the stream
+            else:
+                running.discard(done)
+                result: _R = done.result()
+                yield result
+                slots.release()
+        if stopped:
+            raise Stopped
     finally:
-        pending: list[asyncio.Future[Any]] = [*running, reader]
+        pending: list[asyncio.Future[Any]] = [*running, *helpers]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -1,4 +1,5 @@
-"""bounded_map: completion order, the in-flight limit, backpressure, failures and cancellation.
+"""bounded_map: completion order, the in-flight limit, backpressure, failures, cancellation, and
+the stop event of a drain.
 
 Deterministic: calls finish when the test sets their events, never by timing.
 """
@@ -10,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from remoteloss_server.streaming import bounded_map
+from remoteloss_server.streaming import Stopped, bounded_map
 
 
 class Source:
@@ -24,6 +25,19 @@ class Source:
         for i in range(self.n):
             self.read += 1
             yield i
+
+
+class Feed:
+    """An async stream of the items the test puts, as a client sends them; records the reads."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[int | None] = asyncio.Queue()
+        self.read: list[int] = []
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        while (item := await self.queue.get()) is not None:
+            self.read.append(item)
+            yield item
 
 
 async def _settle() -> None:
@@ -153,5 +167,102 @@ def test_empty_source_and_bad_limit() -> None:
         assert [v async for v in bounded_map(Source(0), work, limit=2)] == []
         with pytest.raises(ValueError, match="limit"):
             await anext(bounded_map(Source(1), work, limit=0))
+
+    asyncio.run(main())
+
+
+class Gated:
+    """``work``: each call waits for its gate; ``started`` lists the calls made."""
+
+    def __init__(self) -> None:
+        self.gates: dict[int, asyncio.Event] = {}
+        self.started: list[int] = []
+
+    async def work(self, i: int) -> int:
+        self.started.append(i)
+        await self.gates.setdefault(i, asyncio.Event()).wait()
+        return i
+
+    def open(self) -> None:
+        for i in self.started:
+            self.gates.setdefault(i, asyncio.Event()).set()
+
+
+async def _collect(results: AsyncIterator[int], into: list[int]) -> None:
+    async for value in results:
+        into.append(value)
+
+
+def test_a_stop_reads_no_more_answers_what_was_read_and_raises_stopped() -> None:
+    async def main() -> None:
+        feed, calls, stop = Feed(), Gated(), asyncio.Event()
+        for i in range(3):
+            feed.queue.put_nowait(i)
+        out: list[int] = []
+        consumer = asyncio.create_task(_collect(bounded_map(feed, calls.work, limit=8, stop=stop), out))
+        await _settle()
+        assert calls.started == [0, 1, 2]  # and the reader waits for a fourth item
+        stop.set()
+        await _settle()
+        for i in range(3, 6):  # sent after the stop: never taken
+            feed.queue.put_nowait(i)
+        await _settle()
+        assert feed.read == [0, 1, 2] and not consumer.done()  # the three still run
+        calls.open()
+        with pytest.raises(Stopped):
+            await consumer
+        assert sorted(out) == [0, 1, 2]
+        assert feed.read == [0, 1, 2] and calls.started == [0, 1, 2]
+
+    asyncio.run(main())
+
+
+def test_a_stop_while_every_slot_is_taken_reads_nothing_more() -> None:
+    async def main() -> None:
+        source, calls, stop = Source(10), Gated(), asyncio.Event()
+        out: list[int] = []
+        consumer = asyncio.create_task(_collect(bounded_map(source, calls.work, limit=2, stop=stop), out))
+        await _settle()
+        stop.set()
+        calls.open()
+        with pytest.raises(Stopped):
+            await consumer
+        assert sorted(out) == [0, 1] and source.read == 2
+
+    asyncio.run(main())
+
+
+def test_a_stop_ends_an_idle_stream_at_once_and_one_stopped_before_reads_nothing() -> None:
+    async def main() -> None:
+        async def work(i: int) -> int:
+            return i
+
+        feed, stop = Feed(), asyncio.Event()
+        results = bounded_map(feed, work, limit=4, stop=stop)
+        waiting = asyncio.ensure_future(anext(results))
+        await _settle()
+        stop.set()
+        with pytest.raises(Stopped):
+            await asyncio.wait_for(waiting, timeout=5)
+        source = Source(3)
+        with pytest.raises(Stopped):
+            await anext(bounded_map(source, work, limit=4, stop=stop))
+        assert source.read == 0
+
+    asyncio.run(main())
+
+
+def test_a_stop_after_the_items_ran_out_is_no_stop() -> None:
+    async def main() -> None:
+        source, calls, stop = Source(2), Gated(), asyncio.Event()
+        out: list[int] = []
+        consumer = asyncio.create_task(_collect(bounded_map(source, calls.work, limit=4, stop=stop), out))
+        await _settle()
+        assert source.read == 2  # every item read; both still compute
+        stop.set()
+        await _settle()
+        calls.open()
+        await consumer  # ends as usual: nothing was left unread
+        assert sorted(out) == [0, 1]
 
     asyncio.run(main())

@@ -80,6 +80,20 @@ class LossServiceServicer:
         goes on; the stream itself fails only for what concerns all of it (its
         deadline, cancellation, shutdown, or a request whose id cannot be read). The
         server stops reading while it holds its limit of unanswered requests per stream.
+
+        Drain (the server shutting down, e.g. on SIGTERM): the server reads no more
+        requests from an open stream, sends the answer of every request it has read,
+        then ends the stream with status UNAVAILABLE and the trailing metadata
+        `remoteloss-drained: <N>`, N being the number of answers the stream sent in all.
+        A stream opened during a drain ends the same way at once (N = 0). Every request
+        without an answer when a stream ends so was not taken: it was not computed,
+        and the client should send it again, on a new ComputeStream (with several
+        servers behind the target, the channel picks one that is not draining). An
+        idle stream ends at once, so it never holds a shutdown. (A stream whose client
+        had half-closed and whose requests were all read ends OK, as usual.) Compute is
+        a pure function, so resending the unanswered requests after any other
+        UNAVAILABLE end (a lost connection) is safe too, though some may then be
+        computed twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
