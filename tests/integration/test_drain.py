@@ -74,7 +74,7 @@ class Load:
     """32 caller threads: the unary ones on ``CLIENTS`` SDK clients, each stream on its own (whose
     x-request-id, ``stream_name``, the server logs); each outcome tallied by kind and class."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, streams: int = STREAM_THREADS) -> None:
         self.target = target
         self.clients = [remoteloss.Client(target, timeout=30) for _ in range(CLIENTS)]
         self.outcomes: Counter[str] = Counter()  # "unary OK", "stream ServiceUnavailableError", ...
@@ -85,7 +85,7 @@ class Load:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._unary, args=(i,), daemon=True) for i in range(UNARY_THREADS)]
-        self._threads += [threading.Thread(target=self._stream, args=(i,), daemon=True) for i in range(STREAM_THREADS)]
+        self._threads += [threading.Thread(target=self._stream, args=(i,), daemon=True) for i in range(streams)]
 
     def _tally(self, kind: str, outcome: object, expected: float, stream: str = "") -> bool:
         """Record one call's outcome (a value or an exception); False when the caller should stop."""
@@ -280,7 +280,7 @@ def test_a_drain_of_the_only_server_answers_every_call_it_took(start: Callable[.
     # taken. Not so on AsyncStream: when a write crosses the end of the call, grpc.aio reports
     # INTERNAL and drops the answers it had received and not yet read; the SDK sends those requests
     # again too (Compute is pure), so with one server gone they fail as the untaken ones do.
-    names = [stream_name(i) for i in range(STREAM_THREADS)]
+    names = [stream_name(i) for i in range(streams)]
     assert set(sent) == set(names), f"streams the drain ended: {dict(sent)}"
     for name in names:
         if name.startswith("sync"):
@@ -293,7 +293,9 @@ def test_a_drain_of_the_only_server_answers_every_call_it_took(start: Callable[.
 def test_a_drain_behind_two_replicas_fails_no_call(start: Callable[..., list[ServerProcess]]) -> None:
     draining, staying = start(2, 3.0)
     target = f"ipv4:{draining.target},{staying.target}"
-    with Load(target) as load:
+    # Each stream's channel starts round_robin at a random replica: with 10 streams, the chance
+    # that none is open on the drained one is 2**-10.
+    with Load(target, streams=10) as load:
         status, exit_s = sigterm_and_wait(draining)
         after = len(load.answered_at)
         load.wait_for(lambda: len(load.answered_at) >= after + 400, "calls go on on the other replica")
