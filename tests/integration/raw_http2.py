@@ -138,3 +138,8 @@ class RawConnection:
         data = self.conn.data_to_send()
         if data:
             self.sock.sendall(data)
+
+    def reset(self, stream: int) -> None:
+        """Cancel ``stream`` (RST_STREAM CANCEL)."""
+        self.conn.reset_stream(stream, error_code=8)
+        self._flush()

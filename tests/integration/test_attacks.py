@@ -22,7 +22,7 @@ import pytest
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 
-from .attack import MiB, Watch
+from .attack import BYSTANDER_REQUEST, MiB, Watch
 from .raw_http2 import RawConnection, frame
 from .server_process import ServerProcess
 
@@ -33,6 +33,7 @@ STREAM = "/remoteloss.v1.LossService/ComputeStream"
 MAX_IN_FLIGHT_BYTES = 256 * MiB
 TENANT_IN_FLIGHT_BYTES = 128 * MiB
 MAX_MESSAGE_BYTES = 256 * MiB
+BYSTANDER_BODY = BYSTANDER_REQUEST.SerializeToString()
 
 
 def bearer(key: str) -> tuple[tuple[str, str], ...]:
@@ -182,3 +183,29 @@ def test_a_small_request_that_implies_a_large_tensor_is_sized_by_what_it_implies
     assert "mse_loss: the call would hold about" in refused.value.details()  # type: ignore[attr-defined]
     assert "tenant heavy's max_tenant_in_flight_bytes" in refused.value.details()  # type: ignore[attr-defined]
     assert list(pb.ComputeResponse.FromString(answer).loss.shape) == [3000, 3000]
+
+
+def test_rapid_resets_and_many_connections_disturb_no_one(server: ServerProcess) -> None:
+    """HTTP/2 abuse: 5,000 calls each started and reset at once (the "rapid reset" flood), and
+    300 connections opened and left idle: gRPC's own defences hold, nothing reaches the batcher,
+    and the bystander does not notice."""
+    body = frame(BYSTANDER_BODY)
+    resets = 0
+    with Watch(server, "5,000 rapid resets, 300 idle connections", metadata=bearer(LIGHT)) as watch:
+        idle = []
+        try:
+            for _ in range(300):
+                idle.append(RawConnection(server.target))
+            with RawConnection(server.target) as attacker:
+                try:
+                    for _ in range(5000):
+                        stream = attacker.call(COMPUTE, body, metadata=bearer(HEAVY))
+                        attacker.reset(stream)
+                        resets += 1
+                except (ConnectionError, OSError):
+                    pass  # gRPC may close a connection that resets too much (its rapid-reset defence)
+            watch.figures.notes.append(f"{resets} resets sent, {len(idle)} idle connections")
+        finally:
+            for connection in idle:
+                connection.close()
+    assert resets >= 100
