@@ -219,7 +219,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         try:
             ticket = self._admit(received.size, context)
             if ticket is not None:  # the answer counts until gRPC has sent it (or the call ended)
-                context.add_done_callback(lambda _: ticket.release())
+                context.add_done_callback(lambda _: ticket.release())  # type: ignore[arg-type]  # stubs: a class
             response = await self._compute(received, record, context, ticket)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
