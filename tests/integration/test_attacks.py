@@ -32,6 +32,7 @@ COMPUTE = "/remoteloss.v1.LossService/Compute"
 STREAM = "/remoteloss.v1.LossService/ComputeStream"
 MAX_IN_FLIGHT_BYTES = 256 * MiB
 TENANT_IN_FLIGHT_BYTES = 128 * MiB
+CONNECTION_IN_FLIGHT_BYTES = 128 * MiB
 MAX_MESSAGE_BYTES = 256 * MiB
 BYSTANDER_BODY = BYSTANDER_REQUEST.SerializeToString()
 
@@ -65,7 +66,7 @@ def warm_up(server: ServerProcess) -> None:
     once) is not counted against the first attack."""
     with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
         for body in (broadcast_request(3000), mse_request(4 * MiB)):
-            raw_compute(channel)(body, timeout=120, metadata=bearer(LIGHT))
+            raw_compute(channel)(body, timeout=120, metadata=bearer(LIGHT), wait_for_ready=True)
 
 
 def mse_request(elements: int) -> bytes:
@@ -147,6 +148,37 @@ def test_a_caller_that_never_reads_waits_alone(server: ServerProcess) -> None:
     assert len(refused) + held == calls, statuses
     assert 1 <= held <= TENANT_IN_FLIGHT_BYTES // (16 * MiB) + 1
     assert all("heavy" in message and "max_tenant_in_flight_bytes" in message for message in refused), refused[:3]
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """No API keys: a caller is its connection."""
+    process = ServerProcess(
+        tmp_path_factory.mktemp("open"), "--grace-period", "5",
+        "--max-connection-in-flight-bytes", str(CONNECTION_IN_FLIGHT_BYTES),
+    )
+    process.start()
+    try:
+        warm_up(process)
+        yield process
+    finally:
+        process.stop()
+
+
+def test_without_keys_a_caller_that_never_reads_waits_alone_on_its_connection(open_server: ServerProcess) -> None:
+    """As above, on a server without keys: the connection's budget is the one that runs out."""
+    body = frame(broadcast_request(2048))
+    with Watch(open_server, "100 x 16 MiB answers never read, no keys",
+               peak_over_bytes=CONNECTION_IN_FLIGHT_BYTES + 256 * MiB) as watch:
+        with RawConnection(open_server.target, window=0) as attacker:
+            streams = [attacker.call(COMPUTE, body) for _ in range(100)]
+            time.sleep(2)
+            statuses = [attacker.status(stream, timeout_s=0.05) for stream in streams]
+            refused = [attacker.message(s) for s, code in zip(streams, statuses) if code is not None]
+            watch.figures.notes.append(f"{statuses.count(None)} answers held unsent, {len(refused)} calls refused")
+        time.sleep(1)
+    assert refused and all("this connection is saturated" in m for m in refused), refused[:3]
+    assert statuses.count(None) <= CONNECTION_IN_FLIGHT_BYTES // (16 * MiB) + 1
 
 
 def test_slow_senders_hold_little_and_no_one_waits_for_them(server: ServerProcess) -> None:
