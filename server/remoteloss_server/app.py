@@ -104,6 +104,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         max_batch_elements=config.max_batch_elements or executor.default_batch_elements,
         max_batch_delay_s=config.max_batch_delay_s,
         concurrency=config.compute_threads,
+        tenant_weights=dict(config.tenant_weights),
     )
     add_to_server(
         LossServicer(

@@ -343,7 +343,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         if self._admission is not None and self._admission.requests == 1 and self._batcher.idle:
             await asyncio.sleep(0)
             lone = self._admission.requests == 1
-        result = await self._batcher.submit(call, grad_output, deadline, lone=lone)
+        result = await self._batcher.submit(call, grad_output, deadline, lone=lone, tenant=record.tenant)
         return await asyncio.to_thread(_serialize, result) if large else _serialize(result)
 
     @translate_errors
