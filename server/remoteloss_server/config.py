@@ -41,6 +41,9 @@ class ServerConfig:
     # (where larger batches fall out of cache and are slower than calls alone), 2**24 on a GPU.
     max_batch_elements: int = 0
     max_batch_delay_s: float = 0.0  # how long a batch may wait for more requests; 0: only what queued meanwhile
+    # Fair queueing between the tenants of the API keys: under contention each tenant's share of
+    # compute time, as (tenant, weight) pairs; an unlisted tenant weighs 1. Flag/env "alice=3,bob=1".
+    tenant_weights: tuple[tuple[str, float], ...] = ()
     # Tensor elements a request may declare, summed over all its tensors and read from their
     # shapes before anything is decoded (a 1-byte dtype packs 2**29 elements in 512 MiB).
     max_request_elements: int = 2**28
@@ -57,9 +60,6 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, the port serves TLS only
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA certificates: clients must present a certificate they signed
-    # Fair queueing: each tenant's share of compute under contention, as (tenant, weight) pairs;
-    # an unlisted tenant weighs 1. Flag/env form "alice=3,bob=1".
-    tenant_weights: tuple[tuple[str, float], ...] = ()
 
     def validate(self) -> None:
         """Raise ValueError, with a one-line message naming the setting, if any is invalid."""
