@@ -21,8 +21,8 @@ Tenants (``submit(..., tenant=...)``, the API key's tenant; None without keys) s
 compute slots fairly: a batch holds one tenant's calls, and each tenant has a virtual time, the
 compute seconds charged to it (each batch's measured time, on ``clock``) divided by its weight
 (``tenant_weights``; 1 when unlisted). The next batch comes from the tenant with the least
-virtual time among those with a batch ready to go, and within a tenant as above (full groups
-first, then the oldest). A tenant that becomes active starts at the virtual time of the last
+virtual time among those with a batch ready to go, and within a tenant as above (its oldest
+group that is ready). A tenant that becomes active starts at the virtual time of the last
 batch started, so idling banks no credit, and a light tenant's call goes next after the
 batches computing now. Without keys every call is one tenant, in the order above.
 
@@ -306,26 +306,39 @@ class Batcher:
                 return chosen.tenant, batch
 
     def _choose(self) -> tuple[_Group | None, float]:
-        """The group to take now: of the tenants whose next group is ready, the one with the least
-        virtual time (then the oldest group). Each tenant's next group is its oldest full group,
-        else its oldest; one that is not full waits out ``max_batch_delay_s`` (not while closing).
-        Else None and the seconds until a group is ready."""
+        """The group to take now: of the tenants with a group ready, the one with the least
+        virtual time, and its oldest ready group (then the oldest across tenants); else None and
+        the seconds until a group is ready."""
         now = self.clock()
         best: tuple[float, int] | None = None
         chosen: _Group | None = None
         wait = float("inf")
         for tenant, groups in self._queues.items():
-            full = [group for group in groups.values() if self._full(group)]
-            group = min(full or groups.values(), key=lambda g: g.seq)
-            if self._delay > 0 and not self._closed and not full:
-                left = group.items[0].enqueued + self._delay - now
-                if left > 0:
-                    wait = min(wait, left)
-                    continue
+            group, left = self._ready(groups, now)
+            if group is None:
+                wait = min(wait, left)
+                continue
             rank = (self._vtime.get(tenant, self._vnow), group.seq)
             if best is None or rank < best:
                 best, chosen = rank, group
         return chosen, wait
+
+    def _ready(self, groups: dict[Hashable, _Group], now: float) -> tuple[_Group | None, float]:
+        """A tenant's oldest group that is ready: any without a batch delay (or while closing),
+        else a full one or one whose oldest call has waited ``max_batch_delay_s``. Else None and
+        the seconds until one is ready. (Full groups do not go first: a stream of large calls,
+        each a full group alone, would starve a small call's group.)"""
+        if self._delay <= 0 or self._closed:
+            return min(groups.values(), key=lambda g: g.seq), 0.0
+        ready: _Group | None = None
+        wait = float("inf")
+        for group in groups.values():
+            left = 0.0 if self._full(group) else group.items[0].enqueued + self._delay - now
+            if left > 0:
+                wait = min(wait, left)
+            elif ready is None or group.seq < ready.seq:
+                ready = group
+        return ready, wait
 
     async def _work(self) -> bool:
         """Wait until a call is queued; False once closed with nothing queued."""

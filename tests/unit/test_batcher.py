@@ -548,3 +548,19 @@ def test_a_tenant_waiting_out_the_batch_delay_lets_another_go() -> None:
 
     run(test, runner, max_batch_size=2, max_batch_delay_s=1.0, clock=clock)
     assert [tenant_of(calls, b) for b in runner.batches] == ["early", "early", "late"]
+
+
+def test_large_calls_do_not_starve_a_small_one_queued_before_them() -> None:
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        large = [mse(rows=6, value=i) for i in range(4)]  # 24 elements each, over the cap: each group full
+        small = mse(rows=1, loss="l1_loss")  # another key; never full
+        tasks = [asyncio.create_task(batcher.submit(c)) for c in (large[0], small, *large[1:])]
+        await settle()
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+        assert [batch[0] for batch in runner.batches[1:3]] == [large[0], small]  # in arrival order
+
+    run(test, runner, max_batch_elements=16, max_batch_size=1)
