@@ -38,12 +38,15 @@ from .server_process import ServerProcess
 KEYS = {tenant: f"{tenant}-key-0123456789abcdef" for tenant in ("alice", "bob", "carol")}
 COMPUTE = "/remoteloss.v1.LossService/Compute"
 SHARE_ELEMENTS = 250_000  # per tensor: 2 MB requests, each computed alone (over max_batch_elements)
-HEAVY_ELEMENTS = 500_000  # per tensor: 4 MB requests, 2 MB of gradient back
+HEAVY_ELEMENTS = 1_000_000  # per tensor: 4 MB of input (8 MB requests), 4 MB of gradient back
 HEAVY_CALLERS = 64
 # The light calls' end-to-end p99 beside the heavy tenant may exceed (unloaded p99 + one heavy
 # compute) by the server's event loop and GIL time spent on the heavy tenant's bytes (receiving,
-# parsing and answering 4 MB requests, as much as their compute on a CPU): measured 10 to 40 ms on
-# 2 shared cores. The batcher's own part, the light calls' wait in its queue, is checked without it.
+# parsing and answering its requests, about as much as their compute on a CPU): measured 10 to
+# 40 ms on 2 shared cores. The batcher's own part, the light calls' wait in its queue, is checked
+# without it. End to end, the comparison with first come, first served is made at the median: at
+# p99, one stall of a busy shared machine (hundreds of ms) weighs on a few dozen short calls far
+# more than on a few long ones; the batcher's wait is compared at p99.
 LOOP_ALLOWANCE_S = 0.05
 
 
@@ -62,11 +65,10 @@ class Load:
         assert self.process.stdout is not None and self.process.stdout.readline().strip() == "ready"
 
     def close(self) -> str:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.close()
-        summary = self.process.stdout.read().strip()
-        assert self.process.wait(timeout=60) == 0, summary
-        return summary
+        """Close its stdin, which stops it; its ``calls=N errors=M`` line."""
+        summary, _ = self.process.communicate(timeout=60)
+        assert self.process.returncode == 0, summary
+        return str(summary).strip()
 
 
 def light_calls(server: ServerProcess, tenant: str, seconds: float) -> Bystander:
@@ -91,6 +93,10 @@ def p99_bound_s(before: list[float], after: list[float]) -> float:
         if count >= 0.99 * counts[-1]:
             return bound
     return float("inf")
+
+
+def median(bystander: Bystander) -> float:
+    return sorted(bystander.latencies)[len(bystander.latencies) // 2]
 
 
 def percentiles(bystander: Bystander) -> str:
@@ -143,14 +149,16 @@ def test_tenants_share_compute_by_weight_and_a_light_one_is_not_held_up(keyed: S
         queue_after = buckets(keyed, "remoteloss_queue_duration_seconds", loss="mse_loss")
         compute_after = buckets(keyed, "remoteloss_compute_duration_seconds", loss="l1_loss")
         fcfs = light_calls(keyed, "bob", 4.0)  # in the heavy tenant: first come, first served
+        fcfs_queue_after = buckets(keyed, "remoteloss_queue_duration_seconds", loss="mse_loss")
     finally:
         figures.notes.append(f"heavy load {heavy.close()}")
     heavy_compute_s = p99_bound_s(compute_before, compute_after)
     light_queue_s = p99_bound_s(queue_before, queue_after)
+    fcfs_queue_s = p99_bound_s(queue_after, fcfs_queue_after)
     figures.notes.append(
         f"light calls unloaded {percentiles(unloaded)}; beside 64 heavy callers {percentiles(fair)}, their wait "
-        f"in the batcher p99 <= {light_queue_s * 1e3:g} ms; in the heavy tenant (FCFS) {percentiles(fcfs)}; "
-        f"heavy compute p99 <= {heavy_compute_s * 1e3:g} ms"
+        f"in the batcher p99 <= {light_queue_s * 1e3:g} ms; in the heavy tenant (FCFS) {percentiles(fcfs)}, "
+        f"waiting p99 <= {fcfs_queue_s * 1e3:g} ms; heavy compute p99 <= {heavy_compute_s * 1e3:g} ms"
     )
     rss.stop()
     figures.rss_before, figures.rss_peak, figures.rss_after = rss.before, rss.peak, keyed.rss_bytes()
@@ -158,8 +166,9 @@ def test_tenants_share_compute_by_weight_and_a_light_one_is_not_held_up(keyed: S
     Watch.report.append(figures)
     assert abs(share - 0.75) <= 0.075, figures.line()
     assert light_queue_s <= heavy_compute_s, figures.line()  # behind the batch computing, no more
+    assert 5 * light_queue_s <= fcfs_queue_s, figures.line()
     assert fair.p99_s() <= unloaded.p99_s() + heavy_compute_s + LOOP_ALLOWANCE_S, figures.line()
-    assert 5 * fair.p99_s() <= fcfs.p99_s(), figures.line()
+    assert 5 * median(fair) <= median(fcfs), figures.line()
 
 
 # ------------------------------------------------------------------------------------ SIGHUP
