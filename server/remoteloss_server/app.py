@@ -77,7 +77,9 @@ class _Security:
             else:
                 assert keys is not None  # both were set at start, and are the same now
                 self.interceptor.keys = keys
-                logger.info("event=reload what=api_keys status=ok tenants=%d keys=%d", len(keys.tenants), len(keys.entries))
+                logger.info(
+                    "event=reload what=api_keys status=ok tenants=%d keys=%d", len(keys.tenants), len(keys.entries)
+                )
         if self.certificates is not None:
             try:
                 self.certificates.reload()

@@ -18,13 +18,12 @@ batch does): at low load the queue would only add its hops. The loop holds a slo
 work is queued.
 
 Tenants (``submit(..., tenant=...)``, the API key's tenant; None without keys) share the
-compute slots fairly: a batch holds one tenant's calls, and each tenant has a virtual time, the
-compute seconds charged to it (each batch's measured time, on ``clock``) divided by its weight
-(``tenant_weights``; 1 when unlisted). The next batch comes from the tenant with the least
-virtual time among those with a batch ready to go, and within a tenant as above (its oldest
-group that is ready). A tenant that becomes active starts at the virtual time of the last
-batch started, so idling banks no credit, and a light tenant's call goes next after the
-batches computing now. Without keys every call is one tenant, in the order above.
+compute slots by weight (``tenant_weights``, ``fairness.FairShares``): a batch holds one
+tenant's calls, its measured compute time (on ``clock``) is charged to that tenant, and the next
+batch comes from the tenant with the least virtual time among those with a batch ready to go,
+then as above (its oldest ready group). A tenant that was idle starts level with the others,
+so a light tenant's call goes next after the batches computing now. Without keys every call is
+one tenant, in the order above.
 
 With ``batching=False`` each call is its own batch. Batch keys and the batched computation
 come from each loss's ``BatchRule`` (``losses.batching``) and ``Executor.run_batch``.
@@ -46,6 +45,7 @@ import torch
 
 from remoteloss_server.errors import DeadlineExceededError, ServiceError, UnavailableError
 from remoteloss_server.executor import Job, Result
+from remoteloss_server.fairness import FairShares
 from remoteloss_server.losses import LOSSES, Call
 from remoteloss_server.metrics import NO_TENANT, Metrics
 
@@ -112,9 +112,7 @@ class Batcher:
         self.clock = clock  # deadlines passed to submit() are on this clock
         self._device = str(executor.device)
         self._queues: dict[str | None, dict[Hashable, _Group]] = {}  # by tenant, then batch key
-        self._weights = dict(tenant_weights or {})
-        self._vtime: dict[str | None, float] = {}  # by tenant: compute seconds charged / weight
-        self._vnow = 0.0  # the virtual time of the last batch started: where an arriving tenant starts
+        self._shares = FairShares(tenant_weights)
         self._seq = itertools.count()
         self._closed = False
         self._wakeup: asyncio.Event | None = None
@@ -132,8 +130,8 @@ class Batcher:
         return sum(len(group.items) for groups in self._queues.values() for group in groups.values())
 
     def virtual_time(self, tenant: str | None) -> float:
-        """``tenant``'s compute seconds charged so far divided by its weight (0 before any)."""
-        return self._vtime.get(tenant, 0.0)
+        """``tenant``'s compute seconds charged so far divided by its weight, or where it starts."""
+        return self._shares.virtual_time(tenant)
 
     async def start(self) -> None:
         """Start the loop on the running event loop."""
@@ -181,7 +179,7 @@ class Batcher:
             elements = sum(t.numel() for t in call.tensors.values())
             item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
                          asyncio.get_running_loop().create_future())
-            self._activate(tenant)
+            self._shares.activate(tenant)
             if elements <= self._inline_elements:
                 self._compute_inline(tenant, [item], acquired=False)
                 return item.future.result()
@@ -204,7 +202,7 @@ class Batcher:
         )
         groups = self._queues.get(tenant)
         if groups is None:  # the tenant becomes active
-            self._activate(tenant)
+            self._shares.activate(tenant)
             groups = self._queues[tenant] = {}
         group = groups.get(key)
         if group is None:
@@ -245,18 +243,10 @@ class Batcher:
         if not groups:
             del self._queues[group.tenant]
 
-    # ------------------------------------------------------------------------ fair shares
-
-    def _activate(self, tenant: str | None) -> None:
-        """A tenant with nothing queued starts no earlier than the last batch started: no credit
-        banked while idle (a debt, from a batch charged after it started, is kept)."""
-        self._vtime[tenant] = max(self._vtime.get(tenant, self._vnow), self._vnow)
-
     def _charge(self, tenant: str | None, seconds: float) -> None:
-        """Charge a batch's compute time to its tenant, by its weight."""
-        self._vtime[tenant] = self._vtime.get(tenant, self._vnow) + seconds / self._weights.get(tenant or "", 1.0)
-        m = self._metrics
-        m.child(m.tenant_compute, tenant or NO_TENANT).inc(seconds)
+        """Charge a batch's compute time to its tenant."""
+        self._shares.charge(tenant, seconds)
+        self._metrics.child(self._metrics.tenant_compute, tenant or NO_TENANT).inc(seconds)
 
     # ------------------------------------------------------------------------ the loop
 
@@ -300,7 +290,7 @@ class Batcher:
                 except asyncio.TimeoutError:
                     pass
                 continue  # look again: a group may be full now, or another tenant's may be queued
-            self._vnow = max(self._vnow, self._vtime.get(chosen.tenant, self._vnow))
+            self._shares.started(chosen.tenant)
             batch = self._take(chosen)
             if batch:
                 return chosen.tenant, batch
@@ -318,7 +308,7 @@ class Batcher:
             if group is None:
                 wait = min(wait, left)
                 continue
-            rank = (self._vtime.get(tenant, self._vnow), group.seq)
+            rank = (self._shares.virtual_time(tenant), group.seq)
             if best is None or rank < best:
                 best, chosen = rank, group
         return chosen, wait

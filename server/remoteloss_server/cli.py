@@ -112,7 +112,7 @@ _SETTINGS = (
         str,
         "FILE",
         "require an API key on every call but health checks: lines 'tenant:key' (keys may also come in "
-        f"{_ENV_PREFIX}API_KEYS)",
+        f"{_ENV_PREFIX}API_KEYS); re-read on SIGHUP",
     ),
     _Setting(
         "tenant-weights",
@@ -123,7 +123,9 @@ _SETTINGS = (
         "to its weight, e.g. alice=3,bob=1",
         default="1 for every tenant",
     ),
-    _Setting("tls-cert", "tls_cert", str, "FILE", "PEM certificate chain: serve TLS (with --tls-key)"),
+    _Setting(
+        "tls-cert", "tls_cert", str, "FILE", "PEM certificate chain: serve TLS (with --tls-key); re-read on SIGHUP"
+    ),
     _Setting("tls-key", "tls_key", str, "FILE", "PEM private key of --tls-cert"),
     _Setting(
         "tls-client-ca", "tls_client_ca", str, "FILE", "PEM CA certificates: require client certificates they signed"
@@ -150,7 +152,14 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
     # No abbreviations: "--api-keys alice:KEY" must not pass for --api-keys-file (and echo the key).
-    parser = _Parser(prog=PROG, description="Serve every torch.nn loss over gRPC.", allow_abbrev=False)
+    parser = _Parser(
+        prog=PROG,
+        description="Serve every torch.nn loss over gRPC.",
+        epilog="Signals: SIGTERM or SIGINT drains and stops the server (a second one exits at once); SIGHUP "
+        "reads the API keys (--api-keys-file, and REMOTELOSS_API_KEYS as it was at start) and the TLS files "
+        "again, without dropping a call: an unusable file keeps what was loaded before.",
+        allow_abbrev=False,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for s in _SETTINGS:
         if s.switch:

@@ -1,8 +1,9 @@
 """A tenant's load in a process of its own: ``callers`` concurrent ``l1_loss`` calls (with the
-gradient of ``input``; not ``mse_loss``, the bystander's loss, so that the metrics tell them apart) of about ``elements`` float32 elements per tensor, sent again as each
-answers, until stdin closes or SIGTERM; it then prints ``calls=N errors=M`` and exits. Caller
-``i`` sends rows of ``1000 + i`` columns (with ``distinct``; else 1000 for all), so each has a batch
-key of its own, as callers with varied shapes would.
+gradient of ``input``; not ``mse_loss``, the bystander's loss, so that the metrics tell them
+apart) of about ``elements`` float32 elements per tensor, sent again as each answers, until
+stdin closes or SIGTERM; it then prints ``calls=N errors=M`` and exits. Caller ``i`` sends rows
+of ``1000 + i`` columns (with ``distinct``; else 1000 for all), so each has a batch key of its
+own, as callers with varied shapes would.
 
 A process of its own, on one grpc.aio event loop with the request's bytes made once: a caller
 measuring latency in the test process then competes with no load thread for its GIL, and the

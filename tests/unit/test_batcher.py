@@ -432,7 +432,9 @@ def tenant_of(calls: dict[int, str | None], batch: list[Call]) -> str | None:
     return tenant
 
 
-async def queue(batcher: Batcher, calls: dict[int, str | None], tenant: str | None, n: int) -> list[asyncio.Task[Result]]:
+async def queue(
+    batcher: Batcher, calls: dict[int, str | None], tenant: str | None, n: int
+) -> list[asyncio.Task[Result]]:
     tasks = []
     for i in range(n):
         call = mse(value=i)

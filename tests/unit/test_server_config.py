@@ -288,7 +288,7 @@ def test_tenant_weights_from_the_flag_and_the_environment(
 @pytest.mark.parametrize(
     ("argv", "env", "needle"),
     [
-        (["--tenant-weights", "alice"], None, "argument --tenant-weights: tenant_weights: 'alice' is not tenant=weight"),
+        (["--tenant-weights", "alice"], None, "--tenant-weights: tenant_weights: 'alice' is not tenant=weight"),
         ([], "alice=three", "REMOTELOSS_TENANT_WEIGHTS: tenant_weights: 'alice=three' is not tenant=weight"),
         (["--tenant-weights", "alice=0"], None, "tenant_weights: the weight of alice must be a finite number > 0"),
         (["--tenant-weights", "alice=inf"], None, "tenant_weights: the weight of alice must be a finite number > 0"),
@@ -306,3 +306,11 @@ def test_bad_tenant_weights_exit_2_with_one_line(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and served == []
+
+
+def test_help_names_tenant_weights_and_sighup(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--tenant-weights" in out and "REMOTELOSS_TENANT_WEIGHTS" in out and "default 1 for every tenant" in out
+    assert "SIGHUP reads the API keys" in out
