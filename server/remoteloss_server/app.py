@@ -200,6 +200,12 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         config.host, port, executor.device, metrics_address, config.reflection, tls,
         "off" if keys is None else f"api_keys tenants={len(keys.tenants)}",
     )
+    unknown = sorted({t for t, _ in config.tenant_weights} - (keys.tenants if keys is not None else frozenset()))
+    if unknown:
+        logger.warning(
+            "event=tenant_weights_unknown tenants=%s note=%s", ",".join(unknown),
+            quote("no API key has these tenants (a reload may add one); without keys, weights do nothing"),
+        )
     if keys is None and config.host not in _LOOPBACK_HOSTS:
         logger.warning(
             "event=open_access address=%s:%d note=%s", config.host, port,

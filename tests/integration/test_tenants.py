@@ -304,7 +304,9 @@ def test_server_thread_reload_keeps_the_old_keys_when_the_file_is_bad(
 
 
 def test_a_reload_without_keys_or_tls_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    config: Any = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0)
+    config: Any = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, tenant_weights=(("alice", 2.0),))
     with caplog.at_level(logging.INFO, logger="remoteloss_server.app"), ServerThread(config) as server:
         assert server.reload()
-    assert any("event=reload what=nothing" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("event=reload what=nothing" in m for m in messages)
+    assert any(m.startswith("event=tenant_weights_unknown tenants=alice ") for m in messages)
