@@ -6,8 +6,10 @@ Shutdown, in order: health goes NOT_SERVING, open ComputeStreams stop reading, a
 took and end (``LossServicer.drain``), gRPC refuses new RPCs and gives in-flight ones
 ``shutdown_grace_s`` to finish, the batcher computes what is still queued (refusing new work with
 UNAVAILABLE), then the compute threads wind down and /metrics closes. A second
-signal while draining takes the signal's default action: an immediate exit. Lifecycle events are
-logged as one ``event=start|ready|draining|stopped key=value ...`` line each.
+signal while draining takes the signal's default action: an immediate exit. SIGHUP (or
+``ServerThread.reload()``) reads the API keys and the TLS certificate files again, without dropping
+a call; unusable ones keep the old. Lifecycle events are logged as one
+``event=start|ready|reload|draining|stopped key=value ...`` line each.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = ["SERVICE_NAME", "ServerThread", "StartupError", "WorkerError", "serve
 logger = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_RELOAD_SIGNAL = signal.SIGHUP
 _WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 _IDENTITY_ONLY = 1  # a bit set of gRPC's compression algorithms: bit 0, identity, alone
@@ -57,6 +60,44 @@ class StartupError(Exception):
 
 
 @dataclass
+class _Security:
+    """What SIGHUP reloads: the API keys (file and REMOTELOSS_API_KEYS as at start) and TLS files."""
+
+    keys_file: str | None
+    keys_text: str | None
+    interceptor: auth.ApiKeyInterceptor | None = None  # None: no keys (a reload cannot turn them on)
+    certificates: auth.ServerCertificates | None = None  # None: plaintext
+
+    def reload(self) -> bool:
+        """Read the keys and certificates again; True if every one was replaced. One that cannot
+        be used keeps the old, with an ``event=reload ... status=failed`` line at ERROR."""
+        replaced = True
+        if self.interceptor is not None:
+            try:
+                keys = auth.load_keys(self.keys_file, self.keys_text)
+            except (OSError, ValueError) as exc:  # the messages name the file and entry, never a key
+                logger.error("event=reload what=api_keys status=failed kept=previous error=%s", quote(str(exc)))
+                replaced = False
+            else:
+                assert keys is not None  # both were set at start, and are the same now
+                self.interceptor.keys = keys
+                logger.info(
+                    "event=reload what=api_keys status=ok tenants=%d keys=%d", len(keys.tenants), len(keys.entries)
+                )
+        if self.certificates is not None:
+            try:
+                self.certificates.reload()
+            except (OSError, ValueError) as exc:
+                logger.error("event=reload what=tls status=failed kept=previous error=%s", quote(str(exc)))
+                replaced = False
+            else:
+                logger.info("event=reload what=tls status=ok note=%s", quote("new connections get the new certificate"))
+        if self.interceptor is None and self.certificates is None:
+            logger.info("event=reload what=nothing note=%s", quote("no API keys or TLS configured"))
+        return replaced
+
+
+@dataclass
 class _Running:
     server: grpc.aio.Server
     health: Any  # grpc_health's asyncio HealthServicer
@@ -67,6 +108,7 @@ class _Running:
     batcher: Batcher | None = None
     trimmer: asyncio.Task[None] | None = None
     servicer: LossServicer | None = None
+    security: _Security | None = None
 
     async def stop(self, grace_s: float) -> None:
         logger.info("event=draining grace_s=%.1f", grace_s)
@@ -83,10 +125,16 @@ class _Running:
             await asyncio.to_thread(self.metrics_http.close)
         logger.info("event=stopped")
 
+    def reload(self) -> bool:
+        return self.security.reload() if self.security is not None else True
+
 
 async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     logger.info("event=start version=%s torch=%s device=%s", __version__, torch.__version__, config.device)
-    keys, credentials = _security(config)
+    keys, certificates = _security(config)
+    security = _Security(config.api_keys_file, config.api_keys, certificates=certificates)
+    if keys is not None:
+        security.interceptor = auth.ApiKeyInterceptor(keys)
     try:
         executor = Executor(config.device, config.torch_threads)
     except ValueError as exc:
@@ -94,7 +142,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     pool = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="remoteloss-compute")
     limit = config.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[] if keys is None else [auth.ApiKeyInterceptor(keys)],
+        interceptors=[] if security.interceptor is None else [security.interceptor],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -118,6 +166,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         max_batch_elements=config.max_batch_elements or executor.default_batch_elements,
         max_batch_delay_s=config.max_batch_delay_s,
         concurrency=config.compute_threads,
+        tenant_weights=dict(config.tenant_weights),
     )
     add_to_server(
         servicer := LossServicer(
@@ -138,7 +187,8 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        port = (server.add_insecure_port(address) if certificates is None
+                else server.add_secure_port(address, certificates.credentials))
     except RuntimeError as exc:
         pool.shutdown()
         raise StartupError(f"cannot bind {address}: {exc}") from None
@@ -159,19 +209,26 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    tls = "off" if credentials is None else "mutual" if config.tls_client_ca else "on"
+    tls = "off" if certificates is None else "mutual" if config.tls_client_ca else "on"
     logger.info(
         "event=ready address=%s:%d device=%s metrics=%s reflection=%s tls=%s auth=%s",
         config.host, port, executor.device, metrics_address, config.reflection, tls,
         "off" if keys is None else f"api_keys tenants={len(keys.tenants)}",
     )
+    unknown = sorted({t for t, _ in config.tenant_weights} - (keys.tenants if keys is not None else frozenset()))
+    if unknown:
+        logger.warning(
+            "event=tenant_weights_unknown tenants=%s note=%s", ",".join(unknown),
+            quote("no API key has these tenants (a reload may add one); without keys, weights do nothing"),
+        )
     if keys is None and config.host not in _LOOPBACK_HOSTS:
         logger.warning(
             "event=open_access address=%s:%d note=%s", config.host, port,
             quote("no API keys: anyone who can reach this address may call the service (--api-keys-file, --tls-cert)"),
         )
     return _Running(
-        server, health_servicer, pool, port, metrics, metrics_http, batcher=batcher, trimmer=trimmer, servicer=servicer
+        server, health_servicer, pool, port, metrics, metrics_http,
+        batcher=batcher, trimmer=trimmer, servicer=servicer, security=security,
     )
 
 
@@ -207,7 +264,7 @@ async def _give_back_memory(admission: Admission, interval_s: float = 2.0) -> No
         free_at, resident_at = free, allocator.resident_bytes()
 
 
-def _security(config: ServerConfig) -> tuple[auth.KeyTable | None, grpc.ServerCredentials | None]:
+def _security(config: ServerConfig) -> tuple[auth.KeyTable | None, auth.ServerCertificates | None]:
     """The API keys (None: open) and TLS credentials (None: plaintext); StartupError for unusable ones."""
     try:
         keys = auth.load_keys(config.api_keys_file, config.api_keys)
@@ -216,7 +273,7 @@ def _security(config: ServerConfig) -> tuple[auth.KeyTable | None, grpc.ServerCr
     if config.tls_cert is None or config.tls_key is None:
         return keys, None
     try:
-        return keys, auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        return keys, auth.ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
     except (OSError, ValueError) as exc:
         raise StartupError(f"TLS: {exc}") from None
 
@@ -247,11 +304,17 @@ async def _serve(config: ServerConfig, worker: int | None = None) -> None:
             loop.remove_signal_handler(s)
         stopping.set()
 
+    def on_reload() -> None:
+        logger.info("event=signal signal=%s", _RELOAD_SIGNAL.name)
+        running.reload()
+
     for s in _SIGNALS:
         loop.add_signal_handler(s, on_signal, s)
+    loop.add_signal_handler(_RELOAD_SIGNAL, on_reload)
     try:
         await stopping.wait()
     finally:
+        loop.remove_signal_handler(_RELOAD_SIGNAL)
         await running.stop(config.shutdown_grace_s)
 
 
@@ -302,6 +365,18 @@ class ServerThread:
         """Where a client on this machine reaches the server, e.g. ``"127.0.0.1:50051"``."""
         host = "127.0.0.1" if self.config.host in _WILDCARD_HOSTS else self.config.host
         return f"{host}:{self.port}"
+
+    def reload(self) -> bool:
+        """Read the API keys and TLS certificate files again, as SIGHUP does for ``serve``; True
+        if every one was replaced (an unusable one keeps the old, and is logged)."""
+        loop, running = self._loop, self._running
+        if loop is None or running is None or loop.is_closed():
+            raise RuntimeError("the server is not running")
+
+        async def reload() -> bool:
+            return running.reload()
+
+        return asyncio.run_coroutine_threadsafe(reload(), loop).result(timeout=60)
 
     def __enter__(self) -> ServerThread:
         if self._thread is not None:

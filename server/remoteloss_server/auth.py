@@ -7,6 +7,10 @@ request is read (``_deny``); a call with one runs with the key's tenant in ``tel
 the request log lines show. Keys are never logged, and only their SHA-256 digests are kept; a
 presented key is compared with every configured one in constant time, without an early exit.
 ``grpc.health.v1.Health`` stays open, so that load balancers and probes need no key.
+
+Both can change while serving (SIGHUP, ``app``): ``ApiKeyInterceptor.keys`` takes a new table for
+the calls that start after it, and ``ServerCertificates.reload`` gives new TLS handshakes a new
+certificate (gRPC's certificate-config fetcher) while open connections keep theirs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import inspect
 import logging
 import re
 import ssl
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +36,9 @@ __all__ = [
     "OPEN_SERVICES",
     "ApiKeyInterceptor",
     "KeyTable",
+    "ServerCertificates",
     "load_keys",
     "parse_keys",
-    "server_credentials",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,11 +123,12 @@ def load_keys(path: str | None, text: str | None) -> KeyTable | None:
     return KeyTable(tuple(entries))
 
 
-def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
-    """TLS from PEM files; with ``client_ca``, clients must present a certificate it signed.
+def _certificate_configuration(cert: str, key: str, client_ca: str | None) -> grpc.ServerCertificateConfiguration:
+    """TLS from PEM files; with ``client_ca``, the CAs whose client certificates are accepted.
 
     The files are first loaded with Python's ``ssl``, whose errors say which file is wrong (gRPC's
-    would only fail to bind the port); raises ValueError for an unusable one, OSError for an unreadable one.
+    would only fail to bind the port, or the handshake); raises ValueError for an unusable one,
+    OSError for an unreadable one.
     """
     cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
     root = Path(client_ca).read_bytes() if client_ca is not None else None
@@ -136,11 +142,37 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
             context.load_verify_locations(cafile=client_ca)
         except ssl.SSLError as exc:
             raise ValueError(f"tls_client_ca {client_ca} holds no PEM CA certificate: {exc}") from None
-    return grpc.ssl_server_credentials(
-        [(key_pem, cert_pem)],
-        root_certificates=root,
-        require_client_auth=root is not None,
-    )
+    return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=root)
+
+
+class ServerCertificates:
+    """The server's TLS credentials (``credentials``), from PEM files that ``reload`` reads again.
+
+    With ``client_ca``, clients must present a certificate it signed. gRPC asks ``_fetch`` before
+    each new handshake; after a reload it gets the new configuration once, and keeps using it.
+    Connections already open are not touched. Raises as ``_certificate_configuration``.
+    """
+
+    def __init__(self, cert: str, key: str, client_ca: str | None) -> None:
+        self._files = (cert, key, client_ca)
+        self._lock = threading.Lock()  # _fetch runs on a gRPC core thread
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.credentials = grpc.dynamic_ssl_server_credentials(
+            _certificate_configuration(cert, key, client_ca), self._fetch,
+            require_client_authentication=client_ca is not None,
+        )
+
+    def reload(self) -> None:
+        """Read the files again; new handshakes use them. Raises (and changes nothing) for
+        unusable files, as at start."""
+        configuration = _certificate_configuration(*self._files)
+        with self._lock:
+            self._pending = configuration
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending  # None: no change
 
 
 if TYPE_CHECKING:  # the stubs' generics, which grpc lacks at run time
@@ -158,6 +190,15 @@ class ApiKeyInterceptor(_Interceptor):
     def __init__(self, keys: KeyTable, open_services: frozenset[str] = OPEN_SERVICES) -> None:
         self._keys = keys
         self._open = open_services
+
+    @property
+    def keys(self) -> KeyTable:
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: KeyTable) -> None:
+        """The calls that start from now on are checked against ``keys`` (SIGHUP's reload)."""
+        self._keys = keys
 
     async def intercept_service(  # type: ignore[override]  # None is gRPC's "no such method"
         self, continuation: _Continuation, details: grpc.HandlerCallDetails

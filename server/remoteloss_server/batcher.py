@@ -17,6 +17,14 @@ at once as a batch of one, on the spot or on a compute thread (taking a compute 
 batch does): at low load the queue would only add its hops. The loop holds a slot only once
 work is queued.
 
+Tenants (``submit(..., tenant=...)``, the API key's tenant; None without keys) share the
+compute slots by weight (``tenant_weights``, ``fairness.FairShares``): a batch holds one
+tenant's calls, its measured compute time (on ``clock``) is charged to that tenant, and the next
+batch comes from the tenant with the least virtual time among those with a batch ready to go,
+then as above (its oldest ready group). A tenant that was idle starts level with the others,
+so a light tenant's call goes next after the batches computing now. Without keys every call is
+one tenant, in the order above.
+
 With ``batching=False`` each call is its own batch. Batch keys and the batched computation
 come from each loss's ``BatchRule`` (``losses.batching``) and ``Executor.run_batch``.
 """
@@ -28,7 +36,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor as Pool
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,8 +45,9 @@ import torch
 
 from remoteloss_server.errors import DeadlineExceededError, ServiceError, UnavailableError
 from remoteloss_server.executor import Job, Result
+from remoteloss_server.fairness import FairShares
 from remoteloss_server.losses import LOSSES, Call
-from remoteloss_server.metrics import Metrics
+from remoteloss_server.metrics import NO_TENANT, Metrics
 
 __all__ = ["Batcher", "Runner"]
 
@@ -66,9 +75,11 @@ class _Item:
 
 @dataclass(eq=False)
 class _Group:
-    """Queued calls with one batch key, oldest first."""
+    """Queued calls of one tenant with one batch key, oldest first."""
 
     seq: int  # when the group's oldest call arrived, in arrival order across groups
+    tenant: str | None
+    key: Hashable
     items: deque[_Item] = field(default_factory=deque)
     elements: int = 0
 
@@ -87,6 +98,7 @@ class Batcher:
         max_batch_elements: int = 2**24,
         max_batch_delay_s: float = 0.0,
         concurrency: int = 1,
+        tenant_weights: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._executor = executor
@@ -99,7 +111,8 @@ class Batcher:
         self._concurrency = concurrency
         self.clock = clock  # deadlines passed to submit() are on this clock
         self._device = str(executor.device)
-        self._groups: dict[Hashable, _Group] = {}
+        self._queues: dict[str | None, dict[Hashable, _Group]] = {}  # by tenant, then batch key
+        self._shares = FairShares(tenant_weights)
         self._seq = itertools.count()
         self._closed = False
         self._wakeup: asyncio.Event | None = None
@@ -114,7 +127,11 @@ class Batcher:
     @property
     def queued(self) -> int:
         """Calls waiting for a batch (cancelled ones included until the loop drops them)."""
-        return sum(len(group.items) for group in self._groups.values())
+        return sum(len(group.items) for groups in self._queues.values() for group in groups.values())
+
+    def virtual_time(self, tenant: str | None) -> float:
+        """``tenant``'s compute seconds charged so far divided by its weight, or where it starts."""
+        return self._shares.virtual_time(tenant)
 
     async def start(self) -> None:
         """Start the loop on the running event loop."""
@@ -136,9 +153,18 @@ class Batcher:
             await asyncio.gather(*self._batches, return_exceptions=True)
 
     async def submit(
-        self, call: Call, grad_output: torch.Tensor | None = None, deadline: float | None = None, *, lone: bool = False
+        self,
+        call: Call,
+        grad_output: torch.Tensor | None = None,
+        deadline: float | None = None,
+        *,
+        lone: bool = False,
+        tenant: str | None = None,
     ) -> Result:
         """Queue ``call`` and wait for its result. ``deadline`` is on ``self.clock``.
+
+        ``tenant``: whose call it is (the API key's tenant; None without keys): its batch holds
+        only that tenant's calls, and its compute time is charged to that tenant.
 
         ``lone``: the caller knows of no other request in flight, so a batch could only form by
         waiting. Then, when nothing is queued or computing, no batch delay is set and the call
@@ -153,12 +179,13 @@ class Batcher:
             elements = call.elements
             item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
                          asyncio.get_running_loop().create_future())
+            self._shares.activate(tenant)
             if elements <= self._inline_elements:
-                self._compute_inline([item], acquired=False)
+                self._compute_inline(tenant, [item], acquired=False)
                 return item.future.result()
             assert self._slots is not None
             await self._slots.acquire()  # free (idle), so this does not wait
-            self._start_compute([item])  # its own task, as the loop's batches: it keeps the slot
+            self._start_compute(tenant, [item])  # its own task, as the loop's batches: it keeps the slot
             return await item.future  # until the thread is done, even if this caller goes away
         rule = LOSSES[call.loss].batch if self._batching else None
         plan = None
@@ -173,9 +200,13 @@ class Batcher:
         item = _Item(
             Job(call, grad_output, plan), elements, deadline, self.clock(), asyncio.get_running_loop().create_future()
         )
-        group = self._groups.get(key)
+        groups = self._queues.get(tenant)
+        if groups is None:  # the tenant becomes active
+            self._shares.activate(tenant)
+            groups = self._queues[tenant] = {}
+        group = groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group(seq)
+            group = groups[key] = _Group(seq, tenant, key)
         group.items.append(item)
         group.elements += elements
         self._metrics.queue_depth.inc()
@@ -183,7 +214,7 @@ class Batcher:
         try:
             return await item.future
         except asyncio.CancelledError:  # the caller went away: free its place in the queue now
-            self._forget(key, group, item)
+            self._forget(group, item)
             raise
 
     @property
@@ -192,18 +223,30 @@ class Batcher:
         queued or computing, a compute slot is free and no batch delay is set. It then computes on
         the event loop when small enough (``inline_elements``), else straight on a compute thread."""
         slots = self._slots
-        return not (self._groups or self._computing or self._delay > 0 or self._closed
+        return not (self._queues or self._computing or self._delay > 0 or self._closed
                     or slots is None or slots.locked())
 
-    def _forget(self, key: Hashable, group: _Group, item: _Item) -> None:
+    def _forget(self, group: _Group, item: _Item) -> None:
         """Take a cancelled call out of the queue, unless a batch has taken it already."""
-        if self._groups.get(key) is not group or item not in group.items:
+        if self._queues.get(group.tenant, {}).get(group.key) is not group or item not in group.items:
             return
         group.items.remove(item)
         group.elements -= item.elements
         self._metrics.queue_depth.dec()
         if not group.items:
-            del self._groups[key]
+            self._drop(group)
+
+    def _drop(self, group: _Group) -> None:
+        """Remove an empty group; a tenant without queued groups is no longer active."""
+        groups = self._queues[group.tenant]
+        del groups[group.key]
+        if not groups:
+            del self._queues[group.tenant]
+
+    def _charge(self, tenant: str | None, seconds: float) -> None:
+        """Charge a batch's compute time to its tenant."""
+        self._shares.charge(tenant, seconds)
+        self._metrics.child(self._metrics.tenant_compute, tenant or NO_TENANT).inc(seconds)
 
     # ------------------------------------------------------------------------ the loop
 
@@ -214,49 +257,83 @@ class Batcher:
                 return
             await self._slots.acquire()
             try:
-                batch = await self._next_batch()
+                chosen = await self._next_batch()
             except BaseException:
                 self._slots.release()
                 raise
-            if batch is None:
+            if chosen is None:
                 self._slots.release()
                 return
+            tenant, batch = chosen
             if self._inline_elements and sum(item.elements for item in batch) <= self._inline_elements:
-                self._compute_inline(batch)
+                self._compute_inline(tenant, batch)
                 continue
-            self._start_compute(batch)
+            self._start_compute(tenant, batch)
 
-    def _start_compute(self, batch: list[_Item]) -> None:
+    def _start_compute(self, tenant: str | None, batch: list[_Item]) -> None:
         """``_compute(batch)`` as a task of its own, holding an acquired slot until it is done."""
-        task = asyncio.create_task(self._compute(batch))
+        task = asyncio.create_task(self._compute(tenant, batch))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
-    async def _next_batch(self) -> list[_Item] | None:
-        """The next batch to compute; None once closed with nothing left."""
+    async def _next_batch(self) -> tuple[str | None, list[_Item]] | None:
+        """The next batch to compute and its tenant; None once closed with nothing left."""
         assert self._wakeup is not None
         while True:
             if not await self._work():
                 return None
-            full = [entry for entry in self._groups.items() if self._full(entry[1])]
-            key, group = min(full or self._groups.items(), key=lambda entry: entry[1].seq)
-            if self._delay > 0 and not self._closed and not full:
-                wait = group.items[0].enqueued + self._delay - self.clock()
-                if wait > 0:
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), wait)
-                    except asyncio.TimeoutError:
-                        pass
-                    continue  # look again: the group may be full now, or an older one may be back
-            batch = self._take(key, group)
+            chosen, wait = self._choose()
+            if chosen is None:  # every tenant's next group holds back for the batch delay
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                continue  # look again: a group may be full now, or another tenant's may be queued
+            self._shares.started(chosen.tenant)
+            batch = self._take(chosen)
             if batch:
-                return batch
+                return chosen.tenant, batch
+
+    def _choose(self) -> tuple[_Group | None, float]:
+        """The group to take now: of the tenants with a group ready, the one with the least
+        virtual time, and its oldest ready group (then the oldest across tenants); else None and
+        the seconds until a group is ready."""
+        now = self.clock()
+        best: tuple[float, int] | None = None
+        chosen: _Group | None = None
+        wait = float("inf")
+        for tenant, groups in self._queues.items():
+            group, left = self._ready(groups, now)
+            if group is None:
+                wait = min(wait, left)
+                continue
+            rank = (self._shares.virtual_time(tenant), group.seq)
+            if best is None or rank < best:
+                best, chosen = rank, group
+        return chosen, wait
+
+    def _ready(self, groups: dict[Hashable, _Group], now: float) -> tuple[_Group | None, float]:
+        """A tenant's oldest group that is ready: any without a batch delay (or while closing),
+        else a full one or one whose oldest call has waited ``max_batch_delay_s``. Else None and
+        the seconds until one is ready. (Full groups do not go first: a stream of large calls,
+        each a full group alone, would starve a small call's group.)"""
+        if self._delay <= 0 or self._closed:
+            return min(groups.values(), key=lambda g: g.seq), 0.0
+        ready: _Group | None = None
+        wait = float("inf")
+        for group in groups.values():
+            left = 0.0 if self._full(group) else group.items[0].enqueued + self._delay - now
+            if left > 0:
+                wait = min(wait, left)
+            elif ready is None or group.seq < ready.seq:
+                ready = group
+        return ready, wait
 
     async def _work(self) -> bool:
         """Wait until a call is queued; False once closed with nothing queued."""
         assert self._wakeup is not None
-        while not self._groups:
+        while not self._queues:
             if self._closed:
                 return False
             self._wakeup.clear()
@@ -266,7 +343,7 @@ class Batcher:
     def _full(self, group: _Group) -> bool:
         return len(group.items) >= self._max_size or group.elements >= self._max_elements
 
-    def _take(self, key: Hashable, group: _Group) -> list[_Item]:
+    def _take(self, group: _Group) -> list[_Item]:
         """Up to the caps of ``group``'s calls, oldest first; drops cancelled and expired ones."""
         now = self.clock()
         batch: list[_Item] = []
@@ -288,7 +365,7 @@ class Batcher:
             batch.append(item)
             elements += item.elements
         if not group.items:
-            del self._groups[key]
+            self._drop(group)
         elif batch:
             group.seq = next(self._seq)  # the rest waits behind the groups queued meanwhile
         return batch
@@ -311,34 +388,38 @@ class Batcher:
         batch_elements.observe(sum(item.elements for item in batch))
         return compute_duration
 
-    async def _compute(self, batch: list[_Item]) -> None:
+    async def _compute(self, tenant: str | None, batch: list[_Item]) -> None:
         assert self._slots is not None
         compute_duration = self._observe(batch)
         jobs = [item.job for item in batch]
-        begin = time.perf_counter()
+        begin = self.clock()
         self._computing += 1
         try:
             try:
                 results = await asyncio.get_running_loop().run_in_executor(self._pool, self._executor.run_batch, jobs)
             finally:
-                compute_duration.observe(time.perf_counter() - begin)
+                seconds = self.clock() - begin
+                compute_duration.observe(seconds)
+                self._charge(tenant, seconds)  # before the slot frees: the next choice sees it
                 self._computing -= 1
                 self._slots.release()
             _resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - a bug or a CUDA error: every call of the batch gets it
             _fail(batch, exc)
 
-    def _compute_inline(self, batch: list[_Item], *, acquired: bool = True) -> None:
+    def _compute_inline(self, tenant: str | None, batch: list[_Item], *, acquired: bool = True) -> None:
         """``_compute`` on the event loop, for a batch too small to be worth a thread hop.
         ``acquired``: the batch holds a compute slot, to release when done."""
         assert self._slots is not None
         compute_duration = self._observe(batch)
-        begin = time.perf_counter()
+        begin = self.clock()
         try:
             try:
                 results = self._executor.run_batch([item.job for item in batch])
             finally:
-                compute_duration.observe(time.perf_counter() - begin)
+                seconds = self.clock() - begin
+                compute_duration.observe(seconds)
+                self._charge(tenant, seconds)
                 if acquired:
                     self._slots.release()
             _resolve(batch, results)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from remoteloss_server import __version__, app
-from remoteloss_server.config import LOG_LEVELS, ServerConfig
+from remoteloss_server.config import LOG_LEVELS, ServerConfig, parse_tenant_weights
 
 __all__ = ["main"]
 
@@ -35,6 +35,7 @@ class _Setting:
     help: str
     aliases: tuple[str, ...] = ()  # extra environment variable names
     switch: bool = False  # a bool that is on by default: the flag is --no-<flag>, the env var true/false
+    default: str | None = None  # the default as --help shows it, when not the field's own value
 
     @property
     def env(self) -> tuple[str, ...]:
@@ -47,6 +48,13 @@ def boolean(text: str) -> bool:
         return value[text.strip().lower()]
     except KeyError:
         raise ValueError(text) from None
+
+
+def tenant_weights(text: str) -> tuple[tuple[str, float], ...]:
+    try:
+        return parse_tenant_weights(text)
+    except ValueError as exc:  # argparse and the environment show this message as it is
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 _SETTINGS = (
@@ -119,9 +127,20 @@ _SETTINGS = (
         str,
         "FILE",
         "require an API key on every call but health checks: lines 'tenant:key' (keys may also come in "
-        f"{_ENV_PREFIX}API_KEYS)",
+        f"{_ENV_PREFIX}API_KEYS); re-read on SIGHUP",
     ),
-    _Setting("tls-cert", "tls_cert", str, "FILE", "PEM certificate chain: serve TLS (with --tls-key)"),
+    _Setting(
+        "tenant-weights",
+        "tenant_weights",
+        tenant_weights,
+        "TENANT=W,...",
+        "fair queueing: under contention each tenant (of the API keys) gets compute time in proportion "
+        "to its weight, e.g. alice=3,bob=1",
+        default="1 for every tenant",
+    ),
+    _Setting(
+        "tls-cert", "tls_cert", str, "FILE", "PEM certificate chain: serve TLS (with --tls-key); re-read on SIGHUP"
+    ),
     _Setting("tls-key", "tls_key", str, "FILE", "PEM private key of --tls-cert"),
     _Setting(
         "tls-client-ca", "tls_client_ca", str, "FILE", "PEM CA certificates: require client certificates they signed"
@@ -148,7 +167,14 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
     # No abbreviations: "--api-keys alice:KEY" must not pass for --api-keys-file (and echo the key).
-    parser = _Parser(prog=PROG, description="Serve every torch.nn loss over gRPC.", allow_abbrev=False)
+    parser = _Parser(
+        prog=PROG,
+        description="Serve every torch.nn loss over gRPC.",
+        epilog="Signals: SIGTERM or SIGINT drains and stops the server (a second one exits at once); SIGHUP "
+        "reads the API keys (--api-keys-file, and REMOTELOSS_API_KEYS as it was at start) and the TLS files "
+        "again, without dropping a call: an unusable file keeps what was loaded before.",
+        allow_abbrev=False,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for s in _SETTINGS:
         if s.switch:
@@ -162,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
             dest=s.field,
             type=s.parse,
             metavar=s.metavar,
-            help=f"{s.help} (env {s.env[0]}; default {getattr(defaults, s.field)})",
+            help=f"{s.help} (env {s.env[0]}; default {s.default or getattr(defaults, s.field)})",
         )
     return parser
 
@@ -179,6 +205,8 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
                 value = s.parse(environ[name])
             except ValueError:
                 raise _UsageError(f"{name}: invalid {s.parse.__name__} value {environ[name]!r}") from None
+            except argparse.ArgumentTypeError as exc:
+                raise _UsageError(f"{name}: {exc}") from None
         values[s.field] = value
     if _API_KEYS_ENV in environ:  # no flag: a command line is visible to every user of the machine
         values["api_keys"] = environ[_API_KEYS_ENV]

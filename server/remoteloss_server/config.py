@@ -6,12 +6,13 @@ import math
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["LOG_LEVELS", "ServerConfig"]
+__all__ = ["LOG_LEVELS", "ServerConfig", "parse_tenant_weights"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC keeps message limits in a signed 32-bit int
 _MAX_MALLOC_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a tenant name, as in an API keys file (auth)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class ServerConfig:
     # (where larger batches fall out of cache and are slower than calls alone), 2**24 on a GPU.
     max_batch_elements: int = 0
     max_batch_delay_s: float = 0.0  # how long a batch may wait for more requests; 0: only what queued meanwhile
+    # Fair queueing between the tenants of the API keys: under contention each tenant's share of
+    # compute time, as (tenant, weight) pairs; an unlisted tenant weighs 1. Flag/env "alice=3,bob=1".
+    tenant_weights: tuple[tuple[str, float], ...] = ()
     # Tensor elements a request may declare, summed over all its tensors and read from their
     # shapes before anything is decoded (a 1-byte dtype packs 2**29 elements in 512 MiB).
     max_request_elements: int = 2**28
@@ -114,6 +118,7 @@ class ServerConfig:
         for name in ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca"):
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must not be empty")
+        self._validate_tenant_weights()
         if self.metrics_host == "":
             raise ValueError("metrics_host must not be empty")
         if self.metrics_port and self.metrics_port + self.workers - 1 > 65535:
@@ -121,3 +126,35 @@ class ServerConfig:
                 f"workers: worker i serves /metrics on metrics_port + i, and {self.metrics_port} + {self.workers - 1} "
                 "exceeds 65535"
             )
+
+    def _validate_tenant_weights(self) -> None:
+        seen: set[str] = set()
+        for tenant, weight in self.tenant_weights:
+            if not _TENANT.fullmatch(tenant):
+                raise ValueError(
+                    f"tenant_weights: {tenant!r} is not a tenant name (1 to 64 letters, digits or '_.-', "
+                    "starting with a letter or digit)"
+                )
+            if tenant in seen:
+                raise ValueError(f"tenant_weights: {tenant} is listed twice")
+            seen.add(tenant)
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+                raise ValueError(f"tenant_weights: the weight of {tenant} must be a finite number > 0, got {weight!r}")
+
+
+def parse_tenant_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """``"alice=3,bob=1"`` -> ``(("alice", 3.0), ("bob", 1.0))``; blank entries are skipped.
+    Raises ValueError naming the entry; ``ServerConfig.validate`` checks names and values."""
+    pairs: list[tuple[str, float]] = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        tenant, sep, weight = entry.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((tenant.strip(), float(weight)))
+        except ValueError:
+            raise ValueError(f"tenant_weights: {entry!r} is not tenant=weight (e.g. alice=3,bob=1)") from None
+    return tuple(pairs)

@@ -2,7 +2,8 @@
 
 Only this module imports prometheus_client. Other modules receive the ``Metrics`` object and call
 ``observe``/``inc``/``set`` on its attributes; label values come from bounded sets (registered
-loss names, status code names, device names), never from a request.
+loss names, status code names, device names, the tenants of the configured API keys), never from
+a request.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-__all__ = ["BYTES_BUCKETS", "LATENCY_BUCKETS", "Metrics", "MetricsHTTPServer", "serve_http"]
+__all__ = ["BYTES_BUCKETS", "LATENCY_BUCKETS", "NO_TENANT", "Metrics", "MetricsHTTPServer", "serve_http"]
+
+NO_TENANT = "none"  # the tenant label without API keys (every call is one tenant)
 
 # 25 us .. 10 s, roughly x2.5 apart: a loopback round trip is ~0.5 ms, a large GPU batch seconds.
 LATENCY_BUCKETS = (
@@ -67,6 +70,14 @@ class Metrics:
         )
         self.elements = Counter(
             "remoteloss_tensor_elements", "Tensor elements received in requests.", ["loss"], registry=r
+        )
+        self.tenant_requests = Counter(
+            "remoteloss_tenant_requests", "Requests answered, by the API key's tenant and gRPC status code.",
+            ["tenant", "code"], registry=r,
+        )
+        self.tenant_compute = Counter(
+            "remoteloss_tenant_compute_seconds", "Compute time of the batches of each tenant, forward and backward.",
+            ["tenant"], registry=r,
         )
         self.in_flight = Gauge("remoteloss_requests_in_flight", "Requests received and not yet answered.", registry=r)
         self.queue_depth = Gauge("remoteloss_queue_depth", "Requests waiting for a batch.", registry=r)

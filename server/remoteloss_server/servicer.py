@@ -404,7 +404,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         if self._admission is not None and self._admission.pending == 1 and self._batcher.idle:
             await asyncio.sleep(0)
             lone = self._admission.pending == 1
-        result = await self._batcher.submit(call, grad_output, deadline, lone=lone)
+        result = await self._batcher.submit(call, grad_output, deadline, lone=lone, tenant=record.tenant)
         large = sum(t.nbytes for t in (result.loss, *result.gradients.values())) > _INLINE_BYTES
         return await asyncio.to_thread(_serialize, result) if large else _serialize(result)
 

@@ -4,7 +4,8 @@ The servicer reads the request id from the call's metadata and echoes it; this m
 ``ServicerContext``. Log lines are ``key=value`` pairs (logfmt): values are bare when they hold no
 space, quote or ``=``, and JSON-quoted otherwise, e.g.
 ``event=request_failed request_id=4f1c... loss=mse_loss code=INVALID_ARGUMENT duration_ms=0.412 details="mse_loss: target is required"``.
-With API keys on, ``tenant=<name>`` (the caller's key's tenant, never the key) follows the request id.
+With API keys on, ``tenant=<name>`` (the caller's key's tenant, never the key) follows the request id,
+and ``tenant_requests{tenant,code}`` counts the request under it (``"none"`` without keys).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss_server.metrics import Metrics
+from remoteloss_server.metrics import NO_TENANT, Metrics
 
 __all__ = ["REQUEST_ID_KEY", "TENANT", "RequestRecord", "loss_label", "quote", "request_id"]
 
@@ -100,6 +101,7 @@ class RequestRecord:
         m, loss = self.metrics, self.loss
         m.in_flight.dec()
         m.child(m.requests, loss, code).inc()
+        m.child(m.tenant_requests, self.tenant or NO_TENANT, code).inc()
         m.child(m.request_duration, loss, code).observe(duration_s)
         if response_size is not None:
             m.child(m.response_bytes, loss).observe(response_size)

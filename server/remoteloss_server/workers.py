@@ -7,7 +7,8 @@ connections over them. Every child has its own compute threads (and batcher); on
 all share it.
 
 Signals: SIGTERM or SIGINT to the parent is forwarded to every child, which drains exactly as
-a single server does; a second one, forwarded too, makes them exit at once. The children run in
+a single server does; a second one, forwarded too, makes them exit at once. SIGHUP is forwarded
+too: each child reloads its API keys and TLS certificate. The children run in
 their own process group, so a terminal's Ctrl-C reaches only the parent, which forwards it
 once. A child whose parent dies drains and exits. ``run`` returns once every child has exited
 and raises ``WorkerError`` if any exited with a non-zero status; a child that dies while the
@@ -61,7 +62,7 @@ def run(config: ServerConfig) -> None:
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         logger.info("event=signal signal=%s forwarded_to=workers", signal.Signals(signum).name)
-        stopping = True
+        stopping = stopping or signum != signal.SIGHUP  # SIGHUP: each worker reloads keys and certificates
         for process in processes:
             if process.pid is not None and process.exitcode is None:
                 try:
@@ -69,7 +70,7 @@ def run(config: ServerConfig) -> None:
                 except ProcessLookupError:  # exited since
                     pass
 
-    previous = {s: signal.signal(s, forward) for s in _SIGNALS}
+    previous = {s: signal.signal(s, forward) for s in (*_SIGNALS, signal.SIGHUP)}
     try:
         for process in processes:
             if not stopping:

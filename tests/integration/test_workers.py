@@ -1,8 +1,9 @@
 """``--workers 2``: two server processes on one port, as a real subprocess.
 
 Each new connection lands on one worker (SO_REUSEPORT); the ``remoteloss-worker`` trailing metadata
-says which one answered. SIGTERM to the parent drains both and exits 0; a worker that dies on its
-own is logged, the other keeps serving, and the parent's exit status reports the failure.
+says which one answered. SIGHUP to the parent reaches both; SIGTERM drains both and exits 0; a
+worker that dies on its own is logged, the other keeps serving, and the parent's exit status
+reports the failure.
 """
 
 from __future__ import annotations
@@ -106,6 +107,12 @@ def _until_both_answer(workers: Workers) -> None:
 
 def test_two_workers_answer_on_one_port_and_drain_on_sigterm(workers: Workers) -> None:
     _until_both_answer(workers)
+    workers.process.send_signal(signal.SIGHUP)  # forwarded: each worker reloads (no keys or TLS here)
+    deadline = time.monotonic() + 30
+    while workers.output().count("event=reload what=nothing") < 2:
+        assert workers.process.poll() is None and time.monotonic() < deadline, workers.output()
+        time.sleep(0.05)
+    assert _ask(workers.target, 1.0) is not None
     workers.process.send_signal(signal.SIGTERM)
     assert workers.process.wait(timeout=60) == 0, workers.output()
     output = workers.output()

@@ -408,3 +408,161 @@ def test_concurrency_runs_batches_side_by_side() -> None:
             await batcher.close()
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------------ tenants
+
+
+class CostRunner(Runner):
+    """Each batch costs ``cost`` seconds of the injected clock, so compute charges are exact."""
+
+    def __init__(self, clock: Clock, cost: float = 1.0, hold: bool = False) -> None:
+        super().__init__(hold=hold)
+        self.clock = clock
+        self.cost = cost
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
+        results = super().run_batch(jobs)
+        self.clock.now += self.cost
+        return results
+
+
+def tenant_of(calls: dict[int, str | None], batch: list[Call]) -> str | None:
+    (tenant,) = {calls[id(call)] for call in batch}  # a batch holds one tenant's calls
+    return tenant
+
+
+async def queue(
+    batcher: Batcher, calls: dict[int, str | None], tenant: str | None, n: int
+) -> list[asyncio.Task[Result]]:
+    tasks = []
+    for i in range(n):
+        call = mse(value=i)
+        calls[id(call)] = tenant
+        tasks.append(asyncio.create_task(batcher.submit(call, tenant=tenant)))
+    await settle()
+    return tasks
+
+
+def test_tenants_share_compute_time_by_weight() -> None:
+    clock = Clock()
+    runner = CostRunner(clock, hold=True)
+    calls: dict[int, str | None] = {}
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        tasks = [*await queue(batcher, calls, "alice", 30), *await queue(batcher, calls, "bob", 30)]
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+
+    metrics = run(test, runner, max_batch_size=1, tenant_weights={"alice": 3.0}, clock=clock)
+    order = [tenant_of(calls, batch) for batch in runner.batches[1:]]
+    assert order[:16].count("alice") == 12 and order[16:32].count("alice") == 12  # 3:1 while both queue
+    assert order[-20:] == ["bob"] * 20  # alice is done: bob gets it all, nothing is held back
+    assert metrics.registry.get_sample_value("remoteloss_tenant_compute_seconds_total", {"tenant": "alice"}) == 30
+    assert metrics.registry.get_sample_value("remoteloss_tenant_compute_seconds_total", {"tenant": "none"}) == 1
+
+
+def test_a_tenant_that_was_idle_banks_no_credit() -> None:
+    clock = Clock()
+    runner = CostRunner(clock, hold=True)
+    calls: dict[int, str | None] = {}
+
+    async def test(batcher: Batcher) -> None:
+        runner.gate.set()
+        for _ in range(10):  # alice alone for 10 s of compute, while bob is idle
+            await batcher.submit(mse(), tenant="alice")
+        runner.gate.clear()
+        runner.started.clear()
+        blocker = asyncio.create_task(batcher.submit(mse(), tenant="alice"))
+        await asyncio.to_thread(runner.started.wait, 10)
+        tasks = [*await queue(batcher, calls, "alice", 4), *await queue(batcher, calls, "bob", 4)]
+        assert batcher.virtual_time("bob") == batcher.virtual_time("alice") == 10.0
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+
+    run(test, runner, max_batch_size=1, clock=clock)
+    order = [tenant_of(calls, batch) for batch in runner.batches[11:]]
+    assert order == ["bob", "alice"] * 4  # turns from the start, not bob's 10 s first
+
+
+def test_a_light_tenant_goes_next_after_the_current_batch() -> None:
+    clock = Clock()
+    runner = CostRunner(clock, hold=True)
+    calls: dict[int, str | None] = {}
+
+    async def test(batcher: Batcher) -> None:
+        heavy = await queue(batcher, calls, "heavy", 1)
+        await asyncio.to_thread(runner.started.wait, 10)
+        heavy += await queue(batcher, calls, "heavy", 20)  # 20 queued behind the one computing
+        light = await queue(batcher, calls, "light", 1)
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(*heavy, *light), 5)
+
+    run(test, runner, max_batch_size=1, clock=clock)
+    order = [tenant_of(calls, batch) for batch in runner.batches]
+    assert order[:3] == ["heavy", "light", "heavy"]
+
+
+def test_tenants_never_share_a_batch() -> None:
+    runner = Runner(hold=True)
+    calls: dict[int, str | None] = {}
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        tasks = [*await queue(batcher, calls, "alice", 3), *await queue(batcher, calls, "bob", 2),
+                 *await queue(batcher, calls, "alice", 1)]
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+
+    run(test, runner)
+    assert [(tenant_of(calls, b), len(b)) for b in runner.batches[1:]] == [("alice", 4), ("bob", 2)]
+
+
+def test_a_lone_call_is_charged_to_its_tenant() -> None:
+    clock = Clock()
+    runner = CostRunner(clock, cost=0.5)
+
+    async def test(batcher: Batcher) -> None:
+        await batcher.submit(mse(), lone=True, tenant="alice")
+        await batcher.submit(mse(rows=5), lone=True, tenant="alice")  # too large for the event loop
+        assert batcher.virtual_time("alice") == 1.0 / 4
+
+    metrics = run(test, runner, tenant_weights={"alice": 4.0}, clock=clock)
+    assert metrics.registry.get_sample_value("remoteloss_tenant_compute_seconds_total", {"tenant": "alice"}) == 1.0
+
+
+def test_a_tenant_waiting_out_the_batch_delay_lets_another_go() -> None:
+    clock = Clock()
+    runner = CostRunner(clock, cost=0.1, hold=True)
+    calls: dict[int, str | None] = {}
+
+    async def test(batcher: Batcher) -> None:
+        first = await queue(batcher, calls, "early", 2)  # a full group: computes at once, held at the gate
+        await asyncio.to_thread(runner.started.wait, 10)
+        late = await queue(batcher, calls, "late", 1)  # older, but not full: it waits out its delay
+        more = await queue(batcher, calls, "early", 2)
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(*first, *more), 5)
+        assert not late[0].done()
+        clock.now += 2.0  # past its delay: the loop sees it when its timer (1 s, as it computed) fires
+        await asyncio.wait_for(asyncio.gather(*late), 5)
+
+    run(test, runner, max_batch_size=2, max_batch_delay_s=1.0, clock=clock)
+    assert [tenant_of(calls, b) for b in runner.batches] == ["early", "early", "late"]
+
+
+def test_large_calls_do_not_starve_a_small_one_queued_before_them() -> None:
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        large = [mse(rows=6, value=i) for i in range(4)]  # 24 elements each, over the cap: each group full
+        small = mse(rows=1, loss="l1_loss")  # another key; never full
+        tasks = [asyncio.create_task(batcher.submit(c)) for c in (large[0], small, *large[1:])]
+        await settle()
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+        assert [batch[0] for batch in runner.batches[1:3]] == [large[0], small]  # in arrival order
+
+    run(test, runner, max_batch_elements=16, max_batch_size=1)

@@ -24,6 +24,8 @@ METRICS = {
     "request_bytes": ("remoteloss_request_bytes", "histogram", ("loss",)),
     "response_bytes": ("remoteloss_response_bytes", "histogram", ("loss",)),
     "elements": ("remoteloss_tensor_elements", "counter", ("loss",)),
+    "tenant_requests": ("remoteloss_tenant_requests", "counter", ("tenant", "code")),
+    "tenant_compute": ("remoteloss_tenant_compute_seconds", "counter", ("tenant",)),
     "in_flight": ("remoteloss_requests_in_flight", "gauge", ()),
     "queue_depth": ("remoteloss_queue_depth", "gauge", ()),
     "gpu_memory": ("remoteloss_gpu_memory_bytes", "gauge", ("device",)),

@@ -271,3 +271,46 @@ def test_batching_flags_and_environment(served: list[ServerConfig], monkeypatch:
     monkeypatch.setenv("REMOTELOSS_MAX_BATCH_DELAY", "0.02")  # spelled like the flag, it wins over the alias
     assert cli.main(["--batching"]) == 0  # a flag wins over the environment
     assert (served[-1].batching, served[-1].max_batch_delay_s) == (True, 0.02)
+
+
+def test_tenant_weights_from_the_flag_and_the_environment(
+    served: list[ServerConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REMOTELOSS_TENANT_WEIGHTS", raising=False)
+    assert cli.main(["--tenant-weights", "alice=3, bob=0.5,"]) == 0
+    assert served[-1].tenant_weights == (("alice", 3.0), ("bob", 0.5))
+    monkeypatch.setenv("REMOTELOSS_TENANT_WEIGHTS", "carol=2")
+    assert cli.main([]) == 0
+    assert served[-1].tenant_weights == (("carol", 2.0),)
+    assert ServerConfig().tenant_weights == ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--tenant-weights", "alice"], None, "--tenant-weights: tenant_weights: 'alice' is not tenant=weight"),
+        ([], "alice=three", "REMOTELOSS_TENANT_WEIGHTS: tenant_weights: 'alice=three' is not tenant=weight"),
+        (["--tenant-weights", "alice=0"], None, "tenant_weights: the weight of alice must be a finite number > 0"),
+        (["--tenant-weights", "alice=inf"], None, "tenant_weights: the weight of alice must be a finite number > 0"),
+        (["--tenant-weights", "a=1,a=2"], None, "tenant_weights: a is listed twice"),
+        (["--tenant-weights", "al ice=1"], None, "tenant_weights: 'al ice' is not a tenant name"),
+    ],
+)
+def test_bad_tenant_weights_exit_2_with_one_line(
+    served: list[ServerConfig], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    argv: list[str], env: str | None, needle: str,
+) -> None:
+    monkeypatch.delenv("REMOTELOSS_TENANT_WEIGHTS", raising=False)
+    if env is not None:
+        monkeypatch.setenv("REMOTELOSS_TENANT_WEIGHTS", env)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and served == []
+
+
+def test_help_names_tenant_weights_and_sighup(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--tenant-weights" in out and "REMOTELOSS_TENANT_WEIGHTS" in out and "default 1 for every tenant" in out
+    assert "SIGHUP reads the API keys" in out
