@@ -158,7 +158,8 @@ class ServerCertificates:
         self._lock = threading.Lock()  # _fetch runs on a gRPC core thread
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self.credentials = grpc.dynamic_ssl_server_credentials(
-            _certificate_configuration(cert, key, client_ca), self._fetch,
+            _certificate_configuration(cert, key, client_ca),
+            self._fetch,  # type: ignore[arg-type]  # the stubs forget that None means "no change"
             require_client_authentication=client_ca is not None,
         )
 

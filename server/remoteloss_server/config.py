@@ -56,8 +56,8 @@ class ServerConfig:
     max_in_flight_bytes: int = 2 * 1024**3
     max_tenant_in_flight: int = 512
     max_tenant_in_flight_bytes: int = 1024**3
-    max_connection_in_flight: int = 256
-    max_connection_in_flight_bytes: int = 512 * 1024**2
+    max_connection_in_flight: int = 512
+    max_connection_in_flight_bytes: int = 1024**3
     # Tensor elements one request may make the server hold: each tensor it sends and each that its
     # arguments imply (a broadcast, linear_cross_entropy's logits, ctc_loss's alignment table).
     max_elements: int = 2**30

@@ -109,49 +109,49 @@ class _Holder:
 
 class Ticket:
     """One admitted request's place in every budget it counts against, from admission until its
-    answer has left (``release``; idempotent). ``reserve`` adds, before computing, what the call
-    will hold; ``answered`` replaces that by the answer's bytes, which count until gRPC has taken
-    them: a caller that does not read its answers spends its own budget."""
+    answer has left (``release``; idempotent). ``reserve`` counts, before the call computes, the
+    answer it will make; ``answered`` replaces that by the answer's real size. An answer counts
+    until gRPC has taken it: a caller that does not read its answers spends its own budget."""
 
-    __slots__ = ("_admission", "_holders", "bytes", "_extra", "_pending")
+    __slots__ = ("_admission", "_holders", "bytes", "_answer", "_pending")
 
     def __init__(self, admission: Admission, holders: tuple[_Holder, ...], size: int) -> None:
         self._admission = admission
         self._holders = holders
-        self.bytes = size  # counted in every holder's usage
-        self._extra = 0  # of which reserved or answered beyond the request
+        self.bytes = size  # counted in every holder's usage: the request's, then its answer's too
+        self._answer = 0  # of which reserved for, or taken by, the answer
         self._pending = True
 
-    def reserve(self, size: int, loss: str) -> None:
-        """Count ``size`` more bytes, what the call will hold while it computes and answers, before
-        they are spent. InvalidArgumentError when they pass a budget on their own (the call can
-        never run here), ResourceExhaustedError when they pass it with what else is in flight."""
+    def reserve(self, answer: int, most: int, loss: str) -> None:
+        """Before the call computes: count ``answer`` bytes for the answer it will make, and check
+        that ``most`` bytes, the most it holds at once (the tensors it implies, its answer),
+        could fit. InvalidArgumentError when ``most`` passes a budget on its own (the call can never
+        run here); ResourceExhaustedError when the answer does not fit with what is in flight."""
         for h in sorted(self._holders, key=lambda h: h.budget.bytes):  # the tightest budget first
-            if size > h.budget.bytes:
+            if most > h.budget.bytes:
                 raise InvalidArgumentError(
-                    f"{loss}: the call would hold about {size} bytes (the tensors it implies and its answer), "
+                    f"{loss}: the call would hold about {most} bytes (the tensors it implies and its answer), "
                     f"more than {h.who}'s {h.budget.setting}_bytes of {h.budget.bytes}"
                 )
         for h in self._holders:
-            if h.usage.requests > 1 and h.usage.bytes + size > h.budget.bytes:
+            if h.usage.requests > 1 and h.usage.bytes + answer > h.budget.bytes:
                 raise ResourceExhaustedError(
                     f"{h.who} is saturated: {h.usage.bytes} bytes in flight (requests, and answers not yet sent), "
-                    f"and this {loss} call would hold {size} more, past its {h.budget.setting}_bytes of "
+                    f"and this {loss} call's answer would add {answer}, past its {h.budget.setting}_bytes of "
                     f"{h.budget.bytes}; {_ADVICE}"
                 )
-        self._count(size)
+        self._count(answer)
 
     def answered(self, size: int) -> None:
-        """The answer (``size`` bytes) is ready and waits for gRPC to send it; it replaces what
-        ``reserve`` counted."""
-        self._count(size - self._extra)
+        """The answer (``size`` bytes) is ready and waits for gRPC to send it."""
+        self._count(size - self._answer)
         self._done_computing()
 
     def _count(self, delta: int) -> None:
         for h in self._holders:
             h.usage.bytes += delta
         self.bytes += delta
-        self._extra += delta
+        self._answer += delta
         self._admission._peak = max(self._admission._peak, self._admission.bytes)
 
     def release(self) -> None:

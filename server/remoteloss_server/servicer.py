@@ -394,8 +394,8 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             if received.size > _INLINE_BYTES
             else _prepare(name, request, limit, payloads)
         )
-        if ticket is not None:  # what the call will hold, counted before it is spent
-            ticket.reserve(_held_bytes(call), name)
+        if ticket is not None:  # its answer counts from now; one that could never fit is refused
+            ticket.reserve(*_held_bytes(call), name)
         remaining = context.time_remaining()
         deadline = None if remaining is None else self._batcher.clock() + remaining
         # Alone in the server, a request has nothing to wait for: the batcher may compute it at once.
@@ -439,17 +439,18 @@ def _prepare(
     return call, grad_output
 
 
-def _held_bytes(call: Call) -> int:
-    """About what ``call`` will hold beyond its arguments: while it computes, the largest tensor it
-    implies (or its largest argument); then its answer, held twice until sent (``_HELD_COPIES``):
-    the loss (that tensor again, unreduced, with ``reduction="none"``) and a gradient for each
-    argument that requires one."""
+def _held_bytes(call: Call) -> tuple[int, int]:
+    """About what ``call`` will hold: its answer as held until sent (``_HELD_COPIES`` times the
+    loss, as large as the call's largest tensor with ``reduction="none"``, and a gradient for each
+    argument that requires one), and the most it holds at once (that largest tensor, computing,
+    and the answer)."""
     tensors = call.tensors.values()
     itemsize = max((t.element_size() for t in tensors if t.is_floating_point()), default=8)  # the loss's dtype
     largest = max(max((t.numel() for t in tensors), default=0), call.implied_elements)
     loss = largest if call.options.get("reduction") == "none" else 1
     gradients = sum(call.tensors[name].numel() for name in call.requires_grad)
-    return itemsize * (largest + _HELD_COPIES * (loss + gradients))
+    answer = itemsize * _HELD_COPIES * (loss + gradients)
+    return answer, itemsize * largest + answer
 
 
 def _serialize(result: Result) -> bytes:

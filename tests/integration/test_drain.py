@@ -280,7 +280,7 @@ def test_a_drain_of_the_only_server_answers_every_call_it_took(start: Callable[.
     # taken. Not so on AsyncStream: when a write crosses the end of the call, grpc.aio reports
     # INTERNAL and drops the answers it had received and not yet read; the SDK sends those requests
     # again too (Compute is pure), so with one server gone they fail as the untaken ones do.
-    names = [stream_name(i) for i in range(streams)]
+    names = [stream_name(i) for i in range(STREAM_THREADS)]
     assert set(sent) == set(names), f"streams the drain ended: {dict(sent)}"
     for name in names:
         if name.startswith("sync"):

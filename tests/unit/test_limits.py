@@ -67,6 +67,23 @@ def test_an_answer_counts_until_it_has_left() -> None:
     assert (admission.requests, admission.bytes) == (0, 0)
 
 
+def test_an_answer_is_counted_before_it_is_computed() -> None:
+    admission = Admission(10, 1000, tenant=Budget(10, 100, "max_tenant_in_flight"))
+    ticket = admission.admit(10, tenant="t")
+    with pytest.raises(InvalidArgumentError, match="^mse_loss: .*about 101 bytes.*tenant t's max_tenant_in_flight_bytes of 100"):
+        ticket.reserve(20, 101, "mse_loss")  # could never fit the tightest budget
+    ticket.reserve(60, 100, "mse_loss")  # alone: counted, however it fits with the rest
+    assert admission.in_flight(tenant="t") == (1, 70)
+    other = admission.admit(5, tenant="t")
+    with pytest.raises(ResourceExhaustedError, match="^tenant t is saturated: 75 bytes .*answer would add 30"):
+        other.reserve(30, 30, "mse_loss")
+    ticket.answered(40)  # the real answer replaces the reservation
+    assert admission.in_flight(tenant="t") == (2, 55)
+    ticket.release()
+    other.release()
+    assert (admission.requests, admission.bytes, admission.pending) == (0, 0, 0)
+
+
 def test_a_tenant_or_connection_meets_its_own_budget_first() -> None:
     admission = Admission(
         100, 10_000,
@@ -100,7 +117,7 @@ def test_limit_defaults_and_validation() -> None:
     config = ServerConfig()
     assert (config.max_request_elements, config.max_in_flight, config.max_in_flight_bytes) == (2**28, 1024, 2 * 1024**3)
     assert (config.max_tenant_in_flight, config.max_tenant_in_flight_bytes) == (512, 1024**3)
-    assert (config.max_connection_in_flight, config.max_connection_in_flight_bytes) == (256, 512 * 1024**2)
+    assert (config.max_connection_in_flight, config.max_connection_in_flight_bytes) == (512, 1024**3)
     for name in (
         "max_request_elements", "max_in_flight", "max_in_flight_bytes", "max_tenant_in_flight",
         "max_tenant_in_flight_bytes", "max_connection_in_flight", "max_connection_in_flight_bytes",
