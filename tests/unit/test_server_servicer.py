@@ -156,6 +156,27 @@ def test_unknown_fields_are_unimplemented(servicer: LossServicer) -> None:
     assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 5 of mse_loss.input" in context.details()
 
 
+def test_large_requests_with_unknown_fields_are_unimplemented_unparsed(servicer: LossServicer) -> None:
+    """From wire.SPLIT_BYTES on, the scan's first unknown field is the answer; nothing after it is read."""
+    flood = bytes([0xB8, 0x01, 0x01]) * (wire.SPLIT_BYTES // 3 + 1)
+    _, context = compute(servicer, flood + b"\x0f")  # and malformed after it
+    assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 23 of ComputeRequest" in context.details()
+    _, context = compute(servicer, wire.length_delimited(2, flood))
+    assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 23 of mse_loss" in context.details()
+    received = servicer_module.receive(b"\x08\x09" + flood, pb.ComputeStreamRequest)
+    assert isinstance(received.message, pb.ComputeStreamRequest) and received.message.id == 9
+    assert received.unknown is not None and received.unknown.describe() == "field 23 of ComputeStreamRequest"
+
+
+@pytest.mark.parametrize("size", [2100, wire.SPLIT_BYTES])
+def test_too_many_fields_are_invalid_argument(servicer: LossServicer, size: int) -> None:
+    options = wire.length_delimited(2, bytes([4 << 3, 1]) * (size // 2))  # mse_loss.reduction, again and again
+    _, context = compute(servicer, options)
+    assert context.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert context.details().startswith("the request holds more than 1024 fields"), context.details()
+    assert "reduction of mse_loss" in context.details()
+
+
 def test_domain_errors_keep_their_code(servicer: LossServicer, monkeypatch: pytest.MonkeyPatch) -> None:
     def exhausted(*args: Any) -> None:
         raise ResourceExhaustedError("mse_loss: out of memory on cuda:0")
