@@ -7,8 +7,10 @@ them, descending into known message fields and skipping every value by its lengt
 - at the first field the schema does not know (a number it lacks, or a known number with a wire
   type that upb would keep as an unknown field): it returns where that field is, and the
   request is UNIMPLEMENTED without any unknown field being materialized;
-- past ``max_fields`` fields in all: ``TooManyFieldsError`` (INVALID_ARGUMENT), so neither this
-  walk nor ``wire.split``'s, which visits the same fields, grows with the request's size;
+- past ``max_fields`` fields in all, a packed field's entries each counted, or at a string longer
+  than ``MAX_STRING_BYTES``: ``FieldLimitError`` (INVALID_ARGUMENT), so neither this walk nor
+  ``wire.split``'s, which visits the same fields, grows with the request's size, and no option
+  name of megabytes reaches torch (whose message would quote it);
 - at bytes that are not well formed: ``DecodeError``, as upb would raise.
 
 Nothing after the first unknown field is read; upb (in C) parses the rest.
@@ -28,11 +30,13 @@ from remoteloss_server.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from google._upb._message import Descriptor as _UpbDescriptor
 
-__all__ = ["MAX_FIELDS", "TooManyFieldsError", "UnknownField", "scan"]
+__all__ = ["MAX_FIELDS", "MAX_STRING_BYTES", "FieldLimitError", "UnknownField", "scan"]
 
 # Fields one request may hold, at every depth. The largest legitimate ComputeRequest (five
 # tensors of rank 64 with unpacked shapes, every option, a grad_output) holds about 400.
 MAX_FIELDS = 1024
+# Bytes of one string field: the requests' strings are option values such as "aspect_ratio:8".
+MAX_STRING_BYTES = 1024
 
 _VARINT, _FIXED64, _DELIMITED, _START_GROUP, _END_GROUP, _FIXED32 = range(6)
 _MAX_TAG = 0xFFFF_FFFF  # upb reads a tag as a 32-bit varint
@@ -71,24 +75,31 @@ class UnknownField:
         return UnknownField(self.number, self.path[1:], self.holder)
 
 
-class TooManyFieldsError(InvalidArgumentError):
-    """A request of more than ``MAX_FIELDS`` fields."""
+class FieldLimitError(InvalidArgumentError):
+    """A request of more than ``MAX_FIELDS`` fields, or with a string of more than
+    ``MAX_STRING_BYTES``."""
 
-    def __init__(self, limit: int, field: str) -> None:
-        super().__init__(
+    @classmethod
+    def fields(cls, limit: int, field: str) -> FieldLimitError:
+        return cls(
             f"the request holds more than {limit} fields, this server's limit for one request "
             f"(field {limit + 1} is {field}); a request needs a few dozen"
         )
 
+    @classmethod
+    def string(cls, length: int, field: str) -> FieldLimitError:
+        return cls(f"{field} holds {length} bytes, more than this server's limit of {MAX_STRING_BYTES} for a string")
+
 
 class _Field:
-    __slots__ = ("child", "name", "packed", "wire_types")
+    __slots__ = ("child", "name", "packed", "text", "wire_types")
 
-    def __init__(self, name: str, wire_types: frozenset[int], child: _Plan | None, packed: int) -> None:
+    def __init__(self, name: str, wire_types: frozenset[int], child: _Plan | None, packed: int, text: bool) -> None:
         self.name = name
         self.wire_types = wire_types
         self.child = child
         self.packed = packed  # a packable repeated scalar: its entries' width in bytes, 0 for varints; else -1
+        self.text = text  # a string
 
 
 class _Plan:
@@ -126,7 +137,8 @@ def _plan(descriptor: Descriptor | _UpbDescriptor) -> _Plan:
             wire_types = frozenset((wire_type, _DELIMITED) if packable else (wire_type,))
             child = made[f.message_type.full_name] if f.message_type is not None else None
             packed = -1 if not packable else 8 if wire_type == _FIXED64 else 4 if wire_type == _FIXED32 else 0
-            made[name].fields[f.number] = _Field(f.name, wire_types, child, packed)
+            text = f.type == FieldDescriptor.TYPE_STRING
+            made[name].fields[f.number] = _Field(f.name, wire_types, child, packed, text)
     _PLANS.update((d, made[name]) for name, d in reached.items())
     return made[descriptor.full_name]
 
@@ -172,7 +184,7 @@ class _Scan:
                 return UnknownField(number, path, plan.name)
             self.left -= 1
             if self.left < 0:
-                raise TooManyFieldsError(self.limit, f"{known.name} of {'.'.join(path) or plan.name}")
+                raise FieldLimitError.fields(self.limit, _name(known, path, plan))
             if wire_type == _DELIMITED:
                 length_at = pos
                 length = view[pos] if pos < end else 0x80
@@ -181,6 +193,8 @@ class _Scan:
                     length, pos = _varint(view, length_at, end, 5)
                 if length >= _MAX_LENGTH or pos + length > end:
                     raise DecodeError(f"length past the end at byte {length_at}")
+                if known.text and length > MAX_STRING_BYTES:
+                    raise FieldLimitError.string(length, _name(known, path, plan))
                 if known.packed >= 0:  # each entry counts as a field
                     self._entries(pos, length, known, path, plan)
                 elif known.child is not None:
@@ -212,7 +226,12 @@ class _Scan:
             entries = len(bytes(self.view[pos : pos + length]).translate(None, _CONTINUED))
         self.left -= max(entries - 1, 0)  # the field itself is counted already
         if self.left < 0:
-            raise TooManyFieldsError(self.limit, f"{known.name} of {'.'.join(path) or plan.name}")
+            raise FieldLimitError.fields(self.limit, _name(known, path, plan))
+
+
+def _name(field: _Field, path: tuple[str, ...], plan: _Plan) -> str:
+    """E.g. "shape of mse_loss.input"."""
+    return f"{field.name} of {'.'.join(path) or plan.name}"
 
 
 def _varint(view: bytes | memoryview, start: int, end: int, limit: int) -> tuple[int, int]:

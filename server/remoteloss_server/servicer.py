@@ -28,7 +28,7 @@ from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.errors import InvalidArgumentError, ServiceError, UnimplementedError
 from remoteloss_server.executor import Executor, Result
-from remoteloss_server.field_scan import TooManyFieldsError, UnknownField, scan
+from remoteloss_server.field_scan import FieldLimitError, UnknownField, scan
 from remoteloss_server.limits import Admission, check_elements, request_elements
 from remoteloss_server.losses import LOSSES, Call, describe_all
 from remoteloss_server.losses.spec import MAX_DIMS
@@ -93,7 +93,8 @@ def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
 @dataclass(frozen=True)
 class UndecodableRequest:
     """Bytes that do not parse as the request message, or that this server will not parse (too
-    many fields: ``refusal``); the handler answers INVALID_ARGUMENT (gRPC itself would answer UNKNOWN)."""
+    many fields, too long a string: ``refusal``); the handler answers INVALID_ARGUMENT (gRPC
+    itself would answer UNKNOWN)."""
 
     type_name: str
     reason: str
@@ -140,11 +141,11 @@ class Received:
 
 def receive(data: bytes, message_type: type[Message]) -> Received:
     """Parse ``data``, once ``field_scan.scan`` has found its first unknown field, if any, and
-    refused it past ``field_scan.MAX_FIELDS`` fields. From ``wire.SPLIT_BYTES`` on, the tensors'
-    bytes are not copied into the message: ``wire.split`` leaves them where they are, and the loss
-    reads them there. A request with an unknown field is refused: below ``SPLIT_BYTES`` upb
-    parses it all (in C; bytes that do not parse are still INVALID_ARGUMENT), from it on it is not
-    parsed (``_unparsed``)."""
+    refused it past its limits (``MAX_FIELDS`` fields, ``MAX_STRING_BYTES`` a string). From
+    ``wire.SPLIT_BYTES`` on, the tensors' bytes are not copied into the message: ``wire.split``
+    leaves them where they are, and the loss reads them there. A request with an unknown field is
+    refused: below ``SPLIT_BYTES`` upb parses it all (in C; bytes that do not parse are still
+    INVALID_ARGUMENT), from it on it is not parsed (``_unparsed``)."""
     large = len(data) >= wire.SPLIT_BYTES
     try:
         try:
@@ -161,7 +162,7 @@ def receive(data: bytes, message_type: type[Message]) -> Received:
     except DecodeError as exc:
         reason = UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc), _stream_id(message_type, data))
         return Received(reason, len(data))
-    except TooManyFieldsError as exc:  # kept as text: its traceback holds the request's bytes
+    except FieldLimitError as exc:  # kept as text: its traceback holds the request's bytes
         name, reason = message_type.DESCRIPTOR.full_name, str(exc)
         return Received(UndecodableRequest(name, reason, _stream_id(message_type, data), reason), len(data))
     return Received(message, len(data), payloads, unknown)

@@ -13,7 +13,7 @@ from remoteloss import _bench_payload
 from remoteloss._request import LOSS_NAMES
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.wire import length_delimited as ld
-from remoteloss_server.field_scan import MAX_FIELDS, TooManyFieldsError, UnknownField, scan
+from remoteloss_server.field_scan import MAX_FIELDS, MAX_STRING_BYTES, FieldLimitError, UnknownField, scan
 
 REQUEST = pb.ComputeRequest.DESCRIPTOR
 MSE_LOSS, INPUT, SHAPE = 2, 1, 2
@@ -65,9 +65,9 @@ def test_at_most_max_fields_are_visited(limit: int) -> None:
         return ld(MSE_LOSS, b"\x20\x01" * count)
 
     assert scan(reductions(limit - 1), REQUEST, max_fields=limit) is None  # the mse_loss field counts too
-    with pytest.raises(TooManyFieldsError, match=f"more than {limit} fields.*reduction of mse_loss"):
+    with pytest.raises(FieldLimitError, match=f"more than {limit} fields.*reduction of mse_loss"):
         scan(reductions(limit) + GARBAGE, REQUEST, max_fields=limit)
-    with pytest.raises(TooManyFieldsError, match="shape of mse_loss.input"):
+    with pytest.raises(FieldLimitError, match="shape of mse_loss.input"):
         scan(ld(MSE_LOSS, ld(INPUT, b"\x10\x01" * limit)) + GARBAGE, REQUEST, max_fields=limit)
 
 
@@ -76,14 +76,14 @@ def test_packed_entries_count_as_fields() -> None:
         return ld(MSE_LOSS, ld(INPUT, ld(SHAPE, entries)))
 
     assert scan(packed(b"\x01" * (MAX_FIELDS - 2)), REQUEST) is None  # mse_loss, input, then the entries
-    with pytest.raises(TooManyFieldsError, match="shape of mse_loss.input"):
+    with pytest.raises(FieldLimitError, match="shape of mse_loss.input"):
         scan(packed(b"\x01" * (MAX_FIELDS - 1)), REQUEST)
     assert scan(packed(b"\x81\x01" * (MAX_FIELDS - 2)), REQUEST) is None  # two bytes an entry: counted once
-    with pytest.raises(TooManyFieldsError):
+    with pytest.raises(FieldLimitError):
         scan(packed(b"\x01" * 16 * 1024 * 1024), REQUEST)
     ten = b"\xff" * 9 + b"\x01"  # the longest varint
     assert scan(packed(ten * (MAX_FIELDS - 2)), REQUEST) is None
-    with pytest.raises(TooManyFieldsError, match="field 1025 is shape of mse_loss.input"):
+    with pytest.raises(FieldLimitError, match="field 1025 is shape of mse_loss.input"):
         scan(packed(ten * (MAX_FIELDS - 1)), REQUEST)
 
 
@@ -129,3 +129,13 @@ def test_scan_never_lets_an_unknown_field_through_and_rejects_only_what_upb_reje
             continue
         if found is None:
             assert not _has_unknown(parsed), raw
+
+
+def test_strings_past_max_string_bytes_are_refused() -> None:
+    def chunking_method(length: int) -> bytes:
+        options = pb.LinearCrossEntropyOptions(chunking_method="x" * length)
+        return pb.ComputeRequest(linear_cross_entropy=pb.LinearCrossEntropy(options=options)).SerializeToString()
+
+    assert scan(chunking_method(MAX_STRING_BYTES), REQUEST) is None
+    with pytest.raises(FieldLimitError, match=r"^chunking_method of linear_cross_entropy.options holds 1025 bytes"):
+        scan(chunking_method(MAX_STRING_BYTES + 1), REQUEST)
