@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 # a few MiB the hop to a thread costs more than the work it moves (measured on loopback).
 _INLINE_BYTES = 4 * 1024 * 1024
 
+# A status message's characters at most: gRPC refuses a status past 16 KiB of metadata (the
+# caller then sees RESOURCE_EXHAUSTED "Stream removed"), and the message is logged too.
+_MAX_DETAILS = 2048
+
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 WORKER_METADATA_KEY = "remoteloss-worker"  # trailing metadata: which worker process answered (--workers > 1)
 
@@ -85,7 +89,10 @@ def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     """The status for an exception: a ``ServiceError``'s own code and message; anything else is
     logged with its traceback and becomes an opaque INTERNAL."""
     if isinstance(exc, ServiceError):
-        return grpc.StatusCode[exc.code], str(exc)
+        message = str(exc)  # torch's text may quote a request's string option, of any length
+        if len(message) > _MAX_DETAILS:
+            message = f"{message[:_MAX_DETAILS]}... ({len(message) - _MAX_DETAILS} more characters)"
+        return grpc.StatusCode[exc.code], message
     logger.error("%s failed", where, exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error"
 
@@ -258,10 +265,15 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         except Exception as exc:
             code, details = status_of(exc, "Compute")
             record.finish(code.name, details=details)
-            await context.abort(code, details)
-            raise AssertionError("context.abort returned") from None  # pragma: no cover
-        record.finish("OK", len(response))
-        return response
+        else:
+            record.finish("OK", len(response))
+            return response
+        # Aborted outside the except block and without the request: gRPC keeps the abort's
+        # traceback, this frame included, in a reference cycle until the garbage collector runs,
+        # and a refused request's bytes must not wait for it.
+        del data, received
+        await context.abort(code, details)
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
     stream_window = 64  # unanswered requests per ComputeStream; no more are read until one is answered
 

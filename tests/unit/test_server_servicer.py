@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from remoteloss import codec, wire
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server import servicer as servicer_module
-from remoteloss_server.errors import ResourceExhaustedError
+from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
 from remoteloss_server.executor import Executor, Result
 from remoteloss_server.servicer import LossServicer, UndecodableRequest, _lenient
 
@@ -175,6 +175,14 @@ def test_too_many_fields_are_invalid_argument(servicer: LossServicer, size: int)
     assert context.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert context.details().startswith("the request holds more than 1024 fields"), context.details()
     assert "reduction of mse_loss" in context.details()
+
+
+def test_status_messages_are_cut_to_a_bound() -> None:
+    """A domain error may quote a request's string option of any length (torch's text does)."""
+    code, message = servicer_module.status_of(InvalidArgumentError("x: " + "y" * 10**6), "Compute")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("x: yyy") and message.endswith(f"... ({10**6 + 3 - 2048} more characters)")
+    assert len(message) < 2100
 
 
 def test_domain_errors_keep_their_code(servicer: LossServicer, monkeypatch: pytest.MonkeyPatch) -> None:
