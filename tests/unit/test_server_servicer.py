@@ -168,6 +168,24 @@ def test_large_requests_with_unknown_fields_are_unimplemented_unparsed(servicer:
     assert received.unknown is not None and received.unknown.describe() == "field 23 of ComputeStreamRequest"
 
 
+def test_floods_of_tiny_fields_never_reach_the_python_walk_of_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wire.split walks every field in Python: only a request the scan passed may get there."""
+    walked: list[int] = []
+    split = wire.split
+    monkeypatch.setattr(wire, "split", lambda data, descriptor: walked.append(len(data)) or split(data, descriptor))
+    floods = {
+        "unknown": bytes([0xB8, 0x01, 0x01]) * (wire.SPLIT_BYTES // 3 + 1),
+        "options": wire.length_delimited(2, bytes([4 << 3, 1]) * (wire.SPLIT_BYTES // 2)),
+        "shape": wire.length_delimited(2, wire.length_delimited(1, wire.length_delimited(2, bytes(2**20)))),
+    }
+    for name, data in floods.items():
+        received = servicer_module.receive(data, pb.ComputeRequest)
+        assert received.unknown is not None or isinstance(received.message, UndecodableRequest), name
+    assert walked == []
+    good = pb.ComputeRequest(mse_loss=pb.MseLoss(input=codec.encode(torch.zeros(2**18)))).SerializeToString()
+    assert servicer_module.receive(good, pb.ComputeRequest).payloads is not None and walked == [len(good)]
+
+
 @pytest.mark.parametrize("size", [2100, wire.SPLIT_BYTES])
 def test_too_many_fields_are_invalid_argument(servicer: LossServicer, size: int) -> None:
     options = wire.length_delimited(2, bytes([4 << 3, 1]) * (size // 2))  # mse_loss.reduction, again and again
