@@ -7,10 +7,11 @@ them, descending into known message fields and skipping every value by its lengt
 - at the first field the schema does not know (a number it lacks, or a known number with a wire
   type that upb would keep as an unknown field): it returns where that field is, and the
   request is UNIMPLEMENTED without any unknown field being materialized;
-- past ``max_fields`` fields in all, a packed field's entries each counted, or at a string longer
-  than ``MAX_STRING_BYTES``: ``FieldLimitError`` (INVALID_ARGUMENT), so neither this walk nor
-  ``wire.split``'s, which visits the same fields, grows with the request's size, and no option
-  name of megabytes reaches torch (whose message would quote it);
+- past ``max_fields`` fields in all (a packed field's entries each count; for varints each byte,
+  as an entry takes one at least), or at a string longer than ``MAX_STRING_BYTES``:
+  ``FieldLimitError`` (INVALID_ARGUMENT), so neither this walk nor ``wire.split``'s, which visits
+  the same fields, grows with the request's size, and no option value of megabytes reaches torch
+  (whose message would quote it);
 - at bytes that are not well formed: ``DecodeError``, as upb would raise.
 
 Nothing after the first unknown field is read; upb (in C) parses the rest.
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["MAX_FIELDS", "MAX_STRING_BYTES", "FieldLimitError", "UnknownField", "scan"]
 
 # Fields one request may hold, at every depth. The largest legitimate ComputeRequest (five
-# tensors of rank 64 with unpacked shapes, every option, a grad_output) holds about 400.
+# tensors of rank 64 with unpacked shapes, every option, a grad_output) holds about 400; a packed
+# shape of rank 8 with sizes up to 2**21 counts 24 at most.
 MAX_FIELDS = 1024
 # Bytes of one string field: the requests' strings are option values such as "aspect_ratio:8".
 MAX_STRING_BYTES = 1024
@@ -41,7 +43,6 @@ MAX_STRING_BYTES = 1024
 _VARINT, _FIXED64, _DELIMITED, _START_GROUP, _END_GROUP, _FIXED32 = range(6)
 _MAX_TAG = 0xFFFF_FFFF  # upb reads a tag as a 32-bit varint
 _MAX_LENGTH = 0x7FFF_FFFF  # upb rejects lengths from INT32_MAX on
-_CONTINUED = bytes(range(0x80, 0x100))  # bytes that do not end a varint
 _WIRE_TYPES = {
     FieldDescriptor.TYPE_DOUBLE: _FIXED64,
     FieldDescriptor.TYPE_FIXED64: _FIXED64,
@@ -91,28 +92,33 @@ class FieldLimitError(InvalidArgumentError):
         return cls(f"{field} holds {length} bytes, more than this server's limit of {MAX_STRING_BYTES} for a string")
 
 
-class _Field:
-    __slots__ = ("child", "name", "packed", "text", "wire_types")
+# What a known tag's value is, and so what the walk does with it.
+_SKIP_VARINT, _SKIP_FIXED64, _SKIP_FIXED32, _BYTES, _STRING, _MESSAGE, _PACKED = range(7)
 
-    def __init__(self, name: str, wire_types: frozenset[int], child: _Plan | None, packed: int, text: bool) -> None:
+
+class _Field:
+    __slots__ = ("action", "child", "name", "width")
+
+    def __init__(self, name: str, action: int, child: _Plan | None = None, width: int = 0) -> None:
         self.name = name
-        self.wire_types = wire_types
-        self.child = child
-        self.packed = packed  # a packable repeated scalar: its entries' width in bytes, 0 for varints; else -1
-        self.text = text  # a string
+        self.action = action
+        self.child = child  # _MESSAGE: the plan of its type
+        self.width = width  # _PACKED: the entries' width in bytes, 0 for varints
 
 
 class _Plan:
-    """The fields of one message type, by number."""
+    """The fields of one message type, by tag (field number and wire type), as upb keeps them:
+    a known number of another wire type is an unknown field (but for packed and unpacked runs)."""
 
-    __slots__ = ("fields", "name")
+    __slots__ = ("name", "tags")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.fields: dict[int, _Field] = {}
+        self.tags: dict[int, _Field] = {}
 
 
 _PLANS: dict[object, _Plan] = {}
+_ACTIONS = {_VARINT: _SKIP_VARINT, _FIXED64: _SKIP_FIXED64, _FIXED32: _SKIP_FIXED32}
 
 
 def _plan(descriptor: Descriptor | _UpbDescriptor) -> _Plan:
@@ -129,16 +135,21 @@ def _plan(descriptor: Descriptor | _UpbDescriptor) -> _Plan:
             pending.extend(f.message_type for f in d.fields if f.message_type is not None)
     made = {name: _Plan(d.name) for name, d in reached.items()}
     for name, d in reached.items():
+        tags = made[name].tags
         for f in d.fields:
             if f.type == FieldDescriptor.TYPE_GROUP:
                 raise ValueError(f"{f.full_name}: group-encoded fields are not supported")
             wire_type = _WIRE_TYPES.get(f.type, _VARINT)
-            packable = f.is_repeated and wire_type != _DELIMITED
-            wire_types = frozenset((wire_type, _DELIMITED) if packable else (wire_type,))
-            child = made[f.message_type.full_name] if f.message_type is not None else None
-            packed = -1 if not packable else 8 if wire_type == _FIXED64 else 4 if wire_type == _FIXED32 else 0
-            text = f.type == FieldDescriptor.TYPE_STRING
-            made[name].fields[f.number] = _Field(f.name, wire_types, child, packed, text)
+            if f.message_type is not None:
+                field = _Field(f.name, _MESSAGE, made[f.message_type.full_name])
+            elif wire_type == _DELIMITED:
+                field = _Field(f.name, _STRING if f.type == FieldDescriptor.TYPE_STRING else _BYTES)
+            else:
+                field = _Field(f.name, _ACTIONS[wire_type])
+                if f.is_repeated:  # packable: a packed run is known too
+                    width = 8 if wire_type == _FIXED64 else 4 if wire_type == _FIXED32 else 0
+                    tags[f.number << 3 | _DELIMITED] = _Field(f.name, _PACKED, width=width)
+            tags[f.number << 3 | wire_type] = field
     _PLANS.update((d, made[name]) for name, d in reached.items())
     return made[descriptor.full_name]
 
@@ -164,7 +175,8 @@ class _Scan:
 
     def message(self, start: int, end: int, plan: _Plan, path: tuple[str, ...], depth: int) -> UnknownField | None:
         view = self.view
-        fields = plan.fields
+        tags = plan.tags
+        left = self.left
         pos = start
         while pos < end:
             at = pos
@@ -172,61 +184,69 @@ class _Scan:
             pos += 1
             if tag >= 0x80:
                 tag, pos = _varint(view, at, end, 5)
-                if tag > _MAX_TAG:
-                    raise DecodeError(f"tag out of range at byte {at}")
-            number, wire_type = tag >> 3, tag & 7
-            if number == 0:
-                raise DecodeError(f"field number 0 at byte {at}")
-            if wire_type == _END_GROUP or wire_type > _FIXED32:
-                raise DecodeError(f"invalid wire type {wire_type} at byte {at}")
-            known = fields.get(number)
-            if known is None or wire_type not in known.wire_types:
-                return UnknownField(number, path, plan.name)
-            self.left -= 1
-            if self.left < 0:
+            known = tags.get(tag)
+            if known is None:
+                return _unknown(tag, at, path, plan)
+            left -= 1
+            if left < 0:
                 raise FieldLimitError.fields(self.limit, _name(known, path, plan))
-            if wire_type == _DELIMITED:
-                length_at = pos
-                length = view[pos] if pos < end else 0x80
-                pos += 1
-                if length >= 0x80:
-                    length, pos = _varint(view, length_at, end, 5)
-                if length >= _MAX_LENGTH or pos + length > end:
-                    raise DecodeError(f"length past the end at byte {length_at}")
-                if known.text and length > MAX_STRING_BYTES:
-                    raise FieldLimitError.string(length, _name(known, path, plan))
-                if known.packed >= 0:  # each entry counts as a field
-                    self._entries(pos, length, known, path, plan)
-                elif known.child is not None:
-                    if depth <= 0:
-                        raise DecodeError(f"nested deeper than {wire.MAX_DEPTH} at byte {at}")
-                    found = self.message(pos, pos + length, known.child, (*path, known.name), depth - 1)
-                    if found is not None:
-                        return found
-                pos += length
-            elif wire_type == _VARINT:
+            action = known.action
+            if action == _SKIP_VARINT:
                 if pos < end and view[pos] < 0x80:
                     pos += 1
                 else:
                     pos = _varint(view, pos, end, 10)[1]
-            else:  # fixed64 or fixed32; a group field is unknown: the plans have none
-                pos += 8 if wire_type == _FIXED64 else 4
+                continue
+            if action == _SKIP_FIXED64 or action == _SKIP_FIXED32:
+                pos += 8 if action == _SKIP_FIXED64 else 4
                 if pos > end:
                     raise DecodeError(f"truncated fixed-size field at byte {at}")
+                continue
+            length_at = pos
+            length = view[pos] if pos < end else 0x80
+            pos += 1
+            if length >= 0x80:
+                high = view[pos] if pos < end else 0x80
+                if high < 0x80:  # two bytes or three, as for most tensors' data
+                    length = length & 0x7F | high << 7
+                    pos += 1
+                elif pos + 1 < end and view[pos + 1] < 0x80:
+                    length = length & 0x7F | (high & 0x7F) << 7 | view[pos + 1] << 14
+                    pos += 2
+                else:
+                    length, pos = _varint(view, length_at, end, 5)
+            if length >= _MAX_LENGTH or pos + length > end:
+                raise DecodeError(f"length past the end at byte {length_at}")
+            if action == _MESSAGE:
+                if depth <= 0:
+                    raise DecodeError(f"nested deeper than {wire.MAX_DEPTH} at byte {at}")
+                assert known.child is not None
+                self.left = left
+                found = self.message(pos, pos + length, known.child, (*path, known.name), depth - 1)
+                if found is not None:
+                    return found
+                left = self.left
+            elif action == _PACKED and length > 1:  # each entry counts as a field; for varints each byte
+                left -= (length // known.width if known.width else length) - 1
+                if left < 0:
+                    raise FieldLimitError.fields(self.limit, _name(known, path, plan))
+            elif action == _STRING and length > MAX_STRING_BYTES:
+                raise FieldLimitError.string(length, _name(known, path, plan))
+            pos += length
+        self.left = left
         return None
 
-    def _entries(self, pos: int, length: int, known: _Field, path: tuple[str, ...], plan: _Plan) -> None:
-        """Count a packed field's entries as fields: ``length`` over their width, or for varints the
-        bytes that end one (looked at only when a varint's 10 bytes each could still fit)."""
-        if known.packed:
-            entries = length // known.packed
-        elif length > 10 * (self.left + 1):
-            entries = length // 10
-        else:
-            entries = len(bytes(self.view[pos : pos + length]).translate(None, _CONTINUED))
-        self.left -= max(entries - 1, 0)  # the field itself is counted already
-        if self.left < 0:
-            raise FieldLimitError.fields(self.limit, _name(known, path, plan))
+
+def _unknown(tag: int, at: int, path: tuple[str, ...], plan: _Plan) -> UnknownField:
+    """The unknown field of a tag that is no known one; DecodeError where upb would raise."""
+    if tag > _MAX_TAG:
+        raise DecodeError(f"tag out of range at byte {at}")
+    number, wire_type = tag >> 3, tag & 7
+    if number == 0:
+        raise DecodeError(f"field number 0 at byte {at}")
+    if wire_type == _END_GROUP or wire_type > _FIXED32:
+        raise DecodeError(f"invalid wire type {wire_type} at byte {at}")
+    return UnknownField(number, path, plan.name)  # a group too: the plans have none
 
 
 def _name(field: _Field, path: tuple[str, ...], plan: _Plan) -> str:

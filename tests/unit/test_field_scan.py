@@ -72,19 +72,18 @@ def test_at_most_max_fields_are_visited(limit: int) -> None:
 
 
 def test_packed_entries_count_as_fields() -> None:
+    """Each byte of a packed run of varints counts, as an entry takes one at least."""
     def packed(entries: bytes) -> bytes:
         return ld(MSE_LOSS, ld(INPUT, ld(SHAPE, entries)))
 
     assert scan(packed(b"\x01" * (MAX_FIELDS - 2)), REQUEST) is None  # mse_loss, input, then the entries
-    with pytest.raises(FieldLimitError, match="shape of mse_loss.input"):
+    with pytest.raises(FieldLimitError, match="field 1025 is shape of mse_loss.input"):
         scan(packed(b"\x01" * (MAX_FIELDS - 1)), REQUEST)
-    assert scan(packed(b"\x81\x01" * (MAX_FIELDS - 2)), REQUEST) is None  # two bytes an entry: counted once
+    assert scan(packed(b"\x81\x01" * (MAX_FIELDS // 2 - 1)), REQUEST) is None
+    with pytest.raises(FieldLimitError):
+        scan(packed(b"\x81\x01" * (MAX_FIELDS // 2)), REQUEST)
     with pytest.raises(FieldLimitError):
         scan(packed(b"\x01" * 16 * 1024 * 1024), REQUEST)
-    ten = b"\xff" * 9 + b"\x01"  # the longest varint
-    assert scan(packed(ten * (MAX_FIELDS - 2)), REQUEST) is None
-    with pytest.raises(FieldLimitError, match="field 1025 is shape of mse_loss.input"):
-        scan(packed(ten * (MAX_FIELDS - 1)), REQUEST)
 
 
 def test_malformed_bytes_are_decode_errors() -> None:
@@ -139,3 +138,12 @@ def test_strings_past_max_string_bytes_are_refused() -> None:
     assert scan(chunking_method(MAX_STRING_BYTES), REQUEST) is None
     with pytest.raises(FieldLimitError, match=r"^chunking_method of linear_cross_entropy.options holds 1025 bytes"):
         scan(chunking_method(MAX_STRING_BYTES + 1), REQUEST)
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 2**14 - 1, 2**14, 2**21 - 1, 2**21, 2**21 + 5])
+def test_values_of_every_length_are_skipped_exactly(size: int) -> None:
+    """A field after a tensor's data of ``size`` bytes (lengths of one to four bytes) is found."""
+    data = ld(MSE_LOSS, ld(INPUT, ld(3, bytes(size)) + b"\x28\x01"))
+    assert scan(data, REQUEST) == UnknownField(5, ("mse_loss", "input"), "Tensor")
+    with pytest.raises(DecodeError):
+        scan(data[:-4], REQUEST)  # the data runs past the end of its message
