@@ -159,7 +159,7 @@ def scan(
 ) -> UnknownField | None:
     """The first field of ``data`` (a serialized ``descriptor`` message) that the schema does not
     know, or None when it knows them all; see the module's docstring. Visits at most
-    ``max_fields`` fields (``TooManyFieldsError`` past them) and reads nothing after an unknown
+    ``max_fields`` fields (``FieldLimitError`` past them) and reads nothing after an unknown
     field; raises DecodeError for bytes that are not well formed before that."""
     view = data if isinstance(data, bytes) else memoryview(data).cast("B")
     return _Scan(view, max_fields).message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
