@@ -28,7 +28,7 @@ from remoteloss_server.config import ServerConfig
 from remoteloss_server.executor import Executor
 from remoteloss_server.limits import Admission, request_elements
 from remoteloss_server.metrics import Metrics
-from remoteloss_server.servicer import LossServicer, _prepare, _serialize, _unknown_field, receive
+from remoteloss_server.servicer import LossServicer, _prepare, _serialize, receive
 from remoteloss_server.telemetry import RequestRecord
 
 
@@ -99,7 +99,7 @@ def main() -> None:
         "Compute, one request at a time (handler to answer bytes)": asyncio.run(
             _handler(data, args.device, n // 10, 1)),
         "Compute, 64 requests at a time (batched), per request": asyncio.run(_handler(data, args.device, n // 640, 64)),
-        "parse and unknown-field check": _per_call(lambda: _unknown_field(receive(data, pb.ComputeRequest).message), n),
+        "parse and unknown-field check": _per_call(lambda: receive(data, pb.ComputeRequest), n),
         "decode and validate (prepare, fresh message)": _per_call(
             lambda: _prepare(args.loss, pb.ComputeRequest.FromString(data)), n),
         "compute (Executor.run)": _per_call(lambda: executor.run(call, grad_output), n),

@@ -129,7 +129,9 @@ def _prepare_torch(
         raise ValueError(f"{name}: {exc}") from None
     if tensor.layout != torch.strided:
         raise ValueError(f"{name}: {tensor.layout} tensors cannot be sent; call .to_dense() first")
-    if _LITTLE and tensor.device.type == "cpu" and DTYPES[code].numpy is not None:
+    if not tensor.numel():  # no bytes; numpy cannot hold every empty shape torch can, e.g. [0, 2**62]
+        array = np.empty(0, dtype=DTYPES[code].numpy or "<i2")
+    elif _LITTLE and tensor.device.type == "cpu" and DTYPES[code].numpy is not None:
         array = tensor.detach().resolve_neg().numpy()  # strided or not: tobytes writes C order
     else:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -164,9 +166,9 @@ def check_tensor(
         if message.dtype == pb.DTYPE_UNSPECIFIED:
             raise ValueError(f"{name}: dtype is unset (DTYPE_UNSPECIFIED)")
         raise ValueError(f"{name}: unknown dtype value {message.dtype}")
+    if max_dims is not None and len(message.shape) > max_dims:  # before the shape is copied
+        raise ValueError(f"{name}: shape has {len(message.shape)} dimensions, more than the limit of {max_dims}")
     shape = tuple(message.shape)
-    if max_dims is not None and len(shape) > max_dims:
-        raise ValueError(f"{name}: shape has {len(shape)} dimensions, more than the limit of {max_dims}")
     if any(size < 0 for size in shape):
         raise ValueError(f"{name}: shape {list(shape)} has a negative size")
     if math.prod(max(size, 1) for size in shape) > _MAX_EXTENT:
@@ -199,10 +201,13 @@ def decode_numpy(
         data = message.data
     info = check_tensor(message, name, data=data)
     shape = tuple(message.shape)
-    if info.numpy is None:  # bfloat16
-        halves = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
-        return halves.view(np.float32).reshape(shape)
-    return np.frombuffer(data, dtype=info.numpy).reshape(shape)
+    try:
+        if info.numpy is None:  # bfloat16
+            halves = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+            return halves.view(np.float32).reshape(shape)
+        return np.frombuffer(data, dtype=info.numpy).reshape(shape)
+    except ValueError:  # an empty shape numpy cannot hold, e.g. [0, 2**62]
+        raise ValueError(f"{name}: shape {list(shape)} is too large for a numpy array; decode it with torch") from None
 
 
 def decode_torch(

@@ -1,9 +1,9 @@
 """Request limits checked before any work is done on a request (no grpc, no torch).
 
-- ``request_elements(message)``: the tensor elements a request declares, summed over every
-  ``Tensor`` in it, read from the shapes alone (the ``data`` bytes are never touched, so
-  nothing is copied or decoded); the servicer rejects a request over ``max_request_elements``
-  with INVALID_ARGUMENT before it decodes anything.
+- ``request_elements(message, max_dims=, where=)``: the tensor elements a request declares,
+  summed over every ``Tensor`` in it, read from the shapes alone (the ``data`` bytes are never
+  touched, so nothing is copied or decoded), each shape's rank checked first; the servicer
+  rejects a request over ``max_request_elements`` with INVALID_ARGUMENT before it decodes anything.
 - ``Admission``: the requests the server has accepted and not yet answered (queued or
   computing), bounded in number (``max_in_flight``) and in request bytes
   (``max_in_flight_bytes``). Past either bound a new request fails at once with
@@ -29,16 +29,29 @@ __all__ = ["Admission", "Budget", "Ticket", "check_elements", "request_elements"
 _TENSOR = pb.Tensor.DESCRIPTOR
 
 
-def request_elements(message: Message) -> int:
+def request_elements(message: Message, *, max_dims: int | None = None, where: str = "request") -> int:
     """The elements of every ``Tensor`` in ``message`` (nested ones too), from their shapes.
 
-    A negative dimension counts as 0 here; the codec rejects it later with its own message.
-    Only the fields that are set are visited (``ListFields``, one C call per message); a
-    ``Tensor``'s own fields are never listed, since reading its ``data`` would copy it.
+    A negative dimension counts as 0 here; the codec rejects it later with its own message. A
+    tensor of more than ``max_dims`` dimensions is refused here, before its shape is read (a
+    packed ``shape`` of a million entries parses in C, but would be read one by one in Python),
+    with InvalidArgumentError naming it as ``<where>: <field path>``. Only the fields that are
+    set are visited (``ListFields``, one C call per message); a ``Tensor``'s own fields are never
+    listed, since reading its ``data`` would copy it.
     """
+    return _elements(message, max_dims, where, "")
+
+
+def _elements(message: Message, max_dims: int | None, where: str, path: str) -> int:
     if message.DESCRIPTOR is _TENSOR:
+        shape = message.shape  # type: ignore[attr-defined]
+        if max_dims is not None and len(shape) > max_dims:
+            name = f"{where}: {path}" if path else where
+            raise InvalidArgumentError(
+                f"{name}: shape has {len(shape)} dimensions, more than the limit of {max_dims}"
+            )
         count = 1
-        for size in message.shape:  # type: ignore[attr-defined]
+        for size in shape:
             count *= size if size > 0 else 0
         return count
     total = 0
@@ -46,12 +59,15 @@ def request_elements(message: Message) -> int:
         kind = _KINDS.get(field)
         if kind is None:
             kind = _KINDS[field] = _kind(field)
+        if kind == _SCALAR:
+            continue
+        inner = f"{path}.{field.name}" if path else field.name
         if kind == _SINGLE:
-            total += request_elements(value)
-        elif kind != _SCALAR:
+            total += _elements(value, max_dims, where, inner)
+        else:
             for child in value.values() if kind == _MAP else value:
                 if isinstance(child, Message):
-                    total += request_elements(child)
+                    total += _elements(child, max_dims, where, inner)
     return total
 
 

@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 import grpc
 import torch
 from google.protobuf.message import DecodeError, Message
-from google.protobuf.unknown_fields import UnknownFieldSet
 from google.protobuf.wrappers_pb2 import UInt64Value
 
 from remoteloss import codec, wire
@@ -29,6 +28,7 @@ from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.errors import InvalidArgumentError, ServiceError, UnimplementedError
 from remoteloss_server.executor import Executor, Result
+from remoteloss_server.field_scan import FieldLimitError, UnknownField, scan
 from remoteloss_server.limits import Admission, Ticket, check_elements, request_elements
 from remoteloss_server.losses import LOSSES, Call, describe_all
 from remoteloss_server.losses.spec import MAX_DIMS
@@ -57,6 +57,10 @@ _INLINE_BYTES = 4 * 1024 * 1024
 
 # An answer waiting to be sent is held twice: the bytes made here, and gRPC's copy of them.
 _HELD_COPIES = 2
+
+# A status message's characters at most: gRPC refuses a status past 16 KiB of metadata (the
+# caller then sees RESOURCE_EXHAUSTED "Stream removed"), and the message is logged too.
+_MAX_DETAILS = 2048
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 WORKER_METADATA_KEY = "remoteloss-worker"  # trailing metadata: which worker process answered (--workers > 1)
@@ -91,21 +95,28 @@ def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     """The status for an exception: a ``ServiceError``'s own code and message; anything else is
     logged with its traceback and becomes an opaque INTERNAL."""
     if isinstance(exc, ServiceError):
-        return grpc.StatusCode[exc.code], str(exc)
+        message = str(exc)  # torch's text may quote a request's string option, of any length
+        if len(message) > _MAX_DETAILS:
+            message = f"{message[:_MAX_DETAILS]}... ({len(message) - _MAX_DETAILS} more characters)"
+        return grpc.StatusCode[exc.code], message
     logger.error("%s failed", where, exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
 @dataclass(frozen=True)
 class UndecodableRequest:
-    """Bytes that do not parse as the request message; the handler answers INVALID_ARGUMENT
-    (gRPC itself would answer UNKNOWN)."""
+    """Bytes that do not parse as the request message, or that this server will not parse (too
+    many fields, too long a string: ``refusal``); the handler answers INVALID_ARGUMENT (gRPC
+    itself would answer UNKNOWN)."""
 
     type_name: str
     reason: str
     id: int | None = None  # a ComputeStreamRequest's id, when it can still be read
+    refusal: str | None = None  # the whole message, when the bytes were not parsed on purpose
 
     def error(self) -> InvalidArgumentError:
+        if self.refusal is not None:
+            return InvalidArgumentError(self.refusal)
         return InvalidArgumentError(f"the request is not a valid {self.type_name}: {self.reason}")
 
 
@@ -132,22 +143,57 @@ def _stream_id(message_type: type[Message], data: bytes) -> int | None:
 @dataclass(frozen=True)
 class Received:
     """A request as the handler got it: the parsed message (or why it did not parse), its size on
-    the wire, and, for a large one, where its tensors' bytes lie in the received bytes."""
+    the wire, for a large one where its tensors' bytes lie in the received bytes, and its first
+    field unknown to this server."""
 
     message: Message | UndecodableRequest
     size: int
     payloads: wire.Payloads | None = None
+    unknown: UnknownField | None = None
 
 
 def receive(data: bytes, message_type: type[Message]) -> Received:
-    """Parse ``data``. From ``wire.SPLIT_BYTES`` on, the tensors' bytes are not copied into the
-    message: ``wire.split`` leaves them where they are, and the loss reads them there."""
+    """Parse ``data``, once ``field_scan.scan`` has found its first unknown field, if any, and
+    refused it past its limits (``MAX_FIELDS`` fields, ``MAX_STRING_BYTES`` a string). From
+    ``wire.SPLIT_BYTES`` on, the tensors' bytes are not copied into the message: ``wire.split``
+    leaves them where they are, and the loss reads them there. A request with an unknown field is
+    refused: below ``SPLIT_BYTES`` upb parses it all (in C; bytes that do not parse are still
+    INVALID_ARGUMENT), from it on it is not parsed (``_unparsed``)."""
+    large = len(data) >= wire.SPLIT_BYTES
     try:
-        message, payloads = wire.parse(data, message_type)
+        try:
+            unknown = scan(data, message_type.DESCRIPTOR)
+        except DecodeError:
+            if not large:
+                message_type.FromString(data)  # raises too, in upb's words, as before the scan
+            raise
+        if unknown is None:
+            message, payloads = wire.parse(data, message_type)
+        else:  # refused
+            message = _unparsed(message_type, data, unknown) if large else message_type.FromString(data)
+            payloads = None
     except DecodeError as exc:
         reason = UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc), _stream_id(message_type, data))
         return Received(reason, len(data))
-    return Received(message, len(data), payloads)
+    except FieldLimitError as exc:  # kept as text: its traceback holds the request's bytes
+        name, reason = message_type.DESCRIPTOR.full_name, str(exc)
+        return Received(UndecodableRequest(name, reason, _stream_id(message_type, data), reason), len(data))
+    return Received(message, len(data), payloads, unknown)
+
+
+def _unparsed(message_type: type[Message], data: bytes, unknown: UnknownField) -> Message:
+    """What a large request with an unknown field stands for, unparsed: the messages that lead to
+    the field, and a stream item's id. Past the field nothing was scanned, and upb makes 8 bytes of
+    each 1-byte entry of a packed field: 16 MiB would become 128 MiB or more."""
+    message = message_type()
+    inner = message
+    for name in unknown.path:
+        inner = getattr(inner, name)
+        inner.SetInParent()
+    sent = _stream_id(message_type, data)
+    if sent is not None:
+        message.id = sent  # type: ignore[attr-defined]
+    return message
 
 
 def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
@@ -213,7 +259,8 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         received = receive(data, pb.ComputeRequest)
         parsed = isinstance(received.message, Message)
         record = RequestRecord(
-            self._metrics, loss_label(received.message), _request_id(context), received.size if parsed else None
+            self._metrics, loss_label(received.message, received.unknown is not None), _request_id(context),
+            received.size if parsed else None,
         )
         context.set_trailing_metadata(((REQUEST_ID_KEY, record.request_id), *self._worker))
         try:
@@ -228,10 +275,15 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         except Exception as exc:
             code, details = status_of(exc, "Compute")
             record.finish(code.name, details=details)
-            await context.abort(code, details)
-            raise AssertionError("context.abort returned") from None  # pragma: no cover
-        record.finish("OK", len(response))
-        return response
+        else:
+            record.finish("OK", len(response))
+            return response
+        # Aborted outside the except block and without the request: gRPC keeps the abort's
+        # traceback, this frame included, in a reference cycle until the garbage collector runs,
+        # and a refused request's bytes must not wait for it.
+        del data, received
+        await context.abort(code, details)
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
     stream_window = 64  # unanswered requests per ComputeStream; no more are read until one is answered
 
@@ -301,7 +353,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             raise item.error()
         inner = item.request if isinstance(item, pb.ComputeStreamRequest) else item
         record = RequestRecord(
-            self._metrics, loss_label(inner), f"{stream_id}/{item.id}",
+            self._metrics, loss_label(inner, received.unknown is not None), f"{stream_id}/{item.id}",
             received.size if isinstance(item, Message) else None,
         )
         ticket = None
@@ -311,14 +363,14 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
                 unsent.add(ticket)
             if isinstance(item, UndecodableRequest):
                 raise item.error()
-            unknown = UnknownFieldSet(item)
-            if len(unknown):
+            unknown = received.unknown
+            if unknown is not None and not unknown.path:
                 raise UnimplementedError(
-                    f"the stream request holds field {unknown[0].field_number}, which this server does not know; "
+                    f"the stream request holds field {unknown.number}, which this server does not know; "
                     "it may come from a newer client"
                 )
-            inner_received = Received(item.request, received.size, received.payloads)
-            response = await self._compute(inner_received, record, context, ticket)
+            request = Received(item.request, received.size, received.payloads, unknown and unknown.below("request"))
+            response = await self._compute(request, record, context, ticket)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             record.finish("CANCELLED")
             if ticket is not None:
@@ -370,10 +422,10 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         ticket: Ticket | None,
     ) -> bytes:
-        unknown = _unknown_field(request)
-        if unknown is not None:
+        if received.unknown is not None:
             raise UnimplementedError(
-                f"the request holds {unknown}, which this server does not know; it may come from a newer client"
+                f"the request holds {received.unknown.describe()}, which this server does not know; "
+                "it may come from a newer client"
             )
         name = request.WhichOneof("loss")
         if name is None:
@@ -381,8 +433,11 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         if name not in LOSSES:
             raise UnimplementedError(f"{name} is not served here")
         # From the shapes, before decoding: the loss's arguments (counted in the metrics) and grad_output.
-        record.elements = request_elements(getattr(request, name))
-        incoming = request_elements(request.grad_output) if request.HasField("grad_output") else 0
+        record.elements = request_elements(getattr(request, name), max_dims=MAX_DIMS, where=name)
+        incoming = (
+            request_elements(request.grad_output, max_dims=MAX_DIMS, where=f"{name}: grad_output")
+            if request.HasField("grad_output") else 0
+        )
         check_elements(name, record.elements + incoming, self._max_request_elements)
         payloads = received.payloads
         if self._batcher is None:
@@ -478,54 +533,3 @@ def _add_trailing_metadata(
     """Add ``pairs`` to the trailing metadata set so far (``set_trailing_metadata`` replaces it)."""
     if pairs:
         context.set_trailing_metadata((*(context.trailing_metadata() or ()), *pairs))
-
-
-def _unknown_field(message: Message, path: str = "") -> str | None:
-    """The first field unknown to this server's schema, e.g. "field 23 of mse_loss".
-
-    Walks the message fields that are set, never reading a bytes or string value (which would
-    copy tensor data): a message without such fields lists its set fields in one C call.
-    """
-    unknown = UnknownFieldSet(message)
-    if len(unknown):
-        return f"field {unknown[0].field_number} of {path or message.DESCRIPTOR.name}"
-    kinds, one_by_one = _walk_plan(message.DESCRIPTOR)
-    if not kinds:  # no message fields: nothing to descend into
-        return None
-    if one_by_one:
-        present = [
-            (field, getattr(message, field.name))
-            for field, kind in kinds.items()
-            if kind != _SINGLE or message.HasField(field.name)
-        ]
-    else:
-        present = [(field, value) for field, value in message.ListFields() if field in kinds]
-    for field, value in present:
-        kind = kinds[field]
-        children = value.values() if kind == _MAP else value if kind == _REPEATED else (value,)
-        for child in children:
-            if isinstance(child, Message):
-                found = _unknown_field(child, f"{path}.{field.name}" if path else field.name)
-                if found is not None:
-                    return found
-    return None
-
-
-_SINGLE, _REPEATED, _MAP = range(3)
-_WALK_PLANS: dict[Any, tuple[dict[Any, int], bool]] = {}
-
-
-def _walk_plan(descriptor: Any) -> tuple[dict[Any, int], bool]:
-    """How ``_unknown_field`` finds a message type's children, worked out once per type: its
-    message fields (single, repeated or map), and whether to check them one by one (the type has
-    bytes or string fields, whose values ``ListFields`` would copy)."""
-    plan = _WALK_PLANS.get(descriptor)
-    if plan is None:
-        kinds = {
-            f: _MAP if f.message_type.GetOptions().map_entry else _REPEATED if f.is_repeated else _SINGLE
-            for f in descriptor.fields
-            if f.message_type is not None
-        }
-        texts = any(f.type in (f.TYPE_BYTES, f.TYPE_STRING) for f in descriptor.fields)
-        plan = _WALK_PLANS[descriptor] = (kinds, texts)
-    return plan

@@ -18,8 +18,6 @@ import re
 import time
 from collections.abc import Callable
 
-from google.protobuf.unknown_fields import UnknownFieldSet
-
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.metrics import NO_TENANT, Metrics
 
@@ -45,16 +43,23 @@ def request_id(sent: str | None) -> str:
     return os.urandom(16).hex()  # as uuid4().hex, without building a UUID
 
 
-def loss_label(request: object) -> str:
+def loss_label(request: object, unknown: bool | None = None) -> str:
     """The ``loss`` label: the request's oneof name (a name of this schema, so a bounded set),
     ``"none"`` when no loss is set, ``"unknown"`` when the bytes did not parse or carry a field
-    this server does not know (a newer client's loss)."""
+    this server does not know (a newer client's loss). ``unknown``: whether they do, when the
+    caller knows (the servicer's scan of the request's bytes)."""
     if not isinstance(request, pb.ComputeRequest):
         return "unknown"
     name = request.WhichOneof("loss")
     if name is not None:
         return str(name)
-    return "unknown" if len(UnknownFieldSet(request)) else "none"
+    if unknown is None:
+        # Found in C (sizes with and without them), never listed one Python object each.
+        known = pb.ComputeRequest()
+        known.CopyFrom(request)
+        known.DiscardUnknownFields()
+        unknown = known.ByteSize() != request.ByteSize()
+    return "unknown" if unknown else "none"
 
 
 def quote(value: object) -> str:

@@ -545,3 +545,61 @@ def test_fuzzed_requests_never_fail_unexpectedly(client: Any, loss: str) -> None
 
     check()
     assert_server_answers(client)
+
+
+# ---------------------------------------------------------------------------- empty, with a huge dimension
+
+# Every tensor made empty, those of rank >= 2 with a huge dimension (middle sizes 1). torch answers
+# such calls (often nan) or raises; the server must give torch's answer or INVALID_ARGUMENT, never
+# INTERNAL: numpy cannot hold these shapes ("array is too big"), so nothing may go through it.
+HUGE_EMPTY = {"0-by-2**62": (0, 2**62), "2**63-1-by-0": (2**63 - 1, 0)}
+
+
+def _huge_empty(call: Call, pattern: str, requires_grad: bool) -> Call:
+    first, last = HUGE_EMPTY[pattern]
+
+    def change(value: torch.Tensor) -> torch.Tensor:
+        if value.dim() == 0:
+            new = value.detach().clone()
+        else:
+            shape = (0,) if value.dim() == 1 else (first, *[1] * (value.dim() - 2), last)
+            new = torch.empty(shape, dtype=value.dtype)
+        return new.requires_grad_(requires_grad and new.is_floating_point())
+
+    return call.replace({name: change(t) for name, t in call.tensors().items()})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["plain", "requires_grad"])
+@pytest.mark.parametrize("pattern", HUGE_EMPTY)
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_empty_tensor_with_a_huge_dimension(
+    client: Any, loss: str, pattern: str, requires_grad: bool, reduction: str
+) -> None:
+    """torch's loss and gradients, or INVALID_ARGUMENT; the SDK decodes such an answer."""
+    base = Case(loss, torch.float64, True, OptionSet("bad", {}), reduction).build()
+    call = _huge_empty(base, pattern, requires_grad)
+
+    def with_grads(fn: Callable[[], Any]) -> Any:
+        for tensor in call.tensors().values():
+            tensor.grad = None
+        out = fn()
+        if out.requires_grad:
+            out.sum().backward()
+        return out, {n: t.grad for n, t in call.tensors().items() if t.requires_grad}
+
+    expected = run(lambda: with_grads(call.local))
+    got = run(lambda: with_grads(lambda: remote(client, call)))
+    if got.error is not None:
+        assert isinstance(got.error, ValueError), f"{type(got.error).__name__}: {got.error}"  # INVALID_ARGUMENT
+        assert expected.error is not None or "2**63 - 1" in str(got.error), f"torch answers; the server: {got.error}"
+        return
+    assert expected.error is None, f"torch raises {expected.error!r}, the server answers"
+    (value, grads), (expected_value, expected_grads) = got.value, expected.value
+    torch.testing.assert_close(value.detach(), expected_value.detach(), equal_nan=True)
+    assert grads.keys() == expected_grads.keys()
+    for name, gradient in grads.items():  # the server sends zeros where torch leaves None
+        want = expected_grads[name]
+        want = torch.zeros_like(call.tensors()[name]) if want is None else want
+        assert gradient is not None, name
+        torch.testing.assert_close(gradient, want, equal_nan=True)

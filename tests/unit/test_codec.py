@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from remoteloss import codec
+from remoteloss import codec, wire
 from remoteloss.v1 import loss_pb2 as pb
 
 torch.set_num_threads(1)
@@ -161,3 +161,21 @@ def test_decode_torch_over_given_bytes_shares_them_and_warns_nothing() -> None:
     assert tensor.data_ptr() == np.frombuffer(received, dtype=np.uint8).ctypes.data  # no copy
     with pytest.raises(ValueError, match="data holds 4 bytes"):
         codec.decode_torch(message, "input", data=memoryview(received)[:4])
+
+
+@pytest.mark.parametrize("shape", [(0, 2**62), (2**63 - 1, 0), (3, 0, 2**61)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_empty_tensors_numpy_cannot_hold_encode_and_decode(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """torch allows sizes that multiply (zeros counted as ones) up to 2**63 - 1; numpy refuses such
+    an array when the sizes times the itemsize pass that ("array is too big")."""
+    tensor = torch.empty(shape, dtype=dtype, requires_grad=True)
+    message = codec.encode(tensor)
+    assert list(message.shape) == list(shape) and message.data == b"" and message.requires_grad
+    view_message, data = codec.encode_view(tensor, name="g", requires_grad=False)
+    assert list(view_message.shape) == list(shape) and data.nbytes == 0
+    payloads = wire.attach([(view_message, data)])
+    assert payloads is None and view_message.data == b""
+    decoded = codec.decode_torch(message, "loss")
+    assert decoded.shape == shape and decoded.dtype == dtype
+    with pytest.raises(ValueError, match=r"^loss: shape .* is too large for a numpy array"):
+        codec.decode_numpy(message, "loss")

@@ -29,6 +29,16 @@ def test_request_elements_sum_every_tensor_from_shapes_alone() -> None:
     assert request_elements(pb.ComputeRequest(mse_loss=pb.MseLoss(input=pb.Tensor(shape=[-3, 7])))) == 0
 
 
+def test_request_elements_refuses_a_rank_past_max_dims_before_reading_the_shape() -> None:
+    request = pb.ComputeRequest(mse_loss=pb.MseLoss(input=pb.Tensor(shape=[1] * 64), target=pb.Tensor(shape=[0] * 65)))
+    assert request_elements(request.mse_loss) == 1  # no limit
+    expected = r"^mse_loss: target: shape has 65 dimensions, more than the limit of 64$"
+    with pytest.raises(InvalidArgumentError, match=expected):
+        request_elements(request.mse_loss, max_dims=64, where="mse_loss")
+    with pytest.raises(InvalidArgumentError, match=r"^mse_loss: grad_output: shape has 65 dimensions"):
+        request_elements(pb.Tensor(shape=[2] * 65), max_dims=64, where="mse_loss: grad_output")
+
+
 def test_check_elements_names_the_limit() -> None:
     request = pb.ComputeRequest(mse_loss=pb.MseLoss(input=pb.Tensor(shape=[10]), target=pb.Tensor(shape=[10])))
     elements = request_elements(request)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from remoteloss import codec, wire
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server import servicer as servicer_module
-from remoteloss_server.errors import ResourceExhaustedError
+from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
 from remoteloss_server.executor import Executor, Result
 from remoteloss_server.servicer import LossServicer, UndecodableRequest, _lenient
 
@@ -154,6 +154,53 @@ def test_unknown_fields_are_unimplemented(servicer: LossServicer) -> None:
     newer_tensor.mse_loss.input.MergeFromString(bytes([0x28, 0x01]))  # field 5 inside a Tensor
     _, context = compute(servicer, newer_tensor)
     assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 5 of mse_loss.input" in context.details()
+
+
+def test_large_requests_with_unknown_fields_are_unimplemented_unparsed(servicer: LossServicer) -> None:
+    """From wire.SPLIT_BYTES on, the scan's first unknown field is the answer; nothing after it is read."""
+    flood = bytes([0xB8, 0x01, 0x01]) * (wire.SPLIT_BYTES // 3 + 1)
+    _, context = compute(servicer, flood + b"\x0f")  # and malformed after it
+    assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 23 of ComputeRequest" in context.details()
+    _, context = compute(servicer, wire.length_delimited(2, flood))
+    assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 23 of mse_loss" in context.details()
+    received = servicer_module.receive(b"\x08\x09" + flood, pb.ComputeStreamRequest)
+    assert isinstance(received.message, pb.ComputeStreamRequest) and received.message.id == 9
+    assert received.unknown is not None and received.unknown.describe() == "field 23 of ComputeStreamRequest"
+
+
+def test_floods_of_tiny_fields_never_reach_the_python_walk_of_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wire.split walks every field in Python: only a request the scan passed may get there."""
+    walked: list[int] = []
+    split = wire.split
+    monkeypatch.setattr(wire, "split", lambda data, descriptor: walked.append(len(data)) or split(data, descriptor))
+    floods = {
+        "unknown": bytes([0xB8, 0x01, 0x01]) * (wire.SPLIT_BYTES // 3 + 1),
+        "options": wire.length_delimited(2, bytes([4 << 3, 1]) * (wire.SPLIT_BYTES // 2)),
+        "shape": wire.length_delimited(2, wire.length_delimited(1, wire.length_delimited(2, bytes(2**20)))),
+    }
+    for name, data in floods.items():
+        received = servicer_module.receive(data, pb.ComputeRequest)
+        assert received.unknown is not None or isinstance(received.message, UndecodableRequest), name
+    assert walked == []
+    good = pb.ComputeRequest(mse_loss=pb.MseLoss(input=codec.encode(torch.zeros(2**18)))).SerializeToString()
+    assert servicer_module.receive(good, pb.ComputeRequest).payloads is not None and walked == [len(good)]
+
+
+@pytest.mark.parametrize("size", [2100, wire.SPLIT_BYTES])
+def test_too_many_fields_are_invalid_argument(servicer: LossServicer, size: int) -> None:
+    options = wire.length_delimited(2, bytes([4 << 3, 1]) * (size // 2))  # mse_loss.reduction, again and again
+    _, context = compute(servicer, options)
+    assert context.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert context.details().startswith("the request holds more than 1024 fields"), context.details()
+    assert "reduction of mse_loss" in context.details()
+
+
+def test_status_messages_are_cut_to_a_bound() -> None:
+    """A domain error may quote a request's string option of any length (torch's text does)."""
+    code, message = servicer_module.status_of(InvalidArgumentError("x: " + "y" * 10**6), "Compute")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("x: yyy") and message.endswith(f"... ({10**6 + 3 - 2048} more characters)")
+    assert len(message) < 2100
 
 
 def test_domain_errors_keep_their_code(servicer: LossServicer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,271 @@
+"""A bounded walk over a request's wire bytes, before it is parsed (no grpc, no torch).
+
+A request is a few dozen fields: a loss, its tensors (dtype, shape, data, requires_grad) and a
+handful of options. ``scan`` walks the fields of a serialized message as its schema describes
+them, descending into known message fields and skipping every value by its length, and stops
+
+- at the first field the schema does not know (a number it lacks, or a known number with a wire
+  type that upb would keep as an unknown field): it returns where that field is, and the
+  request is UNIMPLEMENTED without any unknown field being materialized;
+- past ``max_fields`` fields in all (a packed field's entries each count; for varints each byte,
+  as an entry takes one at least), or at a string longer than ``MAX_STRING_BYTES``:
+  ``FieldLimitError`` (INVALID_ARGUMENT), so neither this walk nor ``wire.split``'s, which visits
+  the same fields, grows with the request's size, and no option value of megabytes reaches torch
+  (whose message would quote it);
+- at bytes that are not well formed: ``DecodeError``, as upb would raise.
+
+Nothing after the first unknown field is read; upb (in C) parses the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
+from remoteloss import wire
+
+from remoteloss_server.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from google._upb._message import Descriptor as _UpbDescriptor
+
+__all__ = ["MAX_FIELDS", "MAX_STRING_BYTES", "FieldLimitError", "UnknownField", "scan"]
+
+# Fields one request may hold, at every depth. The largest legitimate ComputeRequest (five
+# tensors of rank 64 with unpacked shapes, every option, a grad_output) holds about 400; a packed
+# shape of rank 8 with sizes up to 2**21 counts 24 at most.
+MAX_FIELDS = 1024
+# Bytes of one string field: the requests' strings are option values such as "aspect_ratio:8".
+MAX_STRING_BYTES = 1024
+
+_VARINT, _FIXED64, _DELIMITED, _START_GROUP, _END_GROUP, _FIXED32 = range(6)
+_MAX_TAG = 0xFFFF_FFFF  # upb reads a tag as a 32-bit varint
+_MAX_LENGTH = 0x7FFF_FFFF  # upb rejects lengths from INT32_MAX on
+_WIRE_TYPES = {
+    FieldDescriptor.TYPE_DOUBLE: _FIXED64,
+    FieldDescriptor.TYPE_FIXED64: _FIXED64,
+    FieldDescriptor.TYPE_SFIXED64: _FIXED64,
+    FieldDescriptor.TYPE_FLOAT: _FIXED32,
+    FieldDescriptor.TYPE_FIXED32: _FIXED32,
+    FieldDescriptor.TYPE_SFIXED32: _FIXED32,
+    FieldDescriptor.TYPE_STRING: _DELIMITED,
+    FieldDescriptor.TYPE_BYTES: _DELIMITED,
+    FieldDescriptor.TYPE_MESSAGE: _DELIMITED,
+}
+
+
+@dataclass(frozen=True)
+class UnknownField:
+    """A field the schema does not know: its number, the names of the message fields leading to
+    the message that holds it (empty: the scanned message itself), and that message's type name."""
+
+    number: int
+    path: tuple[str, ...]
+    holder: str
+
+    def describe(self) -> str:
+        """E.g. "field 23 of mse_loss", "field 5 of mse_loss.input", "field 5 of ComputeRequest"."""
+        return f"field {self.number} of {'.'.join(self.path) or self.holder}"
+
+    def below(self, name: str) -> UnknownField | None:
+        """The same field as seen from the message field ``name``, when it lies inside it."""
+        if not self.path or self.path[0] != name:
+            return None
+        return UnknownField(self.number, self.path[1:], self.holder)
+
+
+class FieldLimitError(InvalidArgumentError):
+    """A request of more than ``MAX_FIELDS`` fields, or with a string of more than
+    ``MAX_STRING_BYTES``."""
+
+    @classmethod
+    def fields(cls, limit: int, field: str) -> FieldLimitError:
+        return cls(
+            f"the request holds more than {limit} fields, this server's limit for one request "
+            f"(field {limit + 1} is {field}); a request needs a few dozen"
+        )
+
+    @classmethod
+    def string(cls, length: int, field: str) -> FieldLimitError:
+        return cls(f"{field} holds {length} bytes, more than this server's limit of {MAX_STRING_BYTES} for a string")
+
+
+# What a known tag's value is, and so what the walk does with it.
+_SKIP_VARINT, _SKIP_FIXED64, _SKIP_FIXED32, _BYTES, _STRING, _MESSAGE, _PACKED = range(7)
+
+
+class _Field:
+    __slots__ = ("action", "child", "name", "width")
+
+    def __init__(self, name: str, action: int, child: _Plan | None = None, width: int = 0) -> None:
+        self.name = name
+        self.action = action
+        self.child = child  # _MESSAGE: the plan of its type
+        self.width = width  # _PACKED: the entries' width in bytes, 0 for varints
+
+
+class _Plan:
+    """The fields of one message type, by tag (field number and wire type), as upb keeps them:
+    a known number of another wire type is an unknown field (but for packed and unpacked runs)."""
+
+    __slots__ = ("name", "tags")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tags: dict[int, _Field] = {}
+
+
+_PLANS: dict[object, _Plan] = {}
+_ACTIONS = {_VARINT: _SKIP_VARINT, _FIXED64: _SKIP_FIXED64, _FIXED32: _SKIP_FIXED32}
+
+
+def _plan(descriptor: Descriptor | _UpbDescriptor) -> _Plan:
+    """The plan of a message type and of every type it reaches, made once."""
+    plan = _PLANS.get(descriptor)
+    if plan is not None:
+        return plan
+    reached: dict[str, Descriptor | _UpbDescriptor] = {}
+    pending = [descriptor]
+    while pending:
+        d = pending.pop()
+        if d.full_name not in reached:
+            reached[d.full_name] = d
+            pending.extend(f.message_type for f in d.fields if f.message_type is not None)
+    made = {name: _Plan(d.name) for name, d in reached.items()}
+    for name, d in reached.items():
+        tags = made[name].tags
+        for f in d.fields:
+            if f.type == FieldDescriptor.TYPE_GROUP:
+                raise ValueError(f"{f.full_name}: group-encoded fields are not supported")
+            wire_type = _WIRE_TYPES.get(f.type, _VARINT)
+            if f.message_type is not None:
+                field = _Field(f.name, _MESSAGE, made[f.message_type.full_name])
+            elif wire_type == _DELIMITED:
+                field = _Field(f.name, _STRING if f.type == FieldDescriptor.TYPE_STRING else _BYTES)
+            else:
+                field = _Field(f.name, _ACTIONS[wire_type])
+                if f.is_repeated:  # packable: a packed run is known too
+                    width = 8 if wire_type == _FIXED64 else 4 if wire_type == _FIXED32 else 0
+                    tags[f.number << 3 | _DELIMITED] = _Field(f.name, _PACKED, width=width)
+            tags[f.number << 3 | wire_type] = field
+    _PLANS.update((d, made[name]) for name, d in reached.items())
+    return made[descriptor.full_name]
+
+
+def scan(
+    data: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor, *, max_fields: int = MAX_FIELDS
+) -> UnknownField | None:
+    """The first field of ``data`` (a serialized ``descriptor`` message) that the schema does not
+    know, or None when it knows them all; see the module's docstring. Visits at most
+    ``max_fields`` fields (``FieldLimitError`` past them) and reads nothing after an unknown
+    field; raises DecodeError for bytes that are not well formed before that."""
+    view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+    return _Scan(view, max_fields).message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
+
+
+class _Scan:
+    __slots__ = ("left", "limit", "view")
+
+    def __init__(self, view: bytes | memoryview, limit: int) -> None:
+        self.view = view
+        self.limit = limit
+        self.left = limit  # fields that may still be visited
+
+    def message(self, start: int, end: int, plan: _Plan, path: tuple[str, ...], depth: int) -> UnknownField | None:
+        view = self.view
+        tags = plan.tags
+        left = self.left
+        pos = start
+        while pos < end:
+            at = pos
+            tag = view[pos]
+            pos += 1
+            if tag >= 0x80:
+                tag, pos = _varint(view, at, end, 5)
+            known = tags.get(tag)
+            if known is None:
+                return _unknown(tag, at, path, plan)
+            left -= 1
+            if left < 0:
+                raise FieldLimitError.fields(self.limit, _name(known, path, plan))
+            action = known.action
+            if action == _SKIP_VARINT:
+                if pos < end and view[pos] < 0x80:
+                    pos += 1
+                else:
+                    pos = _varint(view, pos, end, 10)[1]
+                continue
+            if action == _SKIP_FIXED64 or action == _SKIP_FIXED32:
+                pos += 8 if action == _SKIP_FIXED64 else 4
+                if pos > end:
+                    raise DecodeError(f"truncated fixed-size field at byte {at}")
+                continue
+            length_at = pos
+            length = view[pos] if pos < end else 0x80
+            pos += 1
+            if length >= 0x80:
+                high = view[pos] if pos < end else 0x80
+                if high < 0x80:  # two bytes or three, as for most tensors' data
+                    length = length & 0x7F | high << 7
+                    pos += 1
+                elif pos + 1 < end and view[pos + 1] < 0x80:
+                    length = length & 0x7F | (high & 0x7F) << 7 | view[pos + 1] << 14
+                    pos += 2
+                else:
+                    length, pos = _varint(view, length_at, end, 5)
+            if length >= _MAX_LENGTH or pos + length > end:
+                raise DecodeError(f"length past the end at byte {length_at}")
+            if action == _MESSAGE:
+                if depth <= 0:
+                    raise DecodeError(f"nested deeper than {wire.MAX_DEPTH} at byte {at}")
+                assert known.child is not None
+                self.left = left
+                found = self.message(pos, pos + length, known.child, (*path, known.name), depth - 1)
+                if found is not None:
+                    return found
+                left = self.left
+            elif action == _PACKED and length > 1:  # each entry counts as a field; for varints each byte
+                left -= (length // known.width if known.width else length) - 1
+                if left < 0:
+                    raise FieldLimitError.fields(self.limit, _name(known, path, plan))
+            elif action == _STRING and length > MAX_STRING_BYTES:
+                raise FieldLimitError.string(length, _name(known, path, plan))
+            pos += length
+        self.left = left
+        return None
+
+
+def _unknown(tag: int, at: int, path: tuple[str, ...], plan: _Plan) -> UnknownField:
+    """The unknown field of a tag that is no known one; DecodeError where upb would raise."""
+    if tag > _MAX_TAG:
+        raise DecodeError(f"tag out of range at byte {at}")
+    number, wire_type = tag >> 3, tag & 7
+    if number == 0:
+        raise DecodeError(f"field number 0 at byte {at}")
+    if wire_type == _END_GROUP or wire_type > _FIXED32:
+        raise DecodeError(f"invalid wire type {wire_type} at byte {at}")
+    return UnknownField(number, path, plan.name)  # a group too: the plans have none
+
+
+def _name(field: _Field, path: tuple[str, ...], plan: _Plan) -> str:
+    """E.g. "shape of mse_loss.input"."""
+    return f"{field.name} of {'.'.join(path) or plan.name}"
+
+
+def _varint(view: bytes | memoryview, start: int, end: int, limit: int) -> tuple[int, int]:
+    """The varint at ``start`` of at most ``limit`` bytes, and the position after it."""
+    value = shift = 0
+    pos = start
+    stop = min(end, start + limit)
+    while pos < stop:
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value & 0xFFFF_FFFF_FFFF_FFFF, pos
+        shift += 7
+    if pos >= end and pos - start < limit:
+        raise DecodeError(f"truncated varint at byte {start}")
+    raise DecodeError(f"varint longer than {limit} bytes at byte {start}")
