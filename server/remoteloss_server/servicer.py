@@ -173,11 +173,11 @@ def receive(data: bytes, message_type: type[Message]) -> Received:
             message = _unparsed(message_type, data, unknown) if large else message_type.FromString(data)
             payloads = None
     except DecodeError as exc:
-        reason = UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc), _stream_id(message_type, data))
-        return Received(reason, len(data))
+        undecodable = UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc), _stream_id(message_type, data))
+        return Received(undecodable, len(data))
     except FieldLimitError as exc:  # kept as text: its traceback holds the request's bytes
-        name, reason = message_type.DESCRIPTOR.full_name, str(exc)
-        return Received(UndecodableRequest(name, reason, _stream_id(message_type, data), reason), len(data))
+        name, refusal = message_type.DESCRIPTOR.full_name, str(exc)
+        return Received(UndecodableRequest(name, refusal, _stream_id(message_type, data), refusal), len(data))
     return Received(message, len(data), payloads, unknown)
 
 
