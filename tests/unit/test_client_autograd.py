@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import remoteloss
 from remoteloss import codec
 from remoteloss._request import Request
-from remoteloss._transport import Answer
+from remoteloss._transport import Answer, Transport
 from remoteloss.v1 import loss_pb2 as pb
 
 torch.set_num_threads(1)
@@ -58,7 +58,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> LocalServer:
     def compute_rpc(self: Any, request: Request) -> Answer:
         return Answer(local(pb.ComputeRequest.FromString(request.serialize())))
 
-    monkeypatch.setattr(remoteloss.Client, "_compute_rpc", compute_rpc)
+    monkeypatch.setattr(Transport, "compute", compute_rpc)
     return local
 
 

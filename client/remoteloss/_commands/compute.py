@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     request, wrt = build_request(args.loss, args.arg, args.opt, args.grad, args.grad_output)
     with Client(args.target, timeout=args.timeout, **connection(args)) as client:
-        answer = client._compute_rpc(Request(request))
+        answer = client._transport.compute(Request(request))
     response = answer.message
     for text in response.warnings:
         print(f"remoteloss: warning: {text}", file=sys.stderr)
