@@ -39,7 +39,9 @@ RUN pip install --no-cache-dir "./[server]" \
 WORKDIR /home/remoteloss
 USER 10001:10001
 
-# The server's defaults, spelled out because the health check and the EXPOSE lines rely on them.
+# Every interface: the server's default is loopback only, which nothing outside the container
+# could reach. The rest are the server's defaults, spelled out because the health check and the
+# EXPOSE lines rely on them.
 ENV REMOTELOSS_HOST="[::]" \
     REMOTELOSS_PORT=50051 \
     REMOTELOSS_METRICS_PORT=9464 \

@@ -47,7 +47,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
 
 def test_defaults_match_the_design() -> None:
     config = ServerConfig()
-    assert (config.host, config.port, config.device) == ("[::]", 50051, "auto")
+    assert (config.host, config.port, config.device) == ("localhost", 50051, "auto")
     assert (config.torch_threads, config.compute_threads) == (1, 1)
     assert config.max_message_bytes == 512 * 1024 * 1024
     assert (config.log_level, config.shutdown_grace_s) == ("INFO", 10.0)
