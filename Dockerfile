@@ -9,7 +9,7 @@
 # 13.0), which the NVIDIA Container Toolkit mounts in at run time. Not nvidia/cuda:*-runtime: its
 # CUDA libraries would be a second copy of the wheels' (gigabytes). Not pytorch/pytorch: its conda
 # Python and torch would have to track this project's pin by hand. The pin matches
-# scripts/test.sh, so the image runs the torch the tests ran.
+# scripts/install.sh (which scripts/test.sh runs), so the image runs the torch the tests ran.
 #
 # Every server setting is an environment variable (REMOTELOSS_<FLAG>, e.g. REMOTELOSS_DEVICE,
 # REMOTELOSS_MAX_BATCH_SIZE; `docker run --rm remoteloss:0.1.0 remoteloss-server --help` lists
