@@ -271,3 +271,12 @@ def test_batching_flags_and_environment(served: list[ServerConfig], monkeypatch:
     monkeypatch.setenv("REMOTELOSS_MAX_BATCH_DELAY", "0.02")  # spelled like the flag, it wins over the alias
     assert cli.main(["--batching"]) == 0  # a flag wins over the environment
     assert (served[-1].batching, served[-1].max_batch_delay_s) == (True, 0.02)
+
+
+def test_help_shows_no_default_for_a_setting_unset_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "None" not in out
+    assert "(env REMOTELOSS_METRICS_HOST)" in " ".join(out.split())
+    assert "default localhost" in " ".join(out.split())  # the --host default: loopback only
