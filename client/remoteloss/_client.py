@@ -37,7 +37,7 @@ DEFAULT_STREAM_WINDOW = 64  # requests a stream keeps unanswered before a new on
 
 
 class _ClientBase(LossMethods):
-    """What ``Client`` and ``AsyncClient`` share: settings, ``with_options``, the blocking path."""
+    """What ``Client`` and ``AsyncClient`` share: settings, the ``Transport``, ``with_options``."""
 
     _eager_channel = False  # open the blocking channel at construction
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import grpc
@@ -146,7 +146,7 @@ class Transport:
 
     channels: Channels
     timeout: float | None
-    metadata: tuple[tuple[str, str | bytes], ...]
+    metadata: tuple[tuple[str, str | bytes], ...] = field(repr=False)  # may hold the API key
     name: str = "the client"  # for "... is closed"
 
     def check_open(self) -> None:

@@ -153,6 +153,13 @@ def test_server_warnings_are_raised_at_the_callers_line(client: Any) -> None:
     assert [w.filename for w in record] == [__file__]
 
 
+def test_the_transport_shows_no_metadata(client: Any) -> None:
+    keyed = remoteloss.Client("localhost:1", api_key="k" * 32, metadata=[("x-a", "secret-value")])
+    assert "k" * 32 not in repr(keyed._transport) and "secret-value" not in repr(keyed._transport)
+    assert "k" * 32 not in repr(keyed.with_options(timeout=1.0)._transport)
+    keyed.close()
+
+
 def test_with_options_shares_the_channel(client: Any) -> None:
     fast = client.with_options(timeout=0.5)
     assert (fast.timeout, client.timeout) == (0.5, 30.0)
