@@ -9,7 +9,7 @@
 # 13.0), which the NVIDIA Container Toolkit mounts in at run time. Not nvidia/cuda:*-runtime: its
 # CUDA libraries would be a second copy of the wheels' (gigabytes). Not pytorch/pytorch: its conda
 # Python and torch would have to track this project's pin by hand. The pin matches
-# scripts/test.sh, so the image runs the torch the tests ran.
+# scripts/install.sh (which scripts/test.sh runs), so the image runs the torch the tests ran.
 #
 # Every server setting is an environment variable (REMOTELOSS_<FLAG>, e.g. REMOTELOSS_DEVICE,
 # REMOTELOSS_MAX_BATCH_SIZE; `docker run --rm remoteloss:0.1.0 remoteloss-server --help` lists
@@ -39,7 +39,9 @@ RUN pip install --no-cache-dir "./[server]" \
 WORKDIR /home/remoteloss
 USER 10001:10001
 
-# The server's defaults, spelled out because the health check and the EXPOSE lines rely on them.
+# Every interface: the server's default is loopback only, which nothing outside the container
+# could reach. The rest are the server's defaults, spelled out because the health check and the
+# EXPOSE lines rely on them.
 ENV REMOTELOSS_HOST="[::]" \
     REMOTELOSS_PORT=50051 \
     REMOTELOSS_METRICS_PORT=9464 \

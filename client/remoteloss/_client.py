@@ -8,24 +8,20 @@ its answer becomes a result is in ``_calls``; this module only moves requests.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import threading
 from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 
 from remoteloss._calls import plan_loss, plan_value_and_grad, warn
-from remoteloss._channel import Pem, api_key_metadata, create_aio_channel, create_channel, tls_credentials
-from remoteloss._errors import _error_from_rpc
+from remoteloss._channel import Pem, api_key_metadata, tls_credentials
 from remoteloss._losses import LossMethods
-from remoteloss._request import Request
-from remoteloss._transport import Answer, Stub
+from remoteloss._stream import AsyncStream, Stream
+from remoteloss._transport import Channels, Transport
 from remoteloss.v1 import loss_pb2 as pb
-
-if TYPE_CHECKING:
-    from remoteloss._stream import AsyncStream, Stream
 
 __all__ = ["AsyncClient", "Client"]
 
@@ -40,59 +36,8 @@ _UNSET = _Unset.UNSET
 DEFAULT_STREAM_WINDOW = 64  # requests a stream keeps unanswered before a new one waits
 
 
-class _Connection:
-    """The channels that a client and its ``with_options`` copies share: a blocking one, and for
-    ``AsyncClient`` a ``grpc.aio`` one made on first use inside the event loop (the blocking one
-    then serves autograd's second calls only, and is made only if one happens)."""
-
-    def __init__(
-        self, target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
-    ) -> None:
-        self._target = target
-        self._credentials = credentials
-        self._options = tuple(options)
-        self._lock = threading.Lock()
-        self._channel: grpc.Channel | None = None
-        self._stub: Stub | None = None
-        self._aio_channel: grpc.aio.Channel | None = None
-        self._aio_stub: Stub | None = None
-        self.closed = False
-
-    def stub(self) -> Stub:
-        """The ``Stub`` on the blocking channel."""
-        with self._lock:
-            if self.closed:
-                raise RuntimeError("the client is closed")
-            if self._stub is None:
-                self._channel = create_channel(self._target, credentials=self._credentials, options=self._options)
-                self._stub = Stub(self._channel)
-            return self._stub
-
-    def aio_stub(self) -> Stub:
-        """The ``Stub`` on the ``grpc.aio`` channel; call it from the event loop."""
-        if self.closed:
-            raise RuntimeError("the client is closed")
-        if self._aio_stub is None:
-            self._aio_channel = create_aio_channel(self._target, credentials=self._credentials, options=self._options)
-            self._aio_stub = Stub(self._aio_channel)
-        return self._aio_stub
-
-    def close(self) -> None:
-        with self._lock:
-            self.closed = True
-            channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
-
-    async def aclose(self) -> None:
-        self.close()
-        channel, self._aio_channel = self._aio_channel, None
-        if channel is not None:
-            await channel.close(None)
-
-
 class _ClientBase(LossMethods):
-    """What ``Client`` and ``AsyncClient`` share: settings, ``with_options``, the blocking path."""
+    """What ``Client`` and ``AsyncClient`` share: settings, the ``Transport``, ``with_options``."""
 
     _eager_channel = False  # open the blocking channel at construction
 
@@ -111,7 +56,6 @@ class _ClientBase(LossMethods):
         client_key: Pem | None = None,
     ) -> None:
         self._target = target
-        self._timeout = _check_timeout(timeout)
         credentials = tls_credentials(
             tls=tls,
             root_certificates=root_certificates,
@@ -121,11 +65,16 @@ class _ClientBase(LossMethods):
         )
         # Sent first with every call, also by with_options copies; never shown by repr.
         self._auth_metadata = api_key_metadata(target, api_key, secure=credentials is not None)
-        self._metadata: tuple[tuple[str, str | bytes], ...] = (*self._auth_metadata, *metadata)
-        self._connection = _Connection(target, credentials, options)
-        self._owns_connection = True
+        timeout = _check_timeout(timeout)
+        self._transport = Transport(
+            Channels(target, credentials, options),
+            timeout,
+            (*self._auth_metadata, *metadata),
+            name=_describe(type(self), target, timeout),
+        )
+        self._owns_channels = True
         if self._eager_channel:
-            self._connection.stub()  # the channel exists from the start, as with grpc's own clients
+            self._transport.channels.stub()  # the channel exists from the start, as with grpc's own clients
 
     @property
     def target(self) -> str:
@@ -133,7 +82,7 @@ class _ClientBase(LossMethods):
 
     @property
     def timeout(self) -> float | None:
-        return self._timeout
+        return self._transport.timeout
 
     def with_options(
         self: _C,
@@ -147,23 +96,17 @@ class _ClientBase(LossMethods):
         """
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone._owns_connection = False
+        clone._owns_channels = False
+        transport = self._transport
         if timeout is not _UNSET:
-            clone._timeout = _check_timeout(timeout)
+            transport = dataclasses.replace(transport, timeout=_check_timeout(timeout))
         if metadata is not _UNSET:
-            clone._metadata = (*self._auth_metadata, *metadata)
+            transport = dataclasses.replace(transport, metadata=(*self._auth_metadata, *metadata))
+        clone._transport = dataclasses.replace(transport, name=_describe(type(self), self._target, transport.timeout))
         return clone
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(target={self._target!r}, timeout={self._timeout!r})"
-
-    def _blocking_unary(self, method: str, request: Any) -> Any:
-        if self._connection.closed:
-            raise RuntimeError(f"{self!r} is closed")
-        try:
-            return getattr(self._connection.stub(), method)(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _error_from_rpc(exc) from exc
+        return _describe(type(self), self._target, self._transport.timeout)
 
 
 class Client(_ClientBase):
@@ -186,8 +129,8 @@ class Client(_ClientBase):
 
     def close(self) -> None:
         """Close the channel (a ``with_options`` copy leaves it open). Idempotent."""
-        if self._owns_connection:
-            self._connection.close()
+        if self._owns_channels:
+            self._transport.channels.close()
 
     def __enter__(self) -> Client:
         return self
@@ -199,7 +142,7 @@ class Client(_ClientBase):
 
     def list_losses(self) -> pb.ListLossesResponse:
         """What the server offers: every loss with its arguments, options and dtypes."""
-        response: pb.ListLossesResponse = self._blocking_unary("ListLosses", pb.ListLossesRequest())
+        response: pb.ListLossesResponse = self._transport.unary("ListLosses", pb.ListLossesRequest())
         return response
 
     def value_and_grad(
@@ -218,28 +161,22 @@ class Client(_ClientBase):
         arrays, or torch tensors (without ``grad_fn``) when any tensor argument is one.
         """
         plan = plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output)
-        answer = self._compute_rpc(plan.request)
-        result: tuple[Any, dict[str, Any]] = plan.finish(answer, self._compute_rpc)
+        answer = self._transport.compute(plan.request)
+        result: tuple[Any, dict[str, Any]] = plan.finish(answer, self._transport.compute)
         warn(answer.message.warnings, stacklevel=2)  # value_and_grad's caller
         return result
 
     def stream(self, *, timeout: float | None = None, window: int = DEFAULT_STREAM_WINDOW) -> Stream:
         """Many calls on one ``ComputeStream``: each loss method of the stream returns a
         ``concurrent.futures.Future`` at once. See ``remoteloss.Stream``."""
-        from remoteloss._stream import Stream
-
-        return Stream(self, timeout=_check_timeout(timeout), window=window)
+        return Stream(self._transport, timeout=_check_timeout(timeout), window=window)
 
     def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
         plan = plan_loss(loss, arguments)
-        answer = self._compute_rpc(plan.request)
-        result = plan.finish(answer, self._compute_rpc)
+        answer = self._transport.compute(plan.request)
+        result = plan.finish(answer, self._transport.compute)
         warn(answer.message.warnings, stacklevel=3)  # _compute, the loss method, its caller
         return result
-
-    def _compute_rpc(self, request: Request) -> Answer:
-        answer: Answer = self._blocking_unary("Compute", request.serialize())
-        return answer
 
 
 class AsyncClient(_ClientBase):
@@ -258,8 +195,8 @@ class AsyncClient(_ClientBase):
 
     async def aclose(self) -> None:
         """Close the channels (a ``with_options`` copy leaves them open). Idempotent."""
-        if self._owns_connection:
-            await self._connection.aclose()
+        if self._owns_channels:
+            await self._transport.channels.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -271,7 +208,7 @@ class AsyncClient(_ClientBase):
 
     async def list_losses(self) -> pb.ListLossesResponse:
         """What the server offers: every loss with its arguments, options and dtypes."""
-        response: pb.ListLossesResponse = await self._unary("ListLosses", pb.ListLossesRequest())
+        response: pb.ListLossesResponse = await self._transport.aunary("ListLosses", pb.ListLossesRequest())
         return response
 
     async def value_and_grad(
@@ -285,41 +222,25 @@ class AsyncClient(_ClientBase):
     ) -> tuple[Any, dict[str, Any]]:
         """The loss and its gradients with respect to ``wrt``, in one call; see ``Client.value_and_grad``."""
         plan = plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output)
-        answer = await self._compute_rpc(plan.request)
-        result: tuple[Any, dict[str, Any]] = plan.finish(answer, self._backward_rpc)
+        answer = await self._transport.acompute(plan.request)
+        result: tuple[Any, dict[str, Any]] = plan.finish(answer, self._transport.compute)
         warn(answer.message.warnings, stacklevel=2)  # the coroutine awaiting value_and_grad
         return result
 
     def stream(self, *, timeout: float | None = None, window: int = DEFAULT_STREAM_WINDOW) -> AsyncStream:
         """Many calls on one ``ComputeStream``; see ``remoteloss.AsyncStream``."""
-        from remoteloss._stream import AsyncStream
-
-        return AsyncStream(self, timeout=_check_timeout(timeout), window=window)
+        return AsyncStream(self._transport, timeout=_check_timeout(timeout), window=window)
 
     async def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
         plan = plan_loss(loss, arguments)
-        answer = await self._compute_rpc(plan.request)
-        result = plan.finish(answer, self._backward_rpc)
+        answer = await self._transport.acompute(plan.request)
+        result = plan.finish(answer, self._transport.compute)  # backward's second call, if any, blocks
         warn(answer.message.warnings, stacklevel=2)  # _compute, the coroutine awaiting the loss method
         return result
 
-    async def _compute_rpc(self, request: Request) -> Answer:
-        answer: Answer = await self._unary("Compute", request.serialize())  # serialized now, not when sent
-        return answer
 
-    def _backward_rpc(self, request: Request) -> Answer:
-        answer: Answer = self._blocking_unary("Compute", request.serialize())
-        return answer
-
-    async def _unary(self, method: str, request: Any) -> Any:
-        if self._connection.closed:
-            raise RuntimeError(f"{self!r} is closed")
-        try:
-            return await getattr(self._connection.aio_stub(), method)(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise _error_from_rpc(exc) from exc
+def _describe(cls: type, target: str, timeout: float | None) -> str:
+    return f"{cls.__name__}(target={target!r}, timeout={timeout!r})"
 
 
 def _check_timeout(timeout: float | None) -> float | None:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -40,12 +40,9 @@ from remoteloss._errors import (
 )
 from remoteloss._losses import LossMethods
 from remoteloss._request import Request
-from remoteloss._transport import Answer
+from remoteloss._transport import Answer, Transport
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.wire import Payloads
-
-if TYPE_CHECKING:
-    from remoteloss._client import AsyncClient, Client
 
 __all__ = ["AsyncStream", "LossFuture", "Stream"]
 
@@ -167,9 +164,9 @@ class Stream(_StreamBase):
     works as for direct calls (a second call, if backward needs one, goes through the client).
     """
 
-    def __init__(self, client: Client, *, timeout: float | None, window: int) -> None:
+    def __init__(self, transport: Transport, *, timeout: float | None, window: int) -> None:
         super().__init__(timeout, window)
-        self._client = client
+        self._transport = transport
         self._room = threading.Condition()
         self._pending: dict[int, tuple[LossFuture, bytes]] = {}  # each unanswered call and its item
         self._outbox: queue.SimpleQueue[bytes | None]
@@ -212,7 +209,7 @@ class Stream(_StreamBase):
             while len(self._pending) >= self._window and self._failure is None and not self._closed:
                 self._room.wait()
             self._check_open()
-            future = LossFuture(plan, self._client._compute_rpc)
+            future = LossFuture(plan, self._transport.compute)
             self._pending[key] = (future, item)
             self._outbox.put(item)
         return future
@@ -225,9 +222,8 @@ class Stream(_StreamBase):
             outbox.put(item)
         if self._closed:
             outbox.put(None)
-        stub = self._client._connection.stub()
         self._outbox = outbox
-        self._call = stub.ComputeStream(_requests(outbox), timeout=self._call_timeout(), metadata=self._client._metadata)
+        self._call = self._transport.compute_stream(_requests(outbox), self._call_timeout())
 
     def _read(self) -> None:
         attempts = 0
@@ -300,9 +296,9 @@ class AsyncStream(_StreamBase):
     ``aclose()``) waits for every answer; leaving it by an exception cancels the stream.
     """
 
-    def __init__(self, client: AsyncClient, *, timeout: float | None, window: int) -> None:
+    def __init__(self, transport: Transport, *, timeout: float | None, window: int) -> None:
         super().__init__(timeout, window)
-        self._client = client
+        self._transport = transport
         self._slots = asyncio.Semaphore(window)
         self._pending: dict[int, tuple[asyncio.Future[Answer], bytes]] = {}  # each unanswered call, its item
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # serialized items
@@ -342,7 +338,7 @@ class AsyncStream(_StreamBase):
     async def _submit(self, make_plan: Callable[[], Plan]) -> Any:
         plan = make_plan()  # a bad argument raises when awaited, as on AsyncClient
         answer = await self._send(plan.request)
-        result = plan.finish(answer, self._client._backward_rpc)
+        result = plan.finish(answer, self._transport.compute)  # backward's second call blocks
         warn(answer.message.warnings, stacklevel=2)  # _submit, the coroutine awaiting the loss method
         return result
 
@@ -370,8 +366,7 @@ class AsyncStream(_StreamBase):
             self._outbox.put_nowait(item)
         if self._closed:
             self._outbox.put_nowait(None)
-        stub = self._client._connection.aio_stub()
-        self._call = stub.ComputeStream(timeout=self._call_timeout(), metadata=self._client._metadata)
+        self._call = self._transport.acompute_stream(self._call_timeout())
         self._writer = asyncio.create_task(self._write(self._call, self._outbox))
 
     async def _write(self, call: Any, outbox: asyncio.Queue[bytes | None]) -> None:

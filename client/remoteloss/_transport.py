@@ -1,4 +1,7 @@
-"""How Compute and ComputeStream cross a channel: serialized requests out, answers read in place.
+"""How calls cross a channel: the shared ``Transport``, serialized requests out, answers read in place.
+
+``Transport`` is what ``Client``, ``AsyncClient`` and their streams share: the ``Channels``
+(blocking and ``grpc.aio``), and each call's deadline and metadata.
 
 A request is serialized by its caller before the call starts (``Request.serialize``,
 ``Request.serialize_item``), so that what is sent is fixed when the call is made, even on a
@@ -9,18 +12,22 @@ array or tensor it returns (protobuf would copy them twice before that).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeVar
 
+import grpc
+import grpc.aio
 from google.protobuf.message import Message
 
 from remoteloss import wire
+from remoteloss._channel import create_aio_channel, create_channel
+from remoteloss._errors import _error_from_rpc
+from remoteloss._request import Request
 from remoteloss.v1 import loss_pb2 as pb
 
-if TYPE_CHECKING:
-    import grpc
-    import grpc.aio
-
-__all__ = ["Answer", "Stub", "read_answer", "read_stream_answer"]
+__all__ = ["Answer", "Channels", "Stub", "Transport", "read_answer", "read_stream_answer"]
 
 _M = TypeVar("_M", bound=Message)
 _SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -73,3 +80,110 @@ class Stub:
             response_deserializer=pb.ListLossesResponse.FromString,
             _registered_method=True,  # type: ignore[call-arg]
         )
+
+
+class Channels:
+    """The channels that a client, its ``with_options`` copies and its streams share: a blocking
+    one, made on first use (``Client`` makes it at once), and a ``grpc.aio`` one made on first use
+    inside the event loop (``AsyncClient``; the blocking one then serves autograd's second calls
+    only, and is made only if one happens)."""
+
+    def __init__(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+    ) -> None:
+        self._target = target
+        self._credentials = credentials
+        self._options = tuple(options)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: Stub | None = None
+        self._aio_channel: grpc.aio.Channel | None = None
+        self._aio_stub: Stub | None = None
+        self.closed = False
+
+    def stub(self) -> Stub:
+        """The ``Stub`` on the blocking channel."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the client is closed")
+            if self._stub is None:
+                self._channel = create_channel(self._target, credentials=self._credentials, options=self._options)
+                self._stub = Stub(self._channel)
+            return self._stub
+
+    def aio_stub(self) -> Stub:
+        """The ``Stub`` on the ``grpc.aio`` channel; call it from the event loop."""
+        if self.closed:
+            raise RuntimeError("the client is closed")
+        if self._aio_stub is None:
+            self._aio_channel = create_aio_channel(self._target, credentials=self._credentials, options=self._options)
+            self._aio_stub = Stub(self._aio_channel)
+        return self._aio_stub
+
+    @property
+    def has_blocking_channel(self) -> bool:
+        return self._channel is not None
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        channel, self._aio_channel = self._aio_channel, None
+        if channel is not None:
+            await channel.close(None)
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How a client and its streams send: shared ``Channels``, plus the deadline and metadata of
+    each call. ``Client``, ``AsyncClient`` and their streams hold one, and use nothing else of
+    each other; ``with_options`` gives a new one on the same channels."""
+
+    channels: Channels
+    timeout: float | None
+    metadata: tuple[tuple[str, str | bytes], ...] = field(repr=False)  # may hold the API key
+    name: str = "the client"  # for "... is closed"
+
+    def check_open(self) -> None:
+        if self.channels.closed:
+            raise RuntimeError(f"{self.name} is closed")
+
+    def unary(self, method: str, request: Any) -> Any:
+        """A unary call on the blocking channel; a failure raises the status's ``LossServiceError``."""
+        self.check_open()
+        try:
+            return getattr(self.channels.stub(), method)(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _error_from_rpc(exc) from exc
+
+    async def aunary(self, method: str, request: Any) -> Any:
+        """A unary call on the ``grpc.aio`` channel."""
+        self.check_open()
+        try:
+            return await getattr(self.channels.aio_stub(), method)(
+                request, timeout=self.timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            raise _error_from_rpc(exc) from exc
+
+    def compute(self, request: Request) -> Answer:
+        """A blocking Compute (also autograd's second call of an ``AsyncClient``)."""
+        answer: Answer = self.unary("Compute", request.serialize())
+        return answer
+
+    async def acompute(self, request: Request) -> Answer:
+        answer: Answer = await self.aunary("Compute", request.serialize())  # serialized now, not when sent
+        return answer
+
+    def compute_stream(self, requests: Iterator[bytes], timeout: float | None) -> Any:
+        """A blocking ComputeStream call sending the serialized ``requests``; ``timeout``: the stream's."""
+        return self.channels.stub().ComputeStream(requests, timeout=timeout, metadata=self.metadata)
+
+    def acompute_stream(self, timeout: float | None) -> Any:
+        """A ``grpc.aio`` ComputeStream call; its requests go with ``write``."""
+        return self.channels.aio_stub().ComputeStream(timeout=timeout, metadata=self.metadata)

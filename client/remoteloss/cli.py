@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from remoteloss import __version__
 from remoteloss._errors import LossServiceError
 
 __all__ = ["COMMANDS", "Command", "UsageError", "connection", "main"]
@@ -91,6 +92,7 @@ def _parser(selected: str | None, module: ModuleType | None) -> argparse.Argumen
         prog="remoteloss",
         description="Call a remoteloss server: list its losses, compute one, check its health.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _connection_arguments(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():

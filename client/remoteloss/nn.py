@@ -18,7 +18,10 @@ neither, every such module shares one process-wide client for ``$REMOTELOSS_TARG
 construction. ``copy.deepcopy`` shares the connection. Pickling keeps only a target (``target=``, or
 the given client's ``target``), never a client: the unpickled module makes a plain client for it.
 
-``import remoteloss`` does not import this module; it needs torch.
+``import remoteloss`` does not import this module; it needs torch. Without torch, importing it
+raises an ImportError (a ``ModuleNotFoundError`` for ``torch``) that says what to install, or
+what to use instead: ``remoteloss.Client`` takes numpy arrays, and ``value_and_grad`` gives
+the gradients.
 """
 
 import os
@@ -26,9 +29,20 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
-from torch.nn import LinearCrossEntropyOptions
+try:
+    import torch
+    from torch import Tensor
+    from torch.nn import LinearCrossEntropyOptions
+except ModuleNotFoundError as exc:
+    if exc.name != "torch":
+        raise
+    raise ModuleNotFoundError(
+        "remoteloss.nn needs torch, which is not installed: `pip install torch` (or "
+        "`pip install 'remoteloss[server]'`, which brings it). Without torch, use remoteloss.Client "
+        "with numpy arrays: client.mse_loss(x, y) gives the loss, and "
+        "client.value_and_grad('mse_loss', x, y) the loss and its gradients.",
+        name="torch",
+    ) from exc
 
 if TYPE_CHECKING:
     from remoteloss import Client

@@ -15,8 +15,10 @@ a call; unusable ones keep the old. Lifecycle events are logged as one
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -286,11 +288,20 @@ def serve(config: ServerConfig, *, worker: int | None = None) -> None:
     """
     logging.basicConfig(level=config.log_level, format=_LOG_FORMAT)
     if config.workers > 1 and worker is None:
-        workers.run(config)
+        workers.run(config, _serve_worker)
         return
     # Process-wide, so only here: a ServerThread leaves its host process's allocator alone.
     allocator.configure(config.malloc_mmap_threshold_bytes)
     asyncio.run(_serve(config, worker))
+
+
+def _serve_worker(config: ServerConfig, index: int) -> None:
+    """One of ``--workers N`` processes (``workers.Target``): exit status 1 if it cannot start."""
+    try:
+        serve(config, worker=index)
+    except StartupError as exc:
+        logger.error("event=startup_failed error=%s", json.dumps(str(exc)))
+        sys.exit(1)
 
 
 async def _serve(config: ServerConfig, worker: int | None = None) -> None:

@@ -188,9 +188,15 @@ def _parser() -> argparse.ArgumentParser:
             dest=s.field,
             type=s.parse,
             metavar=s.metavar,
-            help=f"{s.help} (env {s.env[0]}; default {s.default or getattr(defaults, s.field)})",
+            help=f"{s.help} (env {s.env[0]}{_default(s.default or getattr(defaults, s.field))})",
         )
     return parser
+
+
+def _default(value: Any) -> str:
+    """``; default X`` for --help, or nothing for a setting that is unset by default (its help says
+    what unset means)."""
+    return "" if value is None else f"; default {value}"
 
 
 def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:

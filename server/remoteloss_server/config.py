@@ -20,7 +20,7 @@ class ServerConfig:
     """Server settings. Each field is also a flag (``--torch-threads``) and an environment
     variable (``REMOTELOSS_TORCH_THREADS``); see ``cli``."""
 
-    host: str = "[::]"
+    host: str = "localhost"  # loopback only; "[::]" (every interface) is for deployments, set explicitly
     port: int = 50051  # 0 picks a free port
     device: str = "auto"  # "auto" (cuda:0 when CUDA is available, else cpu), "cpu", "cuda", "cuda:N"
     torch_threads: int = 1  # torch.set_num_threads: intra-op threads of each CPU computation

@@ -1,8 +1,9 @@
 """``--workers N``: N server processes on one port, as in gRPC's multiprocessing example.
 
 The parent binds nothing. It starts N children with the ``spawn`` method (no forked gRPC or
-torch state); each runs the ordinary server (``app.serve(config, worker=i)``) with
-``grpc.so_reuseport`` on, bound to the same explicit port, and the kernel spreads incoming
+torch state); each runs the function it is given, ``target(config, i)``, as uvicorn's
+supervisors are given theirs: ``app`` gives the ordinary server, with ``grpc.so_reuseport``
+on, bound to the same explicit port (this module imports no server), and the kernel spreads incoming
 connections over them. Every child has its own compute threads (and batcher); on a GPU they
 all share it.
 
@@ -18,7 +19,6 @@ others serve is logged, and the others keep serving.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -26,16 +26,22 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from remoteloss_server.config import ServerConfig
 
-__all__ = ["WorkerError", "run", "worker_config"]
+__all__ = ["Target", "WorkerError", "run", "worker_config"]
 
 logger = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+# What a worker runs: (its settings, its index) -> None once drained. A module-level function, so
+# that a spawned child can import it; it raises SystemExit with a non-zero status if it cannot start.
+Target = Callable[[ServerConfig, int], None]
 
 
 class WorkerError(Exception):
@@ -50,11 +56,11 @@ def worker_config(config: ServerConfig, index: int) -> ServerConfig:
     return dataclasses.replace(config, metrics_port=config.metrics_port + index)
 
 
-def run(config: ServerConfig) -> None:
-    """Run ``config.workers`` server processes until SIGTERM or SIGINT; raise WorkerError if any failed."""
+def run(config: ServerConfig, target: Target) -> None:
+    """Run ``target`` in ``config.workers`` processes until SIGTERM or SIGINT; raise WorkerError if any failed."""
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker, args=(worker_config(config, i), i), name=f"worker-{i}")
+        context.Process(target=_worker, args=(target, worker_config(config, i), i), name=f"worker-{i}")
         for i in range(config.workers)
     ]
     stopping = False
@@ -102,19 +108,14 @@ def run(config: ServerConfig) -> None:
         raise WorkerError(f"{len(failed)} of {len(processes)} workers failed: {statuses}")
 
 
-def _worker(config: ServerConfig, index: int) -> None:
-    """A child: its own process group, then the ordinary server. Exit status 0 after a clean
-    drain, 1 if it could not start, 130 when forced by a second SIGINT."""
+def _worker(target: Target, config: ServerConfig, index: int) -> None:
+    """A child: its own process group, then ``target``. Exit status 0 after a clean drain,
+    ``target``'s if it could not start (1), 130 when forced by a second SIGINT."""
     os.setpgrp()
     logging.basicConfig(level=config.log_level, format=_LOG_FORMAT)
     _drain_when_orphaned()
-    from remoteloss_server import app  # app imports this module
-
     try:
-        app.serve(config, worker=index)
-    except app.StartupError as exc:
-        logger.error("event=startup_failed error=%s", json.dumps(str(exc)))
-        sys.exit(1)
+        target(config, index)
     except KeyboardInterrupt:
         sys.exit(130)
 

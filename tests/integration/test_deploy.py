@@ -73,8 +73,8 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_dockerfile_installs_the_server_with_the_tested_torch_as_a_non_root_user() -> None:
     dockerfile = Dockerfile.read()
     runs = " ".join(dockerfile.all("RUN"))
-    tested = re.search(r"torch==([\w.]+)", (ROOT / "scripts" / "test.sh").read_text())
-    assert tested and f"torch=={tested[1]}" in runs, "the image's torch pin differs from scripts/test.sh's"
+    tested = re.search(r"torch==([\w.]+)", (ROOT / "scripts" / "install.sh").read_text())
+    assert tested and f"torch=={tested[1]}" in runs, "the image's torch pin differs from scripts/install.sh's"
     assert '"./[server]"' in runs, "the image installs the project from source with its server extra"
     user = dockerfile.one("USER").split(":")[0]
     assert user not in ("0", "root"), "the server must not run as root"
@@ -82,7 +82,8 @@ def test_dockerfile_installs_the_server_with_the_tested_torch_as_a_non_root_user
     assert exposed == {DEFAULTS.port, DEFAULTS.metrics_port}
     server_env = {k: v for k, v in dockerfile.env().items() if k.startswith("REMOTELOSS_")}
     config = check_server_environment(server_env, "Dockerfile ENV")
-    assert (config.port, config.metrics_port, config.host) == (DEFAULTS.port, DEFAULTS.metrics_port, DEFAULTS.host)
+    assert (config.port, config.metrics_port) == (DEFAULTS.port, DEFAULTS.metrics_port)
+    assert config.host == "[::]", "the server's default is loopback only: the image must bind every interface"
     assert config.shutdown_grace_s == DEFAULTS.shutdown_grace_s
     assert dockerfile.cmd()[0] == "remoteloss-server"
 
@@ -285,6 +286,7 @@ def test_compose_servers_match_the_server_defaults(name: str) -> None:
     service = compose()["services"][name]
     config = check_server_environment(service["environment"], f"{name}.environment")
     assert config.port == DEFAULTS.port and config.metrics_port == DEFAULTS.metrics_port
+    assert config.host == "[::]", "nginx and Prometheus reach a replica only on an interface other than loopback"
     assert {int(p) for p in service["expose"]} == {config.port, config.metrics_port}
     assert "ports" not in service, "replicas are reached through nginx; a host port would stop them scaling"
     grace = config.shutdown_grace_s

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import remoteloss
 from remoteloss import codec
 from remoteloss._request import Request
-from remoteloss._transport import Answer
+from remoteloss._transport import Answer, Transport
 from remoteloss.v1 import loss_pb2 as pb
 
 torch.set_num_threads(1)
@@ -58,7 +58,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> LocalServer:
     def compute_rpc(self: Any, request: Request) -> Answer:
         return Answer(local(pb.ComputeRequest.FromString(request.serialize())))
 
-    monkeypatch.setattr(remoteloss.Client, "_compute_rpc", compute_rpc)
+    monkeypatch.setattr(Transport, "compute", compute_rpc)
     return local
 
 
@@ -151,6 +151,13 @@ def test_server_warnings_are_raised_at_the_callers_line(client: Any) -> None:
     with pytest.warns(UserWarning, match="Using a target size") as record:
         client.value_and_grad("mse_loss", np.ones((3, 1)), np.ones(3))
     assert [w.filename for w in record] == [__file__]
+
+
+def test_the_transport_shows_no_metadata(client: Any) -> None:
+    keyed = remoteloss.Client("localhost:1", api_key="k" * 32, metadata=[("x-a", "secret-value")])
+    assert "k" * 32 not in repr(keyed._transport) and "secret-value" not in repr(keyed._transport)
+    assert "k" * 32 not in repr(keyed.with_options(timeout=1.0)._transport)
+    keyed.close()
 
 
 def test_with_options_shares_the_channel(client: Any) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import remoteloss
 from remoteloss import cli
 from remoteloss._commands import compute
 from remoteloss.v1 import loss_pb2 as pb
@@ -180,3 +181,43 @@ def test_the_command_word_is_found_past_option_values() -> None:
     assert cli._command_word(["--timeout=3", "compute", "mse_loss"]) == "compute"
     assert cli._command_word(["--", "health"]) is None
     assert cli._command_word(["nope"]) is None
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"remoteloss {remoteloss.__version__}\n"
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in cli.COMMANDS)])
+def test_help_shows_no_default_for_an_unset_option(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([*command, "--help"]) == 0
+    assert "None" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "loss", "grad"),
+    [
+        (["compute", "--grad", "input", "target", "mse_loss", "--arg", "input=x.npy"], "mse_loss", ["input", "target"]),
+        (["compute", "--grad", "mse_loss", "--arg", "input=x.npy"], "mse_loss", []),  # bare --grad
+        (["compute", "mse_loss", "--grad", "input", "target"], "mse_loss", ["input", "target"]),
+        (["compute", "--arg", "input=x.npy", "mse_loss"], "mse_loss", None),
+        (["--target", "h:1", "compute", "--grad", "input", "l1_loss"], "l1_loss", ["input"]),
+    ],
+)
+def test_grad_names_never_take_the_loss(
+    argv: list[str], loss: str, grad: list[str] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, list[str] | None]] = []
+
+    def build_request(loss: str, tensors: list[str], options: list[str], grad: Any, grad_output: Any = None) -> Any:
+        seen.append((loss, grad))
+        raise cli.UsageError("stop here")
+
+    monkeypatch.setattr(compute, "build_request", build_request)
+    assert cli.main(argv) == 2
+    assert seen == [(loss, grad)]
+
+
+def test_compute_without_a_loss_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["compute", "--grad", "input", "--arg", "input=x.npy"]) == 2
+    assert "LOSS is required" in capsys.readouterr().err

@@ -38,3 +38,20 @@ def test_import_does_not_import_torch() -> None:
 def test_import_works_without_torch_installed() -> None:
     code = "import sys; sys.modules['torch'] = None; import remoteloss, remoteloss.codec"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_remoteloss_nn_without_torch_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "try:\n"
+        "    import remoteloss.nn\n"
+        "except ImportError as exc:\n"
+        "    assert isinstance(exc, ModuleNotFoundError) and exc.name == 'torch', repr(exc)\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    raise AssertionError('remoteloss.nn imported without torch')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True)
+    assert "pip install torch" in done.stdout
+    assert "remoteloss[server]" in done.stdout
+    assert "value_and_grad" in done.stdout

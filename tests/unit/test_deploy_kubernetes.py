@@ -79,6 +79,7 @@ def test_ports_and_the_environment_match_the_server(manifests: dict[str, dict[st
     assert not unknown, f"the server reads no {unknown} (see remoteloss-server --help)"
     config = cli._config(cli._parser().parse_args([]), env)  # what the server makes of it
     assert config.port == ports(deployment)["grpc"] and config.metrics_port == ports(deployment)["metrics"]
+    assert config.host == "[::]", "the Service, the probes and Prometheus need every interface, not loopback"
     assert config.device.startswith("cuda"), "a pod that asks for a GPU computes on it"
     service = manifests["Service"]
     assert service["spec"]["clusterIP"] == "None", "headless: clients balance over the pods themselves"

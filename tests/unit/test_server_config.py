@@ -47,7 +47,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
 
 def test_defaults_match_the_design() -> None:
     config = ServerConfig()
-    assert (config.host, config.port, config.device) == ("[::]", 50051, "auto")
+    assert (config.host, config.port, config.device) == ("localhost", 50051, "auto")
     assert (config.torch_threads, config.compute_threads) == (1, 1)
     assert config.max_message_bytes == 512 * 1024 * 1024
     assert (config.log_level, config.shutdown_grace_s) == ("INFO", 10.0)
@@ -314,3 +314,12 @@ def test_help_names_tenant_weights_and_sighup(capsys: pytest.CaptureFixture[str]
     out = " ".join(capsys.readouterr().out.split())
     assert "--tenant-weights" in out and "REMOTELOSS_TENANT_WEIGHTS" in out and "default 1 for every tenant" in out
     assert "SIGHUP reads the API keys" in out
+
+
+def test_help_shows_no_default_for_a_setting_unset_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "None" not in out
+    assert "(env REMOTELOSS_METRICS_HOST)" in " ".join(out.split())
+    assert "default localhost" in " ".join(out.split())  # the --host default: loopback only

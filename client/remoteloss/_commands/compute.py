@@ -44,12 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--opt 'distance_function={\"cosine_distance\": {\"dim\": 1}}'. "
         "`remoteloss losses LOSS` lists a loss's arguments."
     )
-    parser.add_argument("loss", metavar="LOSS", help="the torch.nn.functional name, e.g. mse_loss")
+    parser.usage = (
+        "%(prog)s LOSS [--arg NAME=FILE.npy ...] [--opt NAME=VALUE ...] [--grad [NAME ...]] "
+        "[--grad-output FILE.npy] [--out-dir DIR] [--json]"
+    )
+    # Optional to argparse only so that `--grad NAME... LOSS` works (see _Grad); run requires it.
+    parser.add_argument("loss", nargs="?", default=argparse.SUPPRESS, metavar="LOSS",
+                        help="the torch.nn.functional name, e.g. mse_loss")
     parser.add_argument("--arg", action="append", default=[], metavar="NAME=FILE.npy",
                         help="a tensor argument (repeatable)")
     parser.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
                         help="a non-tensor argument (repeatable)")
-    parser.add_argument("--grad", nargs="*", metavar="NAME",
+    parser.add_argument("--grad", nargs="*", action=_Grad, metavar="NAME",
                         help="write the gradients with respect to these tensors (none named: the first one)")
     parser.add_argument("--grad-output", metavar="FILE.npy",
                         help="the gradient flowing into the loss (default: ones)")
@@ -59,10 +65,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print {loss, dtype, shape, gradients: {name: file}, warnings} as JSON")
 
 
+class _Grad(argparse.Action):
+    """``--grad [NAME ...]``: argparse gives it every word up to the next option, the loss name
+    too when ``--grad`` comes before it (``compute --grad input mse_loss``). A loss name is never
+    a tensor's name, so the first one goes to LOSS when LOSS is still unset."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        names = list(values)
+        if not hasattr(namespace, "loss"):
+            for name in names:
+                if name in LOSS_NAMES:
+                    namespace.loss = name
+                    names.remove(name)
+                    break
+        setattr(namespace, self.dest, names)
+
+
 def run(args: argparse.Namespace) -> int:
+    if not hasattr(args, "loss"):
+        raise UsageError("compute: LOSS is required, e.g. `remoteloss compute mse_loss --arg input=x.npy ...`")
     request, wrt = build_request(args.loss, args.arg, args.opt, args.grad, args.grad_output)
     with Client(args.target, timeout=args.timeout, **connection(args)) as client:
-        answer = client._compute_rpc(Request(request))
+        answer = client._transport.compute(Request(request))
     response = answer.message
     for text in response.warnings:
         print(f"remoteloss: warning: {text}", file=sys.stderr)

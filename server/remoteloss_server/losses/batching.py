@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 
 from remoteloss_server.losses.hooks import CosineDistance
-from remoteloss_server.losses.spec import Call
+from remoteloss_server.losses.call import Call
 from remoteloss_server.torch_warnings import record
 
 __all__ = ["BATCHED", "PADDED", "RAGGED", "SHARED", "BatchRule", "Plan", "Stack"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,10 @@ from google.protobuf.message import Message
 
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
+from remoteloss.wire import Payloads
 from remoteloss_server.errors import InvalidArgumentError
-
-if TYPE_CHECKING:
-    from remoteloss_server.losses.batching import BatchRule
-    from remoteloss.wire import Payloads
+from remoteloss_server.losses.batching import BatchRule
+from remoteloss_server.losses.call import Call
 
 __all__ = [
     "ANY",
@@ -118,28 +117,6 @@ class Args:
 
 Check = Callable[[Args], None]
 OptionHook = Callable[[str, Any], dict[str, Any]]  # (loss name, loss message) -> keyword arguments
-
-
-@dataclass(frozen=True)
-class Call:
-    """One validated torch call: ``function(**tensors, **options)`` on the device."""
-
-    loss: str
-    function: Callable[..., torch.Tensor]
-    tensors: dict[str, torch.Tensor]
-    options: dict[str, Any]
-    requires_grad: tuple[str, ...]  # names of the tensors to differentiate with respect to
-    # The largest tensor the call makes beyond its arguments (a broadcast, logits, CTC's alignment
-    # table), in elements; 0 when none. What it costs is sized by this, not by what was sent.
-    implied_elements: int = 0
-
-    @property
-    def elements(self) -> int:
-        """The elements the call holds at most at once: its arguments, or what they imply."""
-        return max(sum(t.numel() for t in self.tensors.values()), self.implied_elements)
-
-    def __call__(self) -> torch.Tensor:
-        return self.function(**self.tensors, **self.options)
 
 
 @dataclass(frozen=True)
