@@ -23,17 +23,23 @@ import torch
 from remoteloss import codec
 from remoteloss._bench_payload import build, parse_shape
 from remoteloss.v1 import loss_pb2 as pb
+from remoteloss_server import framing
+from remoteloss_server.app import admission, scheduling_policy
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.executor import Executor
-from remoteloss_server.limits import Admission, request_elements
+from remoteloss_server.intake import Intake, prepare, receive
+from remoteloss_server.limits import request_elements
 from remoteloss_server.metrics import Metrics
-from remoteloss_server.servicer import LossServicer, _prepare, _serialize, receive
+from remoteloss_server.servicer import LossServicer
 from remoteloss_server.telemetry import RequestRecord
 
 
 class _Context:
     """What the servicer reads of grpc.aio's ServicerContext."""
+
+    def __init__(self) -> None:
+        self._done: list[Callable[[Any], None]] = []
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
@@ -43,6 +49,18 @@ class _Context:
 
     def time_remaining(self) -> float | None:
         return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._done.append(callback)
+
+    def finish(self) -> None:
+        """The calls' answers have left: their budgets are released, as gRPC's done callbacks do."""
+        done, self._done = self._done, []
+        for callback in done:
+            callback(self)
 
     async def abort(self, code: Any, details: str = "") -> None:
         raise RuntimeError(f"{code}: {details}")
@@ -58,10 +76,11 @@ async def _handler(data: bytes, device: str, rounds: int, together: int) -> floa
     executor = Executor(device, defaults.torch_threads)
     metrics = Metrics()
     with ThreadPoolExecutor(defaults.compute_threads) as pool:
-        batcher = Batcher(executor, pool, metrics, max_batch_size=defaults.max_batch_size,
-                          max_batch_elements=executor.default_batch_elements)
-        servicer = LossServicer(executor, pool, metrics, batcher=batcher,
-                                admission=Admission(defaults.max_in_flight, defaults.max_in_flight_bytes))
+        policy = scheduling_policy(defaults, executor.device.type)
+        budgets = admission(defaults)
+        batcher = Batcher(executor, pool, metrics, policy, alone=lambda: budgets.pending == 1)
+        intake = Intake(policy, max_elements=defaults.max_elements, max_request_elements=defaults.max_request_elements)
+        servicer = LossServicer(executor, pool, metrics, intake=intake, batcher=batcher, admission=budgets)
         await batcher.start()
         context: Any = _Context()
         best = float("inf")
@@ -69,6 +88,7 @@ async def _handler(data: bytes, device: str, rounds: int, together: int) -> floa
             begin = time.perf_counter()
             for _ in range(rounds):
                 await asyncio.gather(*(servicer.Compute(data, context) for _ in range(together)))
+                context.finish()
             best = min(best, (time.perf_counter() - begin) / (rounds * together) * 1e6)
         await batcher.close()
     return best
@@ -85,7 +105,7 @@ def main() -> None:
     data = build(args.loss, args.shape, "float32", grad=args.grad).SerializeToString()
     request = pb.ComputeRequest.FromString(data)
     executor = Executor(args.device, 1)
-    call, grad_output = _prepare(args.loss, request)
+    call, grad_output = prepare(args.loss, request)
     result = executor.run(call, grad_output)
     metrics = Metrics()
 
@@ -101,11 +121,11 @@ def main() -> None:
         "Compute, 64 requests at a time (batched), per request": asyncio.run(_handler(data, args.device, n // 640, 64)),
         "parse and unknown-field check": _per_call(lambda: receive(data, pb.ComputeRequest), n),
         "decode and validate (prepare, fresh message)": _per_call(
-            lambda: _prepare(args.loss, pb.ComputeRequest.FromString(data)), n),
+            lambda: prepare(args.loss, pb.ComputeRequest.FromString(data)), n),
         "compute (Executor.run)": _per_call(lambda: executor.run(call, grad_output), n),
         "  of which torch's loss function alone (on the host)": _per_call(
             lambda: call.function(**call.tensors, **call.options), n),
-        "serialize the answer": _per_call(lambda: _serialize(result), n),
+        "serialize the answer": _per_call(lambda: framing.answer(result), n),
         "  of which encoding the loss value": _per_call(
             lambda: codec.encode(result.loss, name="loss", requires_grad=False), n),
         "metrics and log record": _per_call(record, n),

@@ -34,8 +34,10 @@ from remoteloss_server import __version__, allocator, auth, workers
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.executor import Executor
+from remoteloss_server.intake import Intake
 from remoteloss_server.limits import Admission, Budget
 from remoteloss_server.metrics import Metrics, MetricsHTTPServer, serve_http
+from remoteloss_server.scheduling import SchedulingPolicy
 from remoteloss_server.servicer import SERVICE_NAME, LossServicer, add_to_server
 from remoteloss_server.telemetry import quote
 
@@ -159,30 +161,15 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     if executor.device.type == "cuda":
         metrics.watch_gpu_memory(str(executor.device), executor.memory_reserved)
     budgets = admission(config)
+    policy = scheduling_policy(config, executor.device.type)
     batcher = Batcher(
-        executor,
-        pool,
-        metrics,
-        batching=config.batching,
-        max_batch_size=config.max_batch_size,
-        max_batch_elements=config.max_batch_elements or executor.default_batch_elements,
-        max_batch_delay_s=config.max_batch_delay_s,
-        concurrency=config.compute_threads,
+        executor, pool, metrics, policy,
+        alone=lambda: budgets.pending == 1,  # no other request in flight: a batch could only form by waiting
         tenant_weights=dict(config.tenant_weights),
     )
-    add_to_server(
-        servicer := LossServicer(
-            executor,
-            pool,
-            metrics,
-            worker=worker,
-            batcher=batcher,
-            max_elements=config.max_elements,
-            max_request_elements=config.max_request_elements,
-            admission=budgets,
-        ),
-        server,
-    )
+    intake = Intake(policy, max_elements=config.max_elements, max_request_elements=config.max_request_elements)
+    servicer = LossServicer(executor, pool, metrics, worker=worker, intake=intake, batcher=batcher, admission=budgets)
+    add_to_server(servicer, server)
     health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
@@ -231,6 +218,18 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     return _Running(
         server, health_servicer, pool, port, metrics, metrics_http,
         batcher=batcher, trimmer=trimmer, servicer=servicer, security=security,
+    )
+
+
+def scheduling_policy(config: ServerConfig, device_type: str) -> SchedulingPolicy:
+    """The scheduling policy of ``config`` on a device of ``device_type`` ("cpu", "cuda")."""
+    return SchedulingPolicy.for_device(
+        device_type,
+        batching=config.batching,
+        max_batch_size=config.max_batch_size,
+        max_batch_elements=config.max_batch_elements,
+        max_batch_delay_s=config.max_batch_delay_s,
+        concurrency=config.compute_threads,
     )
 
 

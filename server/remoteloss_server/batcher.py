@@ -10,12 +10,13 @@ rest for the next one. Calls whose caller went away are dropped, and calls whose
 passed fail with DEADLINE_EXCEEDED, both before anything is computed. ``close()`` refuses new
 calls (UNAVAILABLE), computes everything queued and returns when the last batch is done.
 
-A batch of at most ``executor.inline_elements`` tensor elements (a small batch on a CPU) is
-computed on the event loop itself: it takes less time than the hop to a compute thread and back.
-A call submitted ``lone`` (no other request in flight) that finds the batcher idle is computed
-at once as a batch of one, on the spot or on a compute thread (taking a compute slot, as any
-batch does): at low load the queue would only add its hops. The loop holds a slot only once
-work is queued.
+Every knob comes from one ``SchedulingPolicy`` (``scheduling``), and the batcher alone decides
+where a call computes: a batch of at most ``policy.inline_elements`` tensor elements (a small
+batch on a CPU) on the event loop itself, since it takes less time than the hop to a compute
+thread and back; larger ones on a compute thread. A call alone in the server (``alone()``, which
+the server answers from its in-flight count) that finds the batcher idle is computed at once as a
+batch of one, on the spot or on a compute thread (taking a compute slot, as any batch does): at
+low load the queue would only add its hops. The loop holds a slot only once work is queued.
 
 Tenants (``submit(..., tenant=...)``, the API key's tenant; None without keys) share the
 compute slots by weight (``tenant_weights``, ``fairness.FairShares``): a batch holds one
@@ -48,12 +49,18 @@ from remoteloss_server.executor import Job, Result
 from remoteloss_server.fairness import FairShares
 from remoteloss_server.losses import LOSSES, Call
 from remoteloss_server.metrics import NO_TENANT, Metrics
+from remoteloss_server.scheduling import SchedulingPolicy
 
 __all__ = ["Batcher", "Runner"]
 
 logger = logging.getLogger(__name__)
 
-_PLAN_INLINE_ELEMENTS = 2**20
+_DEFAULT_POLICY = SchedulingPolicy()
+
+
+def _never_alone() -> bool:
+    return False
+
 
 
 class Runner(Protocol):
@@ -92,23 +99,22 @@ class Batcher:
         executor: Runner,
         pool: Pool,
         metrics: Metrics,
+        policy: SchedulingPolicy = _DEFAULT_POLICY,
         *,
-        batching: bool = True,
-        max_batch_size: int = 64,
-        max_batch_elements: int = 2**24,
-        max_batch_delay_s: float = 0.0,
-        concurrency: int = 1,
+        alone: Callable[[], bool] = _never_alone,
         tenant_weights: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._executor = executor
         self._pool = pool
         self._metrics = metrics
-        self._batching = batching
-        self._max_size = max_batch_size
-        self._max_elements = max_batch_elements
-        self._delay = max_batch_delay_s
-        self._concurrency = concurrency
+        self._policy = policy
+        self._batching = policy.batching
+        self._max_size = policy.max_batch_size
+        self._max_elements = policy.max_batch_elements
+        self._delay = policy.max_batch_delay_s
+        self._concurrency = policy.concurrency
+        self._alone = alone  # whether the caller of submit() is the only request in flight
         self.clock = clock  # deadlines passed to submit() are on this clock
         self._device = str(executor.device)
         self._queues: dict[str | None, dict[Hashable, _Group]] = {}  # by tenant, then batch key
@@ -119,8 +125,7 @@ class Batcher:
         self._slots: asyncio.Semaphore | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
-        # Batches this small compute on the event loop (0: never); a runner without the attribute never.
-        self._inline_elements = int(getattr(executor, "inline_elements", 0))
+        self._inline_elements = policy.inline_elements  # batches this small compute on the event loop
         self._children: dict[str, tuple[Any, Any, Any, Any]] = {}  # metrics' label children by loss
         self._computing = 0  # batches computing now
 
@@ -158,7 +163,6 @@ class Batcher:
         grad_output: torch.Tensor | None = None,
         deadline: float | None = None,
         *,
-        lone: bool = False,
         tenant: str | None = None,
     ) -> Result:
         """Queue ``call`` and wait for its result. ``deadline`` is on ``self.clock``.
@@ -166,16 +170,19 @@ class Batcher:
         ``tenant``: whose call it is (the API key's tenant; None without keys): its batch holds
         only that tenant's calls, and its compute time is charged to that tenant.
 
-        ``lone``: the caller knows of no other request in flight, so a batch could only form by
-        waiting. Then, when nothing is queued or computing, no batch delay is set and the call
-        is small enough for the event loop, it is computed at once, without the queue's hops.
+        A call that is alone in the server (``alone()``, still so after one turn of the event
+        loop, which lets requests that arrived with it show themselves) on an idle batcher has
+        nothing to wait for: it computes at once, without the queue's hops, on the event loop when
+        small enough (``policy.inline_elements``), else on a compute thread.
 
         Raises the call's ServiceError; DeadlineExceededError when the deadline passes before
         its batch starts; UnavailableError once ``close()`` has been called.
         """
         if self._closed or self._loop_task is None or self._wakeup is None:
             raise UnavailableError("the server is shutting down" if self._closed else "the batcher is not running")
-        if lone and self.idle:
+        if self.idle and self._alone():
+            await asyncio.sleep(0)
+        if self.idle and self._alone():
             elements = call.elements
             item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
                          asyncio.get_running_loop().create_future())
@@ -190,8 +197,9 @@ class Batcher:
         rule = LOSSES[call.loss].batch if self._batching else None
         plan = None
         if rule is not None:  # a large call's key (digests of shared tensors) is made off the loop
-            large = sum(t.numel() for t in call.tensors.values()) > _PLAN_INLINE_ELEMENTS
-            plan = await asyncio.to_thread(rule.plan, call) if large else rule.plan(call)
+            large = sum(t.numel() for t in call.tensors.values()) > self._policy.plan_inline_elements
+            shared = self._policy.max_shared_elements
+            plan = await asyncio.to_thread(rule.plan, call, shared) if large else rule.plan(call, shared)
             if self._closed:
                 raise UnavailableError("the server is shutting down")
         seq = next(self._seq)
@@ -219,9 +227,8 @@ class Batcher:
 
     @property
     def idle(self) -> bool:
-        """Whether ``submit(call, lone=True)`` would compute at once, without the queue: nothing is
-        queued or computing, a compute slot is free and no batch delay is set. It then computes on
-        the event loop when small enough (``inline_elements``), else straight on a compute thread."""
+        """Whether a call alone in the server would compute at once, without the queue: nothing is
+        queued or computing, a compute slot is free and no batch delay is set."""
         slots = self._slots
         return not (self._queues or self._computing or self._delay > 0 or self._closed
                     or slots is None or slots.locked())

@@ -1,7 +1,7 @@
 """Runs prepared calls on the device: one alone, or a batch of them as one computation.
 
 ``Executor.run`` and ``Executor.run_batch`` block; they run on a compute thread, except a CPU
-batch of at most ``inline_elements`` elements, which the batcher computes on the event loop. This is the only module that picks a device or calls CUDA APIs. On a GPU, host
+small batch, which the batcher computes on the event loop (``SchedulingPolicy.inline_elements``). This is the only module that picks a device or calls CUDA APIs. On a GPU, host
 tensors are staged in pinned memory and copied without blocking, a batch synchronises once
 (when its results are copied back), and a batch that runs out of memory is split in halves
 and retried, down to single calls, which then fail alone with RESOURCE_EXHAUSTED.
@@ -78,21 +78,6 @@ class Executor:
         torch.set_num_threads(torch_threads)
         if self.device.type == "cuda":
             torch.empty(0, device=self.device)  # create the CUDA context now, not on the first request
-
-    @property
-    def default_batch_elements(self) -> int:
-        """The batch size, in tensor elements, that pays on this device. On a CPU, batches larger
-        than about 2**18 elements fall out of cache and compute slower than their calls alone;
-        on a GPU, batching pays until kernels are large enough to hide their launch."""
-        return 2**24 if self.device.type == "cuda" else 2**18
-
-    @property
-    def inline_elements(self) -> int:
-        """Batches of at most this many tensor elements are computed on the caller's thread (the
-        event loop) rather than on a compute thread: on a CPU a batch that small computes in less
-        time than the hop to a thread and back costs (about 0.1 ms on loopback). 0 on a GPU, whose
-        synchronisation would block the event loop."""
-        return 2**16 if self.device.type == "cpu" else 0
 
     def memory_reserved(self) -> int:
         """Bytes torch's caching allocator holds on this device; 0 on the CPU. Thread-safe."""

@@ -41,7 +41,7 @@ from remoteloss_server.config import ServerConfig
 from remoteloss_server.errors import ServiceError
 from remoteloss_server.field_scan import scan
 from remoteloss_server.limits import check_elements, request_elements
-from remoteloss_server.servicer import _prepare
+from remoteloss_server.intake import prepare
 
 from .cases import LOSS_NAMES, Case, OptionSet, tolerance
 from .helpers import message_class, raw_request
@@ -254,7 +254,7 @@ def expected(request: pb.ComputeRequest) -> Expected:
         return Expected(grpc.StatusCode.INVALID_ARGUMENT)
     try:
         check_elements(name, request_elements(request), DEFAULTS.max_request_elements)
-        call, grad_output = _prepare(name, request, DEFAULTS.max_elements)
+        call, grad_output = prepare(name, request, DEFAULTS.max_elements)
     except ServiceError as exc:
         return Expected(grpc.StatusCode[exc.code])
     tensors = {k: v.clone() for k, v in call.tensors.items()}

@@ -7,6 +7,7 @@ order; deadlines use an injected clock; the one delay test waits in tens of mill
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,6 +24,7 @@ from remoteloss_server.errors import DeadlineExceededError, ServiceError, Unavai
 from remoteloss_server.executor import Job, Result
 from remoteloss_server.losses import LOSSES, Call
 from remoteloss_server.metrics import Metrics
+from remoteloss_server.scheduling import SchedulingPolicy
 
 
 class Runner:
@@ -66,13 +68,21 @@ def mse(rows: int = 2, value: float = 0.0, loss: str = "mse_loss") -> Call:
     return LOSSES[loss].prepare(message, "cpu")
 
 
-def run(test: Callable[..., Awaitable[None]], runner: Runner, **options: Any) -> Metrics:
-    """Run ``test(batcher)`` with a started batcher around ``runner``; close it afterwards."""
+def run(test: Callable[..., Awaitable[None]], runner: Runner, *, alone: bool = False, **options: Any) -> Metrics:
+    """Run ``test(batcher)`` with a started batcher around ``runner``; close it afterwards.
+    ``options`` are the batcher's and its ``SchedulingPolicy``'s; ``alone``: every call is the only
+    one in flight (as the server says when nothing else is)."""
     metrics = Metrics()
+    fields = {f.name for f in dataclasses.fields(SchedulingPolicy)}
+    policy = SchedulingPolicy(**{
+        "inline_elements": getattr(runner, "inline_elements", 0), "max_batch_elements": 2**24,
+        **{k: v for k, v in options.items() if k in fields},
+    })
+    others = {k: v for k, v in options.items() if k not in fields}
 
     async def main() -> None:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            batcher = Batcher(runner, pool, metrics, **options)
+            batcher = Batcher(runner, pool, metrics, policy, alone=lambda: alone, **others)
             await batcher.start()
             try:
                 await test(batcher)
@@ -118,12 +128,13 @@ def test_a_lone_call_on_an_idle_batcher_is_computed_on_the_spot() -> None:
     async def test(batcher: Batcher) -> None:
         call = mse(value=1.0)
         assert batcher.idle
-        submitted = batcher.submit(call, lone=True)
-        with pytest.raises(StopIteration) as finished:  # it never waits: no queue, no hop
+        submitted = batcher.submit(call)
+        submitted.send(None)  # one turn of the event loop, for requests that came with it to show
+        with pytest.raises(StopIteration) as finished:  # then it waits no more: no queue, no hop
             submitted.send(None)
         assert float(finished.value.value.loss) == 4.0
 
-    metrics = run(test, runner)
+    metrics = run(test, runner, alone=True)
     assert runner.sizes() == [1]
     assert metrics.registry.get_sample_value("remoteloss_batch_requests_count", {"loss": "mse_loss"}) == 1
 
@@ -132,10 +143,10 @@ def test_a_lone_call_too_large_for_the_event_loop_goes_straight_to_a_compute_thr
     runner = InlineRunner(hold=True)
 
     async def test(batcher: Batcher) -> None:
-        lone = asyncio.create_task(batcher.submit(mse(rows=5), lone=True))  # 20 elements: on a thread
+        lone = asyncio.create_task(batcher.submit(mse(rows=5)))  # 20 elements: on a thread
         await asyncio.to_thread(runner.started.wait, 10)
         assert batcher.queued == 0 and not batcher.idle  # never queued; computing now
-        others = [asyncio.create_task(batcher.submit(mse(rows=5, value=i), lone=True)) for i in (1, 2)]
+        others = [asyncio.create_task(batcher.submit(mse(rows=5, value=i))) for i in (1, 2)]
         await settle()
         assert batcher.queued == 2  # the lone call holds the only slot: these wait in the queue
         lone.cancel()  # its caller goes away; the slot stays taken until the thread is done
@@ -145,7 +156,7 @@ def test_a_lone_call_too_large_for_the_event_loop_goes_straight_to_a_compute_thr
         results = await asyncio.wait_for(asyncio.gather(*others), 5)
         assert [float(r.loss) for r in results] == [10.0, 20.0]
 
-    run(test, runner)
+    run(test, runner, alone=True)
     assert runner.sizes() == [1, 2]  # the two queued calls batched
 
 
@@ -157,13 +168,13 @@ def test_a_lone_call_queues_behind_a_busy_batcher_and_batches() -> None:
         await asyncio.to_thread(runner.started.wait, 10)
         calls = [mse(value=i) for i in range(3)]
         assert not batcher.idle
-        tasks = [asyncio.create_task(batcher.submit(call, lone=True)) for call in calls]
+        tasks = [asyncio.create_task(batcher.submit(call)) for call in calls]
         await settle()
         assert batcher.queued == 3
         runner.gate.set()
         await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
 
-    run(test, runner)
+    run(test, runner, alone=True)
     assert runner.sizes() == [1, 3]
 
 
@@ -344,7 +355,8 @@ def test_close_drains_the_queue_then_refuses_new_calls() -> None:
 
     async def main() -> None:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            batcher = Batcher(runner, pool, metrics, max_batch_size=2, max_batch_delay_s=60.0)
+            policy = SchedulingPolicy(max_batch_size=2, max_batch_delay_s=60.0, inline_elements=0)
+            batcher = Batcher(runner, pool, metrics, policy)
             with pytest.raises(UnavailableError, match="not running"):
                 await batcher.submit(mse())
             await batcher.start()
@@ -394,7 +406,7 @@ def test_concurrency_runs_batches_side_by_side() -> None:
 
     async def main() -> None:
         with ThreadPoolExecutor(max_workers=2) as pool:
-            batcher = Batcher(runner, pool, metrics, concurrency=2)
+            batcher = Batcher(runner, pool, metrics, SchedulingPolicy(concurrency=2, inline_elements=0))
             await batcher.start()
             blocker = await hold(batcher, runner)
             other = asyncio.create_task(batcher.submit(mse()))
@@ -524,11 +536,11 @@ def test_a_lone_call_is_charged_to_its_tenant() -> None:
     runner = CostRunner(clock, cost=0.5)
 
     async def test(batcher: Batcher) -> None:
-        await batcher.submit(mse(), lone=True, tenant="alice")
-        await batcher.submit(mse(rows=5), lone=True, tenant="alice")  # too large for the event loop
+        await batcher.submit(mse(), tenant="alice")
+        await batcher.submit(mse(rows=5), tenant="alice")  # too large for the event loop
         assert batcher.virtual_time("alice") == 1.0 / 4
 
-    metrics = run(test, runner, tenant_weights={"alice": 4.0}, clock=clock)
+    metrics = run(test, runner, alone=True, tenant_weights={"alice": 4.0}, clock=clock)
     assert metrics.registry.get_sample_value("remoteloss_tenant_compute_seconds_total", {"tenant": "alice"}) == 1.0
 
 

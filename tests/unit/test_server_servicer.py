@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from remoteloss import codec, wire
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss_server import servicer as servicer_module
+from remoteloss_server import framing, intake, status
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
 from remoteloss_server.executor import Executor, Result
-from remoteloss_server.servicer import LossServicer, UndecodableRequest, _lenient
+from remoteloss_server.intake import UndecodableRequest
+from remoteloss_server.servicer import LossServicer, _lenient
 
 torch.set_num_threads(1)
 
@@ -163,7 +164,7 @@ def test_large_requests_with_unknown_fields_are_unimplemented_unparsed(servicer:
     assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 23 of ComputeRequest" in context.details()
     _, context = compute(servicer, wire.length_delimited(2, flood))
     assert context.code() == grpc.StatusCode.UNIMPLEMENTED and "field 23 of mse_loss" in context.details()
-    received = servicer_module.receive(b"\x08\x09" + flood, pb.ComputeStreamRequest)
+    received = intake.receive(b"\x08\x09" + flood, pb.ComputeStreamRequest)
     assert isinstance(received.message, pb.ComputeStreamRequest) and received.message.id == 9
     assert received.unknown is not None and received.unknown.describe() == "field 23 of ComputeStreamRequest"
 
@@ -179,11 +180,11 @@ def test_floods_of_tiny_fields_never_reach_the_python_walk_of_split(monkeypatch:
         "shape": wire.length_delimited(2, wire.length_delimited(1, wire.length_delimited(2, bytes(2**20)))),
     }
     for name, data in floods.items():
-        received = servicer_module.receive(data, pb.ComputeRequest)
+        received = intake.receive(data, pb.ComputeRequest)
         assert received.unknown is not None or isinstance(received.message, UndecodableRequest), name
     assert walked == []
     good = pb.ComputeRequest(mse_loss=pb.MseLoss(input=codec.encode(torch.zeros(2**18)))).SerializeToString()
-    assert servicer_module.receive(good, pb.ComputeRequest).payloads is not None and walked == [len(good)]
+    assert intake.receive(good, pb.ComputeRequest).payloads is not None and walked == [len(good)]
 
 
 @pytest.mark.parametrize("size", [2100, wire.SPLIT_BYTES])
@@ -197,7 +198,7 @@ def test_too_many_fields_are_invalid_argument(servicer: LossServicer, size: int)
 
 def test_status_messages_are_cut_to_a_bound() -> None:
     """A domain error may quote a request's string option of any length (torch's text does)."""
-    code, message = servicer_module.status_of(InvalidArgumentError("x: " + "y" * 10**6), "Compute")
+    code, message = status.status_of(InvalidArgumentError("x: " + "y" * 10**6), "Compute")
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message.startswith("x: yyy") and message.endswith(f"... ({10**6 + 3 - 2048} more characters)")
     assert len(message) < 2100
@@ -267,7 +268,7 @@ def test_an_answer_written_in_place_is_what_protobuf_writes(
 ) -> None:
     monkeypatch.setattr(wire, "SPLIT_BYTES", 0)  # every answer through wire.join
     result = Result(_tensor(dtype, shape, seed=2), {"input": _tensor(dtype, shape)}, ["careful"])
-    assert servicer_module._serialize(result) == _upb(result)
+    assert framing.answer(result) == _upb(result)
 
 
 def test_an_answer_keeps_every_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -278,7 +279,7 @@ def test_an_answer_keeps_every_gradient(monkeypatch: pytest.MonkeyPatch) -> None
         "välue": torch.tensor(7, dtype=torch.int64),
     }
     result = Result(torch.randn(4), gradients, [])
-    answer = pb.ComputeResponse.FromString(servicer_module._serialize(result))
+    answer = pb.ComputeResponse.FromString(framing.answer(result))
     assert answer == pb.ComputeResponse.FromString(_upb(result))
     assert not answer.loss.requires_grad and not any(t.requires_grad for t in answer.gradients.values())
 
@@ -287,7 +288,7 @@ def test_a_large_answer_copies_each_tensor_once() -> None:
     result = Result(torch.randn(1 << 18), {"input": torch.randn(1 << 18)}, [])  # 1 MiB each
     tracemalloc.start()
     try:
-        data = servicer_module._serialize(result)
+        data = framing.answer(result)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -11,7 +11,7 @@ import torch
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.metrics import Metrics
-from remoteloss_server.servicer import UndecodableRequest
+from remoteloss_server.intake import UndecodableRequest
 from remoteloss_server.telemetry import RequestRecord, loss_label, quote, request_id
 
 

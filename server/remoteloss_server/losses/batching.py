@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
 
-from remoteloss_server.losses.hooks import CosineDistance
 from remoteloss_server.losses.call import Call
+from remoteloss_server.losses.hooks import CosineDistance
+from remoteloss_server.scheduling import SchedulingPolicy
 from remoteloss_server.torch_warnings import record
 
 __all__ = ["BATCHED", "PADDED", "RAGGED", "SHARED", "BatchRule", "Plan", "Stack"]
@@ -43,7 +44,6 @@ RAGGED = "ragged"  # CTC's concatenated targets: concatenated as they are
 
 _LEGACY = ("size_average", "reduce")
 _NOT_KEYED = ("reduction", *_LEGACY)  # each call of a batch reduces its own share
-_MAX_SHARED_ELEMENTS = 2**22  # larger shared tensors (a vocabulary-sized linear_weight) run alone
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 Mean = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, Any]], torch.Tensor]
@@ -98,14 +98,15 @@ class BatchRule:
     alone: Callable[[Call], bool] = _never  # option combinations that must run alone
     warns: Callable[[str, Mapping[str, Any]], tuple[str, ...]] = _no_warnings  # torch's warnings per reduction
 
-    def plan(self, call: Call) -> Plan | None:
-        """How ``call`` joins a batch, or None where it must run alone."""
+    def plan(self, call: Call, max_shared_elements: int = SchedulingPolicy.max_shared_elements) -> Plan | None:
+        """How ``call`` joins a batch, or None where it must run alone (also when a shared tensor
+        has more than ``max_shared_elements``: ``SchedulingPolicy.max_shared_elements``)."""
         try:
-            return self._plan(call)
+            return self._plan(call, max_shared_elements)
         except _Unbatchable:
             return None
 
-    def _plan(self, call: Call) -> Plan:
+    def _plan(self, call: Call, max_shared_elements: int) -> Plan:
         if self.alone(call):
             raise _Unbatchable
         reduction, texts = _resolve_reduction(call.options)
@@ -123,7 +124,7 @@ class BatchRule:
         for name, role in sorted(roles.items()):
             t = tensors[name]
             if role == SHARED:
-                if name in call.requires_grad or t.numel() > _MAX_SHARED_ELEMENTS:
+                if name in call.requires_grad or t.numel() > max_shared_elements:
                     raise _Unbatchable  # each call needs its own gradient; or too large to compare
                 arguments.append((name, role, t.dtype, tuple(t.shape), _digest(t)))
             elif role == BATCHED:

@@ -1,0 +1,196 @@
+"""Intake: a request, as bytes or as a message another protocol built, to a validated ``Call``.
+
+Protocol-neutral (no grpc): the servicer of each protocol turns what it received into a
+``Received`` (``receive`` for the native bytes) and calls ``Intake.prepare``, which checks, in
+order and before anything is decoded, that every field is known (UNIMPLEMENTED), that a loss is
+set, and the elements the request declares (``max_request_elements``); then decodes and validates
+the loss's arguments (``LossSpec.prepare``, with ``max_elements``) and ``grad_output``, on the
+event loop up to ``policy.inline_bytes`` and on a helper thread above. What it raises are the
+domain errors of ``errors``.
+
+``receive`` scans the bytes first (``field_scan``: its first unknown field, at most
+``MAX_FIELDS`` fields and ``MAX_STRING_BYTES`` a string, so nothing proportional to a request's
+size runs in Python), then parses them: from ``wire.SPLIT_BYTES`` on, the tensors' bytes are not
+copied into the message (``wire.split`` leaves them where they are, and the loss reads them there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import torch
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.wrappers_pb2 import UInt64Value
+
+from remoteloss import codec, wire
+from remoteloss.v1 import loss_pb2 as pb
+from remoteloss_server.errors import InvalidArgumentError, UnimplementedError
+from remoteloss_server.field_scan import FieldLimitError, UnknownField, scan
+from remoteloss_server.limits import check_elements, request_elements
+from remoteloss_server.losses import LOSSES, Call
+from remoteloss_server.losses.spec import MAX_DIMS
+from remoteloss_server.scheduling import SchedulingPolicy
+
+__all__ = ["Intake", "Prepared", "Received", "UndecodableRequest", "prepare", "receive"]
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """Bytes that do not parse as the request message, or that this server will not parse (too
+    many fields, too long a string: ``refusal``); answered INVALID_ARGUMENT (gRPC itself would
+    answer UNKNOWN)."""
+
+    type_name: str
+    reason: str
+    id: int | None = None  # a ComputeStreamRequest's id, when it can still be read
+    refusal: str | None = None  # the whole message, when the bytes were not parsed on purpose
+
+    def error(self) -> InvalidArgumentError:
+        if self.refusal is not None:
+            return InvalidArgumentError(self.refusal)
+        return InvalidArgumentError(f"the request is not a valid {self.type_name}: {self.reason}")
+
+
+@dataclass(frozen=True)
+class Received:
+    """A request as a protocol got it: the parsed message (or why it did not parse), its size on
+    the wire, for a large one where its tensors' bytes lie in the received bytes, and its first
+    field unknown to this server."""
+
+    message: Message | UndecodableRequest
+    size: int
+    payloads: wire.Payloads | None = None
+    unknown: UnknownField | None = None
+
+
+def receive(data: bytes, message_type: type[Message]) -> Received:
+    """Parse ``data``, once ``field_scan.scan`` has found its first unknown field, if any, and
+    refused it past its limits. A request with an unknown field is refused: below ``SPLIT_BYTES``
+    upb parses it all (in C; bytes that do not parse are still INVALID_ARGUMENT), from it on it is
+    not parsed (``_unparsed``)."""
+    large = len(data) >= wire.SPLIT_BYTES
+    try:
+        try:
+            unknown = scan(data, message_type.DESCRIPTOR)
+        except DecodeError:
+            if not large:
+                message_type.FromString(data)  # raises too, in upb's words, as before the scan
+            raise
+        if unknown is None:
+            message, payloads = wire.parse(data, message_type)
+        else:  # refused
+            message = _unparsed(message_type, data, unknown) if large else message_type.FromString(data)
+            payloads = None
+    except DecodeError as exc:
+        undecodable = UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc), _stream_id(message_type, data))
+        return Received(undecodable, len(data))
+    except FieldLimitError as exc:  # kept as text: its traceback holds the request's bytes
+        name, refusal = message_type.DESCRIPTOR.full_name, str(exc)
+        return Received(UndecodableRequest(name, refusal, _stream_id(message_type, data), refusal), len(data))
+    return Received(message, len(data), payloads, unknown)
+
+
+def _unparsed(message_type: type[Message], data: bytes, unknown: UnknownField) -> Message:
+    """What a large request with an unknown field stands for, unparsed: the messages that lead to
+    the field, and a stream item's id. Past the field nothing was scanned, and upb makes 8 bytes of
+    each 1-byte entry of a packed field: 16 MiB would become 128 MiB or more."""
+    message = message_type()
+    inner = message
+    for name in unknown.path:
+        inner = getattr(inner, name)
+        inner.SetInParent()
+    sent = _stream_id(message_type, data)
+    if sent is not None:
+        message.id = sent  # type: ignore[attr-defined]
+    return message
+
+
+def _stream_id(message_type: type[Message], data: bytes) -> int | None:
+    """The id of a ComputeStreamRequest whose ``request`` does not parse: UInt64Value has the id's
+    field number and type, and skips field 2 unread, as an unknown field."""
+    if message_type is not pb.ComputeStreamRequest:
+        return None
+    try:
+        return int(UInt64Value.FromString(data).value)
+    except DecodeError:
+        return None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request: its loss, the call (tensors on the host), the decoded grad_output and
+    the tensor elements the request declared (for the metrics)."""
+
+    loss: str
+    call: Call
+    grad_output: torch.Tensor | None
+    elements: int
+
+
+class Intake:
+    """``prepare(received)``: the checks and decoding every protocol's requests go through."""
+
+    def __init__(
+        self,
+        policy: SchedulingPolicy,
+        *,
+        max_elements: int | None = None,
+        max_request_elements: int | None = None,
+    ) -> None:
+        self.inline_bytes = policy.inline_bytes  # decoded (and answers encoded) on the event loop up to this
+        self.max_elements = max_elements  # tensor elements a request may imply; None: no limit
+        self.max_request_elements = max_request_elements  # declared by one request in all; None: no limit
+
+    async def prepare(self, received: Received) -> Prepared:
+        """The validated request, or the domain error that refuses it."""
+        request = received.message
+        if isinstance(request, UndecodableRequest):
+            raise request.error()
+        assert isinstance(request, pb.ComputeRequest)
+        name, elements = self.check(request, received.unknown)
+        if received.size > self.inline_bytes:
+            call, grad_output = await asyncio.to_thread(prepare, name, request, self.max_elements, received.payloads)
+        else:
+            call, grad_output = prepare(name, request, self.max_elements, received.payloads)
+        return Prepared(name, call, grad_output, elements)
+
+    def check(self, request: pb.ComputeRequest, unknown: UnknownField | None = None) -> tuple[str, int]:
+        """The loss's name and the elements of the loss's arguments, from the shapes, before
+        anything is decoded; refuses unknown fields, a request without a loss and one that
+        declares more than ``max_request_elements`` (grad_output counted)."""
+        if unknown is not None:
+            raise UnimplementedError(
+                f"the request holds {unknown.describe()}, which this server does not know; "
+                "it may come from a newer client"
+            )
+        name = request.WhichOneof("loss")
+        if name is None:
+            raise InvalidArgumentError("no loss set in the request")
+        if name not in LOSSES:
+            raise UnimplementedError(f"{name} is not served here")
+        elements = request_elements(getattr(request, name), max_dims=MAX_DIMS, where=name)
+        incoming = (
+            request_elements(request.grad_output, max_dims=MAX_DIMS, where=f"{name}: grad_output")
+            if request.HasField("grad_output") else 0
+        )
+        check_elements(name, elements + incoming, self.max_request_elements)
+        return name, elements
+
+
+def prepare(
+    name: str, request: pb.ComputeRequest, max_elements: int | None = None, payloads: wire.Payloads | None = None
+) -> tuple[Call, torch.Tensor | None]:
+    """The validated call of loss ``name`` (its tensors on the host) and the decoded grad_output."""
+    call = LOSSES[name].prepare(getattr(request, name), "cpu", max_elements=max_elements, payloads=payloads)
+    grad_output = None
+    if request.HasField("grad_output"):
+        sent = request.grad_output
+        try:
+            grad_output = codec.decode_torch(
+                sent, "grad_output", max_elements=max_elements, max_dims=MAX_DIMS,
+                data=None if payloads is None else payloads.resolve(sent.data),
+            )
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{name}: {exc}") from None
+    return call, grad_output
