@@ -28,31 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The 22 losses, in the order of the ComputeRequest oneof.
-LOSS_NAMES: tuple[str, ...] = (
-    "l1_loss",
-    "mse_loss",
-    "cross_entropy",
-    "ctc_loss",
-    "nll_loss",
-    "poisson_nll_loss",
-    "gaussian_nll_loss",
-    "kl_div",
-    "binary_cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "margin_ranking_loss",
-    "hinge_embedding_loss",
-    "multilabel_margin_loss",
-    "huber_loss",
-    "smooth_l1_loss",
-    "soft_margin_loss",
-    "multilabel_soft_margin_loss",
-    "cosine_embedding_loss",
-    "multi_margin_loss",
-    "triplet_margin_loss",
-    "triplet_margin_with_distance_loss",
-    "linear_cross_entropy",
-)
+from tests.catalog import LOSS_NAMES
+
 
 # torch's CPU kernels of these losses take no float16/bfloat16: torch raises, so the server must
 # answer INVALID_ARGUMENT (a server on a GPU may accept them; this suite runs on a CPU server).

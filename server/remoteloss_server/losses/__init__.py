@@ -4,7 +4,7 @@
 ``Call``; ``describe_all(LOSSES.values())`` answers ListLosses. Nothing here imports grpc.
 
 - ``spec``: the machinery (``LossSpec``, ``TensorArg``, ``Call``, dtype sets)
-- ``catalog``: the 22 specs, in proto order
+- ``catalog``: one spec per loss, in proto order
 - ``checks``: host-side checks run before any tensor reaches the device
 - ``hooks``: decoders for the few options that are not plain scalars
 - ``describe``: ``LossInfo`` messages for ListLosses
