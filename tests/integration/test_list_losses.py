@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .cases import LOSS_NAMES, TABLE, cases, probe
+from .cases import LOSS_NAMES, arg_names, cases, probe, reductions
 
 MODULES = {
     "l1_loss": "L1Loss",
@@ -93,7 +93,7 @@ def test_tensor_arguments(listed: dict[str, Any], loss: str) -> None:
     order = _torch_positional_order(loss)
     assert names == sorted(names, key=order.index), "tensors must be listed in torch's order"
     required = {t.name for t in info.tensors if t.required}
-    torch_required = set(TABLE[loss].arg_names)  # the arguments without a default
+    torch_required = set(arg_names(loss))  # the arguments without a default
     if loss == "gaussian_nll_loss":  # var may also travel as var_float
         assert required - {"var"} == torch_required - {"var"}
     else:
@@ -172,4 +172,4 @@ def test_options_and_defaults(listed: dict[str, Any], loss: str) -> None:
         else:
             assert option.name == "var_float", option.name  # the float form of var: no default
         if option.name == "reduction":
-            assert set(option.allowed_values) == set(TABLE[loss].reductions)
+            assert set(option.allowed_values) == set(reductions(loss))
