@@ -23,7 +23,8 @@ __all__ = ["ENTRIES", "OMIT", "STD", "Draw", "Entry", "Options", "RemoteOnly"]
 _FAMILIES = (elementwise, classes, embeddings)
 _ALL = {entry.loss: entry for family in _FAMILIES for entry in family.ENTRIES}
 if set(_ALL) != set(LOSS_NAMES) or len(_ALL) != sum(len(family.ENTRIES) for family in _FAMILIES):
-    raise TypeError(f"one sample entry per ComputeRequest.loss field; differs for {sorted(set(_ALL) ^ set(LOSS_NAMES))}")
+    differ = sorted(set(_ALL) ^ set(LOSS_NAMES))
+    raise TypeError(f"one sample entry per ComputeRequest.loss field; differs for {differ}")
 
 # One entry per loss, in the order of the ComputeRequest.loss oneof.
 ENTRIES: dict[str, Entry] = {name: _ALL[name] for name in LOSS_NAMES}
