@@ -26,12 +26,17 @@ def _target_shape(s: Shape, opts: Mapping[str, Any]) -> Shape:
     return s
 
 
-def regression(d: Draw, s: Shape, opts: Mapping[str, Any]) -> dict[str, Any]:
-    """l1_loss, mse_loss, huber_loss, smooth_l1_loss: input, target, optional weight."""
+def regression(d: Draw, s: Shape, opts: Mapping[str, Any], *, weighted: bool = True) -> dict[str, Any]:
+    """l1_loss, mse_loss, huber_loss: input, target, optional weight ("weight")."""
     out = {"input": d.randn(*s), "target": d.randn(*_target_shape(s, opts))}
-    if opts.get("weight"):
+    if weighted and opts.get("weight"):
         out["weight"] = d.uniform(*s, lo=0.2, hi=2.0)
     return out | torch_options(opts)
+
+
+def smooth_l1_loss(d: Draw, s: Shape, opts: Mapping[str, Any]) -> dict[str, Any]:
+    """As regression, without a weight (torch's smooth_l1_loss takes none)."""
+    return regression(d, s, opts, weighted=False)
 
 
 def poisson_nll_loss(d: Draw, s: Shape, opts: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,7 +81,7 @@ def binary_cross_entropy(d: Draw, s: Shape, opts: Mapping[str, Any], *, logits: 
         out["weight"] = d.uniform(*s, lo=0.2, hi=2.0)
     elif opts.get("weight") == "broadcast":
         out["weight"] = d.uniform(_last(s), lo=0.2, hi=2.0)
-    if opts.get("pos_weight"):
+    if logits and opts.get("pos_weight"):
         out["pos_weight"] = d.uniform(_last(s), lo=0.5, hi=3.0)
     return out | torch_options(opts)
 
@@ -201,7 +206,7 @@ ENTRIES = (
     ),
     Entry(
         "smooth_l1_loss",
-        regression,
+        smooth_l1_loss,
         _MATRIX,
         _VECTOR,
         options(
