@@ -1,4 +1,4 @@
-"""docs/VALIDATION.md is generated from the loss catalog and must be current."""
+"""docs/VALIDATION.md and README's table of losses are generated from the loss catalog and must be current."""
 
 from __future__ import annotations
 
@@ -16,6 +16,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_document_is_current() -> None:
     current = (ROOT / "docs" / "VALIDATION.md").read_text(encoding="utf-8")
     assert current == render(), "docs/VALIDATION.md is stale: run `python scripts/gen_validation.py` and commit it"
+
+
+def test_the_readme_table_of_losses_is_current() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gen_validation
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    current = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert current == gen_validation.readme(current), "README's table of losses is stale: run scripts/gen_validation.py"
+    table = current[current.index(gen_validation.BEGIN) : current.index(gen_validation.END)]
+    assert [row.split("`")[1] for row in table.splitlines()[3:]] == list(LOSSES)
 
 
 def test_the_script_checks_it() -> None:
