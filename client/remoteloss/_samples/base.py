@@ -12,11 +12,13 @@ import numpy as np
 __all__ = [
     "OMIT",
     "STD",
+    "Array",
     "Draw",
     "Entry",
     "Maker",
     "Options",
     "RemoteOnly",
+    "Shape",
     "class_layout",
     "options",
     "t",

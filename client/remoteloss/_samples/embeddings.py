@@ -40,7 +40,7 @@ def _distance(name: str, last_dim: int) -> Any:
         return _cosine_distance(last_dim, None)
     if name == "cosine_opts":
         return _cosine_distance(-1, 1e-4)
-    pairwise = {
+    pairwise: dict[str, dict[str, Any]] = {
         "pairwise_p1": {"p": 1},
         "pairwise_inf": {"p": float("inf")},
         "pairwise_eps_keepdim": {"p": 3.0, "eps": 1e-3, "keepdim": True},
