@@ -15,7 +15,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import remoteloss
 import torch
+import torch.nn.functional as F
+from remoteloss._samples import RemoteOnly
 
 from .cases import LOSS_NAMES, Call, Case, OptionSet, arg_names
 from .helpers import (
@@ -252,10 +255,15 @@ BAD: list[Bad] = [
     Bad("triplet_margin_with_distance_loss", "shape_mismatch", _reshape("negative", (4, 2)), ("negative", "anchor")),
     Bad("triplet_margin_with_distance_loss", "rank_mismatch", _reshape("negative", (3,)), ("negative", "anchor")),
     Bad("triplet_margin_with_distance_loss", "margin_zero", _add(margin=0.0), ("margin",)),
+    Bad("triplet_margin_with_distance_loss", "cosine_dim_out_of_range", _add(distance_function=RemoteOnly(
+        lambda x, y: 1 - F.cosine_similarity(x, y, dim=2), lambda: remoteloss.CosineDistance(dim=2))),
+        ("distance_function",)),
     # linear_cross_entropy
     Bad("linear_cross_entropy", "in_features_mismatch", _reshape("linear_weight", (5, 4)), ("linear_weight", "input")),
     Bad("linear_cross_entropy", "class_out_of_range", _with("target", _put(0, 5)), ("target",)),
     Bad("linear_cross_entropy", "bias_shape", _add(linear_bias=_t(1, 2, 3, 4)), ("linear_bias",)),
+    Bad("linear_cross_entropy", "bias_dtype", _add(linear_bias=_t(1, 2, 3, 4, 5, dtype=torch.float32)),
+        ("linear_bias",)),
     Bad("linear_cross_entropy", "batch_mismatch", _reshape("target", (5,)), ("target", "input")),
     Bad("linear_cross_entropy", "int32_target", _as("target", torch.int32), ("target",)),
     Bad(
@@ -297,11 +305,32 @@ BAD: list[Bad] = [
 ]
 
 
-def test_every_loss_has_bad_input_cases() -> None:
-    covered = {bad.loss for bad in BAD}
-    assert covered == set(LOSS_NAMES)
-    for loss in LOSS_NAMES:
-        assert len([b for b in BAD if b.loss == loss]) >= 2, loss
+def test_every_check_has_a_bad_case() -> None:
+    """Each check of the catalog rejects some case of BAD, as the SDK sends it (run here through
+    the server's own LossSpec.prepare): a loss that adds a check adds its bad cases here; one built
+    from existing checks is covered by theirs and by the per-loss tests below."""
+    from remoteloss._request import build_request
+    from remoteloss_server.errors import InvalidArgumentError
+    from remoteloss_server.losses import LOSSES
+
+    checks = {check.__code__: f"{spec.name}: {check.__qualname__}" for spec in LOSSES.values() for check in spec.checks}
+    hit: set[Any] = set()
+    for bad in BAD:
+        call = bad.change(_base(bad.loss))
+        arguments = {**dict(zip(call.arg_names, call.args, strict=True)), **call.remote_kwargs()}
+        try:
+            request = build_request(bad.loss, arguments)
+        except (ValueError, TypeError):  # the SDK refuses it before sending (a reduction's name)
+            continue
+        try:
+            LOSSES[bad.loss].prepare(getattr(request, bad.loss), "cpu")
+        except InvalidArgumentError as exc:
+            tb = exc.__traceback__
+            while tb is not None:
+                hit.add(tb.tb_frame.f_code)
+                tb = tb.tb_next
+    missing = [name for code, name in checks.items() if code not in hit]
+    assert not missing, f"checks no bad case rejects: {missing}"
 
 
 @pytest.mark.parametrize("bad", BAD, ids=lambda b: b.id)

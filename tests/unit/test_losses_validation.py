@@ -427,6 +427,12 @@ BAD = [
     ),
     Bad(
         "triplet_margin_with_distance_loss",
+        "cosine_dim_out_of_range",
+        {"distance_function": pb.DistanceFunction(cosine_distance=pb.CosineDistance(dim=2))},
+        r"distance_function.cosine_distance.dim is 2, but anchor has 2 dimensions \(-2 to 1\)",
+    ),
+    Bad(
+        "triplet_margin_with_distance_loss",
         "rank_mismatch",
         {"negative": torch.ones(4)},
         r"anchor, positive and negative must have the same number of dimensions, got 2, 2 and 1",
@@ -465,8 +471,31 @@ BAD = [
 ]
 
 
-def test_every_loss_has_a_bad_case() -> None:
-    assert {loss_of(b.key) for b in BAD} == set(LOSSES)
+def _checks_hit(exc: BaseException) -> set[Any]:
+    """The code of each catalog check on the traceback of ``exc`` (a factory's checks share one)."""
+    hit, tb = set(), exc.__traceback__
+    while tb is not None:
+        hit.add(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    return hit
+
+
+def test_every_check_has_a_bad_case() -> None:
+    """Each check of the catalog rejects some case of BAD: a loss that adds a check adds its bad
+    cases; one built from existing checks is covered by theirs and by the generic tests here."""
+    checks = {check.__code__: f"{spec.name}: {check.__qualname__}" for spec in LOSSES.values() for check in spec.checks}
+    hit: set[Any] = set()
+    for bad in BAD:
+        loss = loss_of(bad.key)
+        kwargs = {**EXAMPLES[bad.key], **bad.change}
+        msg = message(loss, {k: v for k, v in kwargs.items() if v is not None}, bad.requires_grad)
+        if bad.edit is not None:
+            bad.edit(msg)
+        with pytest.raises(InvalidArgumentError) as info:
+            LOSSES[loss].prepare(msg, "cpu")
+        hit |= _checks_hit(info.value)
+    missing = [name for code, name in checks.items() if code not in hit]
+    assert not missing, f"checks no bad case rejects: {missing}"
 
 
 @pytest.mark.parametrize("bad", BAD, ids=lambda b: b.id)
