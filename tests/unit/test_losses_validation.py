@@ -48,8 +48,9 @@ def message(loss: str, kwargs: dict[str, Any], requires_grad: Collection[str] = 
     return msg
 
 
-# Each loss's sample entry, at these main-argument shapes (else (3, 4)) and with every optional
-# tensor, in float32; "loss/probabilities" adds the form whose target holds class probabilities.
+# Each loss's sample entry, at these main-argument shapes (else (3, 4), or the entry's own where it
+# takes no (3, 4)) and with every optional tensor, in float32; "loss/probabilities" adds the form
+# whose target holds class probabilities.
 _SHAPES = {"ctc_loss": (6, 2, 5), "margin_ranking_loss": (3,), "linear_cross_entropy": (3, 2)}
 _EVERY_TENSOR = {"weight": "full", "pos_weight": True, "bias": True}
 
@@ -68,7 +69,10 @@ def examples() -> dict[str, dict[str, Any]]:
         if any(o.opts.get("prob") for o in entry.option_sets):
             variants[f"{loss}/probabilities"] = {"prob": True}
         for key, extra in variants.items():
-            arrays = entry.make(Draw(0), _SHAPES.get(loss, (3, 4)), {**_EVERY_TENSOR, **extra})
+            try:
+                arrays = entry.make(Draw(0), _SHAPES.get(loss, (3, 4)), {**_EVERY_TENSOR, **extra})
+            except ValueError:
+                arrays = entry.make(Draw(0), entry.batched, {**_EVERY_TENSOR, **extra})
             found[key] = {name: _float32(value) for name, value in arrays.items()}
     return found
 
