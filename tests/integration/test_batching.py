@@ -36,7 +36,7 @@ from remoteloss_server.app import ServerThread
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.losses import LOSSES
 
-from .cases import LOSS_NAMES, TABLE, Call, Case, Gen, cases, differentiable, tolerance, with_grad
+from .cases import LOSS_NAMES, Call, Case, cases, differentiable, tolerance, with_grad
 
 SHARED_ARGUMENTS = ("weight", "pos_weight", "linear_weight", "linear_bias")
 
@@ -67,13 +67,7 @@ class Expected:
 def _build(case: Case, seed: int, shared_from: Call | None) -> Call:
     """The case's arguments drawn with another seed; class weights and the like copied from
     ``shared_from`` where they have the same shape (calls of one batch share them byte for byte)."""
-    if seed == 0:
-        call = case.build()
-    else:
-        table = TABLE[case.loss]
-        g = Gen(zlib.crc32(case.id.encode()) ^ seed, case.dtype)
-        args, kwargs = table.generate(g, case.batched, case.option_set.opts, case.reduction)
-        call = Call(case.loss, args, kwargs, table.arg_names[: len(args)])
+    call = case.build(seed)
     if shared_from is not None:
         base, own = shared_from.tensors(), call.tensors()
         call = call.replace(

@@ -12,6 +12,7 @@ import pytest
 from remoteloss import _bench, _bench_payload
 from remoteloss._bench_load import Progress
 from remoteloss._request import LOSS_NAMES
+from remoteloss._samples import ENTRIES
 
 _FAST = ["--requests", "6", "--warmup", "0", "--quiet"]
 
@@ -78,7 +79,7 @@ def test_plot(server: Any, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_every_loss_has_a_valid_request(server: Any, loss: str) -> None:
-    shape = "6x4x5" if loss == "ctc_loss" else "4x5"
+    shape = "x".join(map(str, ENTRIES[loss].batched))
     assert _bench.main(["--target", server.target, "--loss", loss, "--shape", shape, "--grad",
                         "--requests", "1", "--concurrency", "1", "--warmup", "0", "--quiet"]) == 0
 

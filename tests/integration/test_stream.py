@@ -22,6 +22,8 @@ import remoteloss
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 
+from tests.catalog import NEWER_LOSS_FIELD, newer_loss_field
+
 from .cases import LOSS_NAMES, Call, Case, cases, differentiable, with_grad
 from .helpers import assert_same_tensor, raw_request
 
@@ -76,8 +78,8 @@ def test_raw_stream_answers_every_id_with_its_own_outcome(channel: grpc.Channel)
             "not a valid remoteloss.v1.ComputeStreamRequest"),
         # A newer client's field: of the stream item, and of the loss oneof.
         4: (_item(4, pb.ComputeRequest()) + b"\x28\x01", grpc.StatusCode.UNIMPLEMENTED, "field 5"),
-        5: (pb.ComputeStreamRequest(id=5).SerializeToString() + b"\x12\x03\xba\x01\x00",
-            grpc.StatusCode.UNIMPLEMENTED, "field 23"),
+        5: (pb.ComputeStreamRequest(id=5).SerializeToString() + b"\x12" + bytes([len(newer_loss_field())])
+            + newer_loss_field(), grpc.StatusCode.UNIMPLEMENTED, f"field {NEWER_LOSS_FIELD}"),
         # Unset request: the empty ComputeRequest.
         6: (pb.ComputeStreamRequest(id=6).SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "no loss set"),
     }

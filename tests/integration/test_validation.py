@@ -22,8 +22,8 @@ from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server.app import ServerThread
 from remoteloss_server.config import ServerConfig
+from remoteloss_server.losses import LOSSES
 from remoteloss_server.losses.spec import MAX_DIMS
-from remoteloss_server.losses.validation import TORCH_RULES
 
 from .cases import Case, OptionSet
 from .helpers import (
@@ -33,7 +33,7 @@ from .helpers import (
     rpc_error,
 )
 
-RULES = [(loss, rule) for loss, rules in TORCH_RULES.items() for rule in rules]
+RULES = [(spec.name, rule) for spec in LOSSES.values() for rule in spec.rejects]
 LIMIT = 1000  # max_elements of the small server
 
 

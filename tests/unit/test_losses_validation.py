@@ -9,12 +9,14 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from google.protobuf.message import Message
 
 from remoteloss import codec
+from remoteloss._samples import ENTRIES, Draw
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.errors import InvalidArgumentError
 from remoteloss_server.losses import LOSSES
@@ -46,71 +48,33 @@ def message(loss: str, kwargs: dict[str, Any], requires_grad: Collection[str] = 
     return msg
 
 
+# Each loss's sample entry, at these main-argument shapes (else (3, 4), or the entry's own where it
+# takes no (3, 4)) and with every optional tensor, in float32; "loss/probabilities" adds the form
+# whose target holds class probabilities.
+_SHAPES = {"ctc_loss": (6, 2, 5), "margin_ranking_loss": (3,), "linear_cross_entropy": (3, 2)}
+_EVERY_TENSOR = {"weight": "full", "pos_weight": True, "bias": True}
+
+
+def _float32(value: Any) -> Any:
+    tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
 def examples() -> dict[str, dict[str, Any]]:
-    """Small valid arguments per loss; "loss/variant" keys add a second form of the target."""
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=g)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=g)
-
-    def sign(*shape: int) -> torch.Tensor:
-        return torch.randint(0, 2, shape, generator=g).float() * 2 - 1
-
-    n, c = 3, 4
-    classes = torch.tensor([0, 3, 1])
-    return {
-        "l1_loss": {"input": randn(n, c), "target": randn(n, c), "weight": rand(n, c)},
-        "mse_loss": {"input": randn(n, c), "target": randn(n, c), "weight": rand(n, c)},
-        "cross_entropy": {"input": randn(n, c), "target": classes, "weight": rand(c)},
-        "cross_entropy/probabilities": {"input": randn(n, c), "target": rand(n, c).softmax(-1), "weight": rand(c)},
-        "ctc_loss": {
-            "log_probs": randn(6, 2, 5).log_softmax(-1),
-            "targets": torch.tensor([[1, 2], [3, 3]]),
-            "input_lengths": torch.tensor([6, 5]),
-            "target_lengths": torch.tensor([2, 1]),
-        },
-        "nll_loss": {"input": randn(n, c).log_softmax(-1), "target": classes, "weight": rand(c)},
-        "poisson_nll_loss": {"input": randn(n, c), "target": rand(n, c) * 3},
-        "gaussian_nll_loss": {"input": randn(n, c), "target": randn(n, c), "var": rand(n, c) + 0.1},
-        "kl_div": {"input": randn(n, c).log_softmax(-1), "target": rand(n, c).softmax(-1)},
-        "binary_cross_entropy": {"input": rand(n, c), "target": rand(n, c), "weight": rand(n, c)},
-        "binary_cross_entropy_with_logits": {
-            "input": randn(n, c),
-            "target": rand(n, c),
-            "weight": rand(n, c),
-            "pos_weight": rand(c),
-        },
-        "margin_ranking_loss": {"input1": randn(n), "input2": randn(n), "target": sign(n)},
-        "hinge_embedding_loss": {"input": randn(n, c), "target": sign(n, c)},
-        "multilabel_margin_loss": {
-            "input": randn(n, c),
-            "target": torch.tensor([[3, 0, -1, 1], [0, 1, 2, 3], [1, -1, 0, 0]]),
-        },
-        "huber_loss": {"input": randn(n, c), "target": randn(n, c), "weight": rand(n, c)},
-        "smooth_l1_loss": {"input": randn(n, c), "target": randn(n, c)},
-        "soft_margin_loss": {"input": randn(n, c), "target": sign(n, c)},
-        "multilabel_soft_margin_loss": {"input": randn(n, c), "target": sign(n, c).clamp(min=0), "weight": rand(c)},
-        "cosine_embedding_loss": {"input1": randn(n, c), "input2": randn(n, c), "target": sign(n)},
-        "multi_margin_loss": {"input": randn(n, c), "target": classes, "weight": rand(c)},
-        "triplet_margin_loss": {"anchor": randn(n, c), "positive": randn(n, c), "negative": randn(n, c)},
-        "triplet_margin_with_distance_loss": {"anchor": randn(n, c), "positive": randn(n, c), "negative": randn(n, c)},
-        "linear_cross_entropy": {
-            "input": randn(n, 5),
-            "linear_weight": randn(c, 5),
-            "target": classes,
-            "linear_bias": randn(c),
-            "weight": rand(c),
-        },
-        "linear_cross_entropy/probabilities": {
-            "input": randn(n, 5),
-            "linear_weight": randn(c, 5),
-            "target": rand(n, c).softmax(-1),
-            "linear_bias": randn(c),
-        },
-    }
+    """Small valid arguments per loss, from its sample entry; "loss/variant" keys add a second
+    form of the target."""
+    found = {}
+    for loss, entry in ENTRIES.items():
+        variants = {loss: {}}
+        if any(o.opts.get("prob") for o in entry.option_sets):
+            variants[f"{loss}/probabilities"] = {"prob": True}
+        for key, extra in variants.items():
+            try:
+                arrays = entry.make(Draw(0), _SHAPES.get(loss, (3, 4)), {**_EVERY_TENSOR, **extra})
+            except ValueError:
+                arrays = entry.make(Draw(0), entry.batched, {**_EVERY_TENSOR, **extra})
+            found[key] = {name: _float32(value) for name, value in arrays.items()}
+    return found
 
 
 EXAMPLES = examples()
@@ -300,8 +264,8 @@ BAD = [
     Bad(
         "ctc_loss",
         "target_length_above_S",
-        {"target_lengths": _long(3, 1)},
-        r"target_lengths holds 3, but padded targets have 2 columns",
+        {"target_lengths": _long(4, 1)},
+        r"target_lengths holds 4, but padded targets have 3 columns",
     ),
     Bad(
         "ctc_loss",
@@ -313,12 +277,12 @@ BAD = [
         "ctc_loss",
         "concatenated_sum",
         {"targets": _long(1, 2)},
-        r"target_lengths sums to 3, but concatenated targets hold 2 labels",
+        r"target_lengths sums to 5, but concatenated targets hold 2 labels",
     ),
     Bad(
         "ctc_loss",
         "label_out_of_range",
-        {"targets": _long(1, 5, 3, 3).reshape(2, 2)},
+        {"targets": _long(1, 5, 3, 3, 3, 3).reshape(2, 3)},
         r"targets holds label 5, but log_probs has 5 classes \(0 to 4\)",
     ),
     Bad("ctc_loss", "blank_out_of_range", {"blank": 5}, r"blank is 5, but log_probs has 5 classes"),
@@ -467,6 +431,12 @@ BAD = [
     ),
     Bad(
         "triplet_margin_with_distance_loss",
+        "cosine_dim_out_of_range",
+        {"distance_function": pb.DistanceFunction(cosine_distance=pb.CosineDistance(dim=2))},
+        r"distance_function.cosine_distance.dim is 2, but anchor has 2 dimensions \(-2 to 1\)",
+    ),
+    Bad(
+        "triplet_margin_with_distance_loss",
         "rank_mismatch",
         {"negative": torch.ones(4)},
         r"anchor, positive and negative must have the same number of dimensions, got 2, 2 and 1",
@@ -505,8 +475,31 @@ BAD = [
 ]
 
 
-def test_every_loss_has_a_bad_case() -> None:
-    assert {loss_of(b.key) for b in BAD} == set(LOSSES)
+def _checks_hit(exc: BaseException) -> set[Any]:
+    """The code of each catalog check on the traceback of ``exc`` (a factory's checks share one)."""
+    hit, tb = set(), exc.__traceback__
+    while tb is not None:
+        hit.add(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    return hit
+
+
+def test_every_check_has_a_bad_case() -> None:
+    """Each check of the catalog rejects some case of BAD: a loss that adds a check adds its bad
+    cases; one built from existing checks is covered by theirs and by the generic tests here."""
+    checks = {check.__code__: f"{spec.name}: {check.__qualname__}" for spec in LOSSES.values() for check in spec.checks}
+    hit: set[Any] = set()
+    for bad in BAD:
+        loss = loss_of(bad.key)
+        kwargs = {**EXAMPLES[bad.key], **bad.change}
+        msg = message(loss, {k: v for k, v in kwargs.items() if v is not None}, bad.requires_grad)
+        if bad.edit is not None:
+            bad.edit(msg)
+        with pytest.raises(InvalidArgumentError) as info:
+            LOSSES[loss].prepare(msg, "cpu")
+        hit |= _checks_hit(info.value)
+    missing = [name for code, name in checks.items() if code not in hit]
+    assert not missing, f"checks no bad case rejects: {missing}"
 
 
 @pytest.mark.parametrize("bad", BAD, ids=lambda b: b.id)
@@ -531,7 +524,7 @@ def test_ignore_index_is_exempt_from_the_range_check() -> None:
 
 
 def test_ctc_padding_past_target_length_is_not_checked() -> None:
-    kwargs = {**EXAMPLES["ctc_loss"], "targets": _long(1, 2, 3, 99).reshape(2, 2)}  # 99 lies past length 1
+    kwargs = {**EXAMPLES["ctc_loss"], "targets": _long(1, 2, 3, 4, 1, 99).reshape(2, 3)}  # 99 lies past length 2
     call = LOSSES["ctc_loss"].prepare(message("ctc_loss", kwargs), "cpu")
     torch.testing.assert_close(call(), F.ctc_loss(**kwargs))
 

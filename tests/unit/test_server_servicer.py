@@ -21,6 +21,7 @@ from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedErro
 from remoteloss_server.executor import Executor, Result
 from remoteloss_server.intake import UndecodableRequest
 from remoteloss_server.servicer import LossServicer, _lenient
+from tests.catalog import LOSS_NAMES, NEWER_LOSS_FIELD, newer_loss_field
 
 torch.set_num_threads(1)
 
@@ -143,10 +144,10 @@ def test_bad_requests_are_invalid_argument(
 
 
 def test_unknown_fields_are_unimplemented(servicer: LossServicer) -> None:
-    newer_loss = pb.ComputeRequest.FromString(bytes([0xB8, 0x01, 0x00]))  # field 23: a loss added later
+    newer_loss = pb.ComputeRequest.FromString(newer_loss_field())  # a loss added later
     _, context = compute(servicer, newer_loss)
     assert context.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "field 23 of ComputeRequest" in context.details()
+    assert f"field {NEWER_LOSS_FIELD} of ComputeRequest" in context.details()
     newer_option = mse_request()
     newer_option.mse_loss.MergeFromString(bytes([0xB8, 0x01, 0x05]))  # field 23 inside MseLoss
     _, context = compute(servicer, newer_option)
@@ -231,7 +232,7 @@ def test_anything_else_is_an_opaque_internal_error(
 
 def test_list_losses(servicer: LossServicer) -> None:
     response = asyncio.run(servicer.ListLosses(pb.ListLossesRequest(), Context()))  # type: ignore[arg-type]
-    assert len(response.losses) == 22 and response.losses[0].name == "l1_loss"
+    assert [info.name for info in response.losses] == list(LOSS_NAMES)
 
 
 def test_lenient_deserializer() -> None:

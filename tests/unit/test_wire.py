@@ -17,13 +17,13 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from remoteloss import _bench_payload, codec, wire
 from remoteloss._request import LOSS_NAMES
+from remoteloss._samples import ENTRIES
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.wire import length_delimited as ld
 
 torch.set_num_threads(1)
 
 _TENSOR = pb.Tensor.DESCRIPTOR
-_SHAPES = {"ctc_loss": (6, 2, 4)}
 
 
 def _varint(value: int, width: int = 0) -> bytes:
@@ -100,7 +100,7 @@ def _unknown(message: Message) -> list[tuple[int, int, object]]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_split_round_trips_every_loss(loss: str, dtype: str) -> None:
-    request = _bench_payload.build(loss, _SHAPES.get(loss, (3, 4)), dtype, grad=True)
+    request = _bench_payload.build(loss, ENTRIES[loss].batched, dtype, grad=True)
     data = request.SerializeToString()
     payloads = _check(data)
     sent = list(_tensors(request))
@@ -437,7 +437,7 @@ def _check_join(message: Message) -> bytes:
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_join_gives_upb_bytes_for_every_loss(loss: str, dtype: str) -> None:
-    request = _bench_payload.build(loss, _SHAPES.get(loss, (3, 4)), dtype, grad=True)
+    request = _bench_payload.build(loss, ENTRIES[loss].batched, dtype, grad=True)
     request.grad_output.CopyFrom(codec.encode(torch.ones(()), requires_grad=False))  # field 64: 2-byte tag
     _check_join(request)
     _check_join(pb.ComputeStreamRequest(id=2**64 - 1, request=request))

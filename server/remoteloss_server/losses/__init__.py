@@ -6,7 +6,7 @@
 - ``spec``: the machinery (``LossSpec``, ``TensorArg``, dtype sets)
 - ``call``: ``Call``, one validated torch call
 - ``batching``: how calls of one loss share a batch
-- ``catalog``: the 22 specs, in proto order
+- ``catalog``: one spec per loss, in proto order
 - ``checks``: host-side checks run before any tensor reaches the device
 - ``hooks``: decoders for the few options that are not plain scalars
 - ``describe``: ``LossInfo`` messages for ListLosses

@@ -1,4 +1,4 @@
-"""The 22 losses of ``torch.nn.functional``, in the order of the ``ComputeRequest.loss`` oneof.
+"""The losses of ``torch.nn.functional``, in the order of the ``ComputeRequest.loss`` oneof.
 
 Dtype sets follow what torch accepts for each argument (tests/unit/test_losses_validation.py checks
 them against torch); ``differentiable=False`` marks arguments torch refuses to differentiate.
@@ -22,6 +22,7 @@ from remoteloss_server.losses.spec import (
     REAL,
     Dtypes,
     LossSpec,
+    Rule,
     TensorArg,
 )
 
@@ -90,6 +91,13 @@ _SPECS = (
             _weight(ANY, _CLASS_WEIGHT),
         ),
         checks=(checks.cross_entropy,),
+        rejects=(
+            Rule(
+                "label_smoothing",
+                "at most 1 (+inf too; torch accepts negative values and NaN)",
+                {"label_smoothing": 1.5},
+            ),
+        ),
         batch=_CLASSES,
     ),
     LossSpec(
@@ -134,6 +142,7 @@ _SPECS = (
         ),
         checks=(*_BROADCAST, checks.gaussian_var),
         hooks={"var_float": hooks.var_float},
+        rejects=(Rule("var_float", ">= 0, as every element of a var tensor", {"var_float": -1.0}, clear=("var",)),),
         batch=dataclasses.replace(_ELEMENTWISE, homoscedastic=frozenset({"var"})),
     ),
     LossSpec(
@@ -194,9 +203,17 @@ _SPECS = (
         "HuberLoss",
         (*_input_target(FLOATING, ANY), _weight(ANY, _SAME_AS_INPUT)),
         checks=_REGRESSION,
+        rejects=(Rule("delta", "> 0 (NaN too)", {"delta": 0.0}),),
         batch=_WEIGHTED,  # a weighted mean is weighted_loss.mean() here
     ),
-    LossSpec("smooth_l1_loss", "SmoothL1Loss", _input_target(ANY, ANY), checks=_BROADCAST, batch=_ELEMENTWISE),
+    LossSpec(
+        "smooth_l1_loss",
+        "SmoothL1Loss",
+        _input_target(ANY, ANY),
+        checks=_BROADCAST,
+        rejects=(Rule("beta", ">= 0 (NaN too)", {"beta": -0.5}),),
+        batch=_ELEMENTWISE,
+    ),
     LossSpec(
         "soft_margin_loss",
         "SoftMarginLoss",
@@ -231,6 +248,7 @@ _SPECS = (
             _weight(FLOATING, _CLASS_WEIGHT, differentiable=False),
         ),
         checks=(checks.multi_margin_loss,),
+        rejects=(Rule("p", "1 or 2", {"p": 3}),),
         batch=BatchRule(unbatched_rank=1, shared=frozenset({"weight"})),
     ),
     LossSpec(
@@ -242,6 +260,7 @@ _SPECS = (
             TensorArg("negative", REAL, "the rank of anchor, broadcastable with it"),
         ),
         checks=(checks.triplet,),
+        rejects=(Rule("margin", "> 0", {"margin": 0.0}),),
         batch=BatchRule(reference="anchor", unbatched_rank=1, same_shape=_TRIPLETS),
     ),
     LossSpec(
@@ -254,6 +273,7 @@ _SPECS = (
         ),
         checks=(checks.triplet, checks.distance_dim),
         hooks={"distance_function": hooks.distance_function},
+        rejects=(Rule("margin", "> 0", {"margin": -1.0}),),
         batch=BatchRule(reference="anchor", unbatched_rank=1, same_shape=_TRIPLETS, alone=batching.distance_alone),
     ),
     LossSpec(
@@ -268,6 +288,13 @@ _SPECS = (
         ),
         checks=(checks.same_dtype("input", "linear_weight", "linear_bias"), checks.linear_cross_entropy),
         hooks={"options": hooks.linear_cross_entropy_options},
+        rejects=(
+            Rule("label_smoothing", "at most 1 (torch accepts negative values and NaN)", {"label_smoothing": 2.0}),
+            Rule("options.batch_chunk_size", "> 0", {"options": {"batch_chunk_size": 0}}),
+            Rule("options.chunking_method", "one of torch's method names", {"options": {"chunking_method": "fastest"}}),
+            Rule("options.acc_policy", "one of torch's policy names", {"options": {"acc_policy": "exact"}}),
+            Rule("options.acc_dtype", "a floating dtype", {"options": {"acc_dtype": "DTYPE_INT64"}}),
+        ),
         batch=dataclasses.replace(
             _CLASSES,
             shared=frozenset({"linear_weight", "linear_bias", "weight"}),

@@ -13,7 +13,7 @@ from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.losses.spec import LossSpec
 
-__all__ = ["describe", "describe_all"]
+__all__ = ["describe", "describe_all", "markdown_table"]
 
 _DEPRECATED = frozenset({"size_average", "reduce"})
 _SCALAR_TYPES = {
@@ -85,3 +85,23 @@ def describe(spec: LossSpec) -> pb.LossInfo:
 def describe_all(specs: Iterable[LossSpec]) -> pb.ListLossesResponse:
     """The ListLosses answer, built once at startup."""
     return pb.ListLossesResponse(losses=[describe(spec) for spec in specs])
+
+
+def markdown_table(specs: Iterable[LossSpec]) -> str:
+    """README's table of losses: each loss, its torch.nn class, tensors and options."""
+    rows = [
+        "| loss (`torch.nn.functional`) | `torch.nn` class | tensors (*optional*; ∂: may require grad) | options |",
+        "|---|---|---|---|",
+    ]
+    for spec in specs:
+        info = describe(spec)
+        tensors = ", ".join(
+            (f"`{t.name}`" if t.required else f"*`{t.name}`*") + (" ∂" if t.differentiable else "")
+            for t in info.tensors
+        )
+        options = ", ".join(f"`{o.name}`" for o in info.options if not o.deprecated)
+        deprecated = [f"`{o.name}`" for o in info.options if o.deprecated]
+        if deprecated:
+            options += f" (+ deprecated {', '.join(deprecated)})"
+        rows.append(f"| `{spec.name}` | `{spec.module}` | {tensors} | {options} |")
+    return "\n".join(rows) + "\n"

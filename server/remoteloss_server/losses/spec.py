@@ -41,6 +41,7 @@ __all__ = [
     "Dtypes",
     "LossSpec",
     "OptionHook",
+    "Rule",
     "TensorArg",
     "dtype_names",
 ]
@@ -115,13 +116,26 @@ class Args:
             )
 
 
+@dataclass(frozen=True)
+class Rule:
+    """An option value torch rejects, for docs/VALIDATION.md; ``example`` is a request field (JSON,
+    merged into a good request of the loss, after clearing the fields in ``clear``) that breaks the
+    rule, and a test sends it to a server."""
+
+    argument: str
+    rule: str
+    example: Mapping[str, Any]
+    clear: tuple[str, ...] = ()
+
+
 Check = Callable[[Args], None]
 OptionHook = Callable[[str, Any], dict[str, Any]]  # (loss name, loss message) -> keyword arguments
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One loss: its torch function, tensor arguments, option hooks, host-side checks and batch rule."""
+    """One loss: its torch function, tensor arguments, option hooks, host-side checks, the option
+    values torch rejects, and its batch rule."""
 
     name: str  # the torch.nn.functional name and the ComputeRequest field
     module: str  # the torch.nn class, e.g. "MSELoss"
@@ -129,6 +143,7 @@ class LossSpec:
     checks: tuple[Check, ...] = ()
     hooks: Mapping[str, OptionHook] = field(default_factory=dict)  # message field -> decoder
     reductions: tuple[str, ...] = _STANDARD_REDUCTIONS
+    rejects: tuple[Rule, ...] = ()  # option values torch itself rejects (torch's check, not ours)
     batch: BatchRule | None = None  # how calls share a batch; None: each call runs alone
     _scalars: tuple[str, ...] = field(init=False, repr=False)
     _defaults: Mapping[str, Any] = field(init=False, repr=False)

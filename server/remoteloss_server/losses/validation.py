@@ -1,55 +1,23 @@
 """What the server checks in a request, per loss, as Markdown: ``render()`` is docs/VALIDATION.md.
 
-Generated from the loss catalog (tensor arguments, dtypes, shape rules) and from the docstrings of
-the checks in ``checks``, plus ``TORCH_RULES``: the option values torch itself rejects, each with
-an example request field that tests/unit/test_validation_doc.py sends to a server.
+Generated from the loss catalog (tensor arguments, dtypes, shape rules, and ``LossSpec.rejects``:
+the option values torch itself rejects, each with an example request field that
+tests/integration/test_validation.py sends to a server) and from the docstrings of the checks in
+``checks``.
 ``python scripts/gen_validation.py`` rewrites the file; the same test fails when it is stale.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 from remoteloss_server.losses.catalog import LOSSES
 from remoteloss_server.losses.spec import MAX_DIMS, LossSpec, dtype_names
 
-__all__ = ["ACCEPTED", "GENERAL", "TORCH_RULES", "Rule", "render"]
+__all__ = ["ACCEPTED", "GENERAL", "render"]
 
-
-@dataclass(frozen=True)
-class Rule:
-    """An option value torch rejects; ``example`` is a request field (JSON, merged into a good
-    request of the loss, after clearing the fields in ``clear``) that breaks the rule."""
-
-    argument: str
-    rule: str
-    example: Mapping[str, Any]
-    clear: tuple[str, ...] = ()
-
-
-TORCH_RULES: dict[str, tuple[Rule, ...]] = {
-    "cross_entropy": (
-        Rule("label_smoothing", "at most 1 (+inf too; torch accepts negative values and NaN)", {"label_smoothing": 1.5}),
-    ),
-    "gaussian_nll_loss": (
-        Rule("var_float", ">= 0, as every element of a var tensor", {"var_float": -1.0}, clear=("var",)),
-    ),
-    "huber_loss": (Rule("delta", "> 0 (NaN too)", {"delta": 0.0}),),
-    "smooth_l1_loss": (Rule("beta", ">= 0 (NaN too)", {"beta": -0.5}),),
-    "multi_margin_loss": (Rule("p", "1 or 2", {"p": 3}),),
-    "triplet_margin_loss": (Rule("margin", "> 0", {"margin": 0.0}),),
-    "triplet_margin_with_distance_loss": (Rule("margin", "> 0", {"margin": -1.0}),),
-    "linear_cross_entropy": (
-        Rule("label_smoothing", "at most 1 (torch accepts negative values and NaN)", {"label_smoothing": 2.0}),
-        Rule("options.batch_chunk_size", "> 0", {"options": {"batch_chunk_size": 0}}),
-        Rule("options.chunking_method", "one of torch's method names", {"options": {"chunking_method": "fastest"}}),
-        Rule("options.acc_policy", "one of torch's policy names", {"options": {"acc_policy": "exact"}}),
-        Rule("options.acc_dtype", "a floating dtype", {"options": {"acc_dtype": "DTYPE_INT64"}}),
-    ),
-}
 
 GENERAL: tuple[tuple[str, str], ...] = (
     ("no loss set in the request (the `loss` oneof is empty)", "INVALID_ARGUMENT"),
@@ -146,12 +114,11 @@ def _loss_section(spec: LossSpec) -> Iterable[str]:
         yield "Checked before computing:"
         yield ""
         yield from (f"- {_check_text(check)}" for check in spec.checks)
-    rules = TORCH_RULES.get(spec.name, ())
-    if rules:
+    if spec.rejects:
         yield ""
         yield "Option values torch rejects (INVALID_ARGUMENT):"
         yield ""
-        yield from (f"- `{rule.argument}`: must be {rule.rule}" for rule in rules)
+        yield from (f"- `{rule.argument}`: must be {rule.rule}" for rule in spec.rejects)
     yield ""
 
 
