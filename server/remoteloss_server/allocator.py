@@ -17,11 +17,21 @@ elsewhere ``configure`` does nothing. No torch and no grpc here.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
+from collections.abc import Callable
 
-__all__ = ["MAX_THRESHOLD_BYTES", "configure", "free_heap_bytes", "is_glibc", "resident_bytes", "trim"]
+__all__ = [
+    "MAX_THRESHOLD_BYTES",
+    "configure",
+    "free_heap_bytes",
+    "give_back_when_quiet",
+    "is_glibc",
+    "resident_bytes",
+    "trim",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +40,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _INT_MAX = 2**31 - 1
 MAX_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
+QUIET_BYTES = 1024 * 1024  # bytes in flight under which the server counts as quiet
+TRIM_SLACK_BYTES = 16 * 1024 * 1024  # a change in free heap bytes or RSS that makes another trim worth it
 
 
 def is_glibc() -> bool:
@@ -70,7 +82,7 @@ def trim() -> bool:
     pages inside the heap too); glibc only. Returns whether any memory was released.
 
     It holds each arena's lock while it works (milliseconds for a heap of hundreds of MiB), so
-    the server calls it off the event loop, and only when quiet (``app._give_back_memory``).
+    the server calls it off the event loop, and only when quiet (``give_back_when_quiet``).
     """
     if not is_glibc():
         return False
@@ -103,3 +115,23 @@ def resident_bytes() -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+async def give_back_when_quiet(take_peak: Callable[[], int], interval_s: float = 2.0) -> None:
+    """Give freed memory back to the kernel once the server is quiet, as jemalloc's background
+    purging does: every ``interval_s``, when no more than ``QUIET_BYTES`` were in flight since the
+    last look (``take_peak()``, the server's in-flight budgets) and, since the last trim, the heap's
+    free bytes changed or the process grew by ``TRIM_SLACK_BYTES``, ``trim()`` (on a thread, as the
+    look at the heap: both take glibc's arena locks). Without it, the heap a burst grew (glibc
+    keeps up to its trim threshold) stays with the process after the callers are gone, also after
+    bytes that gRPC alone held, such as stalled requests. Runs until cancelled."""
+    free_at, resident_at = 0, 0  # after the last trim
+    while True:
+        await asyncio.sleep(interval_s)
+        if take_peak() > QUIET_BYTES:
+            continue
+        free = await asyncio.to_thread(free_heap_bytes)
+        if abs(free - free_at) < TRIM_SLACK_BYTES and resident_bytes() - resident_at < TRIM_SLACK_BYTES:
+            continue
+        await asyncio.to_thread(trim)
+        free_at, resident_at = free, resident_bytes()

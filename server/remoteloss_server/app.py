@@ -15,6 +15,7 @@ a call; unusable ones keep the old. Lifecycle events are logged as one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -50,8 +51,6 @@ _RELOAD_SIGNAL = signal.SIGHUP
 _WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 _IDENTITY_ONLY = 1  # a bit set of gRPC's compression algorithms: bit 0, identity, alone
-_QUIET_BYTES = 1024 * 1024  # bytes in flight under which the server counts as quiet
-_TRIM_SLACK_BYTES = 16 * 1024 * 1024  # a change in free heap bytes that makes another trim worth it
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
 
@@ -61,44 +60,6 @@ WorkerError = workers.WorkerError
 
 class StartupError(Exception):
     """The server could not start: an unusable device or an address it cannot bind."""
-
-
-@dataclass
-class _Security:
-    """What SIGHUP reloads: the API keys (file and REMOTELOSS_API_KEYS as at start) and TLS files."""
-
-    keys_file: str | None
-    keys_text: str | None
-    interceptor: auth.ApiKeyInterceptor | None = None  # None: no keys (a reload cannot turn them on)
-    certificates: auth.ServerCertificates | None = None  # None: plaintext
-
-    def reload(self) -> bool:
-        """Read the keys and certificates again; True if every one was replaced. One that cannot
-        be used keeps the old, with an ``event=reload ... status=failed`` line at ERROR."""
-        replaced = True
-        if self.interceptor is not None:
-            try:
-                keys = auth.load_keys(self.keys_file, self.keys_text)
-            except (OSError, ValueError) as exc:  # the messages name the file and entry, never a key
-                logger.error("event=reload what=api_keys status=failed kept=previous error=%s", quote(str(exc)))
-                replaced = False
-            else:
-                assert keys is not None  # both were set at start, and are the same now
-                self.interceptor.keys = keys
-                logger.info(
-                    "event=reload what=api_keys status=ok tenants=%d keys=%d", len(keys.tenants), len(keys.entries)
-                )
-        if self.certificates is not None:
-            try:
-                self.certificates.reload()
-            except (OSError, ValueError) as exc:
-                logger.error("event=reload what=tls status=failed kept=previous error=%s", quote(str(exc)))
-                replaced = False
-            else:
-                logger.info("event=reload what=tls status=ok note=%s", quote("new connections get the new certificate"))
-        if self.interceptor is None and self.certificates is None:
-            logger.info("event=reload what=nothing note=%s", quote("no API keys or TLS configured"))
-        return replaced
 
 
 @dataclass
@@ -112,7 +73,7 @@ class _Running:
     batcher: Batcher | None = None
     trimmer: asyncio.Task[None] | None = None
     servicer: LossServicer | None = None
-    security: _Security | None = None
+    security: auth.Security | None = None
 
     async def stop(self, grace_s: float) -> None:
         logger.info("event=draining grace_s=%.1f", grace_s)
@@ -134,19 +95,58 @@ class _Running:
 
 
 async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
+    """Everything a server runs, started in order; what was started is stopped again (the exit
+    stack, last first) when a later step fails, so a failed start leaks no thread, port or task."""
     logger.info("event=start version=%s torch=%s device=%s", __version__, torch.__version__, config.device)
-    keys, certificates = _security(config)
-    security = _Security(config.api_keys_file, config.api_keys, certificates=certificates)
-    if keys is not None:
-        security.interceptor = auth.ApiKeyInterceptor(keys)
+    security = _security(config)
     try:
         executor = Executor(config.device, config.torch_threads)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    pool = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="remoteloss-compute")
+    async with contextlib.AsyncExitStack() as stack:
+        pool = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="remoteloss-compute")
+        stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+        server = _grpc_server(config, security.interceptor)
+        stack.push_async_callback(server.stop, None)
+        metrics = Metrics()
+        if executor.device.type == "cuda":
+            metrics.watch_gpu_memory(str(executor.device), executor.memory_reserved)
+        budgets, policy = admission(config), scheduling_policy(config, executor.device.type)
+        batcher = Batcher(
+            executor, pool, metrics, policy,
+            alone=lambda: budgets.pending == 1,  # no other request in flight: a batch could only form by waiting
+            tenant_weights=dict(config.tenant_weights),
+        )
+        intake = Intake(policy, max_elements=config.max_elements, max_request_elements=config.max_request_elements)
+        servicer = LossServicer(executor, pool, metrics, worker=worker, intake=intake, batcher=batcher, admission=budgets)
+        add_to_server(servicer, server)
+        health_servicer = _HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if config.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = _bind(server, config, security.certificates)
+        metrics_http, metrics_address = _serve_metrics(config, metrics)
+        if metrics_http is not None:
+            stack.callback(metrics_http.close)
+        await batcher.start()
+        stack.push_async_callback(batcher.close)
+        trimmer = asyncio.create_task(allocator.give_back_when_quiet(budgets.take_peak), name="remoteloss-trim")
+        stack.callback(trimmer.cancel)
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        _log_ready(config, port, executor, metrics_address, security)
+        stack.pop_all()  # from here on, _Running.stop stops them, in the drain's order
+    return _Running(
+        server, health_servicer, pool, port, metrics, metrics_http,
+        batcher=batcher, trimmer=trimmer, servicer=servicer, security=security,
+    )
+
+
+def _grpc_server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None) -> grpc.aio.Server:
     limit = config.max_message_bytes
-    server = grpc.aio.server(
-        interceptors=[] if security.interceptor is None else [security.interceptor],
+    return grpc.aio.server(
+        interceptors=[] if interceptor is None else [interceptor],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -155,50 +155,38 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             # No compression, either way: gRPC refuses a compressed request before inflating it
             # (UNIMPLEMENTED), so a few KiB on the wire cannot become gigabytes in the server.
             ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
-        ]
+        ],
     )
-    metrics = Metrics()
-    if executor.device.type == "cuda":
-        metrics.watch_gpu_memory(str(executor.device), executor.memory_reserved)
-    budgets = admission(config)
-    policy = scheduling_policy(config, executor.device.type)
-    batcher = Batcher(
-        executor, pool, metrics, policy,
-        alone=lambda: budgets.pending == 1,  # no other request in flight: a batch could only form by waiting
-        tenant_weights=dict(config.tenant_weights),
-    )
-    intake = Intake(policy, max_elements=config.max_elements, max_request_elements=config.max_request_elements)
-    servicer = LossServicer(executor, pool, metrics, worker=worker, intake=intake, batcher=batcher, admission=budgets)
-    add_to_server(servicer, server)
-    health_servicer = _HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if config.reflection:
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig, certificates: auth.ServerCertificates | None) -> int:
     address = f"{config.host}:{config.port}"
     try:
-        port = (server.add_insecure_port(address) if certificates is None
-                else server.add_secure_port(address, certificates.credentials))
+        if certificates is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, certificates.credentials)
     except RuntimeError as exc:
-        pool.shutdown()
         raise StartupError(f"cannot bind {address}: {exc}") from None
-    metrics_http, metrics_address = None, "off"
-    if config.metrics_port:
-        metrics_host = config.metrics_host or config.host
-        metrics_address = f"{metrics_host}:{config.metrics_port}"
-        try:
-            metrics_http, _ = serve_http(metrics, metrics_host, config.metrics_port)
-        except OSError as exc:
-            await server.stop(None)
-            pool.shutdown()
-            raise StartupError(
-                f"cannot bind {metrics_address} for /metrics: {exc} (metrics_port=0 turns /metrics off)"
-            ) from None
-    await batcher.start()
-    trimmer = asyncio.create_task(_give_back_memory(budgets), name="remoteloss-trim")
-    await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    tls = "off" if certificates is None else "mutual" if config.tls_client_ca else "on"
+
+
+def _serve_metrics(config: ServerConfig, metrics: Metrics) -> tuple[MetricsHTTPServer | None, str]:
+    """/metrics over HTTP when ``metrics_port`` is set, and its address for the ready line."""
+    if not config.metrics_port:
+        return None, "off"
+    host = config.metrics_host or config.host
+    address = f"{host}:{config.metrics_port}"
+    try:
+        http, _ = serve_http(metrics, host, config.metrics_port)
+    except OSError as exc:
+        raise StartupError(f"cannot bind {address} for /metrics: {exc} (metrics_port=0 turns /metrics off)") from None
+    return http, address
+
+
+def _log_ready(
+    config: ServerConfig, port: int, executor: Executor, metrics_address: str, security: auth.Security
+) -> None:
+    keys = security.interceptor.keys if security.interceptor is not None else None
+    tls = "off" if security.certificates is None else "mutual" if config.tls_client_ca else "on"
     logger.info(
         "event=ready address=%s:%d device=%s metrics=%s reflection=%s tls=%s auth=%s",
         config.host, port, executor.device, metrics_address, config.reflection, tls,
@@ -215,10 +203,6 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             "event=open_access address=%s:%d note=%s", config.host, port,
             quote("no API keys: anyone who can reach this address may call the service (--api-keys-file, --tls-cert)"),
         )
-    return _Running(
-        server, health_servicer, pool, port, metrics, metrics_http,
-        batcher=batcher, trimmer=trimmer, servicer=servicer, security=security,
-    )
 
 
 def scheduling_policy(config: ServerConfig, device_type: str) -> SchedulingPolicy:
@@ -245,38 +229,21 @@ def admission(config: ServerConfig) -> Admission:
     )
 
 
-async def _give_back_memory(admission: Admission, interval_s: float = 2.0) -> None:
-    """Give freed memory back to the kernel once the server is quiet, as jemalloc's background
-    purging does: every ``interval_s``, when no more than ``_QUIET_BYTES`` were in flight since
-    the last look and, since the last trim, the heap's free bytes changed or the process grew by
-    ``_TRIM_SLACK_BYTES``, ``allocator.trim()`` (on a thread, as the look at the heap: both take
-    glibc's arena locks). Without it, the heap a burst grew (glibc keeps up to its trim
-    threshold, see ``allocator``) stays with the process after the callers are gone, also after
-    bytes that gRPC alone held, such as stalled requests."""
-    free_at, resident_at = 0, 0  # after the last trim
-    while True:
-        await asyncio.sleep(interval_s)
-        if admission.take_peak() > _QUIET_BYTES:
-            continue
-        free = await asyncio.to_thread(allocator.free_heap_bytes)
-        if abs(free - free_at) < _TRIM_SLACK_BYTES and allocator.resident_bytes() - resident_at < _TRIM_SLACK_BYTES:
-            continue
-        await asyncio.to_thread(allocator.trim)
-        free_at, resident_at = free, allocator.resident_bytes()
-
-
-def _security(config: ServerConfig) -> tuple[auth.KeyTable | None, auth.ServerCertificates | None]:
-    """The API keys (None: open) and TLS credentials (None: plaintext); StartupError for unusable ones."""
+def _security(config: ServerConfig) -> auth.Security:
+    """The API keys (none: open) and TLS credentials (none: plaintext), as SIGHUP reloads them;
+    StartupError for unusable ones."""
     try:
         keys = auth.load_keys(config.api_keys_file, config.api_keys)
     except (OSError, ValueError) as exc:  # the messages name the file and entry, never a key
         raise StartupError(f"API keys: {exc}") from None
-    if config.tls_cert is None or config.tls_key is None:
-        return keys, None
-    try:
-        return keys, auth.ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
-    except (OSError, ValueError) as exc:
-        raise StartupError(f"TLS: {exc}") from None
+    certificates = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        try:
+            certificates = auth.ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"TLS: {exc}") from None
+    interceptor = None if keys is None else auth.ApiKeyInterceptor(keys)
+    return auth.Security(config.api_keys_file, config.api_keys, interceptor, certificates)
 
 
 def serve(config: ServerConfig, *, worker: int | None = None) -> None:

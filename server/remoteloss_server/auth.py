@@ -32,6 +32,7 @@ import grpc
 from remoteloss_server.telemetry import TENANT, quote
 
 __all__ = [
+    "Security",
     "AUTHORIZATION_KEY",
     "OPEN_SERVICES",
     "ApiKeyInterceptor",
@@ -279,3 +280,41 @@ def _with_tenant(handler: _Handler, tenant: str) -> Any:
 
         return tenant_call
     return behavior
+
+
+@dataclass
+class Security:
+    """What SIGHUP reloads: the API keys (file and REMOTELOSS_API_KEYS as at start) and TLS files."""
+
+    keys_file: str | None
+    keys_text: str | None
+    interceptor: ApiKeyInterceptor | None = None  # None: no keys (a reload cannot turn them on)
+    certificates: ServerCertificates | None = None  # None: plaintext
+
+    def reload(self) -> bool:
+        """Read the keys and certificates again; True if every one was replaced. One that cannot
+        be used keeps the old, with an ``event=reload ... status=failed`` line at ERROR."""
+        replaced = True
+        if self.interceptor is not None:
+            try:
+                keys = load_keys(self.keys_file, self.keys_text)
+            except (OSError, ValueError) as exc:  # the messages name the file and entry, never a key
+                logger.error("event=reload what=api_keys status=failed kept=previous error=%s", quote(str(exc)))
+                replaced = False
+            else:
+                assert keys is not None  # both were set at start, and are the same now
+                self.interceptor.keys = keys
+                logger.info(
+                    "event=reload what=api_keys status=ok tenants=%d keys=%d", len(keys.tenants), len(keys.entries)
+                )
+        if self.certificates is not None:
+            try:
+                self.certificates.reload()
+            except (OSError, ValueError) as exc:
+                logger.error("event=reload what=tls status=failed kept=previous error=%s", quote(str(exc)))
+                replaced = False
+            else:
+                logger.info("event=reload what=tls status=ok note=%s", quote("new connections get the new certificate"))
+        if self.interceptor is None and self.certificates is None:
+            logger.info("event=reload what=nothing note=%s", quote("no API keys or TLS configured"))
+        return replaced

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -97,6 +99,21 @@ def test_a_taken_port_is_a_startup_error(server: ServerThread) -> None:
     taken = ServerThread(ServerConfig(host="127.0.0.1", port=server.port))
     with pytest.raises(StartupError, match=r"cannot bind 127\.0\.0\.1"), taken:
         pass
+
+
+def test_a_start_that_fails_half_way_leaks_nothing() -> None:
+    """/metrics cannot bind after the gRPC port was: what was started is stopped again (the exit
+    stack), so the gRPC port is free and no compute or server thread is left behind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        threads = {t.name for t in threading.enumerate()}
+        config = ServerConfig(host="127.0.0.1", port=0, device="cpu", metrics_port=taken.getsockname()[1])
+        for _ in range(3):
+            with pytest.raises(StartupError, match="for /metrics"), ServerThread(config):
+                pass
+    left = {t.name for t in threading.enumerate()} - threads
+    assert not {name for name in left if name.startswith(("remoteloss", "ThreadPoolExecutor"))}, left
 
 
 def test_a_missing_device_is_a_startup_error() -> None:
