@@ -48,6 +48,7 @@ from remoteloss_server.errors import DeadlineExceededError, ServiceError, Unavai
 from remoteloss_server.executor import Job, Result
 from remoteloss_server.fairness import FairShares
 from remoteloss_server.losses import LOSSES, Call
+from remoteloss_server.losses.batching import Plan
 from remoteloss_server.metrics import NO_TENANT, Metrics
 from remoteloss_server.scheduling import SchedulingPolicy
 
@@ -183,25 +184,8 @@ class Batcher:
         if self.idle and self._alone():
             await asyncio.sleep(0)
         if self.idle and self._alone():
-            elements = call.elements
-            item = _Item(Job(call, grad_output), elements, deadline, self.clock(),
-                         asyncio.get_running_loop().create_future())
-            self._shares.activate(tenant)
-            if elements <= self._inline_elements:
-                self._compute_inline(tenant, [item], acquired=False)
-                return item.future.result()
-            assert self._slots is not None
-            await self._slots.acquire()  # free (idle), so this does not wait
-            self._start_compute(tenant, [item])  # its own task, as the loop's batches: it keeps the slot
-            return await item.future  # until the thread is done, even if this caller goes away
-        rule = LOSSES[call.loss].batch if self._batching else None
-        plan = None
-        if rule is not None:  # a large call's key (digests of shared tensors) is made off the loop
-            large = sum(t.numel() for t in call.tensors.values()) > self._policy.plan_inline_elements
-            shared = self._policy.max_shared_elements
-            plan = await asyncio.to_thread(rule.plan, call, shared) if large else rule.plan(call, shared)
-            if self._closed:
-                raise UnavailableError("the server is shutting down")
+            return await self._compute_now(call, grad_output, deadline, tenant)
+        plan = await self._plan(call)
         seq = next(self._seq)
         key: Hashable = plan.key if plan is not None else ("alone", seq)
         elements = max(plan.elements, call.implied_elements) if plan is not None else call.elements
@@ -218,12 +202,42 @@ class Batcher:
         group.items.append(item)
         group.elements += elements
         self._metrics.queue_depth.inc()
+        assert self._wakeup is not None
         self._wakeup.set()
         try:
             return await item.future
         except asyncio.CancelledError:  # the caller went away: free its place in the queue now
             self._forget(group, item)
             raise
+
+    async def _compute_now(
+        self, call: Call, grad_output: torch.Tensor | None, deadline: float | None, tenant: str | None
+    ) -> Result:
+        """A call alone on an idle batcher, as a batch of one: on the spot when small, else on a
+        compute thread, holding a compute slot as the loop's batches do."""
+        item = _Item(Job(call, grad_output), call.elements, deadline, self.clock(),
+                     asyncio.get_running_loop().create_future())
+        self._shares.activate(tenant)
+        if item.elements <= self._inline_elements:
+            self._compute_inline(tenant, [item], acquired=False)
+            return item.future.result()
+        assert self._slots is not None
+        await self._slots.acquire()  # free (idle), so this does not wait
+        self._start_compute(tenant, [item])  # its own task, as the loop's batches: it keeps the slot
+        return await item.future  # until the thread is done, even if this caller goes away
+
+    async def _plan(self, call: Call) -> Plan | None:
+        """How ``call`` joins a batch (None: alone); a large call's key (digests of its shared
+        tensors) is made off the event loop."""
+        rule = LOSSES[call.loss].batch if self._batching else None
+        if rule is None:
+            return None
+        large = sum(t.numel() for t in call.tensors.values()) > self._policy.plan_inline_elements
+        shared = self._policy.max_shared_elements
+        plan = await asyncio.to_thread(rule.plan, call, shared) if large else rule.plan(call, shared)
+        if self._closed:
+            raise UnavailableError("the server is shutting down")
+        return plan
 
     @property
     def idle(self) -> bool:
