@@ -42,7 +42,7 @@ from remoteloss._losses import LossMethods
 from remoteloss._request import Request
 from remoteloss._transport import Answer, Transport
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss.wire import Payloads
+from remoteloss._wire import Payloads
 
 __all__ = ["AsyncStream", "LossFuture", "Stream"]
 

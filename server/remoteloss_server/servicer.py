@@ -22,7 +22,8 @@ import torch
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.wrappers_pb2 import UInt64Value
 
-from remoteloss import codec, wire
+from remoteloss import codec
+from remoteloss import _wire as wire
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server.batcher import Batcher

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from remoteloss import _bench_payload, _calls, _request, _transport, codec, wire
+from remoteloss import _bench_payload, _calls, _request, _transport, codec
+from remoteloss import _wire as wire
 from remoteloss._request import LOSS_NAMES, Request, build_request, prepare_request, tensor_names
 from remoteloss._transport import Answer, read_answer, read_stream_answer
 from remoteloss.v1 import loss_pb2 as pb

@@ -12,7 +12,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from remoteloss import _bench_payload
 from remoteloss._request import LOSS_NAMES
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss.wire import length_delimited as ld
+from remoteloss._wire import length_delimited as ld
 from remoteloss_server.field_scan import MAX_FIELDS, MAX_STRING_BYTES, FieldLimitError, UnknownField, scan
 
 REQUEST = pb.ComputeRequest.DESCRIPTOR

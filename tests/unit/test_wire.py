@@ -1,4 +1,4 @@
-"""remoteloss.wire: split agrees with upb's parse, keeps tensors' bytes in place and unknown
+"""remoteloss._wire: split agrees with upb's parse, keeps tensors' bytes in place and unknown
 fields intact, and rejects what upb rejects.
 """
 
@@ -15,10 +15,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, st
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from remoteloss import _bench_payload, codec, wire
+from remoteloss import _bench_payload, codec
+from remoteloss import _wire as wire
 from remoteloss._request import LOSS_NAMES
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss.wire import length_delimited as ld
+from remoteloss._wire import length_delimited as ld
 
 torch.set_num_threads(1)
 
