@@ -38,7 +38,7 @@ except ModuleNotFoundError as exc:
         raise
     raise ModuleNotFoundError(
         "remoteloss.nn needs torch, which is not installed: `pip install torch` (or "
-        "`pip install 'remoteloss[server]'`, which brings it). Without torch, use remoteloss.Client "
+        "`pip install 'remoteloss[torch]'`, which brings it). Without torch, use remoteloss.Client "
         "with numpy arrays: client.mse_loss(x, y) gives the loss, and "
         "client.value_and_grad('mse_loss', x, y) the loss and its gradients.",
         name="torch",
