@@ -144,7 +144,7 @@ def test_build_context_holds_what_the_image_installs(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
         (wheel,) = (tmp_path / folder).glob("*.whl")
         wheels[folder] = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("remoteloss/v1/loss_pb2.py", "remoteloss/_commands/health.py", "remoteloss/_wire.py", "remoteloss/py.typed"):
+    for module in ("remoteloss/v1/loss_pb2.py", "remoteloss/_commands/health.py", "remoteloss/_wire/stripping.py", "remoteloss/py.typed"):
         assert module in wheels["client"], f"{module} is missing from the SDK's wheel"
     for module in ("remoteloss_server/cli.py", "remoteloss_bench/command.py"):
         assert module in wheels["server"], f"{module} is missing from the server's wheel"
