@@ -68,8 +68,11 @@ def commands() -> dict[str, Command]:
             command = entry.load()
         except Exception:  # noqa: BLE001 - a broken plugin must leave the built-in commands working
             continue
-        if isinstance(command, Command):
-            found[entry.name] = command
+        # Read by its fields, not by isinstance: under `python -m remoteloss.cli` this module is
+        # __main__, and the plugin's Command comes from a second copy of it.
+        module, summary = getattr(command, "module", None), getattr(command, "help", None)
+        if isinstance(module, str) and isinstance(summary, str):
+            found[entry.name] = Command(module, summary)
     return found
 
 # Options taking a value, for finding the command word in argv before parsing.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -130,6 +131,15 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_comes_from_the_server_distribution_by_module_name() -> None:
     assert "bench" not in cli.COMMANDS  # the SDK's distribution holds no load generator
     assert cli.commands()["bench"].module == "remoteloss_bench.command"
+
+
+@pytest.mark.parametrize("module", ["remoteloss.cli", "remoteloss_bench"])
+def test_bench_runs_as_a_module(module: str) -> None:
+    """bench/servers.py runs `python -m remoteloss.cli ... bench`: there the CLI is __main__."""
+    done = subprocess.run([sys.executable, "-m", module, *(["bench"] if module == "remoteloss.cli" else []), "--help"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--concurrency" in done.stdout
 
 
 def test_a_broken_command_entry_point_leaves_the_others_working(monkeypatch: pytest.MonkeyPatch) -> None:
