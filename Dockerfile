@@ -27,11 +27,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # torch first, in its own layer: it is most of the image and changes least often.
 RUN pip install --no-cache-dir torch==2.13.0
 
+# The two distributions from source: remoteloss (client/: the SDK, whose codec, wire framing and
+# stubs the server uses, and the `remoteloss` command the health check runs) and
+# remoteloss-server (server/), which needs that very version of remoteloss.
 WORKDIR /src
-COPY pyproject.toml README.md ./
 COPY client ./client
 COPY server ./server
-RUN pip install --no-cache-dir "./[server]" \
+RUN pip install --no-cache-dir ./client ./server \
     && rm -rf /src \
     && groupadd --gid 10001 remoteloss \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin remoteloss

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 from remoteloss import codec
-from remoteloss._bench_payload import build, parse_shape
+from remoteloss_bench.payload import build, parse_shape
 from remoteloss._request import tensor_names
 
 

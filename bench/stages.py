@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from remoteloss import codec
-from remoteloss._bench_payload import build, parse_shape
+from remoteloss_bench.payload import build, parse_shape
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server import framing
 from remoteloss_server.app import admission, scheduling_policy

@@ -23,7 +23,8 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from remoteloss import codec, wire
+from remoteloss import codec
+from remoteloss import _wire as wire
 from remoteloss._distances import CosineDistance, PairwiseDistance
 from remoteloss._errors import InvalidArgumentError
 from remoteloss.v1 import loss_pb2 as pb

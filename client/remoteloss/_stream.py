@@ -10,7 +10,7 @@ A stream that ends with UNAVAILABLE (a server's drain, which answers every reque
 ends with ``remoteloss-drained`` in its trailing metadata, or a lost connection) is opened again
 on the same channel, which may pick another replica, and its unanswered requests are sent again:
 their bytes are kept until answered. Compute is a pure function, so a request computed twice is
-harmless. Up to ``_RESENDS`` times in a row without an answer, with backoff, within the stream's
+harmless. Up to ``_stream_base.RESENDS`` times in a row without an answer, with backoff, within the stream's
 deadline. Any other failure of the whole stream (deadline, cancellation, the server going away
 for good) fails every unanswered call and every later one.
 """
@@ -19,42 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import queue
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from remoteloss._calls import Backward, Plan, plan_loss, plan_value_and_grad, warn
-from remoteloss._errors import (
-    CancelledError,
-    InternalServerError,
-    LossServiceError,
-    _error_from_code,
-    _error_from_rpc,
-)
-from remoteloss._losses import LossMethods
+from remoteloss._calls import Backward, Plan, warn
+from remoteloss._errors import CancelledError, LossServiceError, _error_from_rpc
 from remoteloss._request import Request
+from remoteloss._stream_base import StreamBase, copy_error, settle
 from remoteloss._transport import Answer, Transport
-from remoteloss.v1 import loss_pb2 as pb
-from remoteloss.wire import Payloads
 
 __all__ = ["AsyncStream", "LossFuture", "Stream"]
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
-_RESENDS = 5  # new streams in a row, after UNAVAILABLE, that get no answer before the calls fail
-_RESEND_BACKOFF_S = 0.05  # the wait before the first; doubled each time, up to _RESEND_MAX_BACKOFF_S
-_RESEND_MAX_BACKOFF_S = 1.0
-# What grpc.aio reports, as INTERNAL, when a write fails because the server has just ended the call
-# (a drain ends streams while their clients still write): the call's own status is then lost.
-# No server sends it (ours says "internal error"), so it is taken as the end of a connection.
-_LOST_STATUS = "Internal error from Core"
 
 
 class LossFuture(concurrent.futures.Future[Any]):
@@ -85,71 +67,7 @@ class LossFuture(concurrent.futures.Future[Any]):
         return self._value
 
 
-class _StreamBase(LossMethods):
-    """Ids, the unanswered calls, and turning an answer or a stream failure into outcomes."""
-
-    def __init__(self, timeout: float | None, window: int) -> None:
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self._timeout = timeout
-        self._deadline: float | None = None  # time.monotonic() of the deadline, once the call starts
-        self._window = window
-        self._ids = itertools.count(1)
-        self._failure: LossServiceError | None = None  # what ended the stream, once it ended badly
-        self._closed = False
-        self._cancelled = False  # cancel() was called: nothing is sent again
-
-    def _call_timeout(self) -> float | None:
-        """The timeout of the next ComputeStream call: what is left of the stream's deadline."""
-        if self._timeout is None:
-            return None
-        if self._deadline is None:
-            self._deadline = time.monotonic() + self._timeout
-            return self._timeout
-        return max(0.0, self._deadline - time.monotonic())
-
-    def _resend_delay(self, failure: LossServiceError | None, attempts: int) -> float | None:
-        """How long to wait before sending the unanswered requests again on a new call (None: do
-        not): after UNAVAILABLE, ``attempts`` new calls in a row without an answer so far."""
-        if failure is None or self._cancelled:
-            return None
-        lost = failure.code == grpc.StatusCode.INTERNAL and failure.details == _LOST_STATUS
-        if failure.code != grpc.StatusCode.UNAVAILABLE and not lost:
-            return None
-        if attempts >= _RESENDS:
-            return None
-        delay = min(_RESEND_MAX_BACKOFF_S, _RESEND_BACKOFF_S * 2.0**attempts) * random.uniform(0.5, 1.0)
-        if self._deadline is not None and time.monotonic() + delay >= self._deadline:
-            return None
-        return delay
-
-    def value_and_grad(
-        self,
-        loss_name: str,
-        /,
-        *args: Any,
-        wrt: str | Sequence[str] = ("input",),
-        grad_output: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        """``Client.value_and_grad`` on the stream: a future (``Stream``) or a coroutine (``AsyncStream``)."""
-        return self._submit(lambda: plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output))
-
-    def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
-        return self._submit(lambda: plan_loss(loss, arguments))
-
-    def _submit(self, make_plan: Callable[[], Plan]) -> Any:
-        """Send the planned request: at once (``Stream``), or when the coroutine runs (``AsyncStream``)."""
-        raise NotImplementedError
-
-    def _check_open(self) -> None:
-        if self._failure is not None:
-            raise _copy(self._failure)
-        if self._closed:
-            raise RuntimeError(f"{type(self).__name__} is closed")
-
-
-class Stream(_StreamBase):
+class Stream(StreamBase[LossFuture]):
     """Many calls on one ``ComputeStream`` of a ``Client`` (``client.stream()``); thread-safe.
 
     >>> with client.stream() as stream:  # doctest: +SKIP
@@ -168,7 +86,6 @@ class Stream(_StreamBase):
         super().__init__(timeout, window)
         self._transport = transport
         self._room = threading.Condition()
-        self._pending: dict[int, tuple[LossFuture, bytes]] = {}  # each unanswered call and its item
         self._outbox: queue.SimpleQueue[bytes | None]
         self._call: Any
         self._open([])
@@ -241,7 +158,7 @@ class Stream(_StreamBase):
                 if self._closed and not self._pending:
                     break
                 ended = self._outbox
-                self._open([item for _, (_, item) in sorted(self._pending.items())])
+                self._open(self._unanswered_items())
             ended.put(None)  # ends gRPC's request thread of the ended call if it still waits
             attempts += 1
         self._finish(failure)
@@ -257,7 +174,7 @@ class Stream(_StreamBase):
                     entry = self._pending.pop(answer.id, None)
                     self._room.notify()
                 if entry is not None:
-                    _settle(entry[0], answer, payloads)
+                    settle(entry[0], answer, payloads)
         except grpc.RpcError as exc:
             failure = _error_from_rpc(exc)
             failure.__cause__ = exc
@@ -266,16 +183,12 @@ class Stream(_StreamBase):
 
     def _finish(self, failure: LossServiceError | None) -> None:
         with self._room:
-            unanswered = [future for future, _ in self._pending.values()]
-            self._pending = {}
-            failure = _ended(failure, len(unanswered))
-            self._failure = failure
-            self._closed = True
+            failure, unanswered = self._end(failure)
             self._room.notify_all()
         self._outbox.put(None)  # ends gRPC's request thread if it still waits for one
         if failure is not None:
             for future in unanswered:
-                future.set_exception(_copy(failure))
+                future.set_exception(copy_error(failure))
 
 
 def _requests(outbox: queue.SimpleQueue[bytes | None]) -> Iterator[bytes]:
@@ -283,7 +196,7 @@ def _requests(outbox: queue.SimpleQueue[bytes | None]) -> Iterator[bytes]:
         yield request
 
 
-class AsyncStream(_StreamBase):
+class AsyncStream(StreamBase[asyncio.Future[Answer]]):
     """Many calls on one ``ComputeStream`` of an ``AsyncClient`` (``aclient.stream()``).
 
     >>> async with aclient.stream() as stream:  # doctest: +SKIP
@@ -300,7 +213,6 @@ class AsyncStream(_StreamBase):
         super().__init__(timeout, window)
         self._transport = transport
         self._slots = asyncio.Semaphore(window)
-        self._pending: dict[int, tuple[asyncio.Future[Answer], bytes]] = {}  # each unanswered call, its item
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # serialized items
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
@@ -401,7 +313,7 @@ class AsyncStream(_StreamBase):
             if self._closed and not self._pending:
                 break
             ended = self._writer
-            self._open([item for _, (_, item) in sorted(self._pending.items())])
+            self._open(self._unanswered_items())
             if ended is not None:  # it waits for a request, or has stopped on the ended call
                 ended.cancel()
                 await asyncio.gather(ended, return_exceptions=True)
@@ -418,7 +330,7 @@ class AsyncStream(_StreamBase):
                 answer, payloads = item
                 entry = self._pending.pop(answer.id, None)
                 if entry is not None and not entry[0].done():  # not done: its caller may have gone
-                    _settle(entry[0], answer, payloads)
+                    settle(entry[0], answer, payloads)
         except grpc.RpcError as exc:
             failure = _error_from_rpc(exc)
             failure.__cause__ = exc
@@ -432,50 +344,8 @@ class AsyncStream(_StreamBase):
 
     def _fail_all(self, failure: LossServiceError | None) -> None:
         """Mark the stream ended and fail every unanswered call (``failure`` None: a clean end)."""
-        unanswered = [future for future, _ in self._pending.values()]
-        self._pending = {}
-        failure = _ended(failure, len(unanswered))
-        self._failure = failure
-        self._closed = True
+        failure, unanswered = self._end(failure)
         if failure is not None:
             for future in unanswered:
                 if not future.done():
-                    future.set_exception(_copy(failure))
-
-
-def _settle(
-    future: concurrent.futures.Future[Any] | asyncio.Future[Answer],
-    answer: pb.ComputeStreamResponse,
-    payloads: Payloads | None,
-) -> None:
-    """Resolve a call's future with its answer, or with the error a unary call would have raised."""
-    outcome = _outcome(answer, payloads)
-    if isinstance(outcome, LossServiceError):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
-def _outcome(answer: pb.ComputeStreamResponse, payloads: Payloads | None) -> Answer | LossServiceError:
-    """The answer's response, or the exception a unary call would have raised for its error."""
-    kind = answer.WhichOneof("result")
-    if kind == "response":
-        return Answer(answer.response, payloads)
-    if kind == "error":
-        return _error_from_code(_CODES.get(answer.error.code, grpc.StatusCode.UNKNOWN), answer.error.message)
-    return InternalServerError(f"the stream's answer {answer.id} holds neither a response nor an error")
-
-
-def _ended(failure: LossServiceError | None, unanswered: int) -> LossServiceError | None:
-    """Why the stream ended, for the calls it leaves unanswered (None: it ended cleanly)."""
-    if failure is None and unanswered:
-        return InternalServerError(f"the stream ended with {unanswered} requests unanswered")
-    return failure
-
-
-def _copy(error: LossServiceError) -> LossServiceError:
-    """A fresh exception like ``error`` (each raise gets its own traceback), caused by the same."""
-    fresh = type(error)(error.details, error.code)
-    fresh.__cause__ = error.__cause__
-    return fresh
-
+                    future.set_exception(copy_error(failure))

@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
-from remoteloss import wire
+from remoteloss import _wire as wire
 from remoteloss._channel import create_aio_channel, create_channel
 from remoteloss._errors import _error_from_rpc
 from remoteloss._request import Request

@@ -1,6 +1,8 @@
 """``remoteloss``: the command line of the client (list losses, compute one, check health).
 
-Each subcommand is a module named in ``COMMANDS`` with two functions,
+Each subcommand is a module named in ``COMMANDS``, or by another installed distribution (an entry
+point in the group ``remoteloss.commands`` whose object is a ``Command``: ``remoteloss-server``
+adds ``bench``, its load generator; see ``commands()``), with two functions,
 ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status). A module is imported only
 when its command runs (or its ``--help`` is asked for), so a command whose module is missing or
 needs an absent package leaves the others working. ``args.target``, ``args.timeout`` and the
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+from importlib import metadata
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from typing import Any
 from remoteloss import __version__
 from remoteloss._errors import LossServiceError
 
-__all__ = ["COMMANDS", "Command", "UsageError", "connection", "main"]
+__all__ = ["COMMANDS", "COMMAND_GROUP", "Command", "UsageError", "commands", "connection", "main"]
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 30.0
@@ -49,8 +52,28 @@ COMMANDS: dict[str, Command] = {
     "losses": Command("remoteloss._commands.losses", "list the losses the server offers"),
     "compute": Command("remoteloss._commands.compute", "compute one loss (and gradients) from .npy files"),
     "health": Command("remoteloss._commands.health", "check the server's health (exit 0 when SERVING)"),
-    "bench": Command("remoteloss._bench", "measure the server's latency and throughput"),
 }
+# Entry points of other distributions that add a command: name = "package.module:Command object".
+COMMAND_GROUP = "remoteloss.commands"
+
+
+def commands() -> dict[str, Command]:
+    """``COMMANDS``, then the commands installed distributions add (a built-in name wins; an entry
+    point that fails to load or is no ``Command`` is left out, so it cannot break the others)."""
+    found = dict(COMMANDS)
+    for entry in metadata.entry_points(group=COMMAND_GROUP):
+        if entry.name in found:
+            continue
+        try:
+            command = entry.load()
+        except Exception:  # noqa: BLE001 - a broken plugin must leave the built-in commands working
+            continue
+        # Read by its fields, not by isinstance: under `python -m remoteloss.cli` this module is
+        # __main__, and the plugin's Command comes from a second copy of it.
+        module, summary = getattr(command, "module", None), getattr(command, "help", None)
+        if isinstance(module, str) and isinstance(summary, str):
+            found[entry.name] = Command(module, summary)
+    return found
 
 # Options taking a value, for finding the command word in argv before parsing.
 _VALUE_OPTIONS = ("--target", "--timeout", "--api-key", "--tls-ca", "--tls-cert", "--tls-key")
@@ -59,16 +82,17 @@ _VALUE_OPTIONS = ("--target", "--timeout", "--api-key", "--tls-ca", "--tls-cert"
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 server error, 2 bad usage)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    name = _command_word(arguments)
+    table = commands()
+    name = _command_word(arguments, table)
     module = None
     if name is not None:
         try:
-            module = COMMANDS[name].load()
+            module = table[name].load()
         except ModuleNotFoundError as exc:
-            if exc.name == COMMANDS[name].module:
+            if exc.name == table[name].module:
                 return _fail(f"the {name} command is not part of this installation", 2)
             return _fail(f"the {name} command needs {exc.name!r}, which is not installed", 2)
-    parser = _parser(name, module)
+    parser = _parser(table, name, module)
     try:
         args = parser.parse_args(arguments)
     except SystemExit as exc:  # argparse: --help (0) or bad usage (2)
@@ -87,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def _parser(selected: str | None, module: ModuleType | None) -> argparse.ArgumentParser:
+def _parser(table: dict[str, Command], selected: str | None, module: ModuleType | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="remoteloss",
         description="Call a remoteloss server: list its losses, compute one, check its health.",
@@ -95,7 +119,7 @@ def _parser(selected: str | None, module: ModuleType | None) -> argparse.Argumen
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _connection_arguments(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, command in COMMANDS.items():
+    for name, command in table.items():
         sub = commands.add_parser(name, help=command.help, description=command.help)
         # Accepted after the command word too; the defaults come from the main parser.
         _connection_arguments(sub, suppress=True)
@@ -172,7 +196,7 @@ def _timeout(text: str) -> float:
     return value
 
 
-def _command_word(arguments: Sequence[str]) -> str | None:
+def _command_word(arguments: Sequence[str], table: dict[str, Command] | None = None) -> str | None:
     """The first positional argument when it names a command (options and their values skipped)."""
     skip = False
     for argument in arguments:
@@ -183,7 +207,7 @@ def _command_word(arguments: Sequence[str]) -> str | None:
         elif argument in _VALUE_OPTIONS:
             skip = True
         elif not argument.startswith("-"):
-            return argument if argument in COMMANDS else None
+            return argument if argument in (COMMANDS if table is None else table) else None
     return None
 
 

@@ -24,8 +24,6 @@ what to use instead: ``remoteloss.Client`` takes numpy arrays, and ``value_and_g
 the gradients.
 """
 
-import os
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +36,14 @@ except ModuleNotFoundError as exc:
         raise
     raise ModuleNotFoundError(
         "remoteloss.nn needs torch, which is not installed: `pip install torch` (or "
-        "`pip install 'remoteloss[server]'`, which brings it). Without torch, use remoteloss.Client "
+        "`pip install 'remoteloss[torch]'`, which brings it). Without torch, use remoteloss.Client "
         "with numpy arrays: client.mse_loss(x, y) gives the loss, and "
         "client.value_and_grad('mse_loss', x, y) the loss and its gradients.",
         name="torch",
     ) from exc
+
+# How a module finds its client; as ``_ClientRef``, the name pickles made before it moved hold.
+from remoteloss._nn_client import ClientRef as _ClientRef
 
 if TYPE_CHECKING:
     from remoteloss import Client
@@ -71,69 +72,6 @@ __all__ = [
     "TripletMarginLoss",
     "TripletMarginWithDistanceLoss",
 ]
-
-_TARGET_ENV = "REMOTELOSS_TARGET"
-_DEFAULT_TARGET = "localhost:50051"
-
-_lock = threading.Lock()
-_default_client: "Client | None" = None  # made on the first forward without client=/target=
-_default_client_target: str | None = None
-
-
-def _new_client(target: str) -> "Client":
-    from remoteloss import Client  # the SDK proper, imported on first use only
-
-    return Client(target)
-
-
-def _get_default_client() -> "Client":
-    """The process-wide client for ``$REMOTELOSS_TARGET``, made on first use (and again if it changes)."""
-    global _default_client, _default_client_target
-    target = os.environ.get(_TARGET_ENV, _DEFAULT_TARGET)
-    with _lock:
-        if _default_client is None or _default_client_target != target:
-            # A replaced client is not closed: a call on another thread may still be using it.
-            _default_client = _new_client(target)
-            _default_client_target = target
-        return _default_client
-
-
-class _ClientRef:
-    """Where one module gets its client. Copies share it; a pickle keeps only the target."""
-
-    __slots__ = ("_client", "_target", "_lock")
-
-    def __init__(self, client: "Client | None" = None, target: str | None = None) -> None:
-        if client is not None and target is not None:
-            raise TypeError("pass either client= or target=, not both")
-        if client is not None and hasattr(client, "aclose"):
-            raise TypeError("remoteloss.nn needs a synchronous remoteloss.Client, not an async one")
-        if target is not None and not isinstance(target, str):
-            raise TypeError(f"target must be a str such as 'localhost:50051', got {type(target).__name__}")
-        self._client = client
-        self._target = target
-        self._lock = threading.Lock()
-
-    def get(self) -> "Client":
-        if self._client is not None:
-            return self._client
-        if self._target is None:
-            return _get_default_client()
-        with self._lock:
-            if self._client is None:
-                self._client = _new_client(self._target)
-            return self._client
-
-    def __copy__(self) -> "_ClientRef":
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "_ClientRef":
-        return self
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        target = self._target if self._target is not None else getattr(self._client, "target", None)
-        return (_ClientRef, (None, target if isinstance(target, str) else None))
-
 
 class _RemoteLoss(torch.nn.Module):
     """Mixin placed before the torch class: holds the client reference."""

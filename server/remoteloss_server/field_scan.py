@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
-from remoteloss import wire
+from remoteloss import _wire as wire
 
 from remoteloss_server.errors import InvalidArgumentError
 

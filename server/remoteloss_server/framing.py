@@ -9,7 +9,8 @@ before a call computes, the bytes its answer will hold until sent, for the in-fl
 
 from __future__ import annotations
 
-from remoteloss import codec, wire
+from remoteloss import _wire as wire
+from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.executor import Result
 from remoteloss_server.losses import Call

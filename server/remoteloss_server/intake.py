@@ -23,7 +23,8 @@ import torch
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.wrappers_pb2 import UInt64Value
 
-from remoteloss import codec, wire
+from remoteloss import _wire as wire
+from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.errors import InvalidArgumentError, UnimplementedError
 from remoteloss_server.field_scan import FieldLimitError, UnknownField, scan

@@ -6,7 +6,7 @@ call computes at once (on the event loop or on a compute thread) or waits in the
 Sizes are bytes (``_bytes``) or tensor elements (``_elements``); durations seconds (``_s``). No grpc
 and no torch here.
 
-The protobuf wire's own threshold, ``remoteloss.wire.SPLIT_BYTES`` (from which a message's tensors
+The protobuf wire's own threshold, ``remoteloss._wire.SPLIT_BYTES`` (from which a message's tensors
 are read and written in place), is a property of the wire format, shared with the SDK, and stays there.
 """
 

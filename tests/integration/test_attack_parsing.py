@@ -18,7 +18,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from remoteloss import codec, wire
+from remoteloss import codec
+from remoteloss import _wire as wire
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
 

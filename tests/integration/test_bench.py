@@ -9,17 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from remoteloss import _bench, _bench_payload
-from remoteloss._bench_load import Progress
 from remoteloss._request import LOSS_NAMES
 from remoteloss._samples import ENTRIES
+from remoteloss_bench import command
+from remoteloss_bench import payload as bench_payload
+from remoteloss_bench.load import Progress
 
 _FAST = ["--requests", "6", "--warmup", "0", "--quiet"]
 
 
 def _bench_json(server: Any, tmp_path: Path, *arguments: str) -> tuple[int, dict[str, Any]]:
     path = tmp_path / "bench.json"
-    status = _bench.main(["--target", server.target, *_FAST, "--json", str(path), *arguments])
+    status = command.main(["--target", server.target, *_FAST, "--json", str(path), *arguments])
     return status, json.loads(path.read_text())
 
 
@@ -42,7 +43,7 @@ def test_levels_in_json(server: Any, tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_duration_mode(server: Any, tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
     arguments = ["--target", server.target, "--duration", "0.2", "--warmup", "0.05", "--concurrency", "2"]
-    assert _bench.main([*arguments, "--quiet", "--json", str(path)]) == 0
+    assert command.main([*arguments, "--quiet", "--json", str(path)]) == 0
     (level,) = json.loads(path.read_text())["levels"]
     assert level["requests"] > 0 and 0.15 < level["duration_s"] < 2
 
@@ -56,9 +57,9 @@ def test_rejected_request_fails_the_run(server: Any, tmp_path: Path, capsys: pyt
 
 
 def test_usage_errors(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _bench.main(["--target", server.target, "--concurrency", "0"]) == 2
-    assert _bench.main(["--target", server.target, "--shape", "3xq"]) == 2
-    assert _bench.main(["--target", server.target, "--loss", "ctc_loss", "--shape", "5"]) == 2
+    assert command.main(["--target", server.target, "--concurrency", "0"]) == 2
+    assert command.main(["--target", server.target, "--shape", "3xq"]) == 2
+    assert command.main(["--target", server.target, "--loss", "ctc_loss", "--shape", "5"]) == 2
     assert "ctc_loss: shape must be" in capsys.readouterr().err
 
 
@@ -66,30 +67,30 @@ def test_plot_needs_matplotlib(server: Any, tmp_path: Path, monkeypatch: pytest.
                                capsys: pytest.CaptureFixture[str]) -> None:
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
-    assert _bench.main(["--target", server.target, *_FAST, "--plot", str(tmp_path / "p.png")]) == 2
-    assert "pip install 'remoteloss[bench]'" in capsys.readouterr().err
+    assert command.main(["--target", server.target, *_FAST, "--plot", str(tmp_path / "p.png")]) == 2
+    assert "pip install 'remoteloss-server[bench]'" in capsys.readouterr().err
 
 
 def test_plot(server: Any, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "p.png"
-    assert _bench.main(["--target", server.target, *_FAST, "--concurrency", "1,2", "--plot", str(path)]) == 0
+    assert command.main(["--target", server.target, *_FAST, "--concurrency", "1,2", "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_every_loss_has_a_valid_request(server: Any, loss: str) -> None:
     shape = "x".join(map(str, ENTRIES[loss].batched))
-    assert _bench.main(["--target", server.target, "--loss", loss, "--shape", shape, "--grad",
+    assert command.main(["--target", server.target, "--loss", loss, "--shape", shape, "--grad",
                         "--requests", "1", "--concurrency", "1", "--warmup", "0", "--quiet"]) == 0
 
 
 def test_shapes() -> None:
-    assert _bench_payload.parse_shape("1000") == (1000,)
-    assert _bench_payload.parse_shape("64x1000") == (64, 1000)
-    assert _bench_payload.parse_shape("") == ()
+    assert bench_payload.parse_shape("1000") == (1000,)
+    assert bench_payload.parse_shape("64x1000") == (64, 1000)
+    assert bench_payload.parse_shape("") == ()
     with pytest.raises(ValueError, match="joined by 'x'"):
-        _bench_payload.parse_shape("64,1000")
+        bench_payload.parse_shape("64,1000")
 
 
 def test_progress_bar_only_on_a_terminal() -> None:
@@ -122,7 +123,7 @@ def test_stream_mode_rejected_request(server: Any, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("item_id", [0, 1, 300, 2**40])
 def test_stream_wire_helpers(item_id: int) -> None:
-    from remoteloss._bench_load import stream_answer, stream_item
+    from remoteloss_bench.load import stream_answer, stream_item
     from remoteloss.v1 import loss_pb2 as pb
 
     request = pb.ComputeRequest(mse_loss=pb.MseLoss())

@@ -130,7 +130,7 @@ def test_no_server_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_the_installed_script(server: Any, files: dict[str, Path]) -> None:
-    script = tools.find("remoteloss", "pip install -e . puts the console script next to python")
+    script = tools.find("remoteloss", "pip install -e ./client puts the console script next to python")
     result = tools.run(
         [script, "compute", "huber_loss", "--arg", f"input={files['input']}", "--arg", f"target={files['target']}",
          "--opt", "delta=0.5", "--json"],

@@ -75,7 +75,7 @@ def test_dockerfile_installs_the_server_with_the_tested_torch_as_a_non_root_user
     runs = " ".join(dockerfile.all("RUN"))
     tested = re.search(r"torch==([\w.]+)", (ROOT / "scripts" / "install.sh").read_text())
     assert tested and f"torch=={tested[1]}" in runs, "the image's torch pin differs from scripts/install.sh's"
-    assert '"./[server]"' in runs, "the image installs the project from source with its server extra"
+    assert "./client ./server" in runs, "the image installs both distributions from source"
     user = dockerfile.one("USER").split(":")[0]
     assert user not in ("0", "root"), "the server must not run as root"
     exposed = {int(port.split("/")[0]) for port in dockerfile.one("EXPOSE").split()}
@@ -134,16 +134,25 @@ def test_build_context_holds_what_the_image_installs(tmp_path: Path) -> None:
     for rest in Dockerfile.read().all("COPY"):
         for source in rest.split()[:-1]:
             assert (context / source).exists(), f"COPY {source}: not in the build context .dockerignore leaves"
-    # What `pip install "./[server]"` does in the image, up to the wheel.
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path / "wheel"), "."],
-        cwd=context, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    (wheel,) = (tmp_path / "wheel").glob("remoteloss-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("remoteloss_server/cli.py", "remoteloss/v1/loss_pb2.py", "remoteloss/_commands/health.py"):
-        assert module in names, f"{module} is missing from the wheel built from the image's context"
+    # What `pip install ./client ./server` does in the image, up to the wheels.
+    wheels = {}
+    for folder in ("client", "server"):
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path / folder), "."],
+            cwd=context / folder, capture_output=True, text=True, timeout=300, check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        (wheel,) = (tmp_path / folder).glob("*.whl")
+        wheels[folder] = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("remoteloss/v1/loss_pb2.py", "remoteloss/_commands/health.py", "remoteloss/_wire/stripping.py", "remoteloss/py.typed"):
+        assert module in wheels["client"], f"{module} is missing from the SDK's wheel"
+    for module in ("remoteloss_server/cli.py", "remoteloss_bench/command.py"):
+        assert module in wheels["server"], f"{module} is missing from the server's wheel"
+    # The SDK's distribution is the SDK and its command line: no server, no load generator.
+    assert not [name for name in wheels["client"] if name.startswith(("remoteloss_server/", "remoteloss_bench/"))]
+    assert not [name for name in wheels["server"] if name.startswith("remoteloss/")]
+    (metadata,) = [name for name in wheels["client"] if name.endswith(".dist-info/METADATA")]
+    assert metadata.startswith("remoteloss-0.1.0.dist-info/")
 
 
 def run_healthcheck(command: list[str], env: dict[str, str], timeout_s: float) -> int:

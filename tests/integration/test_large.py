@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import remoteloss
-from remoteloss import codec, wire
+from remoteloss import codec
+from remoteloss import _wire as wire
 from remoteloss.v1 import loss_pb2 as pb
 
 from .helpers import rpc_error

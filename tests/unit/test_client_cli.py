@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -127,8 +128,35 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--opt NAME=VALUE" in capsys.readouterr().out
 
 
-def test_bench_is_registered_by_module_name() -> None:
-    assert cli.COMMANDS["bench"].module == "remoteloss._bench"
+def test_bench_comes_from_the_server_distribution_by_module_name() -> None:
+    assert "bench" not in cli.COMMANDS  # the SDK's distribution holds no load generator
+    assert cli.commands()["bench"].module == "remoteloss_bench.command"
+
+
+@pytest.mark.parametrize("module", ["remoteloss.cli", "remoteloss_bench"])
+def test_bench_runs_as_a_module(module: str) -> None:
+    """bench/servers.py runs `python -m remoteloss.cli ... bench`: there the CLI is __main__."""
+    done = subprocess.run([sys.executable, "-m", module, *(["bench"] if module == "remoteloss.cli" else []), "--help"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "--concurrency" in done.stdout
+
+
+def test_a_broken_command_entry_point_leaves_the_others_working(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken:
+        name = "broken"
+
+        def load(self) -> Any:
+            raise ImportError("broken plugin")
+
+    class Other:
+        name = "other"
+
+        def load(self) -> Any:
+            return "not a Command"
+
+    monkeypatch.setattr(cli.metadata, "entry_points", lambda group: [Broken(), Other()])
+    assert cli.commands() == cli.COMMANDS
 
 
 def fake_command(status: int) -> types.ModuleType:
@@ -188,7 +216,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"remoteloss {remoteloss.__version__}\n"
 
 
-@pytest.mark.parametrize("command", [[], *([name] for name in cli.COMMANDS)])
+@pytest.mark.parametrize("command", [[], *([name] for name in cli.commands())])
 def test_help_shows_no_default_for_an_unset_option(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([*command, "--help"]) == 0
     assert "None" not in capsys.readouterr().out

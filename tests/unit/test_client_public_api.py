@@ -53,5 +53,5 @@ def test_remoteloss_nn_without_torch_says_what_to_install() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True)
     assert "pip install torch" in done.stdout
-    assert "remoteloss[server]" in done.stdout
+    assert "remoteloss[torch]" in done.stdout
     assert "value_and_grad" in done.stdout

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from remoteloss import _bench_payload, _calls, _request, _transport, codec, wire
+from remoteloss import _calls, _request, _transport, codec
+from remoteloss import _wire as wire
 from remoteloss._request import LOSS_NAMES, Request, build_request, prepare_request, tensor_names
 from remoteloss._samples import ENTRIES
 from remoteloss._transport import Answer, read_answer, read_stream_answer
 from remoteloss.v1 import loss_pb2 as pb
+from remoteloss_bench import payload as bench_payload
 
 
 
@@ -37,7 +39,7 @@ def _same_bytes(loss: str, arguments: dict[str, Any], **kwargs: Any) -> Request:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_a_split_request_serializes_as_upb_does_for_every_loss(loss: str, dtype: str) -> None:
-    arguments = _bench_payload.arguments(loss, ENTRIES[loss].batched, dtype)
+    arguments = bench_payload.arguments(loss, ENTRIES[loss].batched, dtype)
     request = _same_bytes(loss, arguments, wrt=(tensor_names(loss)[0],), grad_output=np.float32(2.0))
     assert request.payloads is not None and len(request.payloads) == len(arguments) + 1
 

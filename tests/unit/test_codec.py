@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from remoteloss import codec, wire
+from remoteloss import codec
+from remoteloss import _wire as wire
 from remoteloss.v1 import loss_pb2 as pb
 
 torch.set_num_threads(1)

@@ -9,10 +9,10 @@ import pytest
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from remoteloss import _bench_payload
 from remoteloss._request import LOSS_NAMES
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss.wire import length_delimited as ld
+from remoteloss._wire import length_delimited as ld
+from remoteloss_bench import payload as bench_payload
 from remoteloss_server.field_scan import MAX_FIELDS, MAX_STRING_BYTES, FieldLimitError, UnknownField, scan
 
 REQUEST = pb.ComputeRequest.DESCRIPTOR
@@ -23,7 +23,7 @@ _SHAPES = {"ctc_loss": (6, 2, 4)}
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_every_loss_request_is_known(loss: str) -> None:
-    request = _bench_payload.build(loss, _SHAPES.get(loss, (4, 3)), "float32", grad=True)
+    request = bench_payload.build(loss, _SHAPES.get(loss, (4, 3)), "float32", grad=True)
     request.grad_output.CopyFrom(pb.Tensor(dtype=pb.DTYPE_FLOAT32))
     assert scan(request.SerializeToString(), REQUEST) is None
     item = pb.ComputeStreamRequest(id=3, request=request).SerializeToString()
@@ -107,7 +107,7 @@ def _has_unknown(message: Message) -> bool:
 def test_scan_never_lets_an_unknown_field_through_and_rejects_only_what_upb_rejects() -> None:
     rng = random.Random(7)
     seeds = [
-        _bench_payload.build(loss, _SHAPES.get(loss, (2, 3)), "float32", grad=False).SerializeToString()
+        bench_payload.build(loss, _SHAPES.get(loss, (2, 3)), "float32", grad=False).SerializeToString()
         for loss in LOSS_NAMES
     ]
     for _ in range(3000):

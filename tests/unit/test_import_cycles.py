@@ -9,7 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = {"remoteloss": ROOT / "client" / "remoteloss", "remoteloss_server": ROOT / "server" / "remoteloss_server"}
+PACKAGES = {
+    "remoteloss": ROOT / "client" / "remoteloss",
+    "remoteloss_server": ROOT / "server" / "remoteloss_server",
+    "remoteloss_bench": ROOT / "server" / "remoteloss_bench",
+}
+# What the server may import of the SDK (HOUSE_STYLE §2): the codec, the wire framing, the stubs.
+SHARED = {"remoteloss.codec", "remoteloss._wire", "remoteloss.v1", "remoteloss.v1.loss_pb2", "remoteloss.v1.loss_pb2_grpc"}
 
 
 def modules() -> dict[str, Path]:
@@ -92,6 +98,23 @@ def test_the_walk_sees_the_project() -> None:
     assert {"remoteloss._client", "remoteloss_server.app", "remoteloss_server.losses.spec"} <= set(edges)
     assert "remoteloss._transport" in edges["remoteloss._client"]
     assert "remoteloss_server.workers" in edges["remoteloss_server.app"]
+    assert "remoteloss_bench.load" in edges["remoteloss_bench.command"]
+
+
+def test_the_sdk_imports_nothing_of_the_other_distribution() -> None:
+    """`remoteloss` installs without `remoteloss-server`: no statement of the SDK names the server or
+    the load generator (the `bench` command reaches the SDK's command line by an entry point)."""
+    edges = graph()
+    outside = {name: {t for t in targets if t.split(".")[0] != "remoteloss"} for name, targets in edges.items()
+               if name == "remoteloss" or name.startswith("remoteloss.")}
+    assert not {name: targets for name, targets in outside.items() if targets}
+
+
+def test_the_server_imports_only_the_shared_parts_of_the_sdk() -> None:
+    edges = graph()
+    sdk = {name: {t for t in targets if t == "remoteloss" or t.startswith("remoteloss.")}
+           for name, targets in edges.items() if name.startswith("remoteloss_server")}
+    assert not {name: targets - SHARED for name, targets in sdk.items() if targets - SHARED}
 
 
 def test_a_cycle_is_found_wherever_its_imports_are() -> None:

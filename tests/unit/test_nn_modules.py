@@ -19,6 +19,7 @@ F = torch.nn.functional
 
 import numpy as np  # noqa: E402
 import remoteloss.nn as rnn  # noqa: E402
+from remoteloss import _nn_client  # noqa: E402
 from remoteloss._samples import ENTRIES, RemoteOnly  # noqa: E402
 from remoteloss_server.losses import LOSSES  # noqa: E402
 
@@ -315,9 +316,9 @@ def factory(monkeypatch: pytest.MonkeyPatch) -> list[FakeClient]:
         made.append(FakeClient(target))
         return made[-1]
 
-    monkeypatch.setattr(rnn, "_new_client", new_client)
-    monkeypatch.setattr(rnn, "_default_client", None)
-    monkeypatch.setattr(rnn, "_default_client_target", None)
+    monkeypatch.setattr(_nn_client, "_new_client", new_client)
+    monkeypatch.setattr(_nn_client, "_default_client", None)
+    monkeypatch.setattr(_nn_client, "_default_client_target", None)
     return made
 
 
@@ -330,12 +331,12 @@ def test_default_client_is_made_lazily_from_the_environment(
 ) -> None:
     monkeypatch.setenv("REMOTELOSS_TARGET", "loss.example:6000")
     first, second = rnn.MSELoss(), rnn.L1Loss()
-    assert rnn._default_client is None and factory == []  # nothing at construction
+    assert _nn_client._default_client is None and factory == []  # nothing at construction
     _mse(first)
     _mse(second)
     _mse(first)
     assert [c.target for c in factory] == ["loss.example:6000"]
-    assert rnn._default_client is factory[0] and len(factory[0].calls) == 3
+    assert _nn_client._default_client is factory[0] and len(factory[0].calls) == 3
 
 
 def test_default_target_without_the_environment_variable(
@@ -363,13 +364,13 @@ def test_target_makes_the_modules_own_client_lazily(factory: list[FakeClient]) -
     assert factory == []
     loss(torch.randn(2, 3), torch.tensor([0, 2]))
     loss(torch.randn(2, 3), torch.tensor([0, 2]))
-    assert [c.target for c in factory] == ["own:7"] and rnn._default_client is None
+    assert [c.target for c in factory] == ["own:7"] and _nn_client._default_client is None
 
 
 def test_explicit_client_is_used_and_nothing_else_is_made(factory: list[FakeClient]) -> None:
     fake = FakeClient()
     _mse(rnn.MSELoss(client=fake))
-    assert len(fake.calls) == 1 and factory == [] and rnn._default_client is None
+    assert len(fake.calls) == 1 and factory == [] and _nn_client._default_client is None
 
 
 def test_client_and_target_together_are_rejected() -> None:

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from remoteloss import codec, wire
+from remoteloss import codec
+from remoteloss import _wire as wire
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server import framing, intake, status
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError

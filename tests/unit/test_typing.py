@@ -16,7 +16,7 @@ def test_mypy_strict_finds_nothing() -> None:
     try:
         import mypy  # noqa: F401
     except ImportError:
-        missing("mypy is not installed (pip install -e '.[test]')")
+        missing("mypy is not installed (pip install -e './server[test]')")
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-error-summary", "--cache-dir", str(ROOT / ".mypy_cache")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,

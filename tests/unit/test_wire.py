@@ -1,4 +1,4 @@
-"""remoteloss.wire: split agrees with upb's parse, keeps tensors' bytes in place and unknown
+"""remoteloss._wire: split agrees with upb's parse, keeps tensors' bytes in place and unknown
 fields intact, and rejects what upb rejects.
 """
 
@@ -15,11 +15,13 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, st
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from remoteloss import _bench_payload, codec, wire
+from remoteloss import codec
+from remoteloss import _wire as wire
 from remoteloss._request import LOSS_NAMES
 from remoteloss._samples import ENTRIES
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss.wire import length_delimited as ld
+from remoteloss._wire import length_delimited as ld
+from remoteloss_bench import payload as bench_payload
 
 torch.set_num_threads(1)
 
@@ -100,7 +102,7 @@ def _unknown(message: Message) -> list[tuple[int, int, object]]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_split_round_trips_every_loss(loss: str, dtype: str) -> None:
-    request = _bench_payload.build(loss, ENTRIES[loss].batched, dtype, grad=True)
+    request = bench_payload.build(loss, ENTRIES[loss].batched, dtype, grad=True)
     data = request.SerializeToString()
     payloads = _check(data)
     sent = list(_tensors(request))
@@ -109,7 +111,7 @@ def test_split_round_trips_every_loss(loss: str, dtype: str) -> None:
 
 
 def test_split_of_a_hand_built_request() -> None:
-    request = _bench_payload.build("linear_cross_entropy", (3, 4), "float32", grad=True)
+    request = bench_payload.build("linear_cross_entropy", (3, 4), "float32", grad=True)
     options = request.linear_cross_entropy.options
     options.batch_chunk_size = 2
     options.chunking_method = "none"
@@ -120,7 +122,7 @@ def test_split_of_a_hand_built_request() -> None:
 
 
 def test_split_of_nested_option_messages() -> None:
-    request = _bench_payload.build("triplet_margin_with_distance_loss", (2, 3), "float64", grad=False)
+    request = bench_payload.build("triplet_margin_with_distance_loss", (2, 3), "float64", grad=False)
     request.triplet_margin_with_distance_loss.distance_function.pairwise_distance.p = float("inf")
     _check(request.SerializeToString())
 
@@ -135,7 +137,7 @@ def test_split_gives_empty_tensors_a_placeholder(shape: tuple[int, ...]) -> None
 
 
 def test_split_of_a_stream_request() -> None:
-    inner = _bench_payload.build("ctc_loss", (6, 2, 4), "float32", grad=True)
+    inner = bench_payload.build("ctc_loss", (6, 2, 4), "float32", grad=True)
     data = pb.ComputeStreamRequest(id=2**63 + 5, request=inner).SerializeToString()
     assert len(_check(data, pb.ComputeStreamRequest)) == 4
 
@@ -336,9 +338,9 @@ def _mutate(rng: random.Random, data: bytes) -> bytes:
 
 
 def _fuzz_seeds() -> list[tuple[bytes, Any]]:
-    request = _bench_payload.build("mse_loss", (3,), "float16", grad=True)
+    request = bench_payload.build("mse_loss", (3,), "float16", grad=True)
     request.grad_output.CopyFrom(codec.encode(torch.ones(()), requires_grad=False))
-    lce = _bench_payload.build("linear_cross_entropy", (2, 2), "float32", grad=True)
+    lce = bench_payload.build("linear_cross_entropy", (2, 2), "float32", grad=True)
     lce.linear_cross_entropy.options.chunking_method = "auto"
     response = pb.ComputeResponse(gradients={"input": codec.encode(torch.ones(2))}, warnings=["w"])
     unknown = ld(2, ld(1, _tensor_bytes(torch.ones(1)) + _tag(9, 3) + _tag(9, 4)) + _tag(40, 5) + b"abcd")
@@ -378,7 +380,7 @@ def test_split_agrees_with_upb_on_mutated_bytes(seed: int) -> None:
 
 
 def test_split_copies_no_tensor_bytes() -> None:
-    request = _bench_payload.build("mse_loss", (1 << 20,), "float32", grad=True)  # 8 MB
+    request = bench_payload.build("mse_loss", (1 << 20,), "float32", grad=True)  # 8 MB
     data = request.SerializeToString()
     tracemalloc.start()
     try:
@@ -437,21 +439,21 @@ def _check_join(message: Message) -> bytes:
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_join_gives_upb_bytes_for_every_loss(loss: str, dtype: str) -> None:
-    request = _bench_payload.build(loss, ENTRIES[loss].batched, dtype, grad=True)
+    request = bench_payload.build(loss, ENTRIES[loss].batched, dtype, grad=True)
     request.grad_output.CopyFrom(codec.encode(torch.ones(()), requires_grad=False))  # field 64: 2-byte tag
     _check_join(request)
     _check_join(pb.ComputeStreamRequest(id=2**64 - 1, request=request))
 
 
 def test_join_of_nested_options_and_large_lengths() -> None:
-    request = _bench_payload.build("linear_cross_entropy", (300, 40), "float64", grad=True)  # lengths of 3 bytes
+    request = bench_payload.build("linear_cross_entropy", (300, 40), "float64", grad=True)  # lengths of 3 bytes
     options = request.linear_cross_entropy.options
     options.batch_chunk_size = 2
     options.chunking_method = "none"
     options.acc_dtype = pb.DTYPE_FLOAT32
     request.linear_cross_entropy.label_smoothing = 0.1
     _check_join(request)
-    triplet = _bench_payload.build("triplet_margin_with_distance_loss", (2, 3), "float64", grad=False)
+    triplet = bench_payload.build("triplet_margin_with_distance_loss", (2, 3), "float64", grad=False)
     triplet.triplet_margin_with_distance_loss.distance_function.pairwise_distance.p = float("inf")
     _check_join(triplet)
     _check_join(pb.ComputeStreamRequest(id=7, request=triplet))
@@ -487,7 +489,7 @@ def test_join_rejects_data_that_is_no_placeholder() -> None:
 
 
 def test_join_copies_the_bytes_once() -> None:
-    request = _bench_payload.build("mse_loss", (1 << 20,), "float32", grad=True)  # 8 MB
+    request = bench_payload.build("mse_loss", (1 << 20,), "float32", grad=True)  # 8 MB
     held, payloads = _with_placeholders(request)
     stripped = held.SerializeToString()
     tracemalloc.start()

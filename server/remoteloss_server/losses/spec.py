@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss.wire import Payloads
+from remoteloss._wire import Payloads
 from remoteloss_server.errors import InvalidArgumentError
 from remoteloss_server.losses.batching import BatchRule
 from remoteloss_server.losses.call import Call

@@ -2,7 +2,7 @@
 
     remoteloss bench --loss mse_loss --shape 64x1000 --grad --concurrency 1,4,16,64 --duration 5
 
-One request is built (random data of ``--shape`` and ``--dtype``; see ``_bench_payload``) and
+One request is built (random data of ``--shape`` and ``--dtype``; see ``remoteloss_bench.payload``) and
 serialized once; a probe sends it and checks the answer, then each concurrency level keeps that
 many requests in flight for ``--duration`` seconds (or ``--requests`` requests) after
 ``--warmup`` seconds. It prints p50/p90/p99 latency and throughput per level, optionally writes
@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 
 import remoteloss
-from remoteloss import _bench_payload as payloads
-from remoteloss._bench_load import (
+from remoteloss_bench import payload as payloads
+from remoteloss_bench.load import (
     COMPUTE_METHOD,
     STREAM_METHOD,
     Level,
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from remoteloss.cli import UsageError
 
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("--plot needs matplotlib: pip install 'remoteloss[bench]'")
+        raise UsageError("--plot needs matplotlib: pip install 'remoteloss-server[bench]'")
     try:
         request = payloads.build(args.loss, args.shape, args.dtype, grad=args.grad, seed=args.seed)
     except (ValueError, TypeError) as exc:
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m remoteloss._bench ARGS`` is ``remoteloss bench ARGS``."""
+    """``python -m remoteloss_bench ARGS`` is ``remoteloss bench ARGS``."""
     from remoteloss import cli
 
     return cli.main(["bench", *(sys.argv[1:] if argv is None else argv)])
