@@ -202,21 +202,7 @@ class _Scan:
                 if pos > end:
                     raise DecodeError(f"truncated fixed-size field at byte {at}")
                 continue
-            length_at = pos
-            length = view[pos] if pos < end else 0x80
-            pos += 1
-            if length >= 0x80:
-                high = view[pos] if pos < end else 0x80
-                if high < 0x80:  # two bytes or three, as for most tensors' data
-                    length = length & 0x7F | high << 7
-                    pos += 1
-                elif pos + 1 < end and view[pos + 1] < 0x80:
-                    length = length & 0x7F | (high & 0x7F) << 7 | view[pos + 1] << 14
-                    pos += 2
-                else:
-                    length, pos = _varint(view, length_at, end, 5)
-            if length >= _MAX_LENGTH or pos + length > end:
-                raise DecodeError(f"length past the end at byte {length_at}")
+            length, pos = _length(view, pos, end)
             if action == _MESSAGE:
                 if depth <= 0:
                     raise DecodeError(f"nested deeper than {wire.MAX_DEPTH} at byte {at}")
@@ -235,6 +221,26 @@ class _Scan:
             pos += length
         self.left = left
         return None
+
+
+def _length(view: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+    """A length-delimited field's length at ``pos``, and where its bytes begin."""
+    length_at = pos
+    length = view[pos] if pos < end else 0x80
+    pos += 1
+    if length >= 0x80:
+        high = view[pos] if pos < end else 0x80
+        if high < 0x80:  # two bytes or three, as for most tensors' data
+            length = length & 0x7F | high << 7
+            pos += 1
+        elif pos + 1 < end and view[pos + 1] < 0x80:
+            length = length & 0x7F | (high & 0x7F) << 7 | view[pos + 1] << 14
+            pos += 2
+        else:
+            length, pos = _varint(view, length_at, end, 5)
+    if length >= _MAX_LENGTH or pos + length > end:
+        raise DecodeError(f"length past the end at byte {length_at}")
+    return length, pos
 
 
 def _unknown(tag: int, at: int, path: tuple[str, ...], plan: _Plan) -> UnknownField:
