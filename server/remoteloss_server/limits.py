@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -114,13 +115,16 @@ class Budget:
             raise ValueError(f"{self.setting}: limits must be >= 1, got {self.requests} requests, {self.bytes} bytes")
 
 
-@dataclass(frozen=True)
-class _Holder:
+class _Holder(NamedTuple):  # a tuple: made three times per request
     usage: _Usage
     budget: Budget
-    who: str  # for messages: "the server", "tenant alice", "this connection"
+    who: str  # for messages: "the server", "tenant", "this connection"; see _who
     table: dict[str, _Usage] | None = None  # where ``usage`` lives, under ``name``; None: the server's
     name: str = ""
+
+
+def _who(h: _Holder) -> str:
+    return f"tenant {h.name}" if h.who == "tenant" else h.who
 
 
 class Ticket:
@@ -143,16 +147,17 @@ class Ticket:
         that ``most`` bytes, the most it holds at once (the tensors it implies, its answer),
         could fit. InvalidArgumentError when ``most`` passes a budget on its own (the call can never
         run here); ResourceExhaustedError when the answer does not fit with what is in flight."""
-        for h in sorted(self._holders, key=lambda h: h.budget.bytes):  # the tightest budget first
-            if most > h.budget.bytes:
-                raise InvalidArgumentError(
-                    f"{loss}: the call would hold about {most} bytes (the tensors it implies and its answer), "
-                    f"more than {h.who}'s {h.budget.setting}_bytes of {h.budget.bytes}"
-                )
+        over = [h for h in self._holders if most > h.budget.bytes]
+        if over:
+            h = min(over, key=lambda h: h.budget.bytes)  # the tightest budget
+            raise InvalidArgumentError(
+                f"{loss}: the call would hold about {most} bytes (the tensors it implies and its answer), "
+                f"more than {_who(h)}'s {h.budget.setting}_bytes of {h.budget.bytes}"
+            )
         for h in self._holders:
             if h.usage.requests > 1 and h.usage.bytes + answer > h.budget.bytes:
                 raise ResourceExhaustedError(
-                    f"{h.who} is saturated: {h.usage.bytes} bytes in flight (requests, and answers not yet sent), "
+                    f"{_who(h)} is saturated: {h.usage.bytes} bytes in flight (requests, and answers not yet sent), "
                     f"and this {loss} call's answer would add {answer}, past its {h.budget.setting}_bytes of "
                     f"{h.budget.bytes}; {_ADVICE}"
                 )
@@ -203,6 +208,7 @@ class Admission:
         self.tenant = tenant
         self.connection = connection
         self._all = _Usage()
+        self._server = _Holder(self._all, self.total, "the server")
         self._tenants: dict[str, _Usage] = {}
         self._connections: dict[str, _Usage] = {}
         self.pending = 0  # admitted and not yet answered (queued or computing)
@@ -230,15 +236,15 @@ class Admission:
         _check(self._all, self.total, "the server", size)
         places: list[tuple[Budget, str, dict[str, _Usage], str]] = []
         for name, budget, table, who in (
-            (tenant, self.tenant, self._tenants, f"tenant {tenant}"),
+            (tenant, self.tenant, self._tenants, "tenant"),
             (connection, self.connection, self._connections, "this connection"),
         ):
             if name is not None and budget is not None:
                 usage = table.get(name)
                 if usage is not None:  # nothing in flight: always admitted
-                    _check(usage, budget, who, size)
+                    _check(usage, budget, f"tenant {name}" if who == "tenant" else who, size)
                 places.append((budget, who, table, name))
-        holders = [_Holder(self._all, self.total, "the server")]
+        holders = [self._server]
         holders += [_Holder(table.setdefault(name, _Usage()), b, who, table, name) for b, who, table, name in places]
         for h in holders:
             h.usage.requests += 1
