@@ -183,7 +183,7 @@ class _Scan:
             tag = view[pos]
             pos += 1
             if tag >= 0x80:
-                tag, pos = _varint(view, at, end, 5)
+                tag, pos = wire.read_varint(view, at, end, 5)
             known = tags.get(tag)
             if known is None:
                 return _unknown(tag, at, path, plan)
@@ -195,7 +195,7 @@ class _Scan:
                 if pos < end and view[pos] < 0x80:
                     pos += 1
                 else:
-                    pos = _varint(view, pos, end, 10)[1]
+                    pos = wire.read_varint(view, pos, end, 10)[1]
                 continue
             if action == _SKIP_FIXED64 or action == _SKIP_FIXED32:
                 pos += 8 if action == _SKIP_FIXED64 else 4
@@ -237,7 +237,7 @@ def _length(view: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
             length = length & 0x7F | (high & 0x7F) << 7 | view[pos + 1] << 14
             pos += 2
         else:
-            length, pos = _varint(view, length_at, end, 5)
+            length, pos = wire.read_varint(view, length_at, end, 5)
     if length >= _MAX_LENGTH or pos + length > end:
         raise DecodeError(f"length past the end at byte {length_at}")
     return length, pos
@@ -258,20 +258,3 @@ def _unknown(tag: int, at: int, path: tuple[str, ...], plan: _Plan) -> UnknownFi
 def _name(field: _Field, path: tuple[str, ...], plan: _Plan) -> str:
     """E.g. "shape of mse_loss.input"."""
     return f"{field.name} of {'.'.join(path) or plan.name}"
-
-
-def _varint(view: bytes | memoryview, start: int, end: int, limit: int) -> tuple[int, int]:
-    """The varint at ``start`` of at most ``limit`` bytes, and the position after it."""
-    value = shift = 0
-    pos = start
-    stop = min(end, start + limit)
-    while pos < stop:
-        byte = view[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value & 0xFFFF_FFFF_FFFF_FFFF, pos
-        shift += 7
-    if pos >= end and pos - start < limit:
-        raise DecodeError(f"truncated varint at byte {start}")
-    raise DecodeError(f"varint longer than {limit} bytes at byte {start}")

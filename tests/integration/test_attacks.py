@@ -9,8 +9,6 @@ small enough for the attacks to meet them on a 2-core CI machine.
 from __future__ import annotations
 
 import gzip
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,12 +44,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("attacks")
     keys = folder / "api-keys"
     keys.write_text(f"heavy:{HEAVY}\nlight:{LIGHT}\n")
-    process = ServerProcess(
-        folder, "--api-keys-file", str(keys), "--grace-period", "5",
-        "--max-message-bytes", str(MAX_MESSAGE_BYTES),
-        "--max-in-flight-bytes", str(MAX_IN_FLIGHT_BYTES),
-        "--max-tenant-in-flight-bytes", str(TENANT_IN_FLIGHT_BYTES),
+    yield from warmed_up(
+        folder, "--api-keys-file", str(keys), "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+        "--max-in-flight-bytes", str(MAX_IN_FLIGHT_BYTES), "--max-tenant-in-flight-bytes", str(TENANT_IN_FLIGHT_BYTES),
     )
+
+
+def warmed_up(folder: Path, *flags: str) -> Iterator[ServerProcess]:
+    """A server process with ``flags``, warmed up, stopped after the module's tests."""
+    process = ServerProcess(folder, "--grace-period", "5", *flags)
     process.start()
     try:
         warm_up(process)
@@ -153,16 +154,9 @@ def test_a_caller_that_never_reads_waits_alone(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """No API keys: a caller is its connection."""
-    process = ServerProcess(
-        tmp_path_factory.mktemp("open"), "--grace-period", "5",
-        "--max-connection-in-flight-bytes", str(CONNECTION_IN_FLIGHT_BYTES),
+    yield from warmed_up(
+        tmp_path_factory.mktemp("open"), "--max-connection-in-flight-bytes", str(CONNECTION_IN_FLIGHT_BYTES)
     )
-    process.start()
-    try:
-        warm_up(process)
-        yield process
-    finally:
-        process.stop()
 
 
 def test_without_keys_a_caller_that_never_reads_waits_alone_on_its_connection(open_server: ServerProcess) -> None:

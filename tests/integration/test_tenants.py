@@ -187,13 +187,6 @@ def small_request() -> bytes:
     return pb.ComputeRequest(mse_loss=pb.MseLoss(input=codec.encode(x), target=codec.encode(x))).SerializeToString()
 
 
-def large_request() -> bytes:
-    x = np.ones((1000, 1000), np.float32)
-    message = pb.L1Loss(input=codec.encode(x), target=codec.encode(x * 0.5))
-    message.input.requires_grad = True
-    return pb.ComputeRequest(l1_loss=message).SerializeToString()
-
-
 def wait_serving_tls(server: ServerProcess, ca: Path) -> None:
     deadline = time.monotonic() + 90
     with tls_channel(server.target, ca) as channel:
@@ -218,7 +211,7 @@ def test_sighup_reloads_keys_and_certificate_with_calls_in_flight(tmp_path: Path
     server.start(wait=False)
     try:
         wait_serving_tls(server, old.ca)
-        small, large = small_request(), large_request()
+        small = small_request()
         failures: list[str] = []
         stop = threading.Event()
 

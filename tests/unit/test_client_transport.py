@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from remoteloss import _calls, _request, _transport, codec
+from remoteloss import _calls, codec
 from remoteloss import _wire as wire
 from remoteloss._request import LOSS_NAMES, Request, build_request, prepare_request, tensor_names
 from remoteloss._samples import ENTRIES

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf.message import Message
 
-from remoteloss._wire.encoding import DELIMITED, MAX_DEPTH, MAX_FIELD_NUMBER, varint
+from remoteloss._wire.encoding import DELIMITED, MAX_DEPTH, MAX_FIELD_NUMBER, read_varint, varint
 from remoteloss._wire.joining import join_fields
 from remoteloss._wire.payloads import PLACEHOLDER_SIZE, Payloads
 from remoteloss._wire.plans import plan
@@ -46,6 +46,7 @@ __all__ = [
     "join",
     "length_delimited",
     "parse",
+    "read_varint",
     "serialize",
     "split",
 ]

@@ -33,7 +33,7 @@ def skip_field(view: memoryview, pos: int, end: int, number: int, wire_type: int
     raise DecodeError(f"invalid wire type {wire_type} at byte {at}")
 
 
-def read_varint(view: memoryview, start: int, end: int, limit: int) -> tuple[int, int]:
+def read_varint(view: bytes | memoryview, start: int, end: int, limit: int) -> tuple[int, int]:
     """The varint at ``start`` of at most ``limit`` bytes, and the position after it."""
     value = 0
     shift = 0
