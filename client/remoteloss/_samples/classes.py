@@ -159,6 +159,13 @@ def _linear_cross_entropy_options(given: Mapping[str, Any]) -> Any:
 
 
 _SOME_IGNORED = {"some_ignored": True, "weight": True}
+# The option sets cross_entropy and nll_loss share: class weights, and targets torch ignores.
+_CLASS_WEIGHTS_AND_IGNORED = (
+    Options("weight", {"weight": True}),
+    Options("ignore_default", {"some_ignored": True}, batched=(True,)),
+    Options("ignore_index", {**t(ignore_index=1), "some_ignored": True}),
+    Options("weight_ignore", {**t(ignore_index=2), **_SOME_IGNORED}),
+)
 
 ENTRIES = (
     Entry(
@@ -167,10 +174,7 @@ ENTRIES = (
         (4, 5),
         (5,),
         options(
-            Options("weight", {"weight": True}),
-            Options("ignore_default", {"some_ignored": True}, batched=(True,)),
-            Options("ignore_index", {**t(ignore_index=1), "some_ignored": True}),
-            Options("weight_ignore", {**t(ignore_index=2), **_SOME_IGNORED}),
+            *_CLASS_WEIGHTS_AND_IGNORED,
             Options("label_smoothing", t(label_smoothing=0.2)),
             Options("smoothing_weight_ignore", {**t(label_smoothing=0.3, ignore_index=0), **_SOME_IGNORED},
                     batched=(True,)),
@@ -210,10 +214,7 @@ ENTRIES = (
         (4, 5),
         (5,),
         options(
-            Options("weight", {"weight": True}),
-            Options("ignore_default", {"some_ignored": True}, batched=(True,)),
-            Options("ignore_index", {**t(ignore_index=1), "some_ignored": True}),
-            Options("weight_ignore", {**t(ignore_index=2), **_SOME_IGNORED}),
+            *_CLASS_WEIGHTS_AND_IGNORED,
             Options("all_ignored", {**t(ignore_index=3), "all_ignored": True}, batched=(True,)),
             Options("kdim", {"shape": (3, 5, 2, 3)}, batched=(True,)),
             Options("kdim_weight_ignore", {**t(ignore_index=0), "shape": (3, 5, 2, 3), **_SOME_IGNORED},
