@@ -37,12 +37,20 @@ def manifests() -> dict[str, dict[str, Any]]:
             kind = document["kind"]
             assert kind not in found, f"{path.name}: a second {kind}"
             found[kind] = document
-    assert set(found) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor"}
+    assert set(found) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor",
+                          "InferenceService"}
     return found
 
 
+def pod_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A Deployment's pod template spec, or a KServe InferenceService's predictor (a pod spec too)."""
+    spec: dict[str, Any] = (manifest["spec"]["predictor"] if manifest["kind"] == "InferenceService"
+                            else manifest["spec"]["template"]["spec"])
+    return spec
+
+
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
-    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    containers: list[dict[str, Any]] = pod_spec(deployment)["containers"]
     (only,) = containers
     return only
 
@@ -170,5 +178,63 @@ def test_annotation_scrape_config_keeps_these_pods() -> None:
 
 def test_manifests_name_no_unknown_files() -> None:
     assert sorted(p.name for p in FOLDER.iterdir()) == sorted(
-        ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "servicemonitor.yaml"]
+        ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "servicemonitor.yaml", "inferenceservice.yaml"]
     ), "a new manifest needs its checks here"
+
+
+# KServe's names (its constants package): the container a custom predictor's pod must name, and the
+# variable through which a custom predictor declares its protocol.
+KSERVE_CONTAINER = "kserve-container"
+KSERVE_PROTOCOL_ENV = "PROTOCOL"
+
+
+def test_inference_service_is_a_raw_v2_custom_predictor(manifests: dict[str, dict[str, Any]]) -> None:
+    service = manifests["InferenceService"]
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    predictor = service["spec"]["predictor"]
+    assert not {"model", "triton", "sklearn", "pytorch"} & set(predictor), "a custom predictor: containers only"
+    spec = container(service)
+    assert spec["name"] == KSERVE_CONTAINER
+    assert environment(service)[KSERVE_PROTOCOL_ENV] == "v2"
+    assert spec["image"] == container(manifests["Deployment"])["image"], "the same image as deployment.yaml"
+    # Knative (KServe's serverless mode) allows one container port; REST and gRPC need two.
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+
+
+def test_inference_service_ports_and_environment_match_the_server(manifests: dict[str, dict[str, Any]]) -> None:
+    service = manifests["InferenceService"]
+    env = {name: value for name, value in environment(service).items() if name != KSERVE_PROTOCOL_ENV}
+    unknown = sorted(set(env) - ENV_NAMES)
+    assert not unknown, f"the server reads no {unknown} (see remoteloss-server --help)"
+    config = cli._config(cli._parser().parse_args([]), env)
+    found = ports(service)
+    # KServe's Service sends port 80 to the first container port: the protocol's REST endpoints.
+    assert list(found) == ["http", "grpc", "metrics"]
+    assert found == {"http": config.http_port, "grpc": config.port, "metrics": config.metrics_port}
+    assert config.host == "[::]"
+    assert config.device.startswith("cuda")
+    resources = container(service)["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_inference_service_probes_ask_the_protocol_health_paths(manifests: dict[str, dict[str, Any]]) -> None:
+    service = manifests["InferenceService"]
+    spec = container(service)
+    http_port = ports(service)["http"]
+    assert spec["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": http_port}
+    for probe in ("livenessProbe", "startupProbe"):
+        assert spec[probe]["httpGet"] == {"path": "/v2/health/live", "port": http_port}, probe
+
+
+def test_inference_service_stops_and_runs_like_the_deployment(manifests: dict[str, dict[str, Any]]) -> None:
+    service = manifests["InferenceService"]
+    config = cli._config(cli._parser().parse_args([]), {
+        name: value for name, value in environment(service).items() if name != KSERVE_PROTOCOL_ENV
+    })
+    command = container(service)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    assert pod_spec(service)["terminationGracePeriodSeconds"] > float(command[1]) + config.shutdown_grace_s
+    deployment = manifests["Deployment"]
+    assert pod_spec(service)["securityContext"] == pod_spec(deployment)["securityContext"]
+    assert container(service)["securityContext"] == container(deployment)["securityContext"]
