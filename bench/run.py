@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import report
+import sections
 from servers import BENCH_DIR, ROOT, Client, Fleet, Server, server_flags
 
 _MIB = 1024 * 1024
@@ -65,7 +66,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.render:
         text, passed = report.render(json.loads((args.out.parent / "results.json").read_text()))
-        args.out.write_text(text)
+        _write(args.out, text)
         return 0 if passed else 1
     plan = QUICK if args.quick else FULL
     started = time.monotonic()
@@ -102,10 +103,15 @@ def main() -> int:
     results["load_average"] = {"start": load_start, "end": os.getloadavg()}
     (args.out.parent / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     text, passed = report.render(results)
-    args.out.write_text(text)
+    _write(args.out, text)
     print(report.summary(results))
     _log(f"wrote {args.out} in {results['elapsed_s']:.0f} s")
     return 0 if passed else 1
+
+
+def _write(path: Path, text: str) -> None:
+    """The report, keeping the sections other benchmarks wrote into the previous one (sections.py)."""
+    path.write_text(sections.carry(path.read_text() if path.exists() else "", text))
 
 
 def _servers(features: dict[str, bool], logs: Path, *, quick: bool) -> dict[str, Server]:

@@ -74,3 +74,28 @@ def test_missing_features_are_not_measured() -> None:
     assert text.count("**NOT MEASURED**") == 2
     assert "Streaming: not measured" in text and "--no-batching | not measured" in text
     assert "NOT MEASURED" in report.summary(_results(batching=False, stream=False))
+
+
+def _sections() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_sections", _PATH.parent / "sections.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_marked_sections_are_replaced_in_place_and_survive_a_new_report(tmp_path: Path) -> None:
+    sections = _sections()
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# results\n\n## Figures\n\nold figures\n\n## Analysis\n\nwhy\n")
+    sections.write(path, "perf-analyzer", "## perf_analyzer\n\nfirst")
+    sections.write(path, "protocol-cost", "## cost\n\none")
+    sections.write(path, "perf-analyzer", "## perf_analyzer\n\nsecond")
+    text = path.read_text()
+    assert "first" not in text and text.count("second") == 1
+    assert text.index("second") < text.index("one") < text.index("## Analysis"), "in place, before the analysis"
+    fresh = "# results\n\n## Figures\n\nnew figures\n\n## Analysis\n\nwhy now\n"
+    carried = sections.carry(text, fresh)
+    assert "new figures" in carried and "old figures" not in carried and "why now" in carried
+    assert carried.index("second") < carried.index("one") < carried.index("## Analysis")
+    assert sections.carry(carried, carried) == carried, "a section already there is not added twice"
