@@ -83,7 +83,7 @@ def native_loss(answer: bytes) -> float:
 
 def _oip_pb2() -> Any:
     """The protocol's generated messages: the server's own, else tritonclient's."""
-    for name in ("remoteloss_server.oip.grpc_service_pb2", "remoteloss_server.oip_pb2", "tritonclient.grpc.service_pb2"):
+    for name in ("remoteloss_server.inference.grpc_service_pb2", "tritonclient.grpc.service_pb2"):
         try:
             return __import__(name, fromlist=["ModelInferRequest"])
         except ImportError:

@@ -28,9 +28,9 @@ ENV_NAMES = {name for setting in cli._SETTINGS for name in setting.env} | (
 
 @pytest.fixture(scope="module")
 def manifests() -> dict[str, dict[str, Any]]:
-    """Every object in deploy/kubernetes/*.yaml, by kind (one of each)."""
+    """Every object in deploy/kubernetes/*.yaml and kserve/*.yaml, by kind (one of each)."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(FOLDER.glob("*.yaml")):
+    for path in sorted(FOLDER.glob("*.yaml")) + sorted((FOLDER / "kserve").glob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):
             if document is None:
                 continue
@@ -178,8 +178,10 @@ def test_annotation_scrape_config_keeps_these_pods() -> None:
 
 def test_manifests_name_no_unknown_files() -> None:
     assert sorted(p.name for p in FOLDER.iterdir()) == sorted(
-        ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "servicemonitor.yaml", "inferenceservice.yaml"]
+        ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "servicemonitor.yaml", "kserve"]
     ), "a new manifest needs its checks here"
+    # Apart, so that `kubectl apply -f deploy/kubernetes/` applies the plain manifests only.
+    assert sorted(p.name for p in (FOLDER / "kserve").iterdir()) == ["inferenceservice.yaml"]
 
 
 # KServe's names (its constants package): the container a custom predictor's pod must name, and the
