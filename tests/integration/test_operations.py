@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def config(**changes: Any) -> ServerConfig:
-    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "device": "cpu", "metrics_port": 0, "shutdown_grace_s": 0.5}
+    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "device": "cpu", "metrics_port": 0, "http_port": 0, "shutdown_grace_s": 0.5}
     return ServerConfig(**{**base, **changes})
 
 
@@ -143,7 +143,7 @@ def test_metrics_close_on_drain_and_lifecycle_is_logged(caplog: pytest.LogCaptur
 
 def test_a_taken_metrics_port_is_a_startup_error(server: ServerThread) -> None:
     taken = ServerThread(config(metrics_port=server.metrics_port))
-    with pytest.raises(StartupError, match=r"for /metrics: .*metrics_port=0"), taken:
+    with pytest.raises(StartupError, match=r"for /metrics: .*metrics_port=0, http_port=0"), taken:
         pass
 
 
