@@ -1,6 +1,6 @@
 """Triton's ``perf_analyzer`` against remoteloss and against Triton (PyTriton) serving the same job.
 
-    python bench/perf_analyzer.py            # 3 interleaved rounds, about 6 minutes on 2 cores
+    python bench/perf_analyzer.py            # 3 interleaved rounds, about 7 minutes on 2 cores
     python bench/perf_analyzer.py --quick    # 1 round of short windows: a smoke test
 
 Both servers run on free loopback ports of this machine: ``remoteloss-server`` (gRPC and, with
@@ -13,9 +13,10 @@ the report is kept; ``bench/run.py`` keeps this section too). perf_analyzer itse
 ``scripts/install_perf_analyzer.sh``. Without ``bench/peers.py`` (or with ``--no-triton``) only
 remoteloss is measured.
 
-perf_analyzer's measurement: ``--concurrency-range C`` callers, windows of ``--measurement-interval``
-ms; ``--stability-percentage 1000`` makes it report the first 3 windows instead of retrying until
-they agree within 10% (a shared machine never settles), so every run takes the same time.
+perf_analyzer's measurement: ``--concurrency-range C`` callers, 3 windows of at least N requests
+each (``--measurement-mode count_windows``: a window of fixed time on a busy machine may see no
+answer at all, which fails the run); ``--stability-percentage 1000`` makes it report those windows
+instead of retrying until they agree within 10% (a shared machine never settles).
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ SECTION = "perf-analyzer"
 @dataclass(frozen=True)
 class Plan:
     rounds: int
-    interval_ms: int
-    concurrency: tuple[int, ...]
+    window: dict[str, int]  # requests per measurement window, by size
+    concurrency: dict[str, tuple[int, ...]]  # callers, by size
 
 
-FULL = Plan(rounds=3, interval_ms=2000, concurrency=(1, 8))
-QUICK = Plan(rounds=1, interval_ms=500, concurrency=(1,))
+FULL = Plan(rounds=3, window={"small": 1000, "large": 60}, concurrency={"small": (1, 8), "large": (1,)})
+QUICK = Plan(rounds=1, window={"small": 200, "large": 10}, concurrency={"small": (1,), "large": (1,)})
 
 
 class OipServer(Server):
@@ -110,14 +111,14 @@ def install() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def command(mode: str, address: str, size: int, concurrency: int, plan: Plan) -> list[str]:
+def command(mode: str, address: str, size: int, concurrency: int, window: int | str) -> list[str]:
     """perf_analyzer's arguments: the plain command of the protocol, then the measurement's flags."""
     words = ["-m", "mse_loss", "-u", address, "-i", "http" if mode == "http" else "grpc",
              "--shape", f"input:{size}", "--shape", f"target:{size}"]
     if mode == "grpc-streaming":
         words.append("--streaming")
-    return words + ["--concurrency-range", str(concurrency), "--measurement-interval", str(plan.interval_ms),
-                    "--stability-percentage", "1000", "--max-trials", "3"]
+    return words + ["--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
+                    "--measurement-request-count", str(window), "--stability-percentage", "1000", "--max-trials", "3"]
 
 
 def measure(program: str, arguments: list[str], timeout_s: float) -> dict[str, float]:
@@ -136,23 +137,27 @@ def measure(program: str, arguments: list[str], timeout_s: float) -> dict[str, f
         "p50_s": float(row["p50 latency"]) * 1e-6,
         "p90_s": float(row["p90 latency"]) * 1e-6,
         "p99_s": float(row["p99 latency"]) * 1e-6,
-        "avg_s": float(row["Avg latency"]) * 1e-6,
     }
 
 
 def run(plan: Plan, servers: list[OipServer], program: str) -> dict[str, Any]:
     """Every case against every server, ``plan.rounds`` times; the order of the servers alternates."""
     samples: dict[str, dict[str, list[dict[str, float]]]] = {}
-    timeout_s = 60 + 6 * plan.interval_ms / 1000
+    timeout_s = 300.0
+    # A fresh server's first calls (lazy initialisation) would fall into the first measurement.
+    for server in servers:
+        for mode in MODES:
+            for size in SIZES.values():
+                measure(program, command(mode, server.address(mode), size, 1, 5), timeout_s)
     for round_index in range(plan.rounds):
         order = servers if round_index % 2 == 0 else servers[::-1]
         for size_name, size in SIZES.items():
             for mode in MODES:
-                for concurrency in plan.concurrency:
+                for concurrency in plan.concurrency[size_name]:
                     key = f"{size_name}/{mode}/c{concurrency}"
                     for server in order:
-                        figures = measure(program, command(mode, server.address(mode), size, concurrency, plan),
-                                          timeout_s)
+                        arguments = command(mode, server.address(mode), size, concurrency, plan.window[size_name])
+                        figures = measure(program, arguments, timeout_s)
                         samples.setdefault(key, {}).setdefault(server.name, []).append(figures)
                         _log(f"round {round_index + 1} {key} {server.name}: {figures['throughput_rps']:.0f} req/s, "
                              f"p50 {figures['p50_s'] * 1e3:.3f} ms")
@@ -171,8 +176,8 @@ def render(results: dict[str, Any]) -> str:
     add(f"Written by `python bench/perf_analyzer.py{' --quick' if results['quick'] else ''}` "
         f"({results['date']}, {results['elapsed_s']:.0f} s, load average {load[0]:.1f} before): Triton's "
         f"perf_analyzer ({results['perf_analyzer']}) against each server on this machine's loopback, "
-        f"`mse_loss` forward, medians over {plan['rounds']} interleaved round(s) of "
-        f"{plan['interval_ms']} ms windows (3 per run)."
+        f"`mse_loss`, medians over {plan['rounds']} interleaved round(s); each run reports 3 windows of "
+        f"{plan['window']['small']} (1,000) or {plan['window']['large']} (1,000,000) requests."
         + (" **Quick run: a smoke test, not for the record.**" if results["quick"] else "") + "\n")
     if "triton" not in names:
         add(f"Triton: not measured ({results.get('triton_missing', 'no bench/peers.py')}).\n")
@@ -232,8 +237,9 @@ def main() -> int:
     results["perf_analyzer"] = "the binary of the tritonclient 2.50.0 wheel"
     results["commands"] = {
         "servers": [_server_line(server) for server in servers],
-        "perf_analyzer": sorted({"perf_analyzer " + " ".join(command(mode, "$ADDRESS", size, c, plan))
-                                 for size in SIZES.values() for mode in MODES for c in plan.concurrency}),
+        "perf_analyzer": sorted({"perf_analyzer " + " ".join(command(mode, "$ADDRESS", size, c, plan.window[size_name]))
+                                 for size_name, size in SIZES.items() for mode in MODES
+                                 for c in plan.concurrency[size_name]}),
     }
     results["elapsed_s"] = time.monotonic() - started
     (args.out.parent / "perf_analyzer.json").write_text(json.dumps(results, indent=2) + "\n")

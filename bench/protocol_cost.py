@@ -145,6 +145,8 @@ class Rest:
         header = json.loads(answer[:length])
         names = [output["name"] for output in header["outputs"]]
         assert names[:1] == ["loss"] and "grad_input" in names, f"outputs {names}"
+        sizes = [output["parameters"]["binary_data_size"] for output in header["outputs"]]
+        assert sum(sizes) == len(answer) - length, f"binary outputs {sizes}, {len(answer) - length} bytes"
         return float(struct.unpack("<f", answer[length:length + 4])[0])
 
 
@@ -248,9 +250,9 @@ def render(results: dict[str, Any]) -> str:
             verdict = "" if name in ("native", "sdk") else ("yes" if s["ratio"] <= TARGET else "**no**")
             if name.startswith("tritonclient"):
                 ratio = s["p50_s"] / by_path["sdk"]["p50_s"]
-                relative = f"{s['ratio']:.2f} (/ SDK: {ratio:.2f})"
+                relative = f"{s['ratio']:.3f} (/ SDK: {ratio:.3f})"
             else:
-                relative = f"{s['ratio']:.2f}"
+                relative = f"{s['ratio']:.3f}"
             add(f"| {SIZES[size_name]:,} float32 + gradient | {name} | {s['p50_s'] * 1e3:.3f} ms | "
                 f"{s['p90_s'] * 1e3:.3f} ms | {relative} | {verdict} |")
     if not any("sdk" in by_path for by_path in results["figures"].values()):
