@@ -29,7 +29,7 @@ def encode(value):
     return {"dtype": value.dtype.str, "shape": list(value.shape), "b64": base64.b64encode(value.tobytes()).decode()}
 
 
-def call(module, client, job, headers):
+def tensors(module, job):
     inputs = []
     for sent in job["inputs"]:
         value = array(sent["array"])
@@ -43,21 +43,54 @@ def call(module, client, job, headers):
             if sent.get("requires_grad"):
                 tensor._input.parameters["requires_grad"].bool_param = True
         inputs.append(tensor)
+    return inputs
+
+
+def requested(module, job):
     outputs = None
     if job.get("outputs") is not None:
         if module is httpclient:
             outputs = [module.InferRequestedOutput(n, binary_data=job.get("binary", True)) for n in job["outputs"]]
         else:
             outputs = [module.InferRequestedOutput(n) for n in job["outputs"]]
+    return outputs
+
+
+def call(module, client, job, headers):
+    inputs, outputs = tensors(module, job), requested(module, job)
     try:
         result = client.infer(job["model"], inputs, outputs=outputs, parameters=job.get("parameters") or None,
                               headers=headers, request_id=job["id"])
     except InferenceServerException as exc:
         return {"error": exc.message(), "status": str(exc.status())}
+    return answer(module, result)
+
+
+def answer(module, result):
     response = result.get_response(as_json=True) if module is grpcclient else result.get_response()
     names = [o["name"] for o in response["outputs"]]
     return {"outputs": {n: encode(result.as_numpy(n)) for n in names}, "parameters": response.get("parameters", {}),
             "id": response.get("id", "")}
+
+
+def stream(client, calls, headers):
+    """Every call on one ModelStreamInfer stream (gRPC only), answers matched by request id."""
+    import queue
+
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=headers)
+    for job in calls:
+        client.async_stream_infer(job["model"], tensors(grpcclient, job), outputs=requested(grpcclient, job),
+                                  parameters=job.get("parameters") or None, request_id=job["id"])
+    found = {}
+    for _ in calls:
+        result, error = answers.get(timeout=60)
+        if error is not None:
+            found[f"error-{len(found)}"] = {"error": error.message(), "status": str(error.status())}
+        else:
+            found[result.get_response().id] = answer(grpcclient, result)
+    client.stop_stream()
+    return found
 
 
 def info(module, client, model, headers):
@@ -87,6 +120,8 @@ def main():
             except InferenceServerException as exc:
                 details[model] = {"error": exc.message(), "status": str(exc.status())}
         out[name] = {"answers": answers, "info": details}
+        if module is grpcclient and job.get("stream"):
+            out["stream"] = stream(client, job["calls"], headers)
         client.close()
     json.dump(out, sys.stdout)
 

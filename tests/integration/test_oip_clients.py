@@ -81,8 +81,10 @@ def test_every_loss_and_its_gradients_equal_torch(served: ServerThread) -> None:
             calls.append(request(case.id, call, wrt, grad_output, binary=index % 2 == 0))
             wanted[case.id] = answers
     assert {c["model"] for c in calls} == set(LOSS_NAMES)
-    result = drive(_job(served, calls=calls))
-    for door in ("grpc", "http"):
+    result = drive(_job(served, calls=calls, stream=True))
+    for door in ("grpc", "http", "stream"):
+        if door == "stream":
+            result["stream"] = {"answers": result["stream"]}
         for case_id, answers in wanted.items():
             got = result[door]["answers"][case_id]
             assert "error" not in got, f"{door} {case_id}: {got}"
@@ -278,3 +280,17 @@ def test_our_inference_protos_match_tritonclients() -> None:
                 assert theirs[name].get(key) == value, f"{name}.{key}: ours {value}, tritonclient's {theirs[name].get(key)}"
         else:
             assert theirs[name] == described, name
+
+
+def test_the_readmes_tritonclient_example_runs(served: ServerThread) -> None:
+    from .oip_cases import PYTHON
+
+    text = (tools.ROOT / "README.md").read_text()
+    section = text[text.index("## For Triton and KServe callers"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")].replace("localhost:50051", served.target)
+    check = "\nassert np.allclose(loss, ((x - t) ** 2).sum(), rtol=1e-5) and np.allclose(grad_input, 2 * (x - t), rtol=1e-5)\n"
+    if not PYTHON.is_file():
+        tools.missing("tritonclient is not installed in .venv-oip (scripts/install_oip_clients.sh)")
+    run_ = subprocess.run([str(PYTHON), "-c", code + check], capture_output=True, text=True, timeout=120, check=False)
+    assert run_.returncode == 0, run_.stderr
