@@ -89,8 +89,10 @@ class _Routes:
             TENANT.set(tenant)
         try:
             return await handler(request)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as exc:  # aiohttp's own: an unknown path, a method, a body too large
+            if exc.status < 400:
+                raise
+            return web.json_response({"error": exc.reason if exc.text is None else exc.text}, status=exc.status)
         except Exception as exc:
             return _error(*_failure(exc, request.path))
 
