@@ -4,7 +4,7 @@
     python bench/perf_analyzer.py --quick    # 1 round of short windows: a smoke test
 
 Both servers run on free loopback ports of this machine: ``remoteloss-server`` (gRPC and, with
-``--http-port``, REST) and ``python bench/peers.py serve triton`` (PyTriton: model ``mse_loss``,
+``--http-port``, REST) and ``python bench/peers.py serve pytriton`` (PyTriton: model ``mse_loss``,
 inputs ``input`` and ``target``, FP32 [-1]). For a small (1,000) and a large (1,000,000 float32)
 ``mse_loss``, perf_analyzer runs the plain command of the protocol, over gRPC, gRPC with
 ``--streaming`` and HTTP, against one server then the other (the order alternating by round), and
@@ -56,7 +56,7 @@ QUICK = Plan(rounds=1, window={"small": 200, "large": 10}, concurrency={"small":
 
 class OipServer(Server):
     """A server speaking the Open Inference Protocol on a gRPC port and an HTTP port; ready when
-    ``/v2/health/ready`` answers 200."""
+    ``/v2/models/mse_loss/ready`` answers 200 (Triton is ready before its models are loaded)."""
 
     def __init__(self, name: str, argv: list[str], *, port: int, http_port: int, logs: Path) -> None:
         super().__init__(name, argv, port=port, kind="oip", logs=logs)
@@ -67,7 +67,7 @@ class OipServer(Server):
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited early; see {self.log_path}:\n{self._log_tail()}")
-            if http_status(self.http_port, "/v2/health/ready") == 200:
+            if http_status(self.http_port, "/v2/models/mse_loss/ready") == 200:
                 return
             time.sleep(0.3)
         raise RuntimeError(f"{self.name} was not ready in {timeout_s:.0f} s; see {self.log_path}")
@@ -97,8 +97,8 @@ def remoteloss_server(logs: Path) -> OipServer:
 
 def triton_server(logs: Path) -> OipServer:
     port, http_port = free_port(), free_port()
-    argv = [sys.executable, str(BENCH_DIR / "peers.py"), "serve", "triton", "--grpc-port", str(port),
-            "--http-port", str(http_port)]
+    argv = [sys.executable, str(BENCH_DIR / "peers.py"), "serve", "pytriton", "--grpc-port", str(port),
+            "--http-port", str(http_port), "--metrics-port", str(free_port())]
     return OipServer("triton", argv, port=port, http_port=http_port, logs=logs)
 
 
