@@ -12,11 +12,13 @@ along each path in turn, round after round:
   bytes (tensors in ``raw_input_contents``) over grpcio;
 - ``oip-rest``: ``POST /v2/models/mse_loss/infer`` with the binary tensor data extension (JSON
   header, then the tensors' bytes; outputs asked for as binary) on one keep-alive connection;
-- with ``tritonclient`` installed, also the clients a caller uses: the SDK's ``Client.value_and_grad``
-  against ``tritonclient.grpc`` and ``tritonclient.http`` (binary data), numpy in and out.
+- with ``tritonclient`` at hand (here, or in ``.venv-oip``: scripts/install_oip_clients.sh), also the
+  clients a caller uses: the SDK's ``Client.value_and_grad`` against ``tritonclient.grpc`` and
+  ``tritonclient.http`` (binary data), numpy in and out; tritonclient runs in a process of its own
+  (its protobuf pin keeps it out of .venv), started once per round.
 
 The wire paths send bytes built once, so they compare what the server and the transport cost; the
-client paths add each client's own work. Every answer's loss is checked once against the native
+client paths add each client's own work. Each round checks every path's loss against the native
 one. It prints each path's p50 and its ratio to the native p50 (the target: within 10%), and writes
 the ``protocol-cost`` section of ``bench/RESULTS.md``.
 """
@@ -29,6 +31,7 @@ import json
 import os
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -150,78 +153,117 @@ class Rest:
         return float(struct.unpack("<f", answer[length:length + 4])[0])
 
 
-def paths(server: OipServer, size: int) -> dict[str, tuple[Callable[[], Any], Callable[[Any], float]]]:
-    """Each path: a call, and how to read the loss from its answer."""
+Path_ = Callable[[int], tuple[list[float], float]]  # run N calls: their latencies (s) and the last loss
+
+
+def _timed(call: Callable[[], Any], read: Callable[[Any], float]) -> Path_:
+    def run(count: int) -> tuple[list[float], float]:
+        latencies, answer = [], None
+        for _ in range(count):
+            started = time.perf_counter()
+            answer = call()
+            latencies.append(time.perf_counter() - started)
+        return latencies, read(answer)
+
+    return run
+
+
+def paths(server: OipServer, size: int) -> dict[str, Path_]:
+    """Each path: a function that makes N calls, timing each."""
     x, y = arrays(size)
     channel = grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1),
                                                             ("grpc.max_send_message_length", -1)])
     native, oip = channel.unary_unary(NATIVE), channel.unary_unary(MODEL_INFER)
     native_request, oip_request = native_bytes(x, y), oip_grpc_bytes(x, y)
     rest = Rest(server.http_port, *rest_body(x, y))
-    found: dict[str, tuple[Callable[[], Any], Callable[[Any], float]]] = {
-        "native": (lambda: native(native_request, timeout=300), native_loss),
-        "oip-grpc": (lambda: oip(oip_request, timeout=300), oip_grpc_loss),
-        "oip-rest": (rest, lambda answer: Rest.loss(*answer)),
+    found = {
+        "native": _timed(lambda: native(native_request, timeout=300), native_loss),
+        "oip-grpc": _timed(lambda: oip(oip_request, timeout=300), oip_grpc_loss),
+        "oip-rest": _timed(rest, lambda answer: Rest.loss(*answer)),
     }
-    found.update(_client_paths(server, x, y))
+    python = _tritonclient_python()
+    if python is not None:
+        import remoteloss
+
+        sdk = remoteloss.Client(server.target)
+        found["sdk"] = _timed(lambda: sdk.value_and_grad("mse_loss", x, y, wrt=("input",)),
+                              lambda answer: float(np.asarray(answer[0]).reshape(-1)[0]))
+        for protocol in ("grpc", "http"):
+            found[f"tritonclient-{protocol}"] = _worker(python, protocol, server, size)
     return found
 
 
-def _client_paths(server: OipServer, x: np.ndarray[Any, Any],
-                  y: np.ndarray[Any, Any]) -> dict[str, tuple[Callable[[], Any], Callable[[Any], float]]]:
+def _tritonclient_python() -> str | None:
+    """A Python with tritonclient: this one, else .venv-oip's (tritonclient's protobuf pin keeps it
+    out of .venv; scripts/install_oip_clients.sh makes it); None when neither has it."""
     try:
-        import tritonclient.grpc as triton_grpc
-        import tritonclient.http as triton_http
+        import tritonclient.grpc  # noqa: F401
+
+        return sys.executable
     except ImportError:
-        return {}
-    import remoteloss
+        other = BENCH_DIR.parent / ".venv-oip" / "bin" / "python"
+        return str(other) if other.is_file() else None
 
-    sdk = remoteloss.Client(server.target)
-    grpc_client = triton_grpc.InferenceServerClient(server.target)
-    http_client = triton_http.InferenceServerClient(f"127.0.0.1:{server.http_port}", connection_timeout=300,
-                                                    network_timeout=300)
 
-    def triton(module: Any, client: Any, binary: dict[str, bool]) -> Callable[[], Any]:
-        inputs = [module.InferInput("input", list(x.shape), "FP32"), module.InferInput("target", list(y.shape), "FP32")]
-        inputs[0].set_data_from_numpy(x, **binary)
-        inputs[1].set_data_from_numpy(y, **binary)
-        inputs[0].set_parameter("requires_grad", True)
-        outputs = [module.InferRequestedOutput(name, **binary) for name in ("loss", "grad_input")]
-        return lambda: client.infer("mse_loss", inputs, outputs=outputs)
+def _worker(python: str, protocol: str, server: OipServer, size: int) -> Path_:
+    """tritonclient's calls, made by ``python`` in a process of its own (this file, ``--worker``)."""
+    def run(count: int) -> tuple[list[float], float]:
+        done = subprocess.run([python, __file__, "--worker", protocol, "--target", server.target,
+                               "--http-port", str(server.http_port), "--size", str(size), "--calls", str(count)],
+                              capture_output=True, text=True, check=False, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"tritonclient-{protocol} failed:\n{done.stderr[-2000:]}")
+        answer = json.loads(done.stdout)
+        return answer["latencies"], answer["loss"]
 
-    def grad_loss(result: Any) -> float:
-        assert result.as_numpy("grad_input").shape == x.shape
-        return float(result.as_numpy("loss").reshape(-1)[0])
+    return run
 
-    def sdk_call() -> Any:
-        return sdk.value_and_grad("mse_loss", x, y, wrt=("input",))
 
-    return {
-        "sdk": (sdk_call, lambda answer: float(np.asarray(answer[0]).reshape(-1)[0])),
-        "tritonclient-grpc": (triton(triton_grpc, grpc_client, {}), grad_loss),
-        "tritonclient-http": (triton(triton_http, http_client, {"binary_data": True}), grad_loss),
-    }
+def worker(protocol: str, target: str, http_port: int, size: int, calls: int) -> None:
+    """tritonclient (gRPC, or HTTP with binary data): one call to warm up, then ``calls`` timed calls;
+    prints their latencies and the loss as JSON."""
+    x, y = arrays(size)
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+
+        client: Any = module.InferenceServerClient(target)
+        binary: dict[str, bool] = {}
+    else:
+        import tritonclient.http as module  # type: ignore[no-redef]
+
+        client = module.InferenceServerClient(f"127.0.0.1:{http_port}", connection_timeout=300, network_timeout=300)
+        binary = {"binary_data": True}
+    inputs = [module.InferInput("input", list(x.shape), "FP32"), module.InferInput("target", list(y.shape), "FP32")]
+    inputs[0].set_data_from_numpy(x, **binary)
+    inputs[1].set_data_from_numpy(y, **binary)
+    # Asking for grad_input asks for the gradient (tritonclient sets no per-input parameters).
+    outputs = [module.InferRequestedOutput(name, **binary) for name in ("loss", "grad_input")]
+    result = client.infer("mse_loss", inputs, outputs=outputs)
+    latencies = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        result = client.infer("mse_loss", inputs, outputs=outputs)
+        latencies.append(time.perf_counter() - started)
+    assert result.as_numpy("grad_input").shape == x.shape
+    print(json.dumps({"latencies": latencies, "loss": float(result.as_numpy("loss").reshape(-1)[0])}))
 
 
 def measure(server: OipServer, plan: Plan) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for size_name, size in SIZES.items():
-        calls = paths(server, size)
-        losses = {name: read(call()) for name, (call, read) in calls.items()}
-        reference = losses["native"]
-        for name, loss in losses.items():
-            assert abs(loss - reference) <= 1e-5 * max(1.0, abs(reference)), f"{name}: loss {loss} != {reference}"
-        latencies: dict[str, list[float]] = {name: [] for name in calls}
+        runs = paths(server, size)
+        latencies: dict[str, list[float]] = {name: [] for name in runs}
         for round_index in range(plan.rounds):
-            order = list(calls) if round_index % 2 == 0 else list(calls)[::-1]
+            order = list(runs) if round_index % 2 == 0 else list(runs)[::-1]
+            losses = {}
             for name in order:
-                call = calls[name][0]
-                for _ in range(plan.warmup if round_index == 0 else 0):
-                    call()
-                for _ in range(plan.calls[size_name]):
-                    started = time.perf_counter()
-                    call()
-                    latencies[name].append(time.perf_counter() - started)
+                if round_index == 0:
+                    runs[name](plan.warmup)
+                taken, losses[name] = runs[name](plan.calls[size_name])
+                latencies[name] += taken
+            for name, loss in losses.items():
+                assert abs(loss - losses["native"]) <= 1e-5 * max(1.0, abs(losses["native"])), (
+                    f"{name}: loss {loss}, native {losses['native']}")
         native_p50 = statistics.median(latencies["native"])
         results[size_name] = {name: {"p50_s": statistics.median(values),
                                      "p90_s": float(np.percentile(values, 90)), "calls": len(values),
@@ -243,20 +285,18 @@ def render(results: dict[str, Any]) -> str:
         f"p50 within {TARGET:.2f} x the native p50. The wire rows send pre-built bytes (the server's and the "
         "transport's cost); the client rows add each client's work, numpy in and out."
         + (" **Quick run: a smoke test, not for the record.**" if results["quick"] else "") + "\n")
-    add("| request | path | p50 | p90 | / native p50 | within 10% |")
+    add("| request | path | p50 | p90 | / native p50 | within 10% (wire: of native; tritonclient: of the SDK) |")
     add("|---|---|---|---|---|---|")
     for size_name, by_path in results["figures"].items():
         for name, s in by_path.items():
-            verdict = "" if name in ("native", "sdk") else ("yes" if s["ratio"] <= TARGET else "**no**")
-            if name.startswith("tritonclient"):
-                ratio = s["p50_s"] / by_path["sdk"]["p50_s"]
-                relative = f"{s['ratio']:.3f} (/ SDK: {ratio:.3f})"
-            else:
-                relative = f"{s['ratio']:.3f}"
+            # The wire paths against the native bytes; tritonclient against the SDK.
+            ratio = s["p50_s"] / by_path["sdk"]["p50_s"] if name.startswith("tritonclient") else s["ratio"]
+            verdict = "" if name in ("native", "sdk") else ("yes" if ratio <= TARGET else "**no**")
+            relative = f"{s['ratio']:.3f}" + (f" (/ SDK: {ratio:.3f})" if name.startswith("tritonclient") else "")
             add(f"| {SIZES[size_name]:,} float32 + gradient | {name} | {s['p50_s'] * 1e3:.3f} ms | "
                 f"{s['p90_s'] * 1e3:.3f} ms | {relative} | {verdict} |")
     if not any("sdk" in by_path for by_path in results["figures"].values()):
-        add("\nClients: not measured (`tritonclient` is not installed).")
+        add("\nClients: not measured (no `tritonclient`: scripts/install_oip_clients.sh installs it).")
     return "\n".join(lines)
 
 
@@ -264,7 +304,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round: a smoke test")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "RESULTS.md", help="the report (default: %(default)s)")
+    parser.add_argument("--worker", choices=("grpc", "http"), help=argparse.SUPPRESS)
+    for name in ("--target", "--http-port", "--size", "--calls"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.target, int(args.http_port), int(args.size), int(args.calls))
+        return 0
     plan = QUICK if args.quick else FULL
     started, load = time.monotonic(), os.getloadavg()
     results: dict[str, Any] = {"plan": {"rounds": plan.rounds, "calls": plan.calls}, "quick": args.quick,
