@@ -121,15 +121,25 @@ def command(mode: str, address: str, size: int, concurrency: int, window: int | 
                     "--measurement-request-count", str(window), "--stability-percentage", "1000", "--max-trials", "3"]
 
 
+class Failed(RuntimeError):
+    """perf_analyzer failed; ``reason`` is its error line."""
+
+    def __init__(self, arguments: list[str], status: int, output: str) -> None:
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower() or "fail" in line.lower() or "restricted" in line]
+        self.reason = (errors or lines or [f"exit status {status}"])[-1]
+        super().__init__(f"perf_analyzer {' '.join(arguments)} failed ({status}):\n{output[-3000:]}")
+
+
 def measure(program: str, arguments: list[str], timeout_s: float) -> dict[str, float]:
-    """One perf_analyzer run: throughput (req/s) and latencies (seconds) from its CSV report."""
+    """One perf_analyzer run: throughput (req/s) and latencies (seconds) from its CSV report;
+    raises Failed."""
     with tempfile.TemporaryDirectory(prefix="perf-analyzer-") as folder:
         report = Path(folder) / "report.csv"
         done = subprocess.run([program, *arguments, "-f", str(report)], capture_output=True, text=True,
                               check=False, cwd=folder, timeout=timeout_s)
         if done.returncode != 0 or not report.exists():
-            raise RuntimeError(f"perf_analyzer {' '.join(arguments)} failed ({done.returncode}):\n"
-                               f"{(done.stdout + done.stderr)[-3000:]}")
+            raise Failed(arguments, done.returncode, done.stdout + done.stderr)
         rows = list(csv.DictReader(report.read_text().splitlines()))
     row = rows[-1]
     return {
@@ -141,14 +151,19 @@ def measure(program: str, arguments: list[str], timeout_s: float) -> dict[str, f
 
 
 def run(plan: Plan, servers: list[OipServer], program: str) -> dict[str, Any]:
-    """Every case against every server, ``plan.rounds`` times; the order of the servers alternates."""
+    """Every case against every server, ``plan.rounds`` times; the order of the servers alternates.
+    A case that fails against a server is not tried again there; its entry is ``{"failed": reason}``."""
     samples: dict[str, dict[str, list[dict[str, float]]]] = {}
+    failed: dict[str, dict[str, str]] = {}
     timeout_s = 300.0
     # A fresh server's first calls (lazy initialisation) would fall into the first measurement.
     for server in servers:
         for mode in MODES:
             for size in SIZES.values():
-                measure(program, command(mode, server.address(mode), size, 1, 5), timeout_s)
+                try:
+                    measure(program, command(mode, server.address(mode), size, 1, 5), timeout_s)
+                except Failed as exc:
+                    _log(f"warm-up {mode} {size} {server.name}: {exc.reason}")
     for round_index in range(plan.rounds):
         order = servers if round_index % 2 == 0 else servers[::-1]
         for size_name, size in SIZES.items():
@@ -156,12 +171,21 @@ def run(plan: Plan, servers: list[OipServer], program: str) -> dict[str, Any]:
                 for concurrency in plan.concurrency[size_name]:
                     key = f"{size_name}/{mode}/c{concurrency}"
                     for server in order:
+                        if server.name in failed.get(key, {}):
+                            continue
                         arguments = command(mode, server.address(mode), size, concurrency, plan.window[size_name])
-                        figures = measure(program, arguments, timeout_s)
+                        try:
+                            figures = measure(program, arguments, timeout_s)
+                        except Failed as exc:
+                            failed.setdefault(key, {})[server.name] = exc.reason
+                            _log(f"round {round_index + 1} {key} {server.name}: FAILED {exc.reason}")
+                            continue
                         samples.setdefault(key, {}).setdefault(server.name, []).append(figures)
                         _log(f"round {round_index + 1} {key} {server.name}: {figures['throughput_rps']:.0f} req/s, "
                              f"p50 {figures['p50_s'] * 1e3:.3f} ms")
-    return {key: {name: _median(runs) for name, runs in by_server.items()} for key, by_server in samples.items()}
+    keys = dict.fromkeys([*samples, *failed])
+    return {key: {server.name: {"failed": failed[key][server.name]} if server.name in failed.get(key, {})
+                  else _median(samples[key][server.name]) for server in servers} for key in keys}
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -184,15 +208,25 @@ def render(results: dict[str, Any]) -> str:
     header = "| request | protocol | callers | " + " | ".join(f"{n} req/s | {n} p50 | {n} p99" for n in names)
     add(header + (" | remoteloss / triton req/s |" if "triton" in names else " |"))
     add("|" + "---|" * (3 + 3 * len(names) + ("triton" in names)))
+    reasons: dict[str, int] = {}
     for key, by_server in results["figures"].items():
         size_name, mode, callers = key.split("/")
         cells = [f"{SIZES[size_name]:,} float32", mode, callers.removeprefix("c")]
         for name in names:
             s = by_server[name]
-            cells += [f"{s['throughput_rps']:.0f}", f"{s['p50_s'] * 1e3:.3f} ms", f"{s['p99_s'] * 1e3:.3f} ms"]
+            if "failed" in s:
+                note = reasons.setdefault(f"{name}: {s['failed']}", len(reasons) + 1)
+                cells += [f"failed ({note})", "", ""]
+            else:
+                cells += [f"{s['throughput_rps']:.0f}", f"{s['p50_s'] * 1e3:.3f} ms", f"{s['p99_s'] * 1e3:.3f} ms"]
         if "triton" in names:
-            cells.append(f"{by_server['remoteloss']['throughput_rps'] / by_server['triton']['throughput_rps']:.2f}")
+            both = [by_server[name].get("throughput_rps") for name in ("remoteloss", "triton")]
+            cells.append(f"{both[0] / both[1]:.2f}" if all(both) else "-")
         add("| " + " | ".join(cells) + " |")
+    if reasons:
+        add("\nFailed runs, perf_analyzer's error:\n")
+        for reason, note in reasons.items():
+            add(f"{note}. {reason}")
     add("\nServers (`$PORT` gRPC, `$HTTP_PORT` REST, free loopback ports):\n")
     add("```sh")
     add("\n".join(results["commands"]["servers"]))
@@ -245,7 +279,7 @@ def main() -> int:
     (args.out.parent / "perf_analyzer.json").write_text(json.dumps(results, indent=2) + "\n")
     sections.write(args.out, SECTION, render(results))
     _log(f"wrote the {SECTION} section of {args.out} in {results['elapsed_s']:.0f} s")
-    return 0
+    return 1 if any("failed" in s for by_server in results["figures"].values() for s in by_server.values()) else 0
 
 
 def _server_line(server: OipServer) -> str:
