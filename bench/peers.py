@@ -296,9 +296,9 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "load": load}
 
 
-def start_all(peers: Sequence[str]) -> tuple[list[Proc], dict[str, str]]:
-    """remoteloss and each peer, batching on and off; those that fail to install or start are left out."""
-    servers: list[Proc] = []
+def start_all(peers: Sequence[str], servers: list[Proc]) -> dict[str, str]:
+    """remoteloss and each peer, batching on and off, into ``servers`` as they start (so that the
+    caller can stop them whatever happens); those that fail to install or start are left out."""
     failed: dict[str, str] = {}
     for peer in ["remoteloss", *peers]:
         try:
@@ -309,14 +309,16 @@ def start_all(peers: Sequence[str]) -> tuple[list[Proc], dict[str, str]]:
             failed[peer] = str(exc)
             continue
         for server in pair:
-            servers.append(server.start())
+            servers.append(server)
+            server.start()
             try:
                 server.wait_ready(240)
             except RuntimeError as exc:
                 failed[server.name] = str(exc)
                 servers.remove(server)
                 server.stop()
-    return servers, failed
+        print(f"started {peer}", flush=True)
+    return failed
 
 
 def run(args: argparse.Namespace) -> None:
@@ -330,9 +332,11 @@ def run(args: argparse.Namespace) -> None:
                             "command": "python bench/peers.py " + " ".join(args.argv)}
     servers: list[Proc] = []
     try:
-        servers, failed = start_all(args.peers)
+        failed = start_all(args.peers, servers)
         records, load_commands = rounds(servers, args)
     finally:
+        for number in (signal.SIGINT, signal.SIGTERM):  # a second signal does not cut the cleanup short
+            signal.signal(number, signal.SIG_IGN)
         for server in servers:
             server.stop()
     meta["versions"] = {"remoteloss": versions(sys.executable, DISTRIBUTIONS["remoteloss"])}
@@ -412,4 +416,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
