@@ -5,7 +5,7 @@
 
 One remoteloss server (gRPC and REST, free loopback ports). One caller sends the same ``mse_loss``
 with the gradient of its input, small (1,000 float32) and large (1,000,000), one request at a time,
-along each path in turn, round after round:
+one call along each path in turn (so the machine's load drifts alike for all), round after round:
 
 - ``native``: ``remoteloss.v1.LossService/Compute``, a pre-built ``ComputeRequest``'s bytes over grpcio;
 - ``oip-grpc``: ``inference.GRPCInferenceService/ModelInfer``, a pre-built ``ModelInferRequest``'s
@@ -15,7 +15,7 @@ along each path in turn, round after round:
 - with ``tritonclient`` at hand (here, or in ``.venv-oip``: scripts/install_oip_clients.sh), also the
   clients a caller uses: the SDK's ``Client.value_and_grad`` against ``tritonclient.grpc`` and
   ``tritonclient.http`` (binary data), numpy in and out; tritonclient runs in a process of its own
-  (its protobuf pin keeps it out of .venv), started once per round.
+  (its protobuf pin keeps it out of .venv), which makes its calls after the others in each round.
 
 The wire paths send bytes built once, so they compare what the server and the transport cost; the
 client paths add each client's own work. Each round checks every path's loss against the native
@@ -153,44 +153,34 @@ class Rest:
         return float(struct.unpack("<f", answer[length:length + 4])[0])
 
 
-Path_ = Callable[[int], tuple[list[float], float]]  # run N calls: their latencies (s) and the last loss
+Call = tuple[Callable[[], Any], Callable[[Any], float]]  # one call, and how to read the loss from its answer
+Worker = Callable[[int], tuple[list[float], float]]  # N calls in another process: their latencies (s), a loss
 
 
-def _timed(call: Callable[[], Any], read: Callable[[Any], float]) -> Path_:
-    def run(count: int) -> tuple[list[float], float]:
-        latencies, answer = [], None
-        for _ in range(count):
-            started = time.perf_counter()
-            answer = call()
-            latencies.append(time.perf_counter() - started)
-        return latencies, read(answer)
-
-    return run
-
-
-def paths(server: OipServer, size: int) -> dict[str, Path_]:
-    """Each path: a function that makes N calls, timing each."""
+def paths(server: OipServer, size: int) -> tuple[dict[str, Call], dict[str, Worker]]:
+    """The paths called from this process, and those called from a tritonclient process."""
     x, y = arrays(size)
     channel = grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", -1),
                                                             ("grpc.max_send_message_length", -1)])
     native, oip = channel.unary_unary(NATIVE), channel.unary_unary(MODEL_INFER)
     native_request, oip_request = native_bytes(x, y), oip_grpc_bytes(x, y)
     rest = Rest(server.http_port, *rest_body(x, y))
-    found = {
-        "native": _timed(lambda: native(native_request, timeout=300), native_loss),
-        "oip-grpc": _timed(lambda: oip(oip_request, timeout=300), oip_grpc_loss),
-        "oip-rest": _timed(rest, lambda answer: Rest.loss(*answer)),
+    calls: dict[str, Call] = {
+        "native": (lambda: native(native_request, timeout=300), native_loss),
+        "oip-grpc": (lambda: oip(oip_request, timeout=300), oip_grpc_loss),
+        "oip-rest": (rest, lambda answer: Rest.loss(*answer)),
     }
+    workers: dict[str, Worker] = {}
     python = _tritonclient_python()
     if python is not None:
         import remoteloss
 
         sdk = remoteloss.Client(server.target)
-        found["sdk"] = _timed(lambda: sdk.value_and_grad("mse_loss", x, y, wrt=("input",)),
-                              lambda answer: float(np.asarray(answer[0]).reshape(-1)[0]))
+        calls["sdk"] = (lambda: sdk.value_and_grad("mse_loss", x, y, wrt=("input",)),
+                        lambda answer: float(np.asarray(answer[0]).reshape(-1)[0]))
         for protocol in ("grpc", "http"):
-            found[f"tritonclient-{protocol}"] = _worker(python, protocol, server, size)
-    return found
+            workers[f"tritonclient-{protocol}"] = _worker(python, protocol, server, size)
+    return calls, workers
 
 
 def _tritonclient_python() -> str | None:
@@ -205,7 +195,7 @@ def _tritonclient_python() -> str | None:
         return str(other) if other.is_file() else None
 
 
-def _worker(python: str, protocol: str, server: OipServer, size: int) -> Path_:
+def _worker(python: str, protocol: str, server: OipServer, size: int) -> Worker:
     """tritonclient's calls, made by ``python`` in a process of its own (this file, ``--worker``)."""
     def run(count: int) -> tuple[list[float], float]:
         done = subprocess.run([python, __file__, "--worker", protocol, "--target", server.target,
@@ -249,17 +239,25 @@ def worker(protocol: str, target: str, http_port: int, size: int, calls: int) ->
 
 
 def measure(server: OipServer, plan: Plan) -> dict[str, Any]:
+    """Per round: the in-process paths one call each in turn (the order rotating), then each
+    tritonclient process its calls; every path's loss checked against the native one."""
     results: dict[str, Any] = {}
     for size_name, size in SIZES.items():
-        runs = paths(server, size)
-        latencies: dict[str, list[float]] = {name: [] for name in runs}
+        calls, workers = paths(server, size)
+        latencies: dict[str, list[float]] = {name: [] for name in [*calls, *workers]}
+        for name, (call, _) in calls.items():
+            for _ in range(plan.warmup):
+                call()
         for round_index in range(plan.rounds):
-            order = list(runs) if round_index % 2 == 0 else list(runs)[::-1]
-            losses = {}
-            for name in order:
-                if round_index == 0:
-                    runs[name](plan.warmup)
-                taken, losses[name] = runs[name](plan.calls[size_name])
+            names, answers = list(calls), {}
+            for index in range(plan.calls[size_name]):
+                for name in names[index % len(names):] + names[:index % len(names)]:
+                    started = time.perf_counter()
+                    answers[name] = calls[name][0]()
+                    latencies[name].append(time.perf_counter() - started)
+            losses = {name: calls[name][1](answer) for name, answer in answers.items()}
+            for name, run in workers.items():
+                taken, losses[name] = run(plan.calls[size_name])
                 latencies[name] += taken
             for name, loss in losses.items():
                 assert abs(loss - losses["native"]) <= 1e-5 * max(1.0, abs(losses["native"])), (
