@@ -36,14 +36,12 @@ def perf_analyzer() -> str:
 
 @pytest.fixture(scope="module")
 def oip_server() -> Iterator[Any]:
-    """A server with the protocol's REST endpoints on a free port (``oip_server.http_port``)."""
+    """A server with the protocol's REST endpoints on a free port (``oip_server.config.http_port``)."""
     from remoteloss_server.app import ServerThread
     from remoteloss_server.config import ServerConfig
 
-    http_port = free_port()
     with ServerThread(ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0,
-                                   http_port=http_port)) as running:
-        running.http_port = http_port
+                                   http_port=free_port())) as running:
         yield running
 
 
@@ -57,7 +55,7 @@ def run(arguments: list[str], tmp_path: Path) -> tuple[int, str, list[dict[str, 
 
 @pytest.mark.parametrize("mode", ["grpc", "grpc-streaming", "http"])
 def test_the_plain_command_measures_mse_loss(oip_server: Any, mode: str, tmp_path: Path) -> None:
-    port = oip_server.http_port if mode == "http" else oip_server.port
+    port = oip_server.config.http_port if mode == "http" else oip_server.port
     arguments = ["-m", "mse_loss", "-u", f"127.0.0.1:{port}", "-i", "http" if mode == "http" else "grpc",
                  "--shape", "input:1000", "--shape", "target:1000"]
     if mode == "grpc-streaming":
@@ -74,7 +72,7 @@ def test_an_unknown_model_fails_with_perf_analyzers_exit_status(oip_server: Any,
                                                                 tmp_path: Path) -> None:
     """The exit status is perf_analyzer's own (not a wrapper's that drops it), and the server's
     answer for a model it does not serve stops it before any measurement."""
-    port = oip_server.http_port if protocol == "http" else oip_server.port
+    port = oip_server.config.http_port if protocol == "http" else oip_server.port
     status, output, rows = run(["-m", "no_such_loss", "-u", f"127.0.0.1:{port}", "-i", protocol,
                                 "--shape", "input:1000", *WINDOWS], tmp_path)
     assert status != 0, output
