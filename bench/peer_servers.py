@@ -190,21 +190,20 @@ def _grpc_ready(address: str) -> bool:
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def make_server(peer: str, batching: bool) -> Proc:
-    """The server's process (not started yet) on free loopback ports."""
+def make_server(peer: str, batching: bool, ports: Sequence[int] = ()) -> Proc:
+    """The server's process (not started yet) on the given ports, else free loopback ports: the
+    gRPC, HTTP and metrics ports for pytriton, one port for the others."""
     name = f"{peer}{'' if batching else ' --no-batching'}"
     off = [] if batching else ["--no-batching"]
+    port, http, metrics = [*ports, *(free_port() for _ in range(3 - len(ports)))]
     if peer == "remoteloss":
-        port = free_port()
         argv = [sys.executable, "-m", "remoteloss_server", "--host", "127.0.0.1", "--port", str(port),
                 "--metrics-port", "0", "--log-level", "WARNING", *off]
         return Proc(name, peer, argv, f"127.0.0.1:{port}", lambda: _grpc_ready(f"127.0.0.1:{port}"),
                     sys.executable, {})
     python = venv(peer, install=False)
     serve = [str(python), str(BENCH / "peer_serve.py"), peer]
-    port = free_port()
     if peer == "pytriton":
-        http, metrics = free_port(), free_port()
         argv = [*serve, "--grpc-port", str(port), "--http-port", str(http), "--metrics-port", str(metrics), *off]
         probe: Callable[[], bool] = lambda: _http_ok(f"http://127.0.0.1:{http}/v2/models/mse_loss/ready")  # noqa: E731
     elif peer == "ray":

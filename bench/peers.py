@@ -35,7 +35,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from peer_servers import CACHE, DISTRIBUTIONS, VENVS, Proc, make_server, peer_env, venv, versions  # noqa: E402
+from peer_servers import CACHE, DISTRIBUTIONS, VENVS, Proc, make_server, venv, versions  # noqa: E402
 
 
 def measure(server: Proc, others: Sequence[Proc], client: str, elements: int, callers: int,
@@ -172,25 +172,35 @@ def report(out: Path) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    """One peer's server in the foreground; SIGINT or SIGTERM stops it and everything it started."""
-    python = venv(args.peer)
-    argv = [str(python), str(BENCH / "peer_serve.py"), args.peer, "--port", str(args.port),
-            "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
-            "--metrics-port", str(args.metrics_port), *([] if args.batching else ["--no-batching"])]
-    server = Proc(args.peer, args.peer, argv, "", lambda: True, str(python), peer_env(args.peer, python))
-    server.log = Path(os.devnull)
-    server.process = subprocess.Popen(argv, env={**os.environ, **server.env}, start_new_session=True)
+    """One peer's server in the foreground (its log in ``bench/.peers/logs/``); says when it is
+    ready; SIGINT or SIGTERM stops it and everything it started."""
+    venv(args.peer)
+    ports = [args.grpc_port, args.http_port, args.metrics_port] if args.peer == "pytriton" else [args.port]
+    server = make_server(args.peer, args.batching, ports)
+    server.log = CACHE / "logs" / f"serve-{args.peer}-{ports[0]}.log"
+    server.start()
     try:
+        server.wait_ready(600)
+        where = f"gRPC 127.0.0.1:{args.grpc_port}, HTTP 127.0.0.1:{args.http_port}" if args.peer == "pytriton" \
+            else f"HTTP 127.0.0.1:{args.port}"
+        print(f"ready: {server.name} serving mse_loss on {where} (log: {server.log.relative_to(ROOT)}); "
+              "stop with Ctrl-C or SIGTERM", flush=True)
+        assert server.process is not None
         server.process.wait()
     finally:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
         server.stop()
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT (also where a shell started this in the background, ignoring SIGINT) end
+    the run through the finally blocks that stop every server."""
     def handler(number: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # the finally blocks stop every server
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=BENCH / "PEERS.md")
     args = parser.parse_args(argv)
     args.argv = argv
-    _stop_on_sigterm()
+    _stop_on_signals()
     if args.action == "serve":
         serve(args)
         return
