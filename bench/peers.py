@@ -3,12 +3,15 @@
     python bench/peers.py [--quick] [--rounds N] [--peers pytriton,ray,litserve]
     python bench/peers.py serve pytriton --grpc-port P --http-port Q [--no-batching]
     python bench/peers.py setup
+    python bench/peers.py report
 
 Run it with the project's virtual environment (it starts remoteloss servers with its Python).
 Each peer is installed from PyPI into its own virtual environment under ``bench/.peers/`` (ignored
 by git), the CPU torch of this machine included; ``setup`` only installs them. ``serve`` starts
-one peer's server alone, in the foreground, until SIGINT or SIGTERM (the server code is in
-``peer_serve.py``, the callers in ``peer_load.py``, the report in ``peers_report.py``).
+one peer's server alone, in the foreground, until SIGINT or SIGTERM; ``report`` writes PEERS.md
+again from the last run's figures (``bench/.peers/peers.json``). The servers' processes are in
+``peer_servers.py``, their code in ``peer_serve.py``, the callers in ``peer_load.py``, the report
+in ``peers_report.py``.
 
 Every process started here runs in a session of its own and is killed at the end, also when the
 run fails or is interrupted.
@@ -21,213 +24,18 @@ import datetime
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-CACHE = BENCH / ".peers"
-TORCH = "torch==2.13.0"  # the CPU build that scripts/install.sh takes
-VENVS: dict[str, tuple[str, ...]] = {
-    "pytriton": (TORCH, "numpy<2", "nvidia-pytriton==0.7.0", "tritonclient[grpc]"),
-    "ray": (TORCH, "ray[serve]==2.60.0", "numpy", "requests"),
-    "litserve": (TORCH, "litserve==0.2.19", "numpy", "requests"),
-}
-DISTRIBUTIONS = {"pytriton": ("nvidia-pytriton", "tritonclient", "torch", "numpy"),
-                 "ray": ("ray", "torch", "numpy", "requests"),
-                 "litserve": ("litserve", "torch", "numpy", "requests"),
-                 "remoteloss": ("remoteloss", "remoteloss-server", "torch", "numpy", "grpcio")}
+sys.path.insert(0, str(BENCH))
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def venv(peer: str, *, install: bool = True) -> Path:
-    """The Python of the peer's virtual environment, made and installed on first use."""
-    folder = CACHE / peer
-    python, stamp = folder / "bin" / "python", folder / ".installed"
-    wanted = " ".join(VENVS[peer])
-    if install and not (stamp.exists() and stamp.read_text() == wanted):
-        CACHE.mkdir(exist_ok=True)
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-        log = CACHE / f"{peer}.install.log"
-        print(f"installing {peer} into {folder.relative_to(ROOT)} (log: {log.relative_to(ROOT)})", flush=True)
-        with open(log, "w") as out:
-            done = subprocess.run([str(python), "-m", "pip", "install", "--progress-bar", "off", *VENVS[peer]],
-                                  stdout=out, stderr=subprocess.STDOUT, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"pip install {wanted} failed; see {log}")
-        stamp.write_text(wanted)
-    return python
-
-
-def peer_env(peer: str, python: Path) -> dict[str, str]:
-    """PyTriton's Python stub links libpython3.11.so: point it at this interpreter's own."""
-    if peer != "pytriton":
-        return {}
-    libdir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
-                            capture_output=True, text=True, check=True).stdout.strip()
-    return {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)}
-
-
-def versions(python: Path | str, names: Sequence[str]) -> dict[str, str]:
-    code = ("import importlib.metadata as m, json, sys\nfound = {}\nfor name in sys.argv[1:]:\n"
-            "    try: found[name] = m.version(name)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(found))")
-    done = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True, check=False)
-    return dict(json.loads(done.stdout)) if done.returncode == 0 else {}
-
-
-class Proc:
-    """One server: its session, readiness probe, pause/resume and stop."""
-
-    def __init__(self, name: str, peer: str, argv: list[str], address: str, probe: Callable[[], bool],
-                 client: str, env: dict[str, str]) -> None:
-        self.name, self.peer, self.argv, self.address = name, peer, argv, address
-        self.probe, self.client, self.env = probe, client, env
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = CACHE / "logs" / f"{name.replace(' ', '-')}.log"
-
-    def start(self) -> Proc:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                            env={**os.environ, **self.env}, start_new_session=True)
-        return self
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                tail = self.log.read_text(errors="replace").splitlines()[-5:]
-                raise RuntimeError(f"exited early: {' / '.join(tail)}")
-            try:
-                if self.probe():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"not ready in {timeout_s:.0f} s; see {self.log}")
-
-    def pids(self) -> list[int]:
-        """The processes of its session and their descendants (Ray's and LitServe's workers too)."""
-        if self.process is None:
-            return []
-        parents: dict[int, int] = {}
-        found = {self.process.pid}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except (OSError, IndexError):
-                    continue
-                parents[int(entry.name)] = int(fields[1])
-                if int(fields[3]) == self.process.pid:  # its session
-                    found.add(int(entry.name))
-        grown = True
-        while grown:
-            more = {pid for pid, parent in parents.items() if parent in found} - found
-            found |= more
-            grown = bool(more)
-        return sorted(found)
-
-    def signal_all(self, number: int) -> None:
-        for pid in self.pids():
-            try:
-                os.kill(pid, number)
-            except OSError:
-                pass
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        pids = self.pids()
-        self.signal_all(signal.SIGCONT)
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in set(pids) | set(self.pids()):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        if self.process.poll() is None:
-            self.process.wait()
-
-    @property
-    def command(self) -> str:
-        words = [self.argv[0] if not self.argv[0].startswith(str(CACHE)) else
-                 str(Path(self.argv[0]).relative_to(ROOT)), *self.argv[1:]]
-        words = ["python" if w == sys.executable else w for w in words]
-        words = [str(Path(w).relative_to(ROOT)) if w.startswith(str(ROOT)) else w for w in words]
-        env = " ".join(f"{k}=$({words[0]} -c \"import sysconfig; print(sysconfig.get_config_var('LIBDIR'))\")"
-                       for k in self.env)
-        return (env + " " if env else "") + " ".join(_port_words(words))
-
-
-def _port_words(words: list[str]) -> list[str]:
-    """Port numbers as ``$PORT``, ``$GRPC_PORT``...: the flag's name."""
-    return [f"${words[i - 1].lstrip('-').replace('-', '_').upper()}"
-            if i and words[i - 1].startswith("--") and words[i - 1].endswith("port") and w.isdigit() and w != "0"
-            else w for i, w in enumerate(words)]
-
-
-def _http_ok(url: str, body: bytes | None = None, content_type: str = "application/octet-stream") -> bool:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        return bool(answer.status == 200)
-
-
-def _grpc_ready(address: str) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:
-            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-def make_server(peer: str, batching: bool) -> Proc:
-    """The server's process (not started yet) on free loopback ports."""
-    name = f"{peer}{'' if batching else ' --no-batching'}"
-    off = [] if batching else ["--no-batching"]
-    if peer == "remoteloss":
-        port = free_port()
-        argv = [sys.executable, "-m", "remoteloss_server", "--host", "127.0.0.1", "--port", str(port),
-                "--metrics-port", "0", "--log-level", "WARNING", *off]
-        return Proc(name, peer, argv, f"127.0.0.1:{port}", lambda: _grpc_ready(f"127.0.0.1:{port}"),
-                    sys.executable, {})
-    python = venv(peer, install=False)
-    serve = [str(python), str(BENCH / "peer_serve.py"), peer]
-    port = free_port()
-    if peer == "pytriton":
-        http, metrics = free_port(), free_port()
-        argv = [*serve, "--grpc-port", str(port), "--http-port", str(http), "--metrics-port", str(metrics), *off]
-        probe: Callable[[], bool] = lambda: _http_ok(f"http://127.0.0.1:{http}/v2/models/mse_loss/ready")  # noqa: E731
-    elif peer == "ray":
-        argv = [*serve, "--port", str(port), *off]
-        probe = lambda: _http_ok(f"http://127.0.0.1:{port}/", bytes(8))  # noqa: E731
-    else:
-        argv = [*serve, "--port", str(port), *off]
-        body = json.dumps({"input": "AAAAAA==", "target": "AAAAAA=="}).encode()
-        probe = lambda: _http_ok(f"http://127.0.0.1:{port}/predict", body, "application/json")  # noqa: E731
-    return Proc(name, peer, argv, f"127.0.0.1:{port}", probe, str(python), peer_env(peer, python))
+from peer_servers import CACHE, DISTRIBUTIONS, VENVS, Proc, make_server, venv, versions  # noqa: E402
 
 
 def measure(server: Proc, others: Sequence[Proc], client: str, elements: int, callers: int,
@@ -322,14 +130,13 @@ def start_all(peers: Sequence[str], servers: list[Proc]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(BENCH))
     from peers_report import render
 
     started = datetime.datetime.now(datetime.timezone.utc)
     meta: dict[str, Any] = {"machine": machine(), "quick": args.quick, "rounds": args.rounds,
                             "duration_s": args.duration, "warmup_s": args.warmup,
                             "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-                            "command": "python bench/peers.py " + " ".join(args.argv)}
+                            "command": " ".join(["python bench/peers.py", *args.argv])}
     servers: list[Proc] = []
     try:
         failed = start_all(args.peers, servers)
@@ -348,33 +155,52 @@ def run(args: argparse.Namespace) -> None:
     names = [s.name for s in servers]
     if "remoteloss" in names:
         names.insert(names.index("remoteloss") + 1, "remoteloss stream")
+    meta["took_min"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
     CACHE.mkdir(exist_ok=True)
-    (CACHE / "peers.json").write_text(json.dumps({"meta": meta, "records": records, "failed": failed}, indent=1))
+    (CACHE / "peers.json").write_text(json.dumps({"meta": meta, "records": records, "failed": failed,
+                                                  "servers": names, "commands": commands}, indent=1))
     args.out.write_text(render(meta, records, names, commands, failed))
-    took = datetime.datetime.now(datetime.timezone.utc) - started
-    print(f"wrote {args.out} in {took.total_seconds() / 60:.1f} min", flush=True)
+    print(f"wrote {args.out} in {meta['took_min']:.1f} min", flush=True)
+
+
+def report(out: Path) -> None:
+    """PEERS.md again from the last run's figures (``bench/.peers/peers.json``)."""
+    from peers_report import render
+
+    data = json.loads((CACHE / "peers.json").read_text())
+    out.write_text(render(data["meta"], data["records"], data["servers"], data["commands"], data["failed"]))
 
 
 def serve(args: argparse.Namespace) -> None:
-    """One peer's server in the foreground; SIGINT or SIGTERM stops it and everything it started."""
-    python = venv(args.peer)
-    argv = [str(python), str(BENCH / "peer_serve.py"), args.peer, "--port", str(args.port),
-            "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
-            "--metrics-port", str(args.metrics_port), *([] if args.batching else ["--no-batching"])]
-    server = Proc(args.peer, args.peer, argv, "", lambda: True, str(python), peer_env(args.peer, python))
-    server.log = Path(os.devnull)
-    server.process = subprocess.Popen(argv, env={**os.environ, **server.env}, start_new_session=True)
+    """One peer's server in the foreground (its log in ``bench/.peers/logs/``); says when it is
+    ready; SIGINT or SIGTERM stops it and everything it started."""
+    venv(args.peer)
+    ports = [args.grpc_port, args.http_port, args.metrics_port] if args.peer == "pytriton" else [args.port]
+    server = make_server(args.peer, args.batching, ports)
+    server.log = CACHE / "logs" / f"serve-{args.peer}-{ports[0]}.log"
+    server.start()
     try:
+        server.wait_ready(600)
+        where = f"gRPC 127.0.0.1:{args.grpc_port}, HTTP 127.0.0.1:{args.http_port}" if args.peer == "pytriton" \
+            else f"HTTP 127.0.0.1:{args.port}"
+        print(f"ready: {server.name} serving mse_loss on {where} (log: {server.log.relative_to(ROOT)}); "
+              "stop with Ctrl-C or SIGTERM", flush=True)
+        assert server.process is not None
         server.process.wait()
     finally:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
         server.stop()
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT (also where a shell started this in the background, ignoring SIGINT) end
+    the run through the finally blocks that stop every server."""
     def handler(number: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # the finally blocks stop every server
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -388,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port (pytriton)")
     one.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port (pytriton)")
     one.add_argument("--no-batching", dest="batching", action="store_false")
+    again = commands.add_parser("report", help="write PEERS.md again from the last run's figures")
+    again.add_argument("--out", type=Path, default=BENCH / "PEERS.md")
     setup = commands.add_parser("setup", help="only install the peers' virtual environments")
     setup.add_argument("--peers", default=",".join(VENVS), help="comma-separated, of: " + ", ".join(VENVS))
     parser.add_argument("--quick", action="store_true", help="short rounds: a smoke run (about 5 minutes)")
@@ -398,9 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=BENCH / "PEERS.md")
     args = parser.parse_args(argv)
     args.argv = argv
-    _stop_on_sigterm()
+    _stop_on_signals()
     if args.action == "serve":
         serve(args)
+        return
+    if args.action == "report":
+        report(args.out)
         return
     args.peers = [p for p in args.peers.split(",") if p]
     if unknown := set(args.peers) - set(VENVS):

@@ -117,6 +117,13 @@ def failures(records: Sequence[dict[str, Any]], failed_servers: dict[str, str]) 
     return lines
 
 
+def _busy(machine: dict[str, Any]) -> bool:
+    try:
+        return float(str(machine["load"]).split()[0]) > 0.5 * float(machine["cpus"])
+    except (KeyError, ValueError, IndexError, TypeError):
+        return False
+
+
 def render(meta: dict[str, Any], records: Sequence[dict[str, Any]], servers: Sequence[str],
            commands: Sequence[str], failed_servers: dict[str, str]) -> str:
     """The whole of PEERS.md."""
@@ -124,7 +131,7 @@ def render(meta: dict[str, Any], records: Sequence[dict[str, Any]], servers: Seq
     out = [
         "# remoteloss beside other model servers",
         "",
-        f"Written by `{meta['command']}` on {meta['date']}"
+        f"Written by `{meta['command']}` on {meta['date']}, in {meta.get('took_min', 0):.0f} minutes"
         f"{' (quick: short rounds, a smoke run; its figures are rough)' if meta.get('quick') else ''}.",
         "",
         "The same job everywhere: float32 `mse_loss` (mean) and the gradient of its input, computed with",
@@ -149,7 +156,8 @@ def render(meta: dict[str, Any], records: Sequence[dict[str, Any]], servers: Seq
         "",
         f"- {machine['cpus']} cores, {machine['cpu_model']}; {machine['memory_gib']:.0f} GiB; "
         f"Linux {machine['kernel']}; Python {machine['python']}",
-        f"- load average before the run: {machine['load']}",
+        f"- load average before the run: {machine['load']}"
+        + (" (a busy machine: treat the figures as provisional)" if _busy(machine) else ""),
         "",
         "## Versions",
         "",

@@ -57,4 +57,4 @@ def test_the_table_shows_failures_and_leaves_out_what_was_not_run() -> None:
     assert "remoteloss stream" not in rows and "ray" not in rows
     assert "- ray did not start: pip install failed" in text
     assert "- pytriton, workload C, round 1: wrong answer" in text
-    assert "nvidia-pytriton 0.7.0" in text and "smoke run" in text
+    assert "nvidia-pytriton 0.7.0" in text and "smoke run" in text and "provisional" not in text
