@@ -235,19 +235,21 @@ def test_inference_service_pod_serves_both_protocols_and_its_probes_follow_healt
     with log.open("wb") as sink:
         server = subprocess.Popen([program], env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while http_status(free[probes["readinessProbe"]["port"]], probes["readinessProbe"]["path"]) != 200:
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"never ready:\n{log.read_text()}"
-            time.sleep(0.5)
-        for probe in probes.values():
-            assert http_status(free[probe["port"]], probe["path"]) == 200, probe
         import grpc
 
         with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
             # ServerReadyRequest is empty; ServerReadyResponse{ready: true} is field 1, varint 1.
-            answer = channel.unary_unary("/inference.GRPCInferenceService/ServerReady")(b"", timeout=10)
-        assert answer == b"\x08\x01"
+            ready = channel.unary_unary("/inference.GRPCInferenceService/ServerReady")
+            assert ready(b"", timeout=120, wait_for_ready=True) == b"\x08\x01", log.read_text()
+        # Serving over gRPC (on every interface, as a pod's IPv4 address needs): REST must be too.
+        readiness = (free[probes["readinessProbe"]["port"]], probes["readinessProbe"]["path"])
+        deadline = time.monotonic() + 10
+        while http_status(*readiness) != 200:
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"GET 127.0.0.1:{readiness[0]}{readiness[1]} never answered 200"
+            time.sleep(0.5)
+        for probe in probes.values():
+            assert http_status(free[probe["port"]], probe["path"]) == 200, probe
         server.send_signal(signal.SIGTERM)
         assert http_status(free[probes["readinessProbe"]["port"]], probes["readinessProbe"]["path"]) != 200
         assert server.wait(timeout=float(env["REMOTELOSS_GRACE_PERIOD"]) + 30) == 0, log.read_text()
