@@ -131,7 +131,8 @@ def test_health_metadata_config_and_statistics(served: ServerThread) -> None:
         config = config.get("config", config)  # gRPC wraps it in ModelConfigResponse
         assert [(i["name"], i["datatype"], [int(s) for s in i["shape"]]) for i in metadata["inputs"]] == [
             ("input", "FP32", [-1]), ("target", "FP32", [-1])]
-        assert [o["name"] for o in metadata["outputs"]] == ["loss", "grad_input", "grad_target", "grad_weight"]
+        assert [o["name"] for o in metadata["outputs"]] == [o["name"] for o in config["output"]] == ["loss"]
+        assert config["parameters"]["gradient_outputs"]["string_value"] == "grad_input, grad_target, grad_weight"
         assert int(config.get("max_batch_size", 0)) == 0
         assert [i["name"] for i in config["input"]] == [i["name"] for i in metadata["inputs"]]
         assert config["parameters"]["optional_inputs"]["string_value"] == "weight, grad_output"
