@@ -12,9 +12,11 @@ One model per loss of the catalog (``LOSSES``, as ListLosses describes it), name
 
 Metadata and configuration list the *required* inputs only, each with one datatype (FP32 where
 the argument takes it, else INT64, else its first) and shape ``[-1]`` (any shape: torch's rule is
-in ListLosses and in the configuration's ``parameters``); optional inputs are accepted all the
-same. So ``perf_analyzer --shape input:N --shape target:N`` needs nothing else, and every datatype
-ListLosses gives is taken. A request becomes a native ``ComputeRequest`` (``to_compute``), checked
+in ListLosses and in the configuration's ``parameters``), and the output ``loss`` only; optional
+inputs and the gradients' outputs are accepted all the same (the configuration's parameters
+``optional_inputs`` and ``gradient_outputs`` name them). perf_analyzer asks a ``--shape`` for
+every listed input and asks for every listed output, so ``perf_analyzer --shape input:N --shape
+target:N`` needs nothing else and measures the loss alone; every datatype ListLosses gives is taken. A request becomes a native ``ComputeRequest`` (``to_compute``), checked
 by ``intake`` exactly as the native API's: the same messages for the same mistakes.
 """
 
@@ -143,7 +145,7 @@ class Model:
             "versions": [VERSION],
             "platform": SERVER_NAME,
             "inputs": [{"name": name, "datatype": dt, "shape": [-1]} for name, dt in self.required],
-            "outputs": [{"name": name, "datatype": "FP32", "shape": [-1]} for name in self.outputs],
+            "outputs": [{"name": LOSS_OUTPUT, "datatype": "FP32", "shape": [-1]}],
         }
 
     def config(self) -> dict[str, Any]:
@@ -151,6 +153,7 @@ class Model:
         shapes = {t.name: t.shape for t in self.info.tensors}
         parameters = {
             "optional_inputs": ", ".join(self.optional),
+            "gradient_outputs": ", ".join(self.outputs[1:]),
             "options": ", ".join(self.options),
             "gradients": "set requires_grad: true in an input's parameters; its gradient is output grad_<input>",
             **{f"shape_{name}": shapes[name] for name in self.tensors},
@@ -164,7 +167,7 @@ class Model:
                 {"name": name, "data_type": f"TYPE_{dt}", "format": "FORMAT_NONE", "dims": [-1], "optional": False}
                 for name, dt in self.required
             ],
-            "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [-1]} for name in self.outputs],
+            "output": [{"name": LOSS_OUTPUT, "data_type": "TYPE_FP32", "dims": [-1]}],
             "parameters": {key: {"string_value": value} for key, value in parameters.items()},
             "model_transaction_policy": {"decoupled": False},
         }

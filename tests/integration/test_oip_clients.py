@@ -1,5 +1,7 @@
-"""The Open Inference Protocol through real clients: tritonclient's gRPC and HTTP clients (run
-under .venv-oip by ``oip_client.py``) and curl, against a real server on loopback.
+"""The Open Inference Protocol through real clients: tritonclient's gRPC (unary and
+ModelStreamInfer) and HTTP clients (run under .venv-oip by ``oip_client.py``), KServe's SDK
+(``oip_kserve.py``) and curl, against a real server on loopback; and our protos against
+tritonclient's.
 
 For every loss: the loss and its gradients equal torch's, with ``reduction="none"`` and an
 incoming gradient (``grad_output``) and with the default reduction; health, metadata,
@@ -129,7 +131,8 @@ def test_health_metadata_config_and_statistics(served: ServerThread) -> None:
         config = config.get("config", config)  # gRPC wraps it in ModelConfigResponse
         assert [(i["name"], i["datatype"], [int(s) for s in i["shape"]]) for i in metadata["inputs"]] == [
             ("input", "FP32", [-1]), ("target", "FP32", [-1])]
-        assert [o["name"] for o in metadata["outputs"]] == ["loss", "grad_input", "grad_target", "grad_weight"]
+        assert [o["name"] for o in metadata["outputs"]] == [o["name"] for o in config["output"]] == ["loss"]
+        assert config["parameters"]["gradient_outputs"]["string_value"] == "grad_input, grad_target, grad_weight"
         assert int(config.get("max_batch_size", 0)) == 0
         assert [i["name"] for i in config["input"]] == [i["name"] for i in metadata["inputs"]]
         assert config["parameters"]["optional_inputs"]["string_value"] == "weight, grad_output"
@@ -294,3 +297,24 @@ def test_the_readmes_tritonclient_example_runs(served: ServerThread) -> None:
         tools.missing("tritonclient is not installed in .venv-oip (scripts/install_oip_clients.sh)")
     run_ = subprocess.run([str(PYTHON), "-c", code + check], capture_output=True, text=True, timeout=120, check=False)
     assert run_.returncode == 0, run_.stderr
+
+
+def test_kserves_clients(served: ServerThread) -> None:
+    """KServe's Python SDK (gRPC and REST clients), where it installs beside tritonclient."""
+    from .oip_cases import PYTHON
+
+    if not PYTHON.is_file() or subprocess.run([str(PYTHON), "-c", "import kserve"], capture_output=True,
+                                              timeout=120, check=False).returncode != 0:
+        tools.missing("kserve is not installed in .venv-oip (scripts/install_oip_clients.sh)")
+    script = tools.ROOT / "tests" / "integration" / "oip_kserve.py"
+    run_ = subprocess.run([str(PYTHON), str(script), served.target, f"127.0.0.1:{served.config.http_port}"],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert run_.returncode == 0, run_.stderr[-4000:]
+    got = json.loads(run_.stdout)
+    x, t = torch.tensor(got["x"]).requires_grad_(), torch.tensor(got["t"])
+    loss = torch.nn.functional.mse_loss(x, t, reduction="sum")
+    loss.backward()
+    for door in ("grpc", "rest"):
+        assert set(got[door]) == {"loss", "grad_input"}, door
+        torch.testing.assert_close(torch.tensor(got[door]["loss"]).reshape(()), loss.detach())
+        torch.testing.assert_close(torch.tensor(got[door]["grad_input"]), x.grad)

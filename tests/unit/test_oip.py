@@ -31,8 +31,9 @@ def test_one_model_per_loss_with_the_catalogs_arguments() -> None:
         assert [i["name"] for i in metadata["inputs"]] == [t.name for t in info.tensors if t.required]
         assert all(i["shape"] == [-1] for i in metadata["inputs"])
         assert [i["name"] for i in config["input"]] == [i["name"] for i in metadata["inputs"]]
-        assert [o["name"] for o in metadata["outputs"]] == ["loss", *(f"grad_{t.name}" for t in info.tensors
-                                                                    if t.differentiable)]
+        assert [o["name"] for o in metadata["outputs"]] == [o["name"] for o in config["output"]] == ["loss"]
+        gradients = ", ".join(f"grad_{t.name}" for t in info.tensors if t.differentiable)
+        assert config["parameters"]["gradient_outputs"]["string_value"] == gradients
         assert config["max_batch_size"] == 0
         optional = [t.name for t in info.tensors if not t.required] + ["grad_output"]
         assert config["parameters"]["optional_inputs"]["string_value"] == ", ".join(optional)
