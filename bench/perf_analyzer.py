@@ -203,6 +203,9 @@ def render(results: dict[str, Any]) -> str:
         f"`mse_loss`, medians over {plan['rounds']} interleaved round(s); each run reports 3 windows of "
         f"{plan['window']['small']} (1,000) or {plan['window']['large']} (1,000,000) requests."
         + (" **Quick run: a smoke test, not for the record.**" if results["quick"] else "") + "\n")
+    add("perf_analyzer asks for every output a model's config lists: remoteloss's `mse_loss` lists `loss` "
+        "only (the gradients are outputs a caller asks for by name), so it computes the loss alone; the PyTriton "
+        "model (`bench/peer_serve.py`) answers `loss` and `grad_input`, so it computes the gradient too.\n")
     if "triton" not in names:
         add(f"Triton: not measured ({results.get('triton_missing', 'no bench/peers.py')}).\n")
     header = "| request | protocol | callers | " + " | ".join(f"{n} req/s | {n} p50 | {n} p99" for n in names)
