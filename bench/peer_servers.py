@@ -92,11 +92,17 @@ class Proc:
                                             env={**os.environ, **self.env}, start_new_session=True)
         return self
 
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
-                tail = self.log.read_text(errors="replace").splitlines()[-5:]
+                tail = self.log_text().splitlines()[-5:]
                 raise RuntimeError(f"exited early: {' / '.join(tail)}")
             try:
                 if self.probe():
