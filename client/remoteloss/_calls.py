@@ -7,8 +7,6 @@ is here, once.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -78,7 +76,6 @@ def plan_loss(loss: str, arguments: dict[str, Any]) -> Plan:
 
 
 def plan_value_and_grad(
-    owner: LossMethods,
     loss_name: str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -88,9 +85,7 @@ def plan_value_and_grad(
     """The plan of ``value_and_grad(loss_name, *args, wrt=wrt, grad_output=grad_output, **kwargs)``."""
     if loss_name not in LOSS_NAMES:
         raise InvalidArgumentError(f"loss_name must be one of {sorted(LOSS_NAMES)}, got {loss_name!r}")
-    bound = _signature(loss_name).bind(owner, *args, **kwargs)
-    bound.apply_defaults()
-    arguments = {name: value for name, value in bound.arguments.items() if name != "self"}
+    arguments = _bind(loss_name, args, kwargs)
     names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
     request = prepare_request(loss_name, arguments, wrt=names, grad_output=grad_output)
     message = getattr(request.message, loss_name)
@@ -128,9 +123,23 @@ class _RemoteCall:
         return gradients
 
 
-@functools.cache
-def _signature(loss: str) -> inspect.Signature:
-    return inspect.signature(getattr(LossMethods, loss))
+class _Arguments(LossMethods):
+    """Each loss method returns its arguments by name, defaults included: binding by a plain call,
+    which raises the TypeError of a wrong call as the method itself would, and costs far less
+    than ``inspect.Signature.bind``."""
+
+    def _compute(self, loss: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        return arguments
+
+
+_ARGUMENTS = _Arguments()
+
+
+def _bind(loss: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``loss(*args, **kwargs)`` by name, defaults included."""
+    arguments: dict[str, Any] = getattr(_ARGUMENTS, loss)(*args, **kwargs)
+    arguments.pop("self", None)
+    return arguments
 
 
 def torch_arguments(loss: str, arguments: dict[str, Any]) -> dict[str, torch.Tensor]:
