@@ -11,7 +11,9 @@ in this process, with ``remoteloss.Client``:
   torch tensor that requires grad (the path of every ``torch.nn`` example), against
   ``client.value_and_grad("mse_loss", x, y)`` with numpy arrays, calls of the two alternating;
   the p50 latency and the client's CPU time per call (``time.process_time``: every thread of
-  this process, gRPC's included) of each, and their ratio (target: at most 1.1);
+  this process, gRPC's included) of each, and their ratio (target: at most 1.1); and, as a
+  floor, ``value_and_grad`` followed by a bare ``torch.autograd.Function`` over its answer (what
+  torch's own autograd costs on top of the numpy path, whatever the SDK does);
 - 64 threads sharing one ``client.stream()`` (each waits for its own answer before the next
   call), against one thread's unary calls, rounds alternating; the ratio of their rates
   (target: at least 2.5). The same ratio for ``remoteloss bench`` (a raw gRPC client in a
@@ -59,6 +61,32 @@ def _value_and_grad_call(client: remoteloss.Client, x: np.ndarray[Any, Any], y: 
     return call
 
 
+class _Given(torch.autograd.Function):
+    """An autograd node whose loss and gradient are given: torch's own cost of a node, no more."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, given: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ctx.gradient = given[1]
+        return given[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.gradient, None
+
+
+def _floor_call(client: remoteloss.Client, x: torch.Tensor, x_np: np.ndarray[Any, Any],
+                y_np: np.ndarray[Any, Any]) -> Callable[[], None]:
+    """``value_and_grad`` with numpy, then torch's own autograd node over its answer: the least an
+    autograd path can cost."""
+    def call() -> None:
+        x.grad = None
+        loss, gradients = client.value_and_grad("mse_loss", x_np, y_np)
+        given = (torch.from_numpy(loss), torch.from_numpy(gradients["input"]))
+        _Given.apply(x, given).backward()  # type: ignore[no-untyped-call]
+
+    return call
+
+
 def _paths(client: remoteloss.Client, size: int, seconds: float, rounds: int) -> dict[str, Any]:
     """Calls of the two paths alternating, ``seconds`` per path per round; each call's wall and CPU time."""
     generator = np.random.default_rng(size)
@@ -66,7 +94,8 @@ def _paths(client: remoteloss.Client, size: int, seconds: float, rounds: int) ->
     y_np = generator.standard_normal(size, dtype=np.float32)
     x = torch.from_numpy(x_np.copy()).requires_grad_()
     y = torch.from_numpy(y_np.copy())
-    calls = {"autograd": _autograd_call(client, x, y), "value_and_grad": _value_and_grad_call(client, x_np, y_np)}
+    calls = {"autograd": _autograd_call(client, x, y), "value_and_grad": _value_and_grad_call(client, x_np, y_np),
+             "floor": _floor_call(client, x, x_np, y_np)}
     walls: dict[str, list[float]] = {name: [] for name in calls}
     cpus: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():  # warm up both
@@ -88,6 +117,8 @@ def _paths(client: remoteloss.Client, size: int, seconds: float, rounds: int) ->
                      "calls": len(walls[name])}
     out["ratio_p50"] = out["autograd"]["p50_s"] / out["value_and_grad"]["p50_s"]
     out["ratio_cpu"] = out["autograd"]["cpu_s"] / out["value_and_grad"]["cpu_s"]
+    out["floor_ratio_p50"] = out["floor"]["p50_s"] / out["value_and_grad"]["p50_s"]
+    out["floor_ratio_cpu"] = out["floor"]["cpu_s"] / out["value_and_grad"]["cpu_s"]
     return out
 
 
@@ -200,6 +231,10 @@ def _table(results: dict[str, Any], sizes: tuple[int, ...]) -> str:
                      f"| {paths['ratio_p50']:.2f} | <= 1.1 |")
         lines.append(f"| {size:,} elements, client CPU per call | {auto['cpu_s'] * 1e3:.3f} ms "
                      f"| {vag['cpu_s'] * 1e3:.3f} ms | {paths['ratio_cpu']:.2f} | <= 1.1 |")
+        floor = paths["floor"]
+        lines.append(f"| {size:,} elements, floor (value_and_grad + torch's own autograd node), p50 / CPU "
+                     f"| {floor['p50_s'] * 1e3:.3f} / {floor['cpu_s'] * 1e3:.3f} ms | | "
+                     f"{paths['floor_ratio_p50']:.2f} / {paths['floor_ratio_cpu']:.2f} | |")
     stream = results.get("stream")
     if stream is None:
         return "\n".join(lines)

@@ -224,7 +224,7 @@ def decode_torch(
     The tensor owns a copy of ``message.data``, so it is writable and outlives the message.
     ``data``, when given, stands for ``message.data`` and is not copied: the tensor shares its
     memory (read-only when ``data`` is), which is how a server reads a large request in place
-    (and a client gives an answer's large tensor a writable ``bytearray`` of its own).
+    (and a client gives an answer's large tensor a writable copy of its own).
     ``max_elements`` and ``max_dims`` are as in ``check_tensor``.
     """
     import torch
