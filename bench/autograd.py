@@ -71,7 +71,8 @@ class _Given(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.gradient, None
+        gradient, ctx.gradient = ctx.gradient, None  # handed over: torch keeps it as .grad, no copy
+        return gradient, None
 
 
 def _floor_call(client: remoteloss.Client, x: torch.Tensor, x_np: np.ndarray[Any, Any],
