@@ -1,10 +1,16 @@
-"""Runs prepared calls on the device: one alone, or a batch of them as one computation.
+"""Runs prepared calls on the device: one alone, or a batch of them.
 
 ``Executor.run`` and ``Executor.run_batch`` block; they run on a compute thread, except a CPU
-small batch, which the batcher computes on the event loop (``SchedulingPolicy.inline_elements``). This is the only module that picks a device or calls CUDA APIs. On a GPU, host
-tensors are staged in pinned memory and copied without blocking, a batch synchronises once
-(when its results are copied back), and a batch that runs out of memory is split in halves
-and retried, down to single calls, which then fail alone with RESOURCE_EXHAUSTED.
+small batch, which the batcher computes on the event loop (``SchedulingPolicy.inline_elements``).
+This is the only module that picks a device or calls CUDA APIs.
+
+An answer never depends on who shared its batch. On a CPU a batch computes each call as it
+would alone, so each answer is torch's own, bit for bit. On a GPU calls whose batch rule says
+they may (``BatchRule.invariant``) are concatenated, and such a call alone takes the same route
+as a batch of one: the same kernels on tensors of its own size. There, host tensors are staged
+in pinned memory and copied without blocking, a batch synchronises once (when its results are
+copied back), and a batch that runs out of memory is split in halves and retried, down to
+single calls, which then fail alone with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -73,8 +79,11 @@ class _OutOfMemory(Exception):
 class Executor:
     """Computes prepared calls on one device."""
 
-    def __init__(self, device: str, torch_threads: int) -> None:
+    def __init__(self, device: str, torch_threads: int, *, concatenate: bool | None = None) -> None:
         self.device = resolve_device(device)
+        # How a batch computes (SchedulingPolicy.concatenate): by default concatenated on a GPU,
+        # each call as it would alone on a CPU.
+        self.concatenate = self.device.type == "cuda" if concatenate is None else concatenate
         torch.set_num_threads(torch_threads)
         if self.device.type == "cuda":
             torch.empty(0, device=self.device)  # create the CUDA context now, not on the first request
@@ -91,41 +100,78 @@ class Executor:
         Raises InvalidArgumentError for what torch rejects and ResourceExhaustedError when the
         device runs out of memory; anything else is a bug and propagates.
         """
-        call = dataclasses.replace(call, tensors=self._to_device(call.tensors))
         with record() as texts:
-            try:
-                if call.requires_grad:
-                    loss, gradients = self._differentiate(call, grad_output)
-                else:
-                    with torch.inference_mode():
-                        loss, gradients = call(), {}
-                names = list(gradients)
-                loss, *grads = self._to_host([loss, *gradients.values()])
-                gradients = dict(zip(names, grads, strict=True))
-            except _TORCH_REJECTIONS as exc:
-                if _is_out_of_memory(exc):
-                    self._release_memory()
-                    raise ResourceExhaustedError(f"{call.loss}: out of memory on {self.device}") from None
-                if _is_device_failure(exc):
-                    raise
-                raise InvalidArgumentError(f"{call.loss}: {_message(exc, call)}") from exc
-        return Result(loss, gradients, list(dict.fromkeys(texts)))
+            return self._compute(call, grad_output, texts)
+
+    def _compute(self, call: Call, grad_output: torch.Tensor | None, texts: list[str]) -> Result:
+        """``run`` inside a recording of warnings: the call's own are those it adds to ``texts``."""
+        start = len(texts)
+        call = dataclasses.replace(call, tensors=self._to_device(call.tensors))
+        try:
+            if call.requires_grad:
+                loss, gradients = self._differentiate(call, grad_output)
+            else:
+                with torch.inference_mode():
+                    loss, gradients = call(), {}
+            names = list(gradients)
+            loss, *grads = self._to_host([loss, *gradients.values()])
+            gradients = dict(zip(names, grads, strict=True))
+        except _TORCH_REJECTIONS as exc:
+            if _is_out_of_memory(exc):
+                self._release_memory()
+                raise ResourceExhaustedError(f"{call.loss}: out of memory on {self.device}") from None
+            if _is_device_failure(exc):
+                raise
+            raise InvalidArgumentError(f"{call.loss}: {_message(exc, call)}") from exc
+        return Result(loss, gradients, list(dict.fromkeys(texts[start:])))
 
     def run_batch(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
-        """Compute jobs of one batch key: as one batch when there are several and each has a
-        plan, else one by one. Each job gets its own result or error; a failure of torch for
-        the batch (or a warning, whose words would name the batch's shapes) makes each job run
-        alone, so that each gets torch's own answer. Bugs and CUDA errors propagate."""
-        if len(jobs) > 1 and all(job.plan is not None for job in jobs):
-            try:
-                results = self._batched(jobs)
-            except _OutOfMemory:
-                half = len(jobs) // 2
-                logger.info("out of memory for a batch of %d; retrying in halves", len(jobs))
-                return self.run_batch(jobs[:half]) + self.run_batch(jobs[half:])
-            if results is not None:
-                return results
-        return [self._alone(job) for job in jobs]
+        """Compute jobs of one batch key, each with its own result or error.
+
+        On a CPU (``concatenate`` False) each job computes as ``run`` would compute it alone, so
+        that every answer is torch's own, bit for bit; the batch shares one recording of
+        warnings and one turn. Concatenated (a GPU), jobs with plans (a job without one gets its
+        own here) run as one batch (``_batched``), a single job as a batch of one, so that a
+        call's answer does not depend on who shared its batch. A failure of torch for the batch
+        (or a warning, whose words would name the batch's shapes) makes each job run as a batch
+        of one, then alone where that fails too. Bugs and CUDA errors propagate."""
+        if not self.concatenate:
+            return self._each(jobs)
+        jobs = [self._planned(job) for job in jobs]
+        if not all(job.plan is not None for job in jobs):
+            return [self._alone(job) for job in jobs]
+        try:
+            results = self._batched(jobs)
+        except _OutOfMemory:
+            if len(jobs) == 1:
+                return [ResourceExhaustedError(f"{jobs[0].call.loss}: out of memory on {self.device}")]
+            half = len(jobs) // 2
+            logger.info("out of memory for a batch of %d; retrying in halves", len(jobs))
+            return self.run_batch(jobs[:half]) + self.run_batch(jobs[half:])
+        if results is not None:
+            return results
+        if len(jobs) == 1:
+            return [self._alone(jobs[0])]
+        return [result for job in jobs for result in self.run_batch([job])]
+
+    def _planned(self, job: Job) -> Job:
+        """``job`` with its loss's batch plan (None where it must run alone)."""
+        if job.plan is not None:
+            return job
+        rule = LOSSES[job.call.loss].batch
+        plan = None if rule is None else rule.plan(job.call, invariant=True)
+        return job if plan is None else dataclasses.replace(job, plan=plan)
+
+    def _each(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
+        """Each job computed as ``run`` computes it, inside one recording of warnings."""
+        results: list[Result | ServiceError] = []
+        with record() as texts:
+            for job in jobs:
+                try:
+                    results.append(self._compute(job.call, job.grad_output, texts))
+                except ServiceError as err:
+                    results.append(err)
+        return results
 
     def _alone(self, job: Job) -> Result | ServiceError:
         try:

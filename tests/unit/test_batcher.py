@@ -75,7 +75,7 @@ def run(test: Callable[..., Awaitable[None]], runner: Runner, *, alone: bool = F
     metrics = Metrics()
     fields = {f.name for f in dataclasses.fields(SchedulingPolicy)}
     policy = SchedulingPolicy(**{
-        "inline_elements": getattr(runner, "inline_elements", 0), "max_batch_elements": 2**24,
+        "inline_elements": getattr(runner, "inline_elements", 0), "max_batch_elements": 2**24, "concatenate": True,
         **{k: v for k, v in options.items() if k in fields},
     })
     others = {k: v for k, v in options.items() if k not in fields}
@@ -166,7 +166,7 @@ def test_a_lone_call_queues_behind_a_busy_batcher_and_batches() -> None:
     async def test(batcher: Batcher) -> None:
         blocker = asyncio.create_task(batcher.submit(mse(rows=5, loss="l1_loss")))  # on a compute thread
         await asyncio.to_thread(runner.started.wait, 10)
-        calls = [mse(value=i) for i in range(3)]
+        calls = [mse(rows=1, value=i) for i in range(3)]  # 12 elements: one batch on the event loop
         assert not batcher.idle
         tasks = [asyncio.create_task(batcher.submit(call)) for call in calls]
         await settle()

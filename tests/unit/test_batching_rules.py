@@ -2,7 +2,9 @@
 as each would alone, for the reductions that need more than a mean (weights, ignore_index,
 label smoothing, CTC lengths, batchmean, size_average/reduce); fallbacks; out of memory.
 
-Every loss and option set is also batched end to end in tests/integration/test_batching.py.
+The concatenated route is a GPU's; it is tested here on the CPU (whose own batches compute each
+call as alone: tests/integration/test_batch_invariance.py). Every loss and option set is also
+batched end to end in tests/integration/test_batching.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from remoteloss_server.losses import LOSSES
 from remoteloss_server.losses.batching import BATCHED, PADDED, RAGGED, SHARED
 
 torch.set_num_threads(1)
-EXECUTOR = Executor("cpu", torch_threads=1)
+EXECUTOR = Executor("cpu", torch_threads=1, concatenate=True)  # a GPU's route, on the CPU
 G = torch.Generator().manual_seed(7)
 
 

@@ -1,0 +1,94 @@
+"""``BatchDecider``: whether the ready calls of one loss compute as one batch or one at a time,
+decided per loss and per load from costs measured online. No grpc, no torch.
+
+A cost sample is the scheduler's time per call of one batch: from the start of that batch to
+the start of the next one, divided by its calls, taken only while work was queued all along
+(``Pace``): it holds the compute, the hop to a compute thread and back if any, and the loop's
+own turn, which is what batching saves or costs. Samples are kept per loss as exponentially
+weighted means, one for calls alone and one per batch size class (powers of two: 2-3, 4-7, ...).
+
+``decide(loss, ready)`` for a loss with ``ready`` >= 2 calls queued: batch while the batch
+estimate for that size class is not above the alone estimate; batch when that class has no
+estimate yet; and every ``explore_every``-th decision, the other route, so that both estimates
+keep up with the load (a route judged worse once is tried again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["BATCH", "ALONE", "BatchDecider", "Pace"]
+
+BATCH = "batch"
+ALONE = "alone"
+
+
+def size_class(calls: int) -> int:
+    """The power of two at or below ``calls`` (1 for one call)."""
+    return 1 << (max(calls, 1).bit_length() - 1)
+
+
+@dataclass
+class _Costs:
+    """One loss's estimates: seconds per call by size class (1: alone), and decisions made."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    decisions: int = 0
+
+
+class BatchDecider:
+    """Per loss, exponentially weighted seconds per call alone and in batches, and the decision."""
+
+    def __init__(self, *, explore_every: int = 32, weight: float = 0.2) -> None:
+        if explore_every < 2:
+            raise ValueError("explore_every must be at least 2")
+        self._explore_every = explore_every
+        self._weight = weight  # of a new sample in the mean
+        self._costs: dict[str, _Costs] = {}
+
+    def estimate(self, loss: str, calls: int) -> float | None:
+        """Seconds per call of a batch of ``calls`` calls (1: alone); None before any sample."""
+        costs = self._costs.get(loss)
+        return None if costs is None else costs.seconds.get(size_class(calls))
+
+    def observe(self, loss: str, calls: int, seconds: float) -> None:
+        """A batch of ``calls`` calls of ``loss`` took ``seconds`` of the scheduler's time."""
+        if calls < 1 or seconds < 0:
+            return
+        per_call = seconds / calls
+        seconds_by_class = self._costs.setdefault(loss, _Costs()).seconds
+        size = size_class(calls)
+        old = seconds_by_class.get(size)
+        seconds_by_class[size] = per_call if old is None else old + self._weight * (per_call - old)
+
+    def decide(self, loss: str, ready: int) -> str:
+        """``BATCH`` or ``ALONE`` for ``ready`` (>= 2) calls of ``loss`` that could share a batch."""
+        costs = self._costs.setdefault(loss, _Costs())
+        costs.decisions += 1
+        batched, alone = costs.seconds.get(size_class(ready)), costs.seconds.get(1)
+        if batched is None:
+            return BATCH
+        preferred = BATCH if alone is None or batched <= alone else ALONE
+        if costs.decisions % self._explore_every == 0:
+            return ALONE if preferred == BATCH else BATCH
+        return preferred
+
+
+class Pace:
+    """Turns batch starts into cost samples for a ``BatchDecider``: a batch's sample is the time
+    to the next batch's start, unless the scheduler went idle (``idled``) in between."""
+
+    def __init__(self, decider: BatchDecider) -> None:
+        self._decider = decider
+        self._last: tuple[str, int, float] | None = None
+
+    def started(self, loss: str, calls: int, now: float) -> None:
+        """A batch of ``calls`` calls of ``loss`` starts at ``now`` (on the batcher's clock)."""
+        if self._last is not None:
+            last_loss, last_calls, last_start = self._last
+            self._decider.observe(last_loss, last_calls, now - last_start)
+        self._last = (loss, calls, now)
+
+    def idled(self) -> None:
+        """The scheduler waits for work: the last batch's time to the next start is no sample."""
+        self._last = None
