@@ -163,14 +163,64 @@ class Executor:
         return job if plan is None else dataclasses.replace(job, plan=plan)
 
     def _each(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
-        """Each job computed as ``run`` computes it, inside one recording of warnings."""
+        """Each job computed as ``run`` computes it, inside one recording of warnings: jobs that
+        all need gradients with one backward pass over their separate graphs (``_together``)."""
         results: list[Result | ServiceError] = []
         with record() as texts:
+            if len(jobs) > 1 and all(job.call.requires_grad for job in jobs):
+                together = self._together(jobs, texts)
+                if together is not None:
+                    return together
             for job in jobs:
                 try:
                     results.append(self._compute(job.call, job.grad_output, texts))
                 except ServiceError as err:
                     results.append(err)
+        return results
+
+    def _together(self, jobs: Sequence[Job], texts: list[str]) -> list[Result | ServiceError] | None:
+        """Each job's forward as alone, then one ``autograd.grad`` over all of them: the graphs
+        share no node, so each gradient is computed by the same functions on the same values as
+        alone (bit for bit; tests/integration/test_batch_invariance.py), without one pass of the
+        autograd engine per call. None (compute each alone) where torch rejects a call or warns
+        during the backward, whose warning would belong to no one call."""
+        forwards: list[tuple[Call, list[torch.Tensor], torch.Tensor, list[str]] | ServiceError] = []
+        outputs, inputs, seeds = [], [], []
+        try:
+            for job in jobs:
+                call = dataclasses.replace(job.call, tensors=self._to_device(job.call.tensors))
+                start = len(texts)
+                leaves = [call.tensors[name].requires_grad_(True) for name in call.requires_grad]
+                with torch.enable_grad():
+                    loss = call()
+                try:
+                    if loss.requires_grad:
+                        seeds.append(self._grad_output(call, job.grad_output, loss))
+                        outputs.append(loss)
+                        inputs += leaves
+                except InvalidArgumentError as err:
+                    forwards.append(err)
+                    continue
+                forwards.append((call, leaves, loss, list(dict.fromkeys(texts[start:]))))
+            start = len(texts)
+            grads = iter(torch.autograd.grad(outputs, inputs, seeds, allow_unused=True) if outputs else ())
+        except _TORCH_REJECTIONS:
+            return None
+        if len(texts) > start:
+            return None
+        results: list[Result | ServiceError] = []
+        for entry in forwards:
+            if isinstance(entry, ServiceError):
+                results.append(entry)
+                continue
+            call, leaves, loss, warned = entry
+            found = [next(grads) for _ in leaves] if loss.requires_grad else [None] * len(leaves)
+            gradients = {
+                name: torch.zeros_like(leaf) if grad is None else grad
+                for name, leaf, grad in zip(call.requires_grad, leaves, found, strict=True)
+            }
+            loss, *host = self._to_host([loss, *gradients.values()])
+            results.append(Result(loss, dict(zip(gradients, host, strict=True)), warned))
         return results
 
     def _alone(self, job: Job) -> Result | ServiceError:

@@ -5,7 +5,7 @@ batch takes, per the caps and the per-loss decision of ``adaptive.BatchDecider``
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 from remoteloss_server.adaptive import ALONE, BatchDecider
 from remoteloss_server.errors import DeadlineExceededError
@@ -83,10 +83,11 @@ class Picker:
         inline = self._policy.inline_elements
         if inline and group.items[0].elements <= inline:
             elements = min(elements, inline)
-        if len(group.items) < 2 or not self._policy.batching:
-            return calls, elements
-        loss = group.items[0].job.call.loss
-        decision = self._decider.decide(loss, min(len(group.items), calls))
+        items = group.items
+        if not self._policy.batching or len(items) < 2 or items[0].elements + items[1].elements > elements:
+            return calls, elements  # no batch of two could form: nothing to decide
+        loss = items[0].job.call.loss
+        decision = self._decider.decide(loss, _fitting(items, calls, elements))
         self._metrics.child(self._metrics.batch_decisions, loss, decision).inc()
         return (1, elements) if decision == ALONE else (calls, elements)
 
@@ -118,3 +119,14 @@ class Picker:
         elif batch:
             group.seq = next(self._seq)  # the rest waits behind the groups queued meanwhile
         return batch
+
+
+def _fitting(items: Iterable[Item], calls: int, elements: int) -> int:
+    """How many of ``items``, oldest first, one batch would take within the caps."""
+    count = total = 0
+    for item in items:
+        total += item.elements
+        if count >= calls or (count and total > elements):
+            break
+        count += 1
+    return count
