@@ -1,10 +1,10 @@
 """``BatchDecider``: whether the ready calls of one loss compute as one batch or one at a time,
 decided per loss and per load from costs measured online. No grpc, no torch.
 
-A cost sample is the scheduler's time per call of one batch: from the start of that batch to
-the start of the next one, divided by its calls, taken only while work was queued all along
-(``Pace``): it holds the compute, the hop to a compute thread and back if any, and the loop's
-own turn, which is what batching saves or costs. Samples are kept per loss as exponentially
+A cost sample is a batch's compute time per call, as the batcher measures it for
+``remoteloss_compute_duration_seconds`` (on the event loop, or from the hop to a compute thread
+until the results are back: the hop is part of it) and charges to its tenant; a call computed at
+once on an idle batcher is a sample of a call alone. Samples are kept per loss as exponentially
 weighted means, one for calls alone and one per batch size class (powers of two: 2-3, 4-7, ...).
 
 ``decide(loss, ready)`` for a loss with ``ready`` >= 2 calls queued: batch while the batch
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["BATCH", "ALONE", "BatchDecider", "Pace"]
+__all__ = ["ALONE", "BATCH", "BatchDecider", "size_class"]
 
 BATCH = "batch"
 ALONE = "alone"
@@ -73,22 +73,3 @@ class BatchDecider:
             return ALONE if preferred == BATCH else BATCH
         return preferred
 
-
-class Pace:
-    """Turns batch starts into cost samples for a ``BatchDecider``: a batch's sample is the time
-    to the next batch's start, unless the scheduler went idle (``idled``) in between."""
-
-    def __init__(self, decider: BatchDecider) -> None:
-        self._decider = decider
-        self._last: tuple[str, int, float] | None = None
-
-    def started(self, loss: str, calls: int, now: float) -> None:
-        """A batch of ``calls`` calls of ``loss`` starts at ``now`` (on the batcher's clock)."""
-        if self._last is not None:
-            last_loss, last_calls, last_start = self._last
-            self._decider.observe(last_loss, last_calls, now - last_start)
-        self._last = (loss, calls, now)
-
-    def idled(self) -> None:
-        """The scheduler waits for work: the last batch's time to the next start is no sample."""
-        self._last = None

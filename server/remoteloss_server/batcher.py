@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
-from remoteloss_server.adaptive import BatchDecider, Pace
+from remoteloss_server.adaptive import BatchDecider
 from remoteloss_server.errors import ServiceError, UnavailableError
 from remoteloss_server.executor import Job, Result
 from remoteloss_server.fairness import FairShares
@@ -93,7 +93,6 @@ class Batcher(Picker):
         self._batches: set[asyncio.Task[None]] = set()
         self._computing = 0  # batches computing now
         self._decider = BatchDecider(explore_every=policy.explore_every)  # batch or not, per loss
-        self._pace = Pace(self._decider)  # measures what each batch cost the scheduler
 
     @property
     def queued(self) -> int:
@@ -202,11 +201,12 @@ class Batcher(Picker):
         return plan
 
     def _key(self, call: Call, plan: Plan | None, seq: int) -> Hashable:
-        """The group ``call`` queues in: its plan's key when concatenating; its loss when not (each
-        call computes as alone, so any calls of a loss may share a turn); its own without batching."""
+        """The group ``call`` queues in: its plan's key where it concatenates; else its loss (each
+        such call computes as alone, so any calls of a loss may share a turn); its own without
+        batching."""
         if plan is not None:
             return plan.key
-        return call.loss if self._policy.batching and not self._policy.concatenate else ("alone", seq)
+        return call.loss if self._policy.batching else ("alone", seq)
 
     @property
     def idle(self) -> bool:
@@ -226,8 +226,9 @@ class Batcher(Picker):
         if not group.items:
             self._drop(group)
 
-    def _charge(self, tenant: str | None, seconds: float) -> None:
-        """Charge a batch's compute time to its tenant."""
+    def _charge(self, tenant: str | None, seconds: float, batch: list[Item]) -> None:
+        """Charge a batch's compute time to its tenant; it is also a cost sample of its loss."""
+        self._decider.observe(batch[0].job.call.loss, len(batch), seconds)
         self._shares.charge(tenant, seconds)
         self._metrics.child(self._metrics.tenant_compute, tenant or NO_TENANT).inc(seconds)
 
@@ -248,7 +249,6 @@ class Batcher(Picker):
                 self._slots.release()
                 return
             tenant, batch = chosen
-            self._pace.started(batch[0].job.call.loss, len(batch), self.clock())
             if self._policy.inline_elements and sum(item.elements for item in batch) <= self._policy.inline_elements:
                 self._compute_inline(tenant, batch)
                 continue
@@ -268,7 +268,6 @@ class Batcher(Picker):
                 return None
             chosen, wait = self._choose()
             if chosen is None:  # every tenant's next group holds back for the batch delay
-                self._pace.idled()
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
@@ -286,7 +285,6 @@ class Batcher(Picker):
         while not self._queues:
             if self._closed:
                 return False
-            self._pace.idled()
             self._wakeup.clear()
             await self._wakeup.wait()
         return True
@@ -314,7 +312,7 @@ class Batcher(Picker):
             finally:
                 seconds = self.clock() - begin
                 compute_duration.observe(seconds)
-                self._charge(tenant, seconds)  # before the slot frees: the next choice sees it
+                self._charge(tenant, seconds, batch)  # before the slot frees: the next choice sees it
                 self._computing -= 1
                 self._slots.release()
             resolve(batch, results)
@@ -333,7 +331,7 @@ class Batcher(Picker):
             finally:
                 seconds = self.clock() - begin
                 compute_duration.observe(seconds)
-                self._charge(tenant, seconds)
+                self._charge(tenant, seconds, batch)
                 if acquired:
                     self._slots.release()
             resolve(batch, results)

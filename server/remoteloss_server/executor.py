@@ -134,12 +134,16 @@ class Executor:
         own here) run as one batch (``_batched``), a single job as a batch of one, so that a
         call's answer does not depend on who shared its batch. A failure of torch for the batch
         (or a warning, whose words would name the batch's shapes) makes each job run as a batch
-        of one, then alone where that fails too. Bugs and CUDA errors propagate."""
+        of one, then alone where that fails too; jobs without plans run so, one by one.
+        Bugs and CUDA errors propagate."""
         if not self.concatenate:
             return self._each(jobs)
-        jobs = [self._planned(job) for job in jobs]
-        if not all(job.plan is not None for job in jobs):
-            return [self._alone(job) for job in jobs]
+        if len(jobs) == 1:
+            jobs = [self._planned(jobs[0])]
+            if jobs[0].plan is None:
+                return [self._alone(jobs[0])]
+        elif not all(job.plan is not None for job in jobs):  # each by the route it takes alone
+            return [result for job in jobs for result in self.run_batch([job])]
         try:
             results = self._batched(jobs)
         except _OutOfMemory:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from remoteloss_server.adaptive import ALONE, BATCH, BatchDecider, Pace, size_class
+from remoteloss_server.adaptive import ALONE, BATCH, BatchDecider, size_class
 
 
 def test_size_classes_are_powers_of_two() -> None:
@@ -60,19 +60,6 @@ def test_the_estimate_is_a_weighted_mean_that_follows_the_load() -> None:
     decider.observe("mse_loss", 2, 0.002)  # 1 ms per call
     assert decider.estimate("mse_loss", 2) == pytest.approx(0.0015)
     assert decider.estimate("mse_loss", 1) is None and decider.estimate("l1_loss", 2) is None
-
-
-def test_a_batch_costs_the_time_to_the_next_start_unless_the_scheduler_idled() -> None:
-    decider = BatchDecider()
-    pace = Pace(decider)
-    pace.started("mse_loss", 4, 10.0)
-    pace.started("mse_loss", 1, 10.004)  # the batch of 4 took 4 ms: 1 ms per call
-    assert decider.estimate("mse_loss", 4) == pytest.approx(0.001)
-    pace.idled()  # nothing queued: the time to the next start is not the batch's cost
-    pace.started("l1_loss", 2, 11.0)
-    assert decider.estimate("mse_loss", 1) is None
-    pace.started("l1_loss", 2, 11.001)
-    assert decider.estimate("l1_loss", 2) == pytest.approx(0.0005)
 
 
 def test_explore_every_must_leave_room_for_the_estimates() -> None:

@@ -408,6 +408,9 @@ def test_on_a_cpu_calls_of_one_loss_share_a_batch_whatever_their_shapes() -> Non
         await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
         assert runner.batches[1:] == [[calls[0], calls[2], calls[3]], [calls[1]]]
         assert all(job_plan is None for job_plan in runner.plans)  # no plan: nothing is concatenated
+        # Each batch's compute time is a cost sample of its loss, by batch size class.
+        assert batcher._decider.estimate("mse_loss", 3) is not None
+        assert batcher._decider.estimate("l1_loss", 1) is not None
 
     metrics = run(test, runner, concatenate=False)
     assert metrics.registry.get_sample_value(
