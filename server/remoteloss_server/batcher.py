@@ -21,7 +21,11 @@ calls, its measured compute time is charged to that tenant, and the next batch c
 tenant with the least virtual time among those with a batch ready, then its oldest ready group.
 A tenant that was idle starts level with the others. Without keys every call is one tenant.
 Batch keys and the batched computation come from each loss's ``BatchRule`` and
-``Executor.run_batch``; with ``batching=False`` each call is its own batch.
+``Executor.run_batch``; with ``batching=False`` each call is its own batch. Where batches do not
+concatenate (``policy.concatenate`` False: a CPU; and on a GPU the calls whose rule gives no
+plan) the group is the loss: each call computes as alone, the group in one turn. Whether a
+group's ready calls go as one batch or one at a time is decided per loss from measured costs
+(``adaptive``, in ``picking``); an answer never depends on the batch it was in (docs/DESIGN.md).
 """
 
 from __future__ import annotations

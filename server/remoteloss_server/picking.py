@@ -72,17 +72,24 @@ class Picker:
         return ready, wait
 
     def _full(self, group: Group) -> bool:
-        return len(group.items) >= self._policy.max_batch_size or group.elements >= self._policy.max_batch_elements
+        calls, elements = self._caps(group)
+        return len(group.items) >= calls or group.elements >= elements
 
-    def _limit(self, group: Group) -> tuple[int, int]:
-        """How many calls and elements the next batch of ``group`` takes: the caps, or one call
-        where the measured costs say the loss's calls are cheaper one at a time (``adaptive``).
-        Calls that each compute on the event loop take no more than it computes at once (more
-        would add a hop to a thread that each alone would not take)."""
-        calls, elements = self._policy.max_batch_size, self._policy.max_batch_elements
+    def _caps(self, group: Group) -> tuple[int, int]:
+        """The calls and elements a batch of ``group`` may hold. Calls that each compute on the
+        event loop take no more than it computes at once (more would add a hop to a compute
+        thread that each call alone would not take)."""
+        elements = self._policy.max_batch_elements
         inline = self._policy.inline_elements
         if inline and group.items[0].elements <= inline:
             elements = min(elements, inline)
+        return self._policy.max_batch_size, elements
+
+    def _limit(self, group: Group) -> tuple[int, int]:
+        """How many calls and elements the next batch of ``group`` takes: the caps, or one call
+        where the measured costs say the loss's calls are cheaper one at a time (``adaptive``);
+        each decision counts in ``remoteloss_batch_decisions_total``."""
+        calls, elements = self._caps(group)
         items = group.items
         if not self._policy.batching or len(items) < 2 or items[0].elements + items[1].elements > elements:
             return calls, elements  # no batch of two could form: nothing to decide

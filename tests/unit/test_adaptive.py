@@ -44,22 +44,33 @@ def test_decisions_are_per_loss() -> None:
 
 
 def test_every_nth_decision_tries_the_other_route() -> None:
-    decider = BatchDecider(explore_every=4)
+    decider = BatchDecider(explore_every=4, window=3)
     decider.observe("mse_loss", 1, 0.001)
     decider.observe("mse_loss", 4, 0.002)
     assert [decider.decide("mse_loss", 4) for _ in range(8)] == [BATCH, BATCH, BATCH, ALONE] * 2
-    decider.observe("mse_loss", 4, 0.1)  # batches became slow: the estimate follows, and so does the decision
-    for _ in range(20):
+    for _ in range(3):  # batches became slow: the estimate follows, and so does the decision
         decider.observe("mse_loss", 4, 0.1)
     assert [decider.decide("mse_loss", 4) for _ in range(4)] == [ALONE, ALONE, ALONE, BATCH]
 
 
-def test_the_estimate_is_a_weighted_mean_that_follows_the_load() -> None:
-    decider = BatchDecider(weight=0.5)
-    decider.observe("mse_loss", 2, 0.004)  # 2 ms per call
-    decider.observe("mse_loss", 2, 0.002)  # 1 ms per call
-    assert decider.estimate("mse_loss", 2) == pytest.approx(0.0015)
+def test_the_estimate_is_the_median_of_recent_samples() -> None:
+    decider = BatchDecider(window=3)
+    for seconds in (0.002, 0.050, 0.004):  # one batch stretched by a busy machine
+        decider.observe("mse_loss", 2, seconds)
+    assert decider.estimate("mse_loss", 2) == pytest.approx(0.002)  # per call: 1, 25, 2 ms
+    decider.observe("mse_loss", 2, 0.006)  # the oldest sample leaves the window
+    assert decider.estimate("mse_loss", 2) == pytest.approx(0.003)  # 25, 2, 3 ms
     assert decider.estimate("mse_loss", 1) is None and decider.estimate("l1_loss", 2) is None
+
+
+def test_batching_keeps_its_place_unless_alone_is_clearly_cheaper() -> None:
+    decider = BatchDecider(explore_every=1000, margin=0.1)
+    decider.observe("mse_loss", 1, 0.00100)
+    decider.observe("mse_loss", 2, 0.00210)  # 1.05 ms per call: within the margin
+    assert decider.decide("mse_loss", 2) == BATCH
+    decider.observe("mse_loss", 2, 0.00240)
+    decider.observe("mse_loss", 2, 0.00240)  # median 1.2 ms per call: alone is clearly cheaper
+    assert decider.decide("mse_loss", 2) == ALONE
 
 
 def test_explore_every_must_leave_room_for_the_estimates() -> None:
