@@ -4,9 +4,10 @@ decided per loss and per load from costs measured online. No grpc, no torch.
 A cost sample is a batch's compute time per call, as the batcher measures it for
 ``remoteloss_compute_duration_seconds`` (on the event loop, or from the hop to a compute thread
 until the results are back: the hop is part of it) and charges to its tenant; a call computed at
-once on an idle batcher is a sample of a call alone. An estimate is the median of the last ``window`` samples, per loss, for
-calls alone and per batch size class (powers of two: 2-3, 4-7, ...): a sample that a busy machine
-stretched (the thread preempted while it computed) moves no median on its own.
+once on an idle batcher is a sample of a call alone. An estimate is the median of the last
+``window`` samples, per loss, for calls alone and per batch size class (powers of two: 2-3, 4-7,
+...): a sample that a busy machine stretched (the thread preempted while it computed) moves no
+median on its own.
 
 ``decide(loss, ready)`` for a loss with ``ready`` >= 2 calls queued: batch unless the alone
 estimate beats the batch estimate for that size class by more than ``margin`` (noise must not

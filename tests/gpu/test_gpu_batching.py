@@ -196,7 +196,8 @@ def test_a_batch_answers_bit_for_bit_as_each_call_alone(executor: Executor) -> N
         alone = executor.run_batch([dataclasses.replace(j, plan=None)])[0]  # as a lone call arrives
         together = batched[i]
         assert isinstance(alone, Result) and isinstance(together, Result)
-        for a, b in [(alone.loss, together.loss), *((alone.gradients[n], together.gradients[n]) for n in alone.gradients)]:
+        pairs = [(alone.loss, together.loss), *((alone.gradients[n], together.gradients[n]) for n in alone.gradients)]
+        for a, b in pairs:
             assert a.dtype == b.dtype and a.shape == b.shape
             assert a.numpy().tobytes() == b.numpy().tobytes(), f"{j.call.loss}: batched differs from alone"
 
