@@ -91,6 +91,8 @@ def _print(result: dict[str, Any]) -> None:
         print(f"{name:<14} {statistics.median(cell['on']):>10.0f} {statistics.median(cell['off']):>10.0f} "
               f"{ratio:>7.2f} {cpu_on:>14.0f} {cpu_off:>6.0f} {cpu_off / cpu_on:>7.2f}  {rounds}")
     print("decisions:", json.dumps(result["decisions"], indent=None))
+    print("servers:", *result["servers"], sep="\n  ")
+    print("load:", *result["commands"], sep="\n  ")
 
 
 def main() -> int:

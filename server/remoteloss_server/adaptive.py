@@ -1,13 +1,13 @@
 """``BatchDecider``: whether the ready calls of one loss compute as one batch or one at a time,
 decided per loss and per load from costs measured online. No grpc, no torch.
 
-A cost sample is a batch's compute time per call, as the batcher measures it for
-``remoteloss_compute_duration_seconds`` (on the event loop, or from the hop to a compute thread
-until the results are back: the hop is part of it) and charges to its tenant; a call computed at
-once on an idle batcher is a sample of a call alone. An estimate is the median of the last
-``window`` samples, per loss, for calls alone and per batch size class (powers of two: 2-3, 4-7,
-...): a sample that a busy machine stretched (the thread preempted while it computed) moves no
-median on its own.
+A cost sample is a batch's cost per call, as the batcher measures it (``Batcher._sample``): where
+each call computes as alone (a CPU), the CPU time of the thread that computed the batch, which
+other processes of a busy machine do not stretch; where calls concatenate (a GPU), its compute
+time as ``remoteloss_compute_duration_seconds`` has it, from the hop to a compute thread until
+the results are back. A call computed at once on an idle batcher is a sample of a call alone. An
+estimate is the median of the last ``window`` samples, per loss, for calls alone and per batch
+size class (powers of two: 2-3, 4-7, ...): one stretched sample moves no median on its own.
 
 ``decide(loss, ready)`` for a loss with ``ready`` >= 2 calls queued: batch unless the alone
 estimate beats the batch estimate for that size class by more than ``margin`` (noise must not

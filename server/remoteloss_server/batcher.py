@@ -230,9 +230,8 @@ class Batcher(Picker):
         if not group.items:
             self._drop(group)
 
-    def _charge(self, tenant: str | None, seconds: float, batch: list[Item]) -> None:
-        """Charge a batch's compute time to its tenant; it is also a cost sample of its loss."""
-        self._decider.observe(batch[0].job.call.loss, len(batch), seconds)
+    def _charge(self, tenant: str | None, seconds: float) -> None:
+        """Charge a batch's compute time to its tenant."""
         self._shares.charge(tenant, seconds)
         self._metrics.child(self._metrics.tenant_compute, tenant or NO_TENANT).inc(seconds)
 
@@ -304,6 +303,19 @@ class Batcher(Picker):
         m.child(m.batch_elements, loss).observe(sum(item.elements for item in batch))
         return m.child(m.compute_duration, loss, self._device)
 
+    def _timed(self, jobs: Sequence[Job]) -> tuple[list[Result | ServiceError], float]:
+        """``run_batch(jobs)`` and the CPU seconds the thread that runs it spent on it."""
+        begin = time.thread_time()
+        results = self._executor.run_batch(jobs)
+        return results, time.thread_time() - begin
+
+    def _sample(self, batch: list[Item], seconds: float, cpu: float) -> None:
+        """A computed batch's cost, a sample for the batching decision of its loss: its CPU time
+        where each call computes as alone (a CPU), which a busy machine's other processes do not
+        stretch; its compute time where calls concatenate (on a GPU the kernels and the
+        synchronisation take the time, not this process's CPU)."""
+        self._decider.observe(batch[0].job.call.loss, len(batch), seconds if self._policy.concatenate else cpu)
+
     async def _compute(self, tenant: str | None, batch: list[Item]) -> None:
         assert self._slots is not None
         compute_duration = self._observe(batch)
@@ -312,13 +324,14 @@ class Batcher(Picker):
         self._computing += 1
         try:
             try:
-                results = await asyncio.get_running_loop().run_in_executor(self._pool, self._executor.run_batch, jobs)
+                results, cpu = await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, jobs)
             finally:
                 seconds = self.clock() - begin
                 compute_duration.observe(seconds)
-                self._charge(tenant, seconds, batch)  # before the slot frees: the next choice sees it
+                self._charge(tenant, seconds)  # before the slot frees: the next choice sees it
                 self._computing -= 1
                 self._slots.release()
+            self._sample(batch, seconds, cpu)
             resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - a bug or a CUDA error: every call of the batch gets it
             fail(batch, exc)
@@ -331,13 +344,14 @@ class Batcher(Picker):
         begin = self.clock()
         try:
             try:
-                results = self._executor.run_batch([item.job for item in batch])
+                results, cpu = self._timed([item.job for item in batch])
             finally:
                 seconds = self.clock() - begin
                 compute_duration.observe(seconds)
-                self._charge(tenant, seconds, batch)
+                self._charge(tenant, seconds)
                 if acquired:
                     self._slots.release()
+            self._sample(batch, seconds, cpu)
             resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - as in _compute
             fail(batch, exc)
