@@ -132,7 +132,7 @@ class InferenceServicer:
         if isinstance(answer, bytes):
             return answer
         del data  # not held by the abort's traceback
-        await context.abort(*answer)
+        await context.abort(*answer[:2])
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     async def ModelStreamInfer(
@@ -153,7 +153,9 @@ class InferenceServicer:
             ticket = next(iter(held), None)
             if isinstance(answer, bytes):  # ModelStreamInferResponse{infer_response}, not re-parsed
                 return wire.length_delimited(2, answer), ticket
-            return ipb.ModelStreamInferResponse(error_message=answer[1]).SerializeToString(), ticket
+            code, message, (model, request_id) = answer  # the id lets the client match the error
+            failed = ipb.ModelInferResponse(model_name=model, id=request_id)
+            return ipb.ModelStreamInferResponse(error_message=message, infer_response=failed).SerializeToString(), ticket
 
         try:
             async for answer, ticket in bounded_map(requests, respond, self.stream_window, stop=self._door.draining):
@@ -173,8 +175,9 @@ class InferenceServicer:
     async def _infer(
         self, data: bytes, request_id: str, context: grpc.aio.ServicerContext[Any, Any],
         hold: set[Ticket] | None = None,
-    ) -> bytes | tuple[grpc.StatusCode, str]:
-        """A serialized ModelInferResponse, or the status of a failure (recorded). The request's
+    ) -> bytes | tuple[grpc.StatusCode, str, tuple[str, str]]:
+        """A serialized ModelInferResponse, or the status of a failure (recorded) with the model
+        and id the request named. The request's
         budgets are released when the call ends, or, given ``hold``, put there for the caller to
         release once the answer is written."""
         door, started = self._door, time.perf_counter_ns()
@@ -213,7 +216,7 @@ class InferenceServicer:
         except Exception as exc:
             code, details = status_of(exc, "ModelInfer")
             door.failed(record, model, code.name, details, time.perf_counter_ns() - started)
-            return code, details
+            return code, details, (model, message.id if message is not None else "")
 
     @translate_errors
     async def ServerLive(self, request: ipb.ServerLiveRequest, context: Any) -> ipb.ServerLiveResponse:

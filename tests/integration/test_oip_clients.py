@@ -336,7 +336,11 @@ def test_every_loss_refuses_a_bad_dtype_as_the_native_api(served: ServerThread) 
             assert error is None or isinstance(error, remoteloss.InvalidArgumentError), (loss, error)
             native[loss] = None if error is None else error.details
             calls.append(request(loss, bad, (), None))
-    result = drive(_job(served, calls=calls))
+    result = drive(_job(served, calls=calls, stream=True))
+    streamed = result["stream"]  # ModelStreamInfer: each failure is its item's error_message
+    assert sorted(v["error"] for k, v in streamed.items() if k.startswith("error-")) == sorted(
+        m for m in native.values() if m is not None)
+    assert {k for k in streamed if not k.startswith("error-")} == {k for k, m in native.items() if m is None}
     for door, code in (("grpc", "StatusCode.INVALID_ARGUMENT"), ("http", "400")):
         for loss, message in native.items():
             got = result[door]["answers"][loss]
