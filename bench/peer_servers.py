@@ -204,7 +204,7 @@ def make_server(peer: str, batching: bool, ports: Sequence[int] = ()) -> Proc:
     port, http, metrics = [*ports, *(free_port() for _ in range(3 - len(ports)))]
     if peer == "remoteloss":
         argv = [sys.executable, "-m", "remoteloss_server", "--host", "127.0.0.1", "--port", str(port),
-                "--metrics-port", "0", "--log-level", "WARNING", *off]
+                "--http-port", "0", "--metrics-port", "0", "--log-level", "WARNING", *off]
         return Proc(name, peer, argv, f"127.0.0.1:{port}", lambda: _grpc_ready(f"127.0.0.1:{port}"),
                     sys.executable, {})
     python = venv(peer, install=False)

@@ -46,6 +46,10 @@ class Metrics:
         self.requests = Counter(
             "remoteloss_requests", "Requests answered, by loss and gRPC status code.", ["loss", "code"], registry=r
         )
+        self.protocol_requests = Counter(
+            "remoteloss_protocol_requests", "Requests answered, by protocol (native, oip_grpc, oip_http), loss and code.",
+            ["protocol", "loss", "code"], registry=r,
+        )
         self.queue_duration = Histogram(
             "remoteloss_queue_duration_seconds", "Time a request waited before its batch started computing.",
             ["loss"], buckets=LATENCY_BUCKETS, registry=r,

@@ -122,7 +122,7 @@ def test_out_of_memory_splits_the_batch(executor: Executor) -> None:
 
 def test_a_gpu_server_batches_concurrent_requests() -> None:
     config = ServerConfig(
-        host="127.0.0.1", port=0, device="cuda", metrics_port=0, max_batch_delay_s=0.02, shutdown_grace_s=0.5
+        host="127.0.0.1", port=0, device="cuda", metrics_port=0, http_port=0, max_batch_delay_s=0.02, shutdown_grace_s=0.5
     )
     inputs = [np.random.default_rng(i).standard_normal((8, 10)).astype(np.float32) for i in range(16)]
     targets = [np.random.default_rng(100 + i).integers(0, 10, 8) for i in range(16)]
@@ -140,7 +140,7 @@ def test_a_gpu_server_batches_concurrent_requests() -> None:
 def test_a_gpu_server_reads_large_requests_in_place() -> None:
     """Requests over the split size: tensors over the received bytes, staged to the GPU, and
     gradients written once; equal to torch on the CPU, alone and batched with a second caller."""
-    config = ServerConfig(host="127.0.0.1", port=0, device="cuda", metrics_port=0, shutdown_grace_s=0.5)
+    config = ServerConfig(host="127.0.0.1", port=0, device="cuda", metrics_port=0, http_port=0, shutdown_grace_s=0.5)
     rows = 2048  # 2048 x 512 float32: 4 MiB per tensor
     inputs = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     targets = [torch.randint(0, 512, (rows,), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]

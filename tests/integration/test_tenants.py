@@ -278,7 +278,7 @@ def test_server_thread_reload_keeps_the_old_keys_when_the_file_is_bad(
 ) -> None:
     keys = tmp_path / "api-keys"
     keys.write_text(f"alice:{KEYS['alice']}\n")
-    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, api_keys_file=str(keys))
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, api_keys_file=str(keys))
     with caplog.at_level(logging.INFO), ServerThread(config) as server:
         with grpc.insecure_channel(server.target) as channel:
             keys.write_text(f"alice:{KEYS['alice']}\nbob:{KEYS['bob']}\n")
@@ -292,7 +292,7 @@ def test_server_thread_reload_keeps_the_old_keys_when_the_file_is_bad(
 
 
 def test_a_reload_without_keys_or_tls_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    config: Any = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, tenant_weights=(("alice", 2.0),))
+    config: Any = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, tenant_weights=(("alice", 2.0),))
     with caplog.at_level(logging.INFO), ServerThread(config) as server:
         assert server.reload()
     messages = [r.getMessage() for r in caplog.records]

@@ -17,6 +17,7 @@ from remoteloss_server.metrics import LATENCY_BUCKETS, Metrics, serve_http
 METRICS = {
     "request_duration": ("remoteloss_request_duration_seconds", "histogram", ("loss", "code")),
     "requests": ("remoteloss_requests", "counter", ("loss", "code")),
+    "protocol_requests": ("remoteloss_protocol_requests", "counter", ("protocol", "loss", "code")),
     "queue_duration": ("remoteloss_queue_duration_seconds", "histogram", ("loss",)),
     "compute_duration": ("remoteloss_compute_duration_seconds", "histogram", ("loss", "device")),
     "batch_requests": ("remoteloss_batch_requests", "histogram", ("loss",)),
