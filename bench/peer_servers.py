@@ -92,11 +92,17 @@ class Proc:
                                             env={**os.environ, **self.env}, start_new_session=True)
         return self
 
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
-                tail = self.log.read_text(errors="replace").splitlines()[-5:]
+                tail = self.log_text().splitlines()[-5:]
                 raise RuntimeError(f"exited early: {' / '.join(tail)}")
             try:
                 if self.probe():
@@ -198,7 +204,7 @@ def make_server(peer: str, batching: bool, ports: Sequence[int] = ()) -> Proc:
     port, http, metrics = [*ports, *(free_port() for _ in range(3 - len(ports)))]
     if peer == "remoteloss":
         argv = [sys.executable, "-m", "remoteloss_server", "--host", "127.0.0.1", "--port", str(port),
-                "--metrics-port", "0", "--log-level", "WARNING", *off]
+                "--http-port", "0", "--metrics-port", "0", "--log-level", "WARNING", *off]
         return Proc(name, peer, argv, f"127.0.0.1:{port}", lambda: _grpc_ready(f"127.0.0.1:{port}"),
                     sys.executable, {})
     python = venv(peer, install=False)

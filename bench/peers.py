@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,9 @@ def run(args: argparse.Namespace) -> None:
     for peer in args.peers:
         if peer not in failed:
             meta["versions"][peer] = versions(venv(peer, install=False), DISTRIBUTIONS[peer])
+    for server in servers:  # the Triton that PyTriton bundles says its version in its log
+        if server.peer == "pytriton" and (found := re.search(r"server_version\W+([\w.]+)", server.log_text())):
+            meta["versions"]["pytriton"]["bundled tritonserver"] = found.group(1)
     commands = ["# servers (each on free loopback ports)", *[s.command for s in servers],
                 "# callers, per workload, with the Python that has the server's client", *load_commands]
     names = [s.name for s in servers]

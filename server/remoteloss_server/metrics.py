@@ -62,6 +62,10 @@ class Metrics:
             "remoteloss_batch_requests", "Requests computed together in one batch.",
             ["loss"], buckets=BATCH_REQUEST_BUCKETS, registry=r,
         )
+        self.batch_decisions = Counter(
+            "remoteloss_batch_decisions", "Whether queued requests of one loss were batched or computed one at a "
+            "time (decision batch or alone), decided from their measured costs.", ["loss", "decision"], registry=r,
+        )
         self.batch_elements = Histogram(
             "remoteloss_batch_elements", "Tensor elements computed together in one batch.",
             ["loss"], buckets=BATCH_ELEMENT_BUCKETS, registry=r,

@@ -26,6 +26,7 @@ from remoteloss_server import oip
 from remoteloss_server.errors import InvalidArgumentError
 from remoteloss_server.inference import grpc_service_pb2 as ipb
 from remoteloss_server.intake import UndecodableRequest
+from remoteloss_server.limits import Ticket
 from remoteloss_server.oip_door import Door
 from remoteloss_server.status import caller_request_id, status_of, translate_errors
 from remoteloss_server.streaming import Stopped, bounded_map
@@ -131,7 +132,7 @@ class InferenceServicer:
         if isinstance(answer, bytes):
             return answer
         del data  # not held by the abort's traceback
-        await context.abort(*answer)
+        await context.abort(*answer[:2])
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     async def ModelStreamInfer(
@@ -141,29 +142,44 @@ class InferenceServicer:
         stream goes on. A drain ends the stream with UNAVAILABLE once the requests read are answered."""
         stream_id = caller_request_id(context)
         count = 0
+        unsent: set[Ticket] = set()  # the budgets of answers made and not yet written
 
-        async def respond(data: bytes) -> bytes:
+        async def respond(data: bytes) -> tuple[bytes, Ticket | None]:
             nonlocal count
             count += 1
-            answer = await self._infer(data, f"{stream_id}/{count}", context, release=False)
+            held: set[Ticket] = set()
+            answer = await self._infer(data, f"{stream_id}/{count}", context, held)
+            unsent.update(held)
+            ticket = next(iter(held), None)
             if isinstance(answer, bytes):  # ModelStreamInferResponse{infer_response}, not re-parsed
-                return wire.length_delimited(2, answer)
-            return ipb.ModelStreamInferResponse(error_message=answer[1]).SerializeToString()
+                return wire.length_delimited(2, answer), ticket
+            code, message, (model, request_id) = answer  # the id lets the client match the error
+            failed = ipb.ModelInferResponse(model_name=model, id=request_id)
+            return ipb.ModelStreamInferResponse(error_message=message, infer_response=failed).SerializeToString(), ticket
 
         try:
-            async for answer in bounded_map(requests, respond, self.stream_window, stop=self._door.draining):
-                yield answer
+            async for answer, ticket in bounded_map(requests, respond, self.stream_window, stop=self._door.draining):
+                yield answer  # resumes once gRPC has taken the answer
+                if ticket is not None:
+                    ticket.release()
+                    unsent.discard(ticket)
         except Stopped:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "the server is draining: it answered every request it took on this stream; send the rest again",
             )
+        finally:
+            for ticket in unsent:
+                ticket.release()
 
     async def _infer(
-        self, data: bytes, request_id: str, context: grpc.aio.ServicerContext[Any, Any], release: bool = True
-    ) -> bytes | tuple[grpc.StatusCode, str]:
-        """A serialized ModelInferResponse, or the status of a failure (recorded). With
-        ``release``, the request's budgets are released when the call ends; else on return."""
+        self, data: bytes, request_id: str, context: grpc.aio.ServicerContext[Any, Any],
+        hold: set[Ticket] | None = None,
+    ) -> bytes | tuple[grpc.StatusCode, str, tuple[str, str]]:
+        """A serialized ModelInferResponse, or the status of a failure (recorded) with the model
+        and id the request named. The request's
+        budgets are released when the call ends, or, given ``hold``, put there for the caller to
+        release once the answer is written."""
         door, started = self._door, time.perf_counter_ns()
         try:
             message: ipb.ModelInferRequest | None = ipb.ModelInferRequest.FromString(data)
@@ -177,9 +193,10 @@ class InferenceServicer:
             if message is None:
                 raise error  # type: ignore[misc]
             ticket = door.admit(len(data), context.peer())
-            if ticket is not None:
-                if release:
-                    context.add_done_callback(lambda _: ticket.release())  # type: ignore[arg-type]
+            if ticket is not None and hold is not None:
+                hold.add(ticket)
+            elif ticket is not None:
+                context.add_done_callback(lambda _: ticket.release())  # type: ignore[arg-type]
             answer = await door.infer(infer_request(message), len(data), record, ticket, context.time_remaining())
             response = ipb.ModelInferResponse(
                 model_name=answer.model.name, model_version=oip.VERSION, id=message.id,
@@ -192,14 +209,14 @@ class InferenceServicer:
             return response.SerializeToString()
         except asyncio.CancelledError:
             door.failed(record, model, "CANCELLED", "", time.perf_counter_ns() - started)
+            if ticket is not None and hold is not None:
+                hold.discard(ticket)
+                ticket.release()
             raise
         except Exception as exc:
             code, details = status_of(exc, "ModelInfer")
             door.failed(record, model, code.name, details, time.perf_counter_ns() - started)
-            return code, details
-        finally:
-            if ticket is not None and not release:
-                ticket.release()
+            return code, details, (model, message.id if message is not None else "")
 
     @translate_errors
     async def ServerLive(self, request: ipb.ServerLiveRequest, context: Any) -> ipb.ServerLiveResponse:

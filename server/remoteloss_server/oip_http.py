@@ -17,7 +17,6 @@ past that size (aiohttp's ``client_max_size``); the in-flight budgets are taken 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import time
@@ -31,7 +30,7 @@ from remoteloss_server.auth import ApiKeyInterceptor
 from remoteloss_server.errors import InvalidArgumentError, ServiceError, UnavailableError
 from remoteloss_server.oip_door import Door
 from remoteloss_server.status import MAX_DETAILS
-from remoteloss_server.telemetry import REQUEST_ID_KEY, TENANT, request_id
+from remoteloss_server.telemetry import REQUEST_ID_KEY, TENANT, quote, request_id
 
 __all__ = ["PROTOCOL", "STATUS", "HttpServer", "start"]
 
@@ -77,11 +76,9 @@ class _Routes:
     async def guard(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         """API keys (every path but health), then the handler; errors as the protocol's JSON."""
         if self.keys is not None and not request.path.startswith("/v2/health/"):
-            tenant, reason = self.keys._authenticate(
-                [("authorization", v) for v in request.headers.getall("Authorization", [])]
-            )
+            tenant, reason = self.keys.tenant_of(request.headers.getall("Authorization", []))
             if tenant is None:
-                logger.info("event=unauthenticated method=%s reason=%s", request.path, json.dumps(reason))
+                logger.info("event=unauthenticated method=%s reason=%s", quote(request.path), quote(reason))
                 return _error(
                     "UNAUTHENTICATED",
                     f"{reason}: send the header 'Authorization: Bearer <key>' with a key this server accepts",

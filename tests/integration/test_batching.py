@@ -10,6 +10,8 @@ one case (and of cases that differ only in reduction or in having a batch dimens
 batch key, so batches mix reductions and batch sizes. Each answer (value, dtype, shape, torch's
 warnings, gradients) must equal torch.nn.functional computed here. The server's batch metrics
 must show that requests grouped, and which requests run alone is checked against the rules.
+(On this CPU server a batch is any calls of one loss, each computed as alone, bit for bit:
+test_batch_invariance.py; the rules' keys checked here are what a GPU concatenates by.)
 """
 
 from __future__ import annotations

@@ -318,3 +318,34 @@ def test_kserves_clients(served: ServerThread) -> None:
         assert set(got[door]) == {"loss", "grad_input"}, door
         torch.testing.assert_close(torch.tensor(got[door]["loss"]).reshape(()), loss.detach())
         torch.testing.assert_close(torch.tensor(got[door]["grad_input"]), x.grad)
+
+
+def test_every_loss_refuses_a_bad_dtype_as_the_native_api(served: ServerThread) -> None:
+    """For every loss, its first tensor argument sent as BOOL: refused with the native API's message,
+    word for word, or computed by both where the loss takes it."""
+    from .helpers import remote
+
+    calls, native = [], {}
+    with remoteloss.Client(served.target) as client:
+        for loss in LOSS_NAMES:
+            case, _ = _cases(loss)[0]
+            call = case.build()
+            first = next(iter(call.tensors()))
+            bad = call.replace({first: call.tensors()[first].bool()})
+            error = run(lambda bad=bad: remote(client, bad)).error
+            assert error is None or isinstance(error, remoteloss.InvalidArgumentError), (loss, error)
+            native[loss] = None if error is None else error.details
+            calls.append(request(loss, bad, (), None))
+    result = drive(_job(served, calls=calls, stream=True))
+    streamed = result["stream"]  # ModelStreamInfer: each failure is its item's error_message
+    assert sorted(v["error"] for k, v in streamed.items() if k.startswith("error-")) == sorted(
+        m for m in native.values() if m is not None)
+    assert {k for k in streamed if not k.startswith("error-")} == {k for k, m in native.items() if m is None}
+    for door, code in (("grpc", "StatusCode.INVALID_ARGUMENT"), ("http", "400")):
+        for loss, message in native.items():
+            got = result[door]["answers"][loss]
+            if message is None:
+                assert "outputs" in got, (door, loss, got)
+            else:
+                assert got == {"error": message, "status": code}, (door, loss)
+    assert sum(message is not None for message in native.values()) > len(native) // 2

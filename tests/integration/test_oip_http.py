@@ -121,3 +121,27 @@ def test_tls_on_the_http_port(tmp_path: Path) -> None:
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             _post(url.replace("https", "http"), json.dumps(BODY).encode())
     assert status == 200 and answer["outputs"][0]["data"] == [2.5]
+
+
+@pytest.mark.parametrize("datatype", ["BF16", "FP16", "FP64"])
+def test_json_tensors_of_every_floating_datatype(datatype: str) -> None:
+    import torch
+
+    dtype = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP64": torch.float64}[datatype]
+    x = torch.tensor([[0.5, -1.25, 3.0], [2.0, 0.0, -0.75]], dtype=dtype)
+    t = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.5, 0.25]], dtype=dtype)
+    body = {"inputs": [
+        {"name": "input", "datatype": datatype, "shape": [2, 3], "data": x.double().tolist(), "parameters": {"requires_grad": True}},
+        {"name": "target", "datatype": datatype, "shape": [2, 3], "data": t.double().flatten().tolist()},
+    ], "parameters": {"reduction": "none"}}
+    leaf = x.clone().requires_grad_()
+    loss = torch.nn.functional.huber_loss(leaf, t, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    assert leaf.grad is not None
+    with ServerThread(_config()) as server:
+        status, answer = _post(f"http://127.0.0.1:{server.config.http_port}/v2/models/huber_loss/infer", json.dumps(body).encode())
+    assert status == 200, answer
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    for name, expected in (("loss", loss), ("grad_input", leaf.grad)):
+        assert outputs[name]["datatype"] == datatype and outputs[name]["shape"] == [2, 3]
+        assert outputs[name]["data"] == expected.double().flatten().tolist()

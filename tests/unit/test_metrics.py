@@ -22,6 +22,7 @@ METRICS = {
     "compute_duration": ("remoteloss_compute_duration_seconds", "histogram", ("loss", "device")),
     "batch_requests": ("remoteloss_batch_requests", "histogram", ("loss",)),
     "batch_elements": ("remoteloss_batch_elements", "histogram", ("loss",)),
+    "batch_decisions": ("remoteloss_batch_decisions", "counter", ("loss", "decision")),
     "request_bytes": ("remoteloss_request_bytes", "histogram", ("loss",)),
     "response_bytes": ("remoteloss_response_bytes", "histogram", ("loss",)),
     "elements": ("remoteloss_tensor_elements", "counter", ("loss",)),
