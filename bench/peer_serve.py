@@ -56,17 +56,20 @@ def _wait_for_signal() -> None:
         pass
 
 
-def serve_pytriton(grpc_port: int, http_port: int, metrics_port: int, batching: bool) -> None:
+def serve_pytriton(grpc_port: int, http_port: int, metrics_port: int, batching: bool, loss_only: bool = False) -> None:
     import numpy as np
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     torch = _torch()
 
     def infer(input: Any, target: Any) -> dict[str, Any]:  # noqa: A002 - the tensor's name
         loss, grad = mse_rows(torch, input, target)
-        return {"loss": np.asarray(loss, dtype=np.float32).reshape(*loss.shape, 1), "grad_input": grad}
+        answer = {"loss": np.asarray(loss, dtype=np.float32).reshape(*loss.shape, 1), "grad_input": grad}
+        if loss_only:  # the job perf_analyzer asks of remoteloss, which lists only `loss`: no gradient
+            answer.pop("grad_input")
+        return answer
 
     if batching:
         infer = batch(infer)
@@ -77,12 +80,15 @@ def serve_pytriton(grpc_port: int, http_port: int, metrics_port: int, batching: 
         infer = lambda requests: [plain(**request) for request in requests]  # noqa: E731
     triton_config = TritonConfig(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
                                  grpc_address="127.0.0.1", http_address="127.0.0.1")
-    with Triton(config=triton_config) as triton:
+    outputs = [Tensor(name="loss", dtype=np.float32, shape=(1,))]
+    if not loss_only:
+        outputs.append(Tensor(name="grad_input", dtype=np.float32, shape=(-1,)))
+    # PyTriton guards Triton's statistics endpoint with a token by default; perf_analyzer reads it.
+    with Triton(config=triton_config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         triton.bind(model_name="mse_loss", infer_func=infer,
                     inputs=[Tensor(name="input", dtype=np.float32, shape=(-1,)),
                             Tensor(name="target", dtype=np.float32, shape=(-1,))],
-                    outputs=[Tensor(name="loss", dtype=np.float32, shape=(1,)),
-                             Tensor(name="grad_input", dtype=np.float32, shape=(-1,))],
+                    outputs=outputs,
                     config=config, strict=True)
         triton.run()
         _wait_for_signal()
@@ -179,9 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port")
     parser.add_argument("--no-batching", dest="batching", action="store_false", help="each request alone")
+    parser.add_argument("--loss-only", action="store_true", help="pytriton: the loss alone, no gradient output")
     args = parser.parse_args(argv)
     if args.peer == "pytriton":
-        serve_pytriton(args.grpc_port, args.http_port, args.metrics_port, args.batching)
+        serve_pytriton(args.grpc_port, args.http_port, args.metrics_port, args.batching, args.loss_only)
     elif args.peer == "ray":
         serve_ray(args.port, args.batching)
     else:

@@ -196,11 +196,11 @@ def _grpc_ready(address: str) -> bool:
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def make_server(peer: str, batching: bool, ports: Sequence[int] = ()) -> Proc:
+def make_server(peer: str, batching: bool, ports: Sequence[int] = (), extra: Sequence[str] = ()) -> Proc:
     """The server's process (not started yet) on the given ports, else free loopback ports: the
     gRPC, HTTP and metrics ports for pytriton, one port for the others."""
     name = f"{peer}{'' if batching else ' --no-batching'}"
-    off = [] if batching else ["--no-batching"]
+    off = [*([] if batching else ["--no-batching"]), *extra]
     port, http, metrics = [*ports, *(free_port() for _ in range(3 - len(ports)))]
     if peer == "remoteloss":
         argv = [sys.executable, "-m", "remoteloss_server", "--host", "127.0.0.1", "--port", str(port),

@@ -180,7 +180,7 @@ def serve(args: argparse.Namespace) -> None:
     ready; SIGINT or SIGTERM stops it and everything it started."""
     venv(args.peer)
     ports = [args.grpc_port, args.http_port, args.metrics_port] if args.peer == "pytriton" else [args.port]
-    server = make_server(args.peer, args.batching, ports)
+    server = make_server(args.peer, args.batching, ports, ['--loss-only'] if args.loss_only else [])
     server.log = CACHE / "logs" / f"serve-{args.peer}-{ports[0]}.log"
     server.start()
     try:
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port (pytriton)")
     one.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port (pytriton)")
     one.add_argument("--no-batching", dest="batching", action="store_false")
+    one.add_argument("--loss-only", action="store_true", help="pytriton: the loss alone, as perf_analyzer asks remoteloss")
     again = commands.add_parser("report", help="write PEERS.md again from the last run's figures")
     again.add_argument("--out", type=Path, default=BENCH / "PEERS.md")
     setup = commands.add_parser("setup", help="only install the peers' virtual environments")

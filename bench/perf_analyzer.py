@@ -98,7 +98,7 @@ def remoteloss_server(logs: Path) -> OipServer:
 def triton_server(logs: Path) -> OipServer:
     port, http_port = free_port(), free_port()
     argv = [sys.executable, str(BENCH_DIR / "peers.py"), "serve", "pytriton", "--grpc-port", str(port),
-            "--http-port", str(http_port), "--metrics-port", str(free_port())]
+            "--http-port", str(http_port), "--metrics-port", str(free_port()), "--loss-only"]
     return OipServer("triton", argv, port=port, http_port=http_port, logs=logs)
 
 
@@ -205,7 +205,7 @@ def render(results: dict[str, Any]) -> str:
         + (" **Quick run: a smoke test, not for the record.**" if results["quick"] else "") + "\n")
     add("perf_analyzer asks for every output a model's config lists: remoteloss's `mse_loss` lists `loss` "
         "only (the gradients are outputs a caller asks for by name), so it computes the loss alone; the PyTriton "
-        "model (`bench/peer_serve.py`) answers `loss` and `grad_input`, so it computes the gradient too.\n")
+        "model is started with `--loss-only` (`bench/peer_serve.py`: no `grad_input` output), the same job.\n")
     if "triton" not in names:
         add(f"Triton: not measured ({results.get('triton_missing', 'no bench/peers.py')}).\n")
     header = "| request | protocol | callers | " + " | ".join(f"{n} req/s | {n} p50 | {n} p99" for n in names)

@@ -206,7 +206,9 @@ async def start(
     """Serve on ``host:port`` (0: a free port); OSError when it cannot be bound."""
     runner = web.AppRunner(application(door, keys, max_body_bytes), access_log=None)
     await runner.setup()
-    bind = host.removeprefix("[").removesuffix("]") or None
+    bind: str | None = host.removeprefix("[").removesuffix("]")
+    if bind in ("", "::", "0.0.0.0"):  # every address of both families, as gRPC's "[::]" is
+        bind = None  # asyncio binds "::" with IPV6_V6ONLY, which would refuse IPv4 callers
     site = web.TCPSite(runner, bind, port, ssl_context=tls, reuse_port=reuse_port or None)
     try:
         await site.start()
