@@ -6,5 +6,10 @@
 # need, so it cannot share .venv. The tests skip (fail under CI) when .venv-oip is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+WANTED='"tritonclient[grpc,http]==2.73.0" "kserve==0.21.0" numpy'
+stamp=.venv-oip/.remoteloss-install
+# Skipped while current: the stamp records what was installed.
+if [ -x .venv-oip/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$WANTED" ]; then exit 0; fi
 [ -x .venv-oip/bin/python ] || python3 -m venv .venv-oip
-.venv-oip/bin/pip install -q "tritonclient[grpc,http]==2.73.0" "kserve==0.21.0" numpy
+eval ".venv-oip/bin/pip install -q --disable-pip-version-check $WANTED"
+printf '%s' "$WANTED" >"$stamp"
