@@ -166,14 +166,11 @@ def check_tensor(
         if message.dtype == pb.DTYPE_UNSPECIFIED:
             raise ValueError(f"{name}: dtype is unset (DTYPE_UNSPECIFIED)")
         raise ValueError(f"{name}: unknown dtype value {message.dtype}")
-    if max_dims is not None and len(message.shape) > max_dims:  # before the shape is copied
-        raise ValueError(f"{name}: shape has {len(message.shape)} dimensions, more than the limit of {max_dims}")
-    shape = tuple(message.shape)
-    if any(size < 0 for size in shape):
-        raise ValueError(f"{name}: shape {list(shape)} has a negative size")
-    if math.prod(max(size, 1) for size in shape) > _MAX_EXTENT:
-        raise ValueError(f"{name}: shape {list(shape)} is too large: its sizes multiply past 2**63 - 1")
-    numel = math.prod(shape)
+    sizes = message.shape  # read once: each read makes a new container
+    if max_dims is not None and len(sizes) > max_dims:  # before the shape is copied
+        raise ValueError(f"{name}: shape has {len(sizes)} dimensions, more than the limit of {max_dims}")
+    shape = tuple(sizes)
+    numel = _numel(shape, name)
     if max_elements is not None and numel > max_elements:
         raise ValueError(f"{name}: {numel} elements exceed the limit of {max_elements}")
     expected = numel * info.itemsize
@@ -186,6 +183,23 @@ def check_tensor(
     if message.requires_grad and not info.floating:
         raise ValueError(f"{name}: requires_grad is set, but {info.name} tensors have no gradient")
     return info
+
+
+def _numel(shape: tuple[int, ...], name: str) -> int:
+    """The elements of ``shape``; ValueError for a negative size or sizes that multiply, zeros
+    counted as ones, past torch's limit."""
+    if not shape:
+        return 1
+    if min(shape) > 0:  # the common case: the extent is the element count
+        numel = math.prod(shape)
+        if numel > _MAX_EXTENT:
+            raise ValueError(f"{name}: shape {list(shape)} is too large: its sizes multiply past 2**63 - 1")
+        return numel
+    if any(size < 0 for size in shape):
+        raise ValueError(f"{name}: shape {list(shape)} has a negative size")
+    if math.prod(max(size, 1) for size in shape) > _MAX_EXTENT:
+        raise ValueError(f"{name}: shape {list(shape)} is too large: its sizes multiply past 2**63 - 1")
+    return 0
 
 
 def decode_numpy(
@@ -232,10 +246,9 @@ def decode_torch(
     if data is None:
         data = message.data
     info = check_tensor(message, name, max_elements=max_elements, max_dims=max_dims, data=data)
-    dtype = getattr(torch, info.name)
-    shape = tuple(message.shape)
+    dtype = _torch_dtype(info)
     if not len(data):
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(tuple(message.shape), dtype=dtype)
     if shared:
         if memoryview(data).readonly:
             allow_read_only_buffers()
@@ -244,7 +257,18 @@ def decode_torch(
         tensor = torch.frombuffer(bytearray(data), dtype=dtype)
     if not _LITTLE and info.itemsize > 1:
         tensor = tensor.view(torch.uint8).reshape(-1, info.itemsize).flip(-1).reshape(-1).view(dtype)
-    return tensor.reshape(shape)
+    shape = message.shape
+    if len(shape) == 1:  # frombuffer's tensor has that shape already
+        return tensor
+    return tensor.view(tuple(shape))
+
+
+@functools.cache
+def _torch_dtype(info: DTypeInfo) -> torch.dtype:
+    import torch
+
+    dtype: torch.dtype = getattr(torch, info.name)
+    return dtype
 
 
 @functools.cache
