@@ -33,6 +33,7 @@ __all__ = [
     "decode_torch",
     "dtype_from_torch",
     "encode",
+    "encode_into",
     "encode_view",
     "is_torch_tensor",
 ]
@@ -64,6 +65,7 @@ DTYPES: dict[pb.DType, DTypeInfo] = {
     pb.DTYPE_INT16: DTypeInfo("int16", 2, "<i2", False),
 }
 _BY_NAME: dict[str, pb.DType] = {info.name: code for code, info in DTYPES.items()}
+_BY_TORCH: dict[Any, pb.DType] = {}  # torch dtype -> wire dtype, filled as met
 _BY_NUMPY: dict[np.dtype[Any], pb.DType] = {
     np.dtype(info.numpy): code for code, info in DTYPES.items() if info.numpy is not None
 }
@@ -77,10 +79,13 @@ def is_torch_tensor(value: object) -> bool:
 
 def dtype_from_torch(dtype: torch.dtype) -> pb.DType:
     """The wire dtype of a torch dtype; ValueError for one the wire cannot carry."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in _BY_NAME:
-        raise ValueError(f"dtype {name} cannot be sent; use one of {sorted(_BY_NAME)}")
-    return _BY_NAME[name]
+    code = _BY_TORCH.get(dtype)
+    if code is None:
+        name = str(dtype).removeprefix("torch.")
+        if name not in _BY_NAME:
+            raise ValueError(f"dtype {name} cannot be sent; use one of {sorted(_BY_NAME)}")
+        code = _BY_TORCH[dtype] = _BY_NAME[name]
+    return code
 
 
 def encode(value: Any, *, name: str = "tensor", requires_grad: bool | None = None) -> pb.Tensor:
@@ -89,8 +94,21 @@ def encode(value: Any, *, name: str = "tensor", requires_grad: bool | None = Non
     A torch tensor keeps its dtype (bfloat16 included) and, unless overridden, its
     requires_grad. Python floats become float32 and ints int64, as torch.tensor does.
     """
+    message = pb.Tensor()
+    encode_into(message, value, name=name, requires_grad=requires_grad)
+    return message
+
+
+def encode_into(message: pb.Tensor, value: Any, *, name: str = "tensor", requires_grad: bool | None = None) -> None:
+    """``encode``, written into ``message``, a fresh ``Tensor`` (e.g. a field of the message that
+    holds it, which saves copying one message into another)."""
     code, shape, array, grad = _prepare(value, name, requires_grad)
-    return pb.Tensor(dtype=code, shape=shape, data=array.tobytes(), requires_grad=grad)
+    message.dtype = code
+    if shape:
+        message.shape.extend(shape)
+    message.data = array.tobytes()
+    if grad:
+        message.requires_grad = True
 
 
 def encode_view(value: Any, *, name: str = "tensor", requires_grad: bool | None = None) -> tuple[pb.Tensor, memoryview]:
@@ -131,8 +149,9 @@ def _prepare_torch(
         raise ValueError(f"{name}: {tensor.layout} tensors cannot be sent; call .to_dense() first")
     if not tensor.numel():  # no bytes; numpy cannot hold every empty shape torch can, e.g. [0, 2**62]
         array = np.empty(0, dtype=DTYPES[code].numpy or "<i2")
-    elif _LITTLE and tensor.device.type == "cpu" and DTYPES[code].numpy is not None:
-        array = tensor.detach().resolve_neg().numpy()  # strided or not: tobytes writes C order
+    elif _LITTLE and tensor.is_cpu and DTYPES[code].numpy is not None:
+        plain = tensor.detach().resolve_neg() if tensor.requires_grad or tensor.is_neg() else tensor
+        array = plain.numpy()  # strided or not: tobytes writes C order
     else:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         if DTYPES[code].itemsize > 1:

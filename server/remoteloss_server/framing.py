@@ -23,6 +23,14 @@ HELD_COPIES = 2
 
 def answer(result: Result) -> bytes:
     """The serialized ComputeResponse of ``result``."""
+    if tensor_bytes(result) < wire.SPLIT_BYTES:  # small: each tensor's bytes straight into its message
+        response = pb.ComputeResponse()  # fields set one by one: upb's keyword map and list copies cost more
+        codec.encode_into(response.loss, result.loss, name="loss", requires_grad=False)
+        for name, value in result.gradients.items():
+            codec.encode_into(response.gradients[name], value, name=name, requires_grad=False)
+        if result.warnings:
+            response.warnings.extend(result.warnings)
+        return response.SerializeToString()
     messages, tensors = {}, []
     for name, value in {"loss": result.loss, **result.gradients}.items():
         messages[name], data = codec.encode_view(value, name=name, requires_grad=False)
