@@ -158,7 +158,7 @@ class Batcher:
             group = groups[key] = Group(seq, tenant, key)
         group.items.append(item)
         group.elements += elements
-        self._metrics.queue_depth.inc()
+        self._metrics.child(self._metrics.queue_depth).inc()
         assert self._wakeup is not None
         self._wakeup.set()
         try:

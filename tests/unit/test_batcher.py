@@ -201,7 +201,7 @@ def test_what_queued_while_a_batch_computed_forms_the_next_batch() -> None:
 
     metrics = run(test, runner)
     assert runner.sizes() == [1, 5]
-    assert metrics.batch_requests.labels("mse_loss")._sum.get() == 5  # type: ignore[attr-defined]
+    assert metrics.registry.get_sample_value("remoteloss_batch_requests_sum", {"loss": "mse_loss"}) == 5
     assert metrics.registry.get_sample_value("remoteloss_batch_requests_count", {"loss": "mse_loss"}) == 1
     assert metrics.registry.get_sample_value("remoteloss_batch_elements_sum", {"loss": "mse_loss"}) == 4 * 9
     assert metrics.registry.get_sample_value("remoteloss_queue_duration_seconds_count", {"loss": "mse_loss"}) == 5
