@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
+from remoteloss_server.alone import compute_alone
 from remoteloss_server.errors import DeadlineExceededError, ServiceError, UnavailableError
 from remoteloss_server.executor import Job, Result
 from remoteloss_server.fairness import FairShares
@@ -130,10 +131,9 @@ class Batcher:
         """Queue ``call`` and wait for its result. ``deadline`` is on ``self.clock``.
 
         ``tenant``: whose call it is (the API key's tenant; None without keys). A call alone in
-        the server (``alone()``) on an idle batcher computes at once: a small one on the spot, a
-        larger one once it is still alone after one turn of the event loop, which lets requests
-        that arrived with it show themselves (a turn costs a small call more than a batch of
-        small calls on a CPU saves).
+        the server (``alone()``) on an idle batcher computes at once: a small one on the spot
+        (``alone.compute_alone``), a larger one if still alone after one turn of the event loop,
+        which lets requests that arrived with it show themselves.
 
         Raises the call's ServiceError; DeadlineExceededError when the deadline passes before
         its batch starts; UnavailableError once ``close()`` has been called.
@@ -141,9 +141,10 @@ class Batcher:
         if self._closed or self._loop_task is None or self._wakeup is None:
             raise UnavailableError("the server is shutting down" if self._closed else "the batcher is not running")
         if self.idle and self._alone():
-            elements = call.elements
-            if elements <= self._policy.inline_elements:
-                return self._compute_alone(call, grad_output, elements, tenant)
+            if (elements := call.elements) <= self._policy.inline_elements:
+                self._shares.activate(tenant)
+                return compute_alone(self._executor.run_batch, Job(call, grad_output), elements, metrics=self._metrics,
+                                     device=self._device, clock=self.clock, charge=lambda s: self._charge(tenant, s))
             await asyncio.sleep(0)
             if self.idle and self._alone():
                 return await self._compute_now(call, grad_output, deadline, tenant)
@@ -172,32 +173,10 @@ class Batcher:
             self._forget(group, item)
             raise
 
-    def _compute_alone(
-        self, call: Call, grad_output: torch.Tensor | None, elements: int, tenant: str | None
-    ) -> Result:
-        """A small call alone on an idle batcher, as a batch of one, on the spot: what
-        ``_compute_inline`` does, without a queue item, a future or a list."""
-        self._shares.activate(tenant)
-        m, loss = self._metrics, call.loss
-        m.child(m.queue_duration, loss).observe(0.0)
-        m.child(m.batch_requests, loss).observe(1)
-        m.child(m.batch_elements, loss).observe(elements)
-        begin = self.clock()
-        try:
-            (result,) = self._executor.run_batch((Job(call, grad_output),))
-        finally:
-            seconds = self.clock() - begin
-            m.child(m.compute_duration, loss, self._device).observe(seconds)
-            self._charge(tenant, seconds)
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
     async def _compute_now(
         self, call: Call, grad_output: torch.Tensor | None, deadline: float | None, tenant: str | None
     ) -> Result:
-        """A call alone on an idle batcher, too large to compute on the spot, as a batch of one on
-        a compute thread, holding a compute slot as the loop's batches do."""
+        """A lone call too large for the spot, as a batch of one on a compute thread, holding a slot."""
         item = Item(Job(call, grad_output), call.elements, deadline, self.clock(),
                      asyncio.get_running_loop().create_future())
         self._shares.activate(tenant)
@@ -401,9 +380,9 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - a bug or a CUDA error: every call of the batch gets it
             fail(batch, exc)
 
-    def _compute_inline(self, tenant: str | None, batch: list[Item], *, acquired: bool = True) -> None:
-        """``_compute`` on the event loop, for a batch too small to be worth a thread hop.
-        ``acquired``: the batch holds a compute slot, to release when done."""
+    def _compute_inline(self, tenant: str | None, batch: list[Item]) -> None:
+        """``_compute`` on the event loop, for a batch too small to be worth a thread hop; it
+        holds a compute slot, released when done."""
         assert self._slots is not None
         compute_duration = self._observe(batch)
         begin = self.clock()
@@ -414,8 +393,7 @@ class Batcher:
                 seconds = self.clock() - begin
                 compute_duration.observe(seconds)
                 self._charge(tenant, seconds)
-                if acquired:
-                    self._slots.release()
+                self._slots.release()
             resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - as in _compute
             fail(batch, exc)
