@@ -1,7 +1,7 @@
 # remoteloss-server with a CUDA-enabled torch; runs on the CPU where no GPU is given to it.
 #
 #   docker build -t remoteloss:0.1.0 .
-#   docker run --gpus 1 -p 50051:50051 -p 9464:9464 remoteloss:0.1.0
+#   docker run --gpus 1 -p 50051:50051 -p 8000:8000 -p 9464:9464 remoteloss:0.1.0
 #
 # Base: Debian's slim Python image plus torch==2.13.0 from PyPI. PyPI's Linux x86_64 torch wheel
 # is the CUDA build: its CUDA 13.0 runtime, cuDNN and NCCL come as wheels that torch itself pins,
@@ -46,10 +46,12 @@ USER 10001:10001
 # EXPOSE lines rely on them.
 ENV REMOTELOSS_HOST="[::]" \
     REMOTELOSS_PORT=50051 \
+    REMOTELOSS_HTTP_PORT=8000 \
     REMOTELOSS_METRICS_PORT=9464 \
     REMOTELOSS_GRACE_PERIOD=10
-# gRPC (LossService, health, reflection) and Prometheus /metrics.
-EXPOSE 50051 9464
+# gRPC (LossService, the Open Inference Protocol, health, reflection), the Open Inference
+# Protocol over HTTP/REST, and Prometheus /metrics.
+EXPOSE 50051 8000 9464
 
 # The standard gRPC health service, asked by the project's own client (exit 0 only for SERVING):
 # NOT_SERVING from the moment the server starts draining. The start period covers importing

@@ -61,7 +61,7 @@ class Server:
                    logs: Path) -> Server:
         port = free_port()
         argv = [sys.executable, "-m", "remoteloss_server", "--host", "127.0.0.1", "--port", str(port),
-                "--metrics-port", "0", "--log-level", "WARNING", *flags]
+                "--http-port", "0", "--metrics-port", "0", "--log-level", "WARNING", *flags]
         workers = int(flags[list(flags).index("--workers") + 1]) if "--workers" in flags else 1
         return cls(name, argv, port=port, workers=workers, env=env, logs=logs)
 

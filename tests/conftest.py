@@ -29,7 +29,7 @@ def server() -> Iterator[Any]:
     from remoteloss_server.app import ServerThread
     from remoteloss_server.config import ServerConfig
 
-    with ServerThread(ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0)) as running:
+    with ServerThread(ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0)) as running:
         yield running
 
 

@@ -7,8 +7,6 @@ is here, once.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -78,7 +76,6 @@ def plan_loss(loss: str, arguments: dict[str, Any]) -> Plan:
 
 
 def plan_value_and_grad(
-    owner: LossMethods,
     loss_name: str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -88,9 +85,7 @@ def plan_value_and_grad(
     """The plan of ``value_and_grad(loss_name, *args, wrt=wrt, grad_output=grad_output, **kwargs)``."""
     if loss_name not in LOSS_NAMES:
         raise InvalidArgumentError(f"loss_name must be one of {sorted(LOSS_NAMES)}, got {loss_name!r}")
-    bound = _signature(loss_name).bind(owner, *args, **kwargs)
-    bound.apply_defaults()
-    arguments = {name: value for name, value in bound.arguments.items() if name != "self"}
+    arguments = _bind(loss_name, args, kwargs)
     names = (wrt,) if isinstance(wrt, str) else tuple(wrt)
     request = prepare_request(loss_name, arguments, wrt=names, grad_output=grad_output)
     message = getattr(request.message, loss_name)
@@ -128,9 +123,23 @@ class _RemoteCall:
         return gradients
 
 
-@functools.cache
-def _signature(loss: str) -> inspect.Signature:
-    return inspect.signature(getattr(LossMethods, loss))
+class _Arguments(LossMethods):
+    """Each loss method returns its arguments by name, defaults included: binding by a plain call,
+    which raises the TypeError of a wrong call as the method itself would, and costs far less
+    than ``inspect.Signature.bind``."""
+
+    def _compute(self, loss: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        return arguments
+
+
+_ARGUMENTS = _Arguments()
+
+
+def _bind(loss: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``loss(*args, **kwargs)`` by name, defaults included."""
+    arguments: dict[str, Any] = getattr(_ARGUMENTS, loss)(*args, **kwargs)
+    arguments.pop("self", None)
+    return arguments
 
 
 def torch_arguments(loss: str, arguments: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -155,10 +164,14 @@ def results(
             n: _numpy(answer, g, loss, n) for n, g in gradients.items()
         }
     first = next(iter(tensors.values()))
-    placements = {n: (t.device, t.dtype) for n, t in tensors.items()}
     return _torch(answer, response.loss, loss, "loss", first.device), {
-        n: _torch(answer, g, loss, n, *placements.get(n, (first.device, None))) for n, g in gradients.items()
+        n: _torch(answer, g, loss, n, *_placement(tensors.get(n), first)) for n, g in gradients.items()
     }
+
+
+def _placement(tensor: torch.Tensor | None, first: torch.Tensor) -> tuple[torch.device, torch.dtype | None]:
+    """Where a gradient goes: its argument's device and dtype (the first tensor's device, any dtype)."""
+    return (first.device, None) if tensor is None else (tensor.device, tensor.dtype)
 
 
 def _numpy(answer: Answer, message: pb.Tensor, loss: str, name: str) -> np.ndarray[Any, Any]:
@@ -173,11 +186,19 @@ def _torch(
 ) -> torch.Tensor:
     try:
         view = answer.data(message)
-        # A view of the received bytes becomes a bytearray of the tensor's own: writable, one copy.
-        tensor = codec.decode_torch(message, name, data=None if view is None else bytearray(view))
+        # A view of the received bytes becomes memory of the tensor's own: writable, one copy, made
+        # by numpy, which asks for huge pages for a large block (fewer page faults than a bytearray's).
+        tensor = codec.decode_torch(message, name, data=None if view is None else _owned(view))
     except ValueError as exc:
         raise InternalServerError(f"{loss}: the server's answer is malformed: {exc}") from exc
+    if device.type == "cpu" and (dtype is None or dtype == tensor.dtype):
+        return tensor  # where torch would put it already: no call to .to()
     return tensor.to(device=device, dtype=dtype)
+
+
+def _owned(view: memoryview) -> memoryview:
+    """A writable copy of ``view``'s bytes."""
+    return np.frombuffer(view, dtype=np.uint8).copy().data
 
 
 def warn(texts: Iterable[str], *, stacklevel: int) -> None:

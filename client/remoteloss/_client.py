@@ -160,7 +160,7 @@ class Client(_ClientBase):
         ``sum(loss * grad_output)``; ``grad_output`` None means ones. Results are numpy
         arrays, or torch tensors (without ``grad_fn``) when any tensor argument is one.
         """
-        plan = plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output)
+        plan = plan_value_and_grad(loss_name, args, kwargs, wrt, grad_output)
         answer = self._transport.compute(plan.request)
         result: tuple[Any, dict[str, Any]] = plan.finish(answer, self._transport.compute)
         warn(answer.message.warnings, stacklevel=2)  # value_and_grad's caller
@@ -221,7 +221,7 @@ class AsyncClient(_ClientBase):
         **kwargs: Any,
     ) -> tuple[Any, dict[str, Any]]:
         """The loss and its gradients with respect to ``wrt``, in one call; see ``Client.value_and_grad``."""
-        plan = plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output)
+        plan = plan_value_and_grad(loss_name, args, kwargs, wrt, grad_output)
         answer = await self._transport.acompute(plan.request)
         result: tuple[Any, dict[str, Any]] = plan.finish(answer, self._transport.compute)
         warn(answer.message.warnings, stacklevel=2)  # the coroutine awaiting value_and_grad

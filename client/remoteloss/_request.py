@@ -43,6 +43,7 @@ REDUCTIONS: dict[str, int] = {
 _TENSOR = pb.Tensor.DESCRIPTOR
 _FLOAT_SUFFIX = "_float"  # `var_float`: the float form of the Tensor field `var`
 
+_STREAM_ID_TAG = bytes([pb.ComputeStreamRequest.ID_FIELD_NUMBER << 3])  # field 1, a varint
 _Tensors = list[tuple[pb.Tensor, memoryview]]  # the Tensors of a request, each with its data, not yet set
 
 
@@ -61,6 +62,8 @@ class Request:
 
     def serialize_item(self, key: int) -> bytes:
         """The serialized ``ComputeStreamRequest(id=key, request=...)`` that carries it on a stream."""
+        if self.payloads is None and key > 0:  # protobuf's bytes, written without copying the request first
+            return b"".join((_STREAM_ID_TAG, wire.varint(key), wire.length_delimited(2, self.message.SerializeToString())))
         item = pb.ComputeStreamRequest(id=key, request=self.message)
         return wire.serialize(item, self.payloads)
 
@@ -156,7 +159,11 @@ def _tensor(name: str, value: Any, requires_grad: bool) -> tuple[pb.Tensor, memo
             raise ValueError(f"{name}: lengths must be integers, got {lengths.dtype}")
         value = lengths.astype(np.int64)
     head, data = codec.encode_view(value, name=name, requires_grad=requires_grad)
-    codec.check_tensor(head, name, data=data)  # a requires_grad on integers fails here, not remotely
+    if not len(data):  # an empty shape may still be one torch refuses
+        codec.check_tensor(head, name, data=data)
+    elif requires_grad and not codec.DTYPES[head.dtype].floating:  # fails here, not remotely
+        raise ValueError(f"{name}: requires_grad is set, but {codec.DTYPES[head.dtype].name} tensors have no gradient")
+    # Otherwise the array's own dtype, shape and bytes: consistent by construction.
     return head, data
 
 

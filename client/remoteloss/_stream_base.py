@@ -84,7 +84,7 @@ class StreamBase(LossMethods, Generic[_F]):
         **kwargs: Any,
     ) -> Any:
         """``Client.value_and_grad`` on the stream: a future (``Stream``) or a coroutine (``AsyncStream``)."""
-        return self._submit(lambda: plan_value_and_grad(self, loss_name, args, kwargs, wrt, grad_output))
+        return self._submit(lambda: plan_value_and_grad(loss_name, args, kwargs, wrt, grad_output))
 
     def _compute(self, loss: str, arguments: dict[str, Any]) -> Any:
         return self._submit(lambda: plan_loss(loss, arguments))

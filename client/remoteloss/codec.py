@@ -40,6 +40,7 @@ __all__ = [
 
 _LITTLE = sys.byteorder == "little"
 _MAX_EXTENT = 2**63 - 1  # torch's limit on the product of a shape's sizes (zeros counted as ones)
+_NUMPY_MAX_DIMS = 32  # the most dimensions every numpy (1.x and 2.x) can hold
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,7 @@ def decode_torch(
     The tensor owns a copy of ``message.data``, so it is writable and outlives the message.
     ``data``, when given, stands for ``message.data`` and is not copied: the tensor shares its
     memory (read-only when ``data`` is), which is how a server reads a large request in place
-    (and a client gives an answer's large tensor a writable ``bytearray`` of its own).
+    (and a client gives an answer's large tensor a writable copy of its own).
     ``max_elements`` and ``max_dims`` are as in ``check_tensor``.
     """
     import torch
@@ -266,20 +267,19 @@ def decode_torch(
         data = message.data
     info = check_tensor(message, name, max_elements=max_elements, max_dims=max_dims, data=data)
     dtype = _torch_dtype(info)
+    shape = tuple(message.shape)
     if not len(data):
-        return torch.empty(tuple(message.shape), dtype=dtype)
-    if shared:
-        if memoryview(data).readonly:
-            allow_read_only_buffers()
-        tensor = torch.frombuffer(data, dtype=dtype)
-    else:
-        tensor = torch.frombuffer(bytearray(data), dtype=dtype)
+        return torch.empty(shape, dtype=dtype)
+    view = memoryview(bytearray(data) if not shared else data)
+    if not view.readonly and info.numpy is not None and _LITTLE and len(shape) <= _NUMPY_MAX_DIMS:
+        # Writable memory of a dtype numpy has: numpy's view of it is cheaper to make than torch.frombuffer's.
+        return torch.from_numpy(np.frombuffer(view, dtype=info.numpy).reshape(shape))
+    if view.readonly:
+        allow_read_only_buffers()
+    tensor = torch.frombuffer(view, dtype=dtype)
     if not _LITTLE and info.itemsize > 1:
         tensor = tensor.view(torch.uint8).reshape(-1, info.itemsize).flip(-1).reshape(-1).view(dtype)
-    shape = message.shape
-    if len(shape) == 1:  # frombuffer's tensor has that shape already
-        return tensor
-    return tensor.view(tuple(shape))
+    return tensor if len(shape) == 1 else tensor.view(shape)  # frombuffer's is 1-d already
 
 
 @functools.cache

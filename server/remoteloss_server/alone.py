@@ -17,7 +17,7 @@ __all__ = ["compute_alone"]
 
 
 def compute_alone(
-    run_batch: Callable[[Sequence[Job]], list[Result | ServiceError]],
+    timed: Callable[[Sequence[Job]], tuple[list[Result | ServiceError], float]],
     job: Job,
     elements: int,
     *,
@@ -25,21 +25,24 @@ def compute_alone(
     device: str,
     clock: Callable[[], float],
     charge: Callable[[float], None],
+    sample: Callable[[float, float], None],
 ) -> Result:
-    """``job``'s result (its ServiceError raised), computed now by ``run_batch``, with the
-    metrics of a batch of one (no time queued) and its compute time ``charge``d, as the
-    batcher's batches have theirs."""
+    """``job``'s result (its ServiceError raised), computed now by ``timed`` (the batcher's
+    ``run_batch`` that also gives the CPU seconds it took), with the metrics of a batch of one (no
+    time queued), its compute time ``charge``d and, once computed, its cost given to ``sample``
+    (seconds, CPU seconds), as the batcher's batches have theirs."""
     m, loss = metrics, job.call.loss
     m.child(m.queue_duration, loss).observe(0.0)
     m.child(m.batch_requests, loss).observe(1)
     m.child(m.batch_elements, loss).observe(elements)
     begin = clock()
     try:
-        (result,) = run_batch((job,))
+        (result,), cpu = timed((job,))
     finally:
         seconds = clock() - begin
         m.child(m.compute_duration, loss, device).observe(seconds)
         charge(seconds)
+    sample(seconds, cpu)
     if isinstance(result, BaseException):
         raise result
     return result

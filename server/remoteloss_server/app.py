@@ -31,16 +31,17 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from remoteloss_server import __version__, allocator, auth, workers
+from remoteloss_server import __version__, allocator, auth, oip_grpc, workers
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.executor import Executor
 from remoteloss_server.intake import Intake
 from remoteloss_server.limits import Admission, Budget
 from remoteloss_server.metrics import Metrics, MetricsHTTPServer, serve_http
+from remoteloss_server.oip_serve import OpenInference
 from remoteloss_server.scheduling import SchedulingPolicy
 from remoteloss_server.servicer import SERVICE_NAME, LossServicer, add_to_server
-from remoteloss_server.telemetry import quote
+from remoteloss_server.ready_log import log_ready
 
 __all__ = ["SERVICE_NAME", "ServerThread", "StartupError", "WorkerError", "serve"]
 
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RELOAD_SIGNAL = signal.SIGHUP
 _WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
-_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 _IDENTITY_ONLY = 1  # a bit set of gRPC's compression algorithms: bit 0, identity, alone
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
@@ -74,6 +74,7 @@ class _Running:
     trimmer: asyncio.Task[None] | None = None
     servicer: LossServicer | None = None
     security: auth.Security | None = None
+    oip: OpenInference | None = None  # the Open Inference Protocol's front ends
 
     async def stop(self, grace_s: float) -> None:
         logger.info("event=draining grace_s=%.1f", grace_s)
@@ -82,7 +83,9 @@ class _Running:
         await self.health.enter_graceful_shutdown()
         if self.servicer is not None:  # open streams answer what they took and end now
             self.servicer.drain()
-        await self.server.stop(grace_s)
+        if self.oip is not None:
+            self.oip.drain()
+        await asyncio.gather(self.server.stop(grace_s), *(() if self.oip is None else (self.oip.stop(grace_s),)))
         if self.batcher is not None:
             await self.batcher.close()
         await asyncio.to_thread(self.pool.shutdown, wait=True, cancel_futures=True)
@@ -120,26 +123,34 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         intake = Intake(policy, max_elements=config.max_elements, max_request_elements=config.max_request_elements)
         servicer = LossServicer(executor, pool, metrics, worker=worker, intake=intake, batcher=batcher, admission=budgets)
         add_to_server(servicer, server)
+        oip = OpenInference(server, executor, pool, metrics, intake, batcher, budgets)
         health_servicer = _HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if config.reflection:
-            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, oip_grpc.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
         port = _bind(server, config, security.certificates)
         metrics_http, metrics_address = _serve_metrics(config, metrics)
         if metrics_http is not None:
             stack.callback(metrics_http.close)
+        try:
+            http_address = await oip.start_http(config, security)
+        except OSError as exc:
+            raise StartupError(str(exc)) from None
+        stack.push_async_callback(oip.stop, 0.0)
         await batcher.start()
         stack.push_async_callback(batcher.close)
         trimmer = asyncio.create_task(allocator.give_back_when_quiet(budgets.take_peak), name="remoteloss-trim")
         stack.callback(trimmer.cancel)
         await server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, oip_grpc.SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        _log_ready(config, port, executor, metrics_address, security)
+        log_ready(config, port, executor, metrics_address, security, http_address)
         stack.pop_all()  # from here on, _Running.stop stops them, in the drain's order
     return _Running(
         server, health_servicer, pool, port, metrics, metrics_http,
-        batcher=batcher, trimmer=trimmer, servicer=servicer, security=security,
+        batcher=batcher, trimmer=trimmer, servicer=servicer, security=security, oip=oip,
     )
 
 
@@ -180,29 +191,6 @@ def _serve_metrics(config: ServerConfig, metrics: Metrics) -> tuple[MetricsHTTPS
     except OSError as exc:
         raise StartupError(f"cannot bind {address} for /metrics: {exc} (metrics_port=0 turns /metrics off)") from None
     return http, address
-
-
-def _log_ready(
-    config: ServerConfig, port: int, executor: Executor, metrics_address: str, security: auth.Security
-) -> None:
-    keys = security.interceptor.keys if security.interceptor is not None else None
-    tls = "off" if security.certificates is None else "mutual" if config.tls_client_ca else "on"
-    logger.info(
-        "event=ready address=%s:%d device=%s metrics=%s reflection=%s tls=%s auth=%s",
-        config.host, port, executor.device, metrics_address, config.reflection, tls,
-        "off" if keys is None else f"api_keys tenants={len(keys.tenants)}",
-    )
-    unknown = sorted({t for t, _ in config.tenant_weights} - (keys.tenants if keys is not None else frozenset()))
-    if unknown:
-        logger.warning(
-            "event=tenant_weights_unknown tenants=%s note=%s", ",".join(unknown),
-            quote("no API key has these tenants (a reload may add one); without keys, weights do nothing"),
-        )
-    if keys is None and config.host not in _LOOPBACK_HOSTS:
-        logger.warning(
-            "event=open_access address=%s:%d note=%s", config.host, port,
-            quote("no API keys: anyone who can reach this address may call the service (--api-keys-file, --tls-cert)"),
-        )
 
 
 def scheduling_policy(config: ServerConfig, device_type: str) -> SchedulingPolicy:

@@ -217,6 +217,11 @@ class ApiKeyInterceptor(_Interceptor):
             return _deny(reason)
         return _replace_behavior(handler, _with_tenant(handler, tenant))
 
+    def tenant_of(self, authorization: Sequence[str]) -> tuple[str | None, str]:
+        """The tenant of the ``authorization`` values a call sent (e.g. HTTP headers), or None and
+        why not: the same check as a gRPC call's metadata gets."""
+        return self._authenticate([(AUTHORIZATION_KEY, value) for value in authorization])
+
     def _authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str | None, str]:
         values = [v for k, v in metadata or () if k == AUTHORIZATION_KEY]
         if not values:

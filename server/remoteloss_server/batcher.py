@@ -21,7 +21,11 @@ calls, its measured compute time is charged to that tenant, and the next batch c
 tenant with the least virtual time among those with a batch ready, then its oldest ready group.
 A tenant that was idle starts level with the others. Without keys every call is one tenant.
 Batch keys and the batched computation come from each loss's ``BatchRule`` and
-``Executor.run_batch``; with ``batching=False`` each call is its own batch.
+``Executor.run_batch``; with ``batching=False`` each call is its own batch. Where batches do not
+concatenate (``policy.concatenate`` False: a CPU; and on a GPU the calls whose rule gives no
+plan) the group is the loss: each call computes as alone, the group in one turn. Whether a
+group's ready calls go as one batch or one at a time is decided per loss from measured costs
+(``adaptive``, in ``picking``); an answer never depends on the batch it was in (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -36,13 +40,15 @@ from typing import Any, Protocol
 
 import torch
 
+from remoteloss_server.adaptive import BatchDecider
 from remoteloss_server.alone import compute_alone
-from remoteloss_server.errors import DeadlineExceededError, ServiceError, UnavailableError
+from remoteloss_server.errors import ServiceError, UnavailableError
 from remoteloss_server.executor import Job, Result
 from remoteloss_server.fairness import FairShares
 from remoteloss_server.losses import LOSSES, Call
 from remoteloss_server.losses.batching import Plan
 from remoteloss_server.metrics import NO_TENANT, Metrics
+from remoteloss_server.picking import Picker
 from remoteloss_server.queued import Group, Item, fail, resolve
 from remoteloss_server.scheduling import SchedulingPolicy
 
@@ -61,7 +67,7 @@ class Runner(Protocol):
     def run_batch(self, jobs: Sequence[Job]) -> list[Result | ServiceError]: ...
 
 
-class Batcher:
+class Batcher(Picker):
     """Groups queued calls by batch key and computes each group on ``pool`` as one batch."""
 
     def __init__(
@@ -91,6 +97,7 @@ class Batcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._computing = 0  # batches computing now
+        self._decider = BatchDecider(explore_every=policy.explore_every)  # batch or not, per loss
 
     @property
     def queued(self) -> int:
@@ -143,14 +150,18 @@ class Batcher:
         if self.idle and self._alone():
             if (elements := call.elements) <= self._policy.inline_elements:
                 self._shares.activate(tenant)
-                return compute_alone(self._executor.run_batch, Job(call, grad_output), elements, metrics=self._metrics,
-                                     device=self._device, clock=self.clock, charge=lambda s: self._charge(tenant, s))
+                return compute_alone(
+                    self._timed, Job(call, grad_output), elements, metrics=self._metrics, device=self._device,
+                    clock=self.clock, charge=lambda seconds: self._charge(tenant, seconds),
+                    sample=lambda seconds, cpu: self._decider.observe(  # as _sample, for a batch of one
+                        call.loss, 1, seconds if self._policy.concatenate else cpu),
+                )
             await asyncio.sleep(0)
             if self.idle and self._alone():
                 return await self._compute_now(call, grad_output, deadline, tenant)
         plan = await self._plan(call)
         seq = next(self._seq)
-        key: Hashable = plan.key if plan is not None else ("alone", seq)
+        key = self._key(call, plan, seq)
         elements = max(plan.elements, call.implied_elements) if plan is not None else call.elements
         item = Item(
             Job(call, grad_output, plan), elements, deadline, self.clock(), asyncio.get_running_loop().create_future()
@@ -188,15 +199,24 @@ class Batcher:
     async def _plan(self, call: Call) -> Plan | None:
         """How ``call`` joins a batch (None: alone); a large call's key (digests of its shared
         tensors) is made off the event loop."""
-        rule = LOSSES[call.loss].batch if self._policy.batching else None
+        rule = LOSSES[call.loss].batch if self._policy.batching and self._policy.concatenate else None
         if rule is None:
             return None
         large = sum(t.numel() for t in call.tensors.values()) > self._policy.plan_inline_elements
         shared = self._policy.max_shared_elements
-        plan = await asyncio.to_thread(rule.plan, call, shared) if large else rule.plan(call, shared)
+        plan = await asyncio.to_thread(rule.plan, call, shared, invariant=True) if large \
+            else rule.plan(call, shared, invariant=True)
         if self._closed:
             raise UnavailableError("the server is shutting down")
         return plan
+
+    def _key(self, call: Call, plan: Plan | None, seq: int) -> Hashable:
+        """The group ``call`` queues in: its plan's key where it concatenates; else its loss (each
+        such call computes as alone, so any calls of a loss may share a turn); its own without
+        batching."""
+        if plan is not None:
+            return plan.key
+        return call.loss if self._policy.batching else ("alone", seq)
 
     @property
     def idle(self) -> bool:
@@ -215,13 +235,6 @@ class Batcher:
         self._metrics.queue_depth.dec()
         if not group.items:
             self._drop(group)
-
-    def _drop(self, group: Group) -> None:
-        """Remove an empty group; a tenant without queued groups is no longer active."""
-        groups = self._queues[group.tenant]
-        del groups[group.key]
-        if not groups:
-            del self._queues[group.tenant]
 
     def _charge(self, tenant: str | None, seconds: float) -> None:
         """Charge a batch's compute time to its tenant."""
@@ -271,44 +284,9 @@ class Batcher:
                     pass
                 continue  # look again: a group may be full now, or another tenant's may be queued
             self._shares.started(chosen.tenant)
-            batch = self._take(chosen)
+            batch = self._take(chosen, self._limit(chosen))
             if batch:
                 return chosen.tenant, batch
-
-    def _choose(self) -> tuple[Group | None, float]:
-        """The group to take now: of the tenants with a group ready, the one with the least
-        virtual time, and its oldest ready group (then the oldest across tenants); else None and
-        the seconds until a group is ready."""
-        now = self.clock()
-        best: tuple[float, int] | None = None
-        chosen: Group | None = None
-        wait = float("inf")
-        for tenant, groups in self._queues.items():
-            group, left = self._ready(groups, now)
-            if group is None:
-                wait = min(wait, left)
-                continue
-            rank = (self._shares.virtual_time(tenant), group.seq)
-            if best is None or rank < best:
-                best, chosen = rank, group
-        return chosen, wait
-
-    def _ready(self, groups: dict[Hashable, Group], now: float) -> tuple[Group | None, float]:
-        """A tenant's oldest group that is ready: any without a batch delay (or while closing),
-        else a full one or one whose oldest call has waited ``max_batch_delay_s``. Else None and
-        the seconds until one is ready. (Full groups do not go first: a stream of large calls,
-        each a full group alone, would starve a small call's group.)"""
-        if self._policy.max_batch_delay_s <= 0 or self._closed:
-            return min(groups.values(), key=lambda g: g.seq), 0.0
-        ready: Group | None = None
-        wait = float("inf")
-        for group in groups.values():
-            left = 0.0 if self._full(group) else group.items[0].enqueued + self._policy.max_batch_delay_s - now
-            if left > 0:
-                wait = min(wait, left)
-            elif ready is None or group.seq < ready.seq:
-                ready = group
-        return ready, wait
 
     async def _work(self) -> bool:
         """Wait until a call is queued; False once closed with nothing queued."""
@@ -319,36 +297,6 @@ class Batcher:
             self._wakeup.clear()
             await self._wakeup.wait()
         return True
-
-    def _full(self, group: Group) -> bool:
-        return len(group.items) >= self._policy.max_batch_size or group.elements >= self._policy.max_batch_elements
-
-    def _take(self, group: Group) -> list[Item]:
-        """Up to the caps of ``group``'s calls, oldest first; drops cancelled and expired ones."""
-        now = self.clock()
-        batch: list[Item] = []
-        elements = 0
-        while group.items and len(batch) < self._policy.max_batch_size:
-            item = group.items[0]
-            if batch and not item.future.done() and elements + item.elements > self._policy.max_batch_elements:
-                break
-            group.items.popleft()
-            group.elements -= item.elements
-            self._metrics.queue_depth.dec()
-            if item.future.done():  # the caller went away
-                continue
-            if item.deadline is not None and item.deadline <= now:
-                item.future.set_exception(
-                    DeadlineExceededError(f"{item.job.call.loss}: the deadline passed while the request was queued")
-                )
-                continue
-            batch.append(item)
-            elements += item.elements
-        if not group.items:
-            self._drop(group)
-        elif batch:
-            group.seq = next(self._seq)  # the rest waits behind the groups queued meanwhile
-        return batch
 
     def _observe(self, batch: list[Item]) -> Any:
         """Record the batch's queue metrics; return the compute-duration histogram's child."""
@@ -361,6 +309,19 @@ class Batcher:
         m.child(m.batch_elements, loss).observe(sum(item.elements for item in batch))
         return m.child(m.compute_duration, loss, self._device)
 
+    def _timed(self, jobs: Sequence[Job]) -> tuple[list[Result | ServiceError], float]:
+        """``run_batch(jobs)`` and the CPU seconds the thread that runs it spent on it."""
+        begin = time.thread_time()
+        results = self._executor.run_batch(jobs)
+        return results, time.thread_time() - begin
+
+    def _sample(self, batch: list[Item], seconds: float, cpu: float) -> None:
+        """A computed batch's cost, a sample for the batching decision of its loss: its CPU time
+        where each call computes as alone (a CPU), which a busy machine's other processes do not
+        stretch; its compute time where calls concatenate (on a GPU the kernels and the
+        synchronisation take the time, not this process's CPU)."""
+        self._decider.observe(batch[0].job.call.loss, len(batch), seconds if self._policy.concatenate else cpu)
+
     async def _compute(self, tenant: str | None, batch: list[Item]) -> None:
         assert self._slots is not None
         compute_duration = self._observe(batch)
@@ -369,13 +330,14 @@ class Batcher:
         self._computing += 1
         try:
             try:
-                results = await asyncio.get_running_loop().run_in_executor(self._pool, self._executor.run_batch, jobs)
+                results, cpu = await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, jobs)
             finally:
                 seconds = self.clock() - begin
                 compute_duration.observe(seconds)
                 self._charge(tenant, seconds)  # before the slot frees: the next choice sees it
                 self._computing -= 1
                 self._slots.release()
+            self._sample(batch, seconds, cpu)
             resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - a bug or a CUDA error: every call of the batch gets it
             fail(batch, exc)
@@ -388,12 +350,13 @@ class Batcher:
         begin = self.clock()
         try:
             try:
-                results = self._executor.run_batch([item.job for item in batch])
+                results, cpu = self._timed([item.job for item in batch])
             finally:
                 seconds = self.clock() - begin
                 compute_duration.observe(seconds)
                 self._charge(tenant, seconds)
                 self._slots.release()
+            self._sample(batch, seconds, cpu)
             resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - as in _compute
             fail(batch, exc)

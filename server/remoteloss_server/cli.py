@@ -74,6 +74,10 @@ _SETTINGS = (
         aliases=(_ENV_PREFIX + "SHUTDOWN_GRACE_S",),
     ),
     _Setting("workers", "workers", int, "N", "server processes sharing the port (SO_REUSEPORT)"),
+    _Setting(
+        "http-port", "http_port", int, "PORT",
+        "port of the Open Inference Protocol's HTTP/REST endpoints (/v2/...); 0 turns them off",
+    ),
     _Setting("metrics-port", "metrics_port", int, "PORT", "port of the Prometheus /metrics endpoint; 0 turns it off"),
     _Setting("metrics-host", "metrics_host", str, "HOST", "address for /metrics; unset means the --host address"),
     _Setting("reflection", "reflection", boolean, "", "turn off gRPC server reflection", switch=True),

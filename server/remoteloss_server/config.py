@@ -30,6 +30,7 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0  # how long in-flight RPCs may finish after SIGTERM
     workers: int = 1  # server processes sharing the port with SO_REUSEPORT; > 1 needs an explicit port
     metrics_port: int = 9464  # Prometheus /metrics over HTTP (the exporters' customary port); 0 turns it off
+    http_port: int = 8000  # the Open Inference Protocol over HTTP/REST (Triton's port), on ``host``; 0 turns it off
     metrics_host: str | None = None  # address for /metrics; None means the gRPC ``host``
     reflection: bool = True  # serve gRPC server reflection (grpc.reflection.v1alpha)
     # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
@@ -95,6 +96,8 @@ class ServerConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 needs an explicit port: with port 0 each worker would pick its own")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535] (0 turns HTTP off), got {self.http_port}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535] (0 turns /metrics off), got {self.metrics_port}")
         if self.max_batch_size < 1:

@@ -8,6 +8,7 @@ __all__ = [
     "DeadlineExceededError",
     "InternalError",
     "InvalidArgumentError",
+    "NotFoundError",
     "ResourceExhaustedError",
     "ServiceError",
     "UnavailableError",
@@ -25,6 +26,12 @@ class InvalidArgumentError(ServiceError):
     """The request is malformed or torch rejects its arguments."""
 
     code = "INVALID_ARGUMENT"
+
+
+class NotFoundError(ServiceError):
+    """What the request names does not exist (the Open Inference Protocol's model, or its version)."""
+
+    code = "NOT_FOUND"
 
 
 class UnimplementedError(ServiceError):

@@ -1,10 +1,16 @@
-"""Runs prepared calls on the device: one alone, or a batch of them as one computation.
+"""Runs prepared calls on the device: one alone, or a batch of them.
 
 ``Executor.run`` and ``Executor.run_batch`` block; they run on a compute thread, except a CPU
-small batch, which the batcher computes on the event loop (``SchedulingPolicy.inline_elements``). This is the only module that picks a device or calls CUDA APIs. On a GPU, host
-tensors are staged in pinned memory and copied without blocking, a batch synchronises once
-(when its results are copied back), and a batch that runs out of memory is split in halves
-and retried, down to single calls, which then fail alone with RESOURCE_EXHAUSTED.
+small batch, which the batcher computes on the event loop (``SchedulingPolicy.inline_elements``).
+This is the only module that picks a device or calls CUDA APIs.
+
+An answer never depends on who shared its batch. On a CPU a batch computes each call as it
+would alone, so each answer is torch's own, bit for bit. On a GPU calls whose batch rule says
+they may (``BatchRule.invariant``) are concatenated, and such a call alone takes the same route
+as a batch of one: the same kernels on tensors of its own size. There, host tensors are staged
+in pinned memory and copied without blocking, a batch synchronises once (when its results are
+copied back), and a batch that runs out of memory is split in halves and retried, down to
+single calls, which then fail alone with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -73,8 +79,11 @@ class _OutOfMemory(Exception):
 class Executor:
     """Computes prepared calls on one device."""
 
-    def __init__(self, device: str, torch_threads: int) -> None:
+    def __init__(self, device: str, torch_threads: int, *, concatenate: bool | None = None) -> None:
         self.device = resolve_device(device)
+        # How a batch computes (SchedulingPolicy.concatenate): by default concatenated on a GPU,
+        # each call as it would alone on a CPU.
+        self.concatenate = self.device.type == "cuda" if concatenate is None else concatenate
         torch.set_num_threads(torch_threads)
         if self.device.type == "cuda":
             torch.empty(0, device=self.device)  # create the CUDA context now, not on the first request
@@ -91,41 +100,132 @@ class Executor:
         Raises InvalidArgumentError for what torch rejects and ResourceExhaustedError when the
         device runs out of memory; anything else is a bug and propagates.
         """
-        call = dataclasses.replace(call, tensors=self._to_device(call.tensors))
         with record() as texts:
-            try:
-                if call.requires_grad:
-                    loss, gradients = self._differentiate(call, grad_output)
-                else:
-                    with torch.inference_mode():
-                        loss, gradients = call(), {}
-                names = list(gradients)
-                loss, *grads = self._to_host([loss, *gradients.values()])
-                gradients = dict(zip(names, grads, strict=True))
-            except _TORCH_REJECTIONS as exc:
-                if _is_out_of_memory(exc):
-                    self._release_memory()
-                    raise ResourceExhaustedError(f"{call.loss}: out of memory on {self.device}") from None
-                if _is_device_failure(exc):
-                    raise
-                raise InvalidArgumentError(f"{call.loss}: {_message(exc, call)}") from exc
-        return Result(loss, gradients, list(dict.fromkeys(texts)))
+            return self._compute(call, grad_output, texts)
+
+    def _compute(self, call: Call, grad_output: torch.Tensor | None, texts: list[str]) -> Result:
+        """``run`` inside a recording of warnings: the call's own are those it adds to ``texts``."""
+        start = len(texts)
+        call = dataclasses.replace(call, tensors=self._to_device(call.tensors))
+        try:
+            if call.requires_grad:
+                loss, gradients = self._differentiate(call, grad_output)
+            else:
+                with torch.inference_mode():
+                    loss, gradients = call(), {}
+            names = list(gradients)
+            loss, *grads = self._to_host([loss, *gradients.values()])
+            gradients = dict(zip(names, grads, strict=True))
+        except _TORCH_REJECTIONS as exc:
+            if _is_out_of_memory(exc):
+                self._release_memory()
+                raise ResourceExhaustedError(f"{call.loss}: out of memory on {self.device}") from None
+            if _is_device_failure(exc):
+                raise
+            raise InvalidArgumentError(f"{call.loss}: {_message(exc, call)}") from exc
+        return Result(loss, gradients, list(dict.fromkeys(texts[start:])))
 
     def run_batch(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
-        """Compute jobs of one batch key: as one batch when there are several and each has a
-        plan, else one by one. Each job gets its own result or error; a failure of torch for
-        the batch (or a warning, whose words would name the batch's shapes) makes each job run
-        alone, so that each gets torch's own answer. Bugs and CUDA errors propagate."""
-        if len(jobs) > 1 and all(job.plan is not None for job in jobs):
-            try:
-                results = self._batched(jobs)
-            except _OutOfMemory:
-                half = len(jobs) // 2
-                logger.info("out of memory for a batch of %d; retrying in halves", len(jobs))
-                return self.run_batch(jobs[:half]) + self.run_batch(jobs[half:])
-            if results is not None:
-                return results
-        return [self._alone(job) for job in jobs]
+        """Compute jobs of one batch key, each with its own result or error.
+
+        On a CPU (``concatenate`` False) each job computes as ``run`` would compute it alone, so
+        that every answer is torch's own, bit for bit; the batch shares one recording of
+        warnings and one turn. Concatenated (a GPU), jobs with plans (a job without one gets its
+        own here) run as one batch (``_batched``), a single job as a batch of one, so that a
+        call's answer does not depend on who shared its batch. A failure of torch for the batch
+        (or a warning, whose words would name the batch's shapes) makes each job run as a batch
+        of one, then alone where that fails too; jobs without plans run so, one by one.
+        Bugs and CUDA errors propagate."""
+        if not self.concatenate:
+            return self._each(jobs)
+        if len(jobs) == 1:
+            jobs = [self._planned(jobs[0])]
+            if jobs[0].plan is None:
+                return [self._alone(jobs[0])]
+        elif not all(job.plan is not None for job in jobs):  # each by the route it takes alone
+            return [result for job in jobs for result in self.run_batch([job])]
+        try:
+            results = self._batched(jobs)
+        except _OutOfMemory:
+            if len(jobs) == 1:
+                return [ResourceExhaustedError(f"{jobs[0].call.loss}: out of memory on {self.device}")]
+            half = len(jobs) // 2
+            logger.info("out of memory for a batch of %d; retrying in halves", len(jobs))
+            return self.run_batch(jobs[:half]) + self.run_batch(jobs[half:])
+        if results is not None:
+            return results
+        if len(jobs) == 1:
+            return [self._alone(jobs[0])]
+        return [result for job in jobs for result in self.run_batch([job])]
+
+    def _planned(self, job: Job) -> Job:
+        """``job`` with its loss's batch plan (None where it must run alone)."""
+        if job.plan is not None:
+            return job
+        rule = LOSSES[job.call.loss].batch
+        plan = None if rule is None else rule.plan(job.call, invariant=True)
+        return job if plan is None else dataclasses.replace(job, plan=plan)
+
+    def _each(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
+        """Each job computed as ``run`` computes it, inside one recording of warnings: jobs that
+        all need gradients with one backward pass over their separate graphs (``_together``)."""
+        results: list[Result | ServiceError] = []
+        with record() as texts:
+            if len(jobs) > 1 and all(job.call.requires_grad for job in jobs):
+                together = self._together(jobs, texts)
+                if together is not None:
+                    return together
+            for job in jobs:
+                try:
+                    results.append(self._compute(job.call, job.grad_output, texts))
+                except ServiceError as err:
+                    results.append(err)
+        return results
+
+    def _together(self, jobs: Sequence[Job], texts: list[str]) -> list[Result | ServiceError] | None:
+        """Each job's forward as alone, then one ``autograd.grad`` over all of them: the graphs
+        share no node, so each gradient is computed by the same functions on the same values as
+        alone (bit for bit; tests/integration/test_batch_invariance.py), without one pass of the
+        autograd engine per call. None (compute each alone) where torch rejects a call or warns
+        during the backward, whose warning would belong to no one call."""
+        forwards: list[tuple[Call, list[torch.Tensor], torch.Tensor, list[str]] | ServiceError] = []
+        outputs, inputs, seeds = [], [], []
+        try:
+            for job in jobs:
+                call = dataclasses.replace(job.call, tensors=self._to_device(job.call.tensors))
+                start = len(texts)
+                leaves = [call.tensors[name].requires_grad_(True) for name in call.requires_grad]
+                with torch.enable_grad():
+                    loss = call()
+                try:
+                    if loss.requires_grad:
+                        seeds.append(self._grad_output(call, job.grad_output, loss))
+                        outputs.append(loss)
+                        inputs += leaves
+                except InvalidArgumentError as err:
+                    forwards.append(err)
+                    continue
+                forwards.append((call, leaves, loss, list(dict.fromkeys(texts[start:]))))
+            start = len(texts)
+            grads = iter(torch.autograd.grad(outputs, inputs, seeds, allow_unused=True) if outputs else ())
+        except _TORCH_REJECTIONS:
+            return None
+        if len(texts) > start:
+            return None
+        results: list[Result | ServiceError] = []
+        for entry in forwards:
+            if isinstance(entry, ServiceError):
+                results.append(entry)
+                continue
+            call, leaves, loss, warned = entry
+            found = [next(grads) for _ in leaves] if loss.requires_grad else [None] * len(leaves)
+            gradients = {
+                name: torch.zeros_like(leaf) if grad is None else grad
+                for name, leaf, grad in zip(call.requires_grad, leaves, found, strict=True)
+            }
+            loss, *host = self._to_host([loss, *gradients.values()])
+            results.append(Result(loss, dict(zip(gradients, host, strict=True)), warned))
+        return results
 
     def _alone(self, job: Job) -> Result | ServiceError:
         try:

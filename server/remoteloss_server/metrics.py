@@ -56,6 +56,10 @@ class Metrics:
         self.requests = Counter(
             "remoteloss_requests", "Requests answered, by loss and gRPC status code.", ["loss", "code"], registry=r
         )
+        self.protocol_requests = Counter(
+            "remoteloss_protocol_requests", "Requests answered, by protocol (native, oip_grpc, oip_http), loss and code.",
+            ["protocol", "loss", "code"], registry=r,
+        )
         self.queue_duration = Histogram(
             "remoteloss_queue_duration_seconds", "Time a request waited before its batch started computing.",
             ["loss"], buckets=LATENCY_BUCKETS, registry=r,
@@ -67,6 +71,10 @@ class Metrics:
         self.batch_requests = Histogram(
             "remoteloss_batch_requests", "Requests computed together in one batch.",
             ["loss"], buckets=BATCH_REQUEST_BUCKETS, registry=r,
+        )
+        self.batch_decisions = Counter(
+            "remoteloss_batch_decisions", "Whether queued requests of one loss were batched or computed one at a "
+            "time (decision batch or alone), decided from their measured costs.", ["loss", "decision"], registry=r,
         )
         self.batch_elements = Histogram(
             "remoteloss_batch_elements", "Tensor elements computed together in one batch.",

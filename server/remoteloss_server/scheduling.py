@@ -24,6 +24,14 @@ class SchedulingPolicy:
     """Where a call is decoded, computed and encoded, and how calls share a batch."""
 
     batching: bool = True  # compute queued calls of one batch key together; False: each alone
+    # How a batch computes. False (a CPU): each call as it would alone (torch's own function and
+    # reduction, so every answer is torch's bits), the calls of one loss in one turn of the
+    # compute thread or event loop. True (a GPU): concatenated along the batch dimension with
+    # reduction="none", and a call alone takes the same route as a batch of one (docs/DESIGN.md).
+    concatenate: bool = False
+    # Whether to batch is decided per loss and per load from measured costs (adaptive.py); this
+    # many decisions in a row follow the estimates, then one tries the other route again.
+    explore_every: int = 32
     max_batch_size: int = 64  # calls in one batch
     # Tensor elements in one batch (one call may pass it alone). On a CPU, batches larger than
     # about 2**18 elements fall out of cache and compute slower than their calls alone; on a GPU,
@@ -60,6 +68,7 @@ class SchedulingPolicy:
         gpu = device_type == "cuda"
         return cls(
             batching=batching,
+            concatenate=gpu,
             max_batch_size=max_batch_size,
             max_batch_elements=max_batch_elements or (2**24 if gpu else 2**18),
             max_batch_delay_s=max_batch_delay_s,

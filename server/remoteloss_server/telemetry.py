@@ -21,11 +21,12 @@ from collections.abc import Callable
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.metrics import NO_TENANT, Metrics
 
-__all__ = ["REQUEST_ID_KEY", "TENANT", "RequestRecord", "loss_label", "quote", "request_id"]
+__all__ = ["NATIVE", "REQUEST_ID_KEY", "TENANT", "RequestRecord", "loss_label", "quote", "request_id"]
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+NATIVE = "native"  # the ``protocol`` label of remoteloss.v1.LossService's requests
 # The caller's tenant, set by auth.ApiKeyInterceptor for the RPC's task; None when API keys are off.
 TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("remoteloss_tenant", default=None)
 _REQUEST_ID = re.compile(r"[\w.~:/+=-]{1,128}", re.ASCII)  # UUIDs, ULIDs, base64: bare in a log line
@@ -84,8 +85,10 @@ class RequestRecord:
         request_id: str,
         size: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        protocol: str = NATIVE,
     ) -> None:
         self.metrics = metrics
+        self.protocol = protocol
         self.request_id = request_id
         self.tenant = TENANT.get()
         self.loss = loss
@@ -106,6 +109,7 @@ class RequestRecord:
         m, loss = self.metrics, self.loss
         m.child(m.in_flight).dec()
         m.child(m.requests, loss, code).inc()
+        m.child(m.protocol_requests, self.protocol, loss, code).inc()
         m.child(m.tenant_requests, self.tenant or NO_TENANT, code).inc()
         m.child(m.request_duration, loss, code).observe(duration_s)
         if response_size is not None:

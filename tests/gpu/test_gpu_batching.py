@@ -122,7 +122,7 @@ def test_out_of_memory_splits_the_batch(executor: Executor) -> None:
 
 def test_a_gpu_server_batches_concurrent_requests() -> None:
     config = ServerConfig(
-        host="127.0.0.1", port=0, device="cuda", metrics_port=0, max_batch_delay_s=0.02, shutdown_grace_s=0.5
+        host="127.0.0.1", port=0, device="cuda", metrics_port=0, http_port=0, max_batch_delay_s=0.02, shutdown_grace_s=0.5
     )
     inputs = [np.random.default_rng(i).standard_normal((8, 10)).astype(np.float32) for i in range(16)]
     targets = [np.random.default_rng(100 + i).integers(0, 10, 8) for i in range(16)]
@@ -140,7 +140,7 @@ def test_a_gpu_server_batches_concurrent_requests() -> None:
 def test_a_gpu_server_reads_large_requests_in_place() -> None:
     """Requests over the split size: tensors over the received bytes, staged to the GPU, and
     gradients written once; equal to torch on the CPU, alone and batched with a second caller."""
-    config = ServerConfig(host="127.0.0.1", port=0, device="cuda", metrics_port=0, shutdown_grace_s=0.5)
+    config = ServerConfig(host="127.0.0.1", port=0, device="cuda", metrics_port=0, http_port=0, shutdown_grace_s=0.5)
     rows = 2048  # 2048 x 512 float32: 4 MiB per tensor
     inputs = [torch.randn(rows, 512, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     targets = [torch.randint(0, 512, (rows,), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
@@ -161,3 +161,43 @@ def test_a_gpu_server_reads_large_requests_in_place() -> None:
         expected.backward()
         torch.testing.assert_close(value, expected.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, leaf.grad, rtol=1e-5, atol=1e-7)
+
+
+def _invariance_jobs() -> list[Job]:
+    """float32 calls of several batch sizes, with the gradient of the input, for five losses."""
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.linspace(0.3, 1.7, 10)
+    jobs = []
+    for rows in (1, 3, 8, 17, 40):
+        x, y = torch.randn(rows, 6, generator=gen), torch.randn(rows, 6, generator=gen)
+        logits, classes = torch.randn(rows, 10, generator=gen), torch.randint(0, 10, (rows,), generator=gen)
+        jobs += [
+            job("mse_loss", ("input",), input=x, target=y),
+            job("huber_loss", ("input",), input=x, target=y, delta=0.5),
+            job("kl_div", ("input",), input=logits.log_softmax(1), target=logits.roll(1, 0).softmax(1),
+                reduction="batchmean"),
+            job("nll_loss", ("input",), input=logits.log_softmax(1), target=classes, weight=weight),
+            job("cross_entropy", ("input",), input=logits, target=classes),
+            job("cross_entropy", ("input",), input=logits, target=classes, label_smoothing=0.1),
+        ]
+    # Planned as the server plans on a GPU: label smoothing, which sums over classes, runs alone.
+    return [dataclasses.replace(j, plan=LOSSES[j.call.loss].batch.plan(j.call, invariant=True)) for j in jobs]
+
+
+def test_a_batch_answers_bit_for_bit_as_each_call_alone(executor: Executor) -> None:
+    jobs = _invariance_jobs()
+    by_loss: dict[tuple[str, Any], list[int]] = {}
+    for i, j in enumerate(jobs):
+        by_loss.setdefault((j.call.loss, j.plan.key if j.plan is not None else None), []).append(i)
+    batched: dict[int, Any] = {}
+    for indices in by_loss.values():
+        batched.update(zip(indices, executor.run_batch([jobs[i] for i in indices]), strict=True))
+    for i, j in enumerate(jobs):
+        alone = executor.run_batch([dataclasses.replace(j, plan=None)])[0]  # as a lone call arrives
+        together = batched[i]
+        assert isinstance(alone, Result) and isinstance(together, Result)
+        pairs = [(alone.loss, together.loss), *((alone.gradients[n], together.gradients[n]) for n in alone.gradients)]
+        for a, b in pairs:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.numpy().tobytes() == b.numpy().tobytes(), f"{j.call.loss}: batched differs from alone"
+

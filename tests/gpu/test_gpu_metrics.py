@@ -17,7 +17,7 @@ pytestmark = [
 
 
 def test_gpu_memory_gauge_follows_the_allocator() -> None:
-    config = ServerConfig(host="127.0.0.1", port=0, device="cuda", metrics_port=0, shutdown_grace_s=0.5)
+    config = ServerConfig(host="127.0.0.1", port=0, device="cuda", metrics_port=0, http_port=0, shutdown_grace_s=0.5)
     with ServerThread(config) as server, remoteloss.Client(server.target) as client:
         client.mse_loss(np.zeros((256, 1024), np.float32), np.ones((256, 1024), np.float32))
         held = server.metrics.registry.get_sample_value("remoteloss_gpu_memory_bytes", {"device": "cuda:0"})

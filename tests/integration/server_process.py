@@ -53,7 +53,7 @@ class ServerProcess:
 
     def start(self, wait: bool = True) -> None:
         argv = [sys.executable, "-m", "remoteloss_server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--metrics-port", str(self.metrics_port), "--device", "cpu", *self.flags]
+                "--http-port", "0", "--metrics-port", str(self.metrics_port), "--device", "cpu", *self.flags]
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if wait:

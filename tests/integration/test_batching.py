@@ -10,6 +10,8 @@ one case (and of cases that differ only in reduction or in having a batch dimens
 batch key, so batches mix reductions and batch sizes. Each answer (value, dtype, shape, torch's
 warnings, gradients) must equal torch.nn.functional computed here. The server's batch metrics
 must show that requests grouped, and which requests run alone is checked against the rules.
+(On this CPU server a batch is any calls of one loss, each computed as alone, bit for bit:
+test_batch_invariance.py; the rules' keys checked here are what a GPU concatenates by.)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ SHARED_ARGUMENTS = ("weight", "pos_weight", "linear_weight", "linear_bias")
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, max_batch_delay_s=0.05)
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, max_batch_delay_s=0.05)
     with ServerThread(config) as running:
         yield running
 
@@ -197,7 +199,7 @@ def test_batched_answers_equal_torch(server: ServerThread, stub: Any, loss: str)
 @pytest.fixture(scope="module")
 def slow_server() -> Iterator[ServerThread]:
     """Each batch waits 0.3 s for company."""
-    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, max_batch_delay_s=0.3)
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, max_batch_delay_s=0.3)
     with ServerThread(config) as running:
         yield running
 
@@ -214,7 +216,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(slow_serve
 
 
 def test_shutdown_answers_the_requests_still_queued() -> None:
-    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, max_batch_delay_s=0.5)
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, max_batch_delay_s=0.5)
     request = build_request("mse_loss", {"input": torch.ones(2, 3), "target": torch.zeros(2, 3)})
     with ServerThread(config) as running:
         channel = grpc.insecure_channel(running.target)

@@ -17,7 +17,7 @@ from remoteloss_server.config import ServerConfig
 def test_the_default_host_is_loopback_and_answers_there(caplog: pytest.LogCaptureFixture) -> None:
     assert ServerConfig().host == "localhost"
     with caplog.at_level(logging.INFO, logger="remoteloss_server.app"), ServerThread(
-        ServerConfig(port=0, device="cpu", metrics_port=0)
+        ServerConfig(port=0, device="cpu", metrics_port=0, http_port=0)
     ) as server:
         with remoteloss.Client(f"localhost:{server.port}") as client:
             assert client.mse_loss(np.ones(3), np.zeros(3)) == 1.0

@@ -79,10 +79,10 @@ def test_dockerfile_installs_the_server_with_the_tested_torch_as_a_non_root_user
     user = dockerfile.one("USER").split(":")[0]
     assert user not in ("0", "root"), "the server must not run as root"
     exposed = {int(port.split("/")[0]) for port in dockerfile.one("EXPOSE").split()}
-    assert exposed == {DEFAULTS.port, DEFAULTS.metrics_port}
+    assert exposed == {DEFAULTS.port, DEFAULTS.http_port, DEFAULTS.metrics_port}
     server_env = {k: v for k, v in dockerfile.env().items() if k.startswith("REMOTELOSS_")}
     config = check_server_environment(server_env, "Dockerfile ENV")
-    assert (config.port, config.metrics_port) == (DEFAULTS.port, DEFAULTS.metrics_port)
+    assert (config.port, config.http_port, config.metrics_port) == (DEFAULTS.port, DEFAULTS.http_port, DEFAULTS.metrics_port)
     assert config.host == "[::]", "the server's default is loopback only: the image must bind every interface"
     assert config.shutdown_grace_s == DEFAULTS.shutdown_grace_s
     assert dockerfile.cmd()[0] == "remoteloss-server"
@@ -172,6 +172,7 @@ def test_image_command_serves_and_its_healthcheck_follows_health(tmp_path: Path)
         **dockerfile.env(),
         "REMOTELOSS_PORT": str(free_port()),
         "REMOTELOSS_METRICS_PORT": str(free_port()),
+        "REMOTELOSS_HTTP_PORT": str(free_port()),
         "REMOTELOSS_DEVICE": "cpu",
         "PATH": bin_folder + os.pathsep + os.environ.get("PATH", ""),
     }
@@ -294,9 +295,9 @@ def test_compose_profiles_hold_one_server_variant_each() -> None:
 def test_compose_servers_match_the_server_defaults(name: str) -> None:
     service = compose()["services"][name]
     config = check_server_environment(service["environment"], f"{name}.environment")
-    assert config.port == DEFAULTS.port and config.metrics_port == DEFAULTS.metrics_port
+    assert (config.port, config.http_port, config.metrics_port) == (DEFAULTS.port, DEFAULTS.http_port, DEFAULTS.metrics_port)
     assert config.host == "[::]", "nginx and Prometheus reach a replica only on an interface other than loopback"
-    assert {int(p) for p in service["expose"]} == {config.port, config.metrics_port}
+    assert {int(p) for p in service["expose"]} == {config.port, config.http_port, config.metrics_port}
     assert "ports" not in service, "replicas are reached through nginx; a host port would stop them scaling"
     grace = config.shutdown_grace_s
     assert grace >= DEFAULTS.shutdown_grace_s

@@ -324,7 +324,7 @@ def test_an_idle_open_stream_does_not_hold_shutdown(start: Callable[..., list[Se
 def test_on_the_wire_a_drained_stream_ends_unavailable_naming_the_answers_it_sent() -> None:
     """What another language's client sees: the answers of what was taken, then UNAVAILABLE with
     ``remoteloss-drained: <answers sent>``; an idle stream ends at once, whatever the grace."""
-    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, shutdown_grace_s=30)
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, shutdown_grace_s=30)
     server = ServerThread(config).__enter__()
     stopper = threading.Thread(target=server.__exit__, args=(None, None, None))
     try:

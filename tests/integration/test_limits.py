@@ -18,7 +18,7 @@ from remoteloss_server.config import ServerConfig
 @pytest.fixture(scope="module")
 def small_server() -> Iterator[ServerThread]:
     config = ServerConfig(
-        port=0, host="127.0.0.1", device="cpu", metrics_port=0, max_message_bytes=4096, max_request_elements=500
+        port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, max_message_bytes=4096, max_request_elements=500
     )
     with ServerThread(config) as running:
         yield running

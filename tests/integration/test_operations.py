@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def config(**changes: Any) -> ServerConfig:
-    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "device": "cpu", "metrics_port": 0, "shutdown_grace_s": 0.5}
+    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "device": "cpu", "metrics_port": 0, "http_port": 0, "shutdown_grace_s": 0.5}
     return ServerConfig(**{**base, **changes})
 
 
@@ -163,6 +163,7 @@ def test_reflection_lists_every_service(server: ServerThread) -> None:
     with grpc.insecure_channel(server.target) as channel:
         assert list_services(channel) == {
             SERVICE_NAME,
+            "inference.GRPCInferenceService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         }

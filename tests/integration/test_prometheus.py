@@ -118,7 +118,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerThread]:
-    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", metrics_port=free_port(), shutdown_grace_s=0.5)
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", metrics_port=free_port(), http_port=0, shutdown_grace_s=0.5)
     with ServerThread(config) as running:
         yield running
 

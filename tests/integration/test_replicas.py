@@ -59,7 +59,7 @@ class Replica:
 
     def start(self) -> None:
         argv = [sys.executable, "-m", "remoteloss_server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--metrics-port", str(self.metrics_port), "--device", "cpu", "--grace-period", "1"]
+                "--http-port", "0", "--metrics-port", str(self.metrics_port), "--device", "cpu", "--grace-period", "1"]
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

@@ -39,7 +39,7 @@ REFUSED_TIMEOUT_S = 10.0  # a refused handshake fails after gRPC's retries, well
 
 
 def config(**changes: Any) -> ServerConfig:
-    return ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, **changes)
+    return ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_the_ready_line_says_what_is_on(key_file: Path, caplog: pytest.LogCaptur
 
 def test_open_access_on_every_interface_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="remoteloss_server.app"), ServerThread(
-        ServerConfig(port=0, host="0.0.0.0", device="cpu", metrics_port=0)
+        ServerConfig(port=0, host="0.0.0.0", device="cpu", metrics_port=0, http_port=0)
     ):
         pass
     (warning,) = [r for r in caplog.records if "event=open_access" in r.getMessage()]

@@ -44,9 +44,9 @@ HEAVY_CALLERS = 64
 # compute) by the server's event loop and GIL time spent on the heavy tenant's bytes (receiving,
 # parsing and answering its requests, about as much as their compute on a CPU): measured 10 to
 # 40 ms on 2 shared cores. The batcher's own part, the light calls' wait in its queue, is checked
-# without it. End to end, the comparison with first come, first served is made at the median: at
-# p99, one stall of a busy shared machine (hundreds of ms) weighs on a few dozen short calls far
-# more than on a few long ones; the batcher's wait is compared at p99.
+# without it. Inside the heavy tenant, light calls of another loss form a group of their own (on
+# a CPU a group is a loss: each call computes as alone), which takes turns with the heavy loss's
+# batches: they too wait about one heavy batch, not behind the heavy tenant's whole queue.
 LOOP_ALLOWANCE_S = 0.05
 
 
@@ -93,10 +93,6 @@ def p99_bound_s(before: list[float], after: list[float]) -> float:
         if count >= 0.99 * counts[-1]:
             return bound
     return float("inf")
-
-
-def median(bystander: Bystander) -> float:
-    return sorted(bystander.latencies)[len(bystander.latencies) // 2]
 
 
 def percentiles(bystander: Bystander) -> str:
@@ -148,7 +144,7 @@ def test_tenants_share_compute_by_weight_and_a_light_one_is_not_held_up(keyed: S
         fair = light_calls(keyed, "carol", 4.0)
         queue_after = buckets(keyed, "remoteloss_queue_duration_seconds", loss="mse_loss")
         compute_after = buckets(keyed, "remoteloss_compute_duration_seconds", loss="l1_loss")
-        fcfs = light_calls(keyed, "bob", 4.0)  # in the heavy tenant: first come, first served
+        fcfs = light_calls(keyed, "bob", 4.0)  # in the heavy tenant: its groups take turns
         fcfs_queue_after = buckets(keyed, "remoteloss_queue_duration_seconds", loss="mse_loss")
     finally:
         figures.notes.append(f"heavy load {heavy.close()}")
@@ -157,7 +153,7 @@ def test_tenants_share_compute_by_weight_and_a_light_one_is_not_held_up(keyed: S
     fcfs_queue_s = p99_bound_s(queue_after, fcfs_queue_after)
     figures.notes.append(
         f"light calls unloaded {percentiles(unloaded)}; beside 64 heavy callers {percentiles(fair)}, their wait "
-        f"in the batcher p99 <= {light_queue_s * 1e3:g} ms; in the heavy tenant (FCFS) {percentiles(fcfs)}, "
+        f"in the batcher p99 <= {light_queue_s * 1e3:g} ms; in the heavy tenant {percentiles(fcfs)}, "
         f"waiting p99 <= {fcfs_queue_s * 1e3:g} ms; heavy compute p99 <= {heavy_compute_s * 1e3:g} ms"
     )
     rss.stop()
@@ -166,9 +162,8 @@ def test_tenants_share_compute_by_weight_and_a_light_one_is_not_held_up(keyed: S
     Watch.report.append(figures)
     assert abs(share - 0.75) <= 0.075, figures.line()
     assert light_queue_s <= heavy_compute_s, figures.line()  # behind the batch computing, no more
-    assert 5 * light_queue_s <= fcfs_queue_s, figures.line()
+    assert fcfs_queue_s <= heavy_compute_s, figures.line()  # a turn after the heavy loss's batch
     assert fair.p99_s() <= unloaded.p99_s() + heavy_compute_s + LOOP_ALLOWANCE_S, figures.line()
-    assert 5 * median(fair) <= median(fcfs), figures.line()
 
 
 # ------------------------------------------------------------------------------------ SIGHUP
@@ -283,7 +278,7 @@ def test_server_thread_reload_keeps_the_old_keys_when_the_file_is_bad(
 ) -> None:
     keys = tmp_path / "api-keys"
     keys.write_text(f"alice:{KEYS['alice']}\n")
-    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, api_keys_file=str(keys))
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, api_keys_file=str(keys))
     with caplog.at_level(logging.INFO), ServerThread(config) as server:
         with grpc.insecure_channel(server.target) as channel:
             keys.write_text(f"alice:{KEYS['alice']}\nbob:{KEYS['bob']}\n")
@@ -297,7 +292,7 @@ def test_server_thread_reload_keeps_the_old_keys_when_the_file_is_bad(
 
 
 def test_a_reload_without_keys_or_tls_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    config: Any = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, tenant_weights=(("alice", 2.0),))
+    config: Any = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, tenant_weights=(("alice", 2.0),))
     with caplog.at_level(logging.INFO), ServerThread(config) as server:
         assert server.reload()
     messages = [r.getMessage() for r in caplog.records]

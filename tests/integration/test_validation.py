@@ -58,7 +58,7 @@ def compute(stub: Any, loss: str, **fields: Any) -> grpc.RpcError:
 @pytest.fixture(scope="module")
 def small() -> Iterator[Any]:
     """A server whose requests may imply at most LIMIT elements."""
-    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, max_elements=LIMIT)
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, max_elements=LIMIT)
     with ServerThread(config) as running, grpc.insecure_channel(running.target) as channel:
         yield loss_pb2_grpc.LossServiceStub(channel)
 

@@ -56,7 +56,7 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
     port = _free_port()
     log = tmp_path / "server.log"
     argv = [sys.executable, "-m", "remoteloss_server", "--workers", "2", "--host", "127.0.0.1", "--port", str(port),
-            "--device", "cpu", "--metrics-port", "0", "--grace-period", "5"]
+            "--device", "cpu", "--http-port", "0", "--metrics-port", "0", "--grace-period", "5"]
     with log.open("wb") as sink:
         process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
     running = Workers(process, port, log)

@@ -34,6 +34,7 @@ class Runner:
 
     def __init__(self, hold: bool = False, fail: BaseException | None = None) -> None:
         self.batches: list[list[Call]] = []
+        self.plans: list[Any] = []
         self.started = threading.Event()
         self.gate = threading.Event()
         if not hold:
@@ -42,6 +43,7 @@ class Runner:
 
     def run_batch(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
         self.batches.append([job.call for job in jobs])
+        self.plans.extend(job.plan for job in jobs)
         self.started.set()
         self.gate.wait(10)
         if self.fail is not None:
@@ -75,7 +77,7 @@ def run(test: Callable[..., Awaitable[None]], runner: Runner, *, alone: bool = F
     metrics = Metrics()
     fields = {f.name for f in dataclasses.fields(SchedulingPolicy)}
     policy = SchedulingPolicy(**{
-        "inline_elements": getattr(runner, "inline_elements", 0), "max_batch_elements": 2**24,
+        "inline_elements": getattr(runner, "inline_elements", 0), "max_batch_elements": 2**24, "concatenate": True,
         **{k: v for k, v in options.items() if k in fields},
     })
     others = {k: v for k, v in options.items() if k not in fields}
@@ -165,7 +167,7 @@ def test_a_lone_call_queues_behind_a_busy_batcher_and_batches() -> None:
     async def test(batcher: Batcher) -> None:
         blocker = asyncio.create_task(batcher.submit(mse(rows=5, loss="l1_loss")))  # on a compute thread
         await asyncio.to_thread(runner.started.wait, 10)
-        calls = [mse(value=i) for i in range(3)]
+        calls = [mse(rows=1, value=i) for i in range(3)]  # 12 elements: one batch on the event loop
         assert not batcher.idle
         tasks = [asyncio.create_task(batcher.submit(call)) for call in calls]
         await settle()
@@ -383,8 +385,75 @@ def test_without_batching_each_call_is_its_own_batch() -> None:
         runner.gate.set()
         await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
 
-    run(test, runner, batching=False)
+    metrics = run(test, runner, batching=False)
     assert runner.sizes() == [1, 1, 1, 1]
+    assert metrics.registry.get_sample_value(
+        "remoteloss_batch_decisions_total", {"loss": "mse_loss", "decision": "batch"}
+    ) is None  # nothing to decide
+
+
+def test_on_a_cpu_calls_of_one_loss_share_a_batch_whatever_their_shapes() -> None:
+    """Without concatenation (a CPU) each call computes as alone, so the group is the loss."""
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = await hold(batcher, runner)
+        calls = [mse(rows=1), mse(rows=2, loss="l1_loss"), mse(rows=3), mse(rows=4)]
+        calls[2] = Call("mse_loss", calls[2].function, {n: torch.zeros(3, 5) for n in ("input", "target")},
+                        calls[2].options, ("input",))  # another per-sample shape, and a gradient
+        tasks = [asyncio.create_task(batcher.submit(c)) for c in calls]
+        await settle()
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+        assert runner.batches[1:] == [[calls[0], calls[2], calls[3]], [calls[1]]]
+        assert all(job_plan is None for job_plan in runner.plans)  # no plan: nothing is concatenated
+        # Each batch's compute time is a cost sample of its loss, by batch size class.
+        assert batcher._decider.estimate("mse_loss", 3) is not None
+        assert batcher._decider.estimate("l1_loss", 1) is not None
+
+    metrics = run(test, runner, concatenate=False)
+    assert metrics.registry.get_sample_value(
+        "remoteloss_batch_decisions_total", {"loss": "mse_loss", "decision": "batch"}
+    ) == 1
+
+
+def test_calls_that_each_compute_on_the_event_loop_batch_no_more_than_it_takes_at_once() -> None:
+    runner = InlineRunner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        blocker = asyncio.create_task(batcher.submit(mse(rows=5, loss="l1_loss")))  # on a compute thread
+        await asyncio.to_thread(runner.started.wait, 10)
+        tasks = [asyncio.create_task(batcher.submit(mse(value=i))) for i in range(3)]  # 8 elements each
+        await settle()
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+
+    run(test, runner, alone=True)
+    assert runner.sizes() == [1, 2, 1]  # 16 elements at most: on the event loop, as each alone would be
+
+
+def test_where_batches_cost_more_per_call_the_calls_go_one_at_a_time() -> None:
+    runner = Runner(hold=True)
+
+    async def test(batcher: Batcher) -> None:
+        for calls in (2, 4):  # measured: alone 1 ms per call, in batches 4 ms per call
+            batcher._decider.observe("mse_loss", calls, 0.004 * calls)
+        batcher._decider.observe("mse_loss", 1, 0.001)
+        blocker = await hold(batcher, runner)
+        tasks = [asyncio.create_task(batcher.submit(mse(value=i))) for i in range(4)]
+        await settle()
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 5)
+
+    metrics = run(test, runner)
+    assert runner.sizes() == [1, 1, 1, 1, 1]
+    decisions = {
+        decision: metrics.registry.get_sample_value(
+            "remoteloss_batch_decisions_total", {"loss": "mse_loss", "decision": decision}
+        )
+        for decision in ("batch", "alone")
+    }
+    assert decisions == {"batch": None, "alone": 3}  # 4, 3 and 2 calls queued; the last one alone
 
 
 def test_unexpected_failures_reach_every_call_of_the_batch() -> None:

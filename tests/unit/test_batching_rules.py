@@ -2,7 +2,9 @@
 as each would alone, for the reductions that need more than a mean (weights, ignore_index,
 label smoothing, CTC lengths, batchmean, size_average/reduce); fallbacks; out of memory.
 
-Every loss and option set is also batched end to end in tests/integration/test_batching.py.
+The concatenated route is a GPU's; it is tested here on the CPU (whose own batches compute each
+call as alone: tests/integration/test_batch_invariance.py). Every loss and option set is also
+batched end to end in tests/integration/test_batching.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from remoteloss_server.losses import LOSSES
 from remoteloss_server.losses.batching import BATCHED, PADDED, RAGGED, SHARED
 
 torch.set_num_threads(1)
-EXECUTOR = Executor("cpu", torch_threads=1)
+EXECUTOR = Executor("cpu", torch_threads=1, concatenate=True)  # a GPU's route, on the CPU
 G = torch.Generator().manual_seed(7)
 
 
@@ -273,3 +275,34 @@ def test_a_bad_grad_output_fails_only_its_call() -> None:
     assert results is not None
     assert isinstance(results[0], Result) and isinstance(results[1], Result)
     assert isinstance(results[2], InvalidArgumentError) and "grad_output has shape [3]" in str(results[2])
+
+
+def test_on_a_gpu_only_calls_that_round_alike_in_any_batch_concatenate() -> None:
+    def plan(loss: str, **arguments: Any) -> Any:
+        j = job(loss, ("input",), **arguments)
+        rule = LOSSES[loss].batch
+        assert rule is not None
+        return rule.plan(j.call, invariant=True)
+
+    logits, classes = randn(4, 10), torch.tensor([0, 3, 9, 2])
+    assert plan("mse_loss", input=randn(4, 3), target=randn(4, 3)) is not None
+    assert plan("nll_loss", input=logits, target=classes, weight=randn(10).abs()) is not None
+    assert plan("cross_entropy", input=logits, target=classes) is not None
+    assert plan("cross_entropy", input=logits, target=classes, label_smoothing=0.1) is None  # sums over classes
+    assert plan("cross_entropy", input=logits, target=logits.softmax(1)) is None
+    assert plan("multi_margin_loss", input=logits, target=classes) is None
+    # A batchable job without a plan (a lone call) gets one, and runs as a batch of one.
+    lone = dataclasses.replace(job("mse_loss", ("input",), input=randn(4, 3), target=randn(4, 3)), plan=None)
+    calls: list[int] = []
+    original = EXECUTOR._batched
+
+    def counting(jobs: Any) -> Any:
+        calls.append(len(jobs))
+        return original(jobs)
+
+    EXECUTOR._batched = counting  # type: ignore[method-assign]
+    try:
+        (result,) = EXECUTOR.run_batch([lone])
+    finally:
+        del EXECUTOR._batched
+    assert calls == [1] and isinstance(result, Result)

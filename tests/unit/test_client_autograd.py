@@ -101,6 +101,58 @@ def test_backward_matches_torch_with_as_few_calls_as_possible(
     torch.testing.assert_close(remote_target.grad, local_target.grad)
 
 
+
+def test_a_retained_graph_gives_the_same_gradients_again(client: Any, server: LocalServer) -> None:
+    """The first backward hands the received gradients over (torch keeps them as .grad without a
+    copy); a second backward of the retained graph asks again, and a .grad changed in place in
+    between changes nothing else."""
+    remote_input, local_input = _leaves(4, 3)
+    target = torch.ones(4, 3, dtype=torch.float64)
+    ours = client.mse_loss(remote_input, target)
+    theirs = F.mse_loss(local_input, target)
+    ours.backward(retain_graph=True)
+    theirs.backward(retain_graph=True)
+    torch.testing.assert_close(remote_input.grad, local_input.grad, rtol=0, atol=0)
+    assert len(server.requests) == 1
+    assert remote_input.grad is not None
+    remote_input.grad.mul_(10.0)
+    local_input.grad.mul_(10.0)
+    ours.backward(retain_graph=True)
+    theirs.backward(retain_graph=True)
+    (ours * 2.0).backward()
+    (theirs * 2.0).backward()
+    torch.testing.assert_close(remote_input.grad, local_input.grad, rtol=0, atol=0)
+    assert len(server.requests) == 3  # the second backward's call; the third's gradients are the second's
+
+
+def test_create_graph_gives_first_gradients_and_refuses_a_second_derivative(client: Any) -> None:
+    remote_input, local_input = _leaves(5)
+    target = torch.zeros(5, dtype=torch.float64)
+    scale = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)  # a grad_output with a graph
+    loss = client.mse_loss(remote_input, target)
+    (ours,) = torch.autograd.grad(loss, remote_input, grad_outputs=scale, create_graph=True)
+    (theirs,) = torch.autograd.grad(F.mse_loss(local_input, target), local_input)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert ours.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        ours.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gradients_have_the_inputs_dtype_and_are_writable(client: Any, dtype: torch.dtype) -> None:
+    remote_input = torch.arange(6, dtype=dtype).reshape(2, 3).requires_grad_()
+    local_input = remote_input.detach().clone().requires_grad_()
+    target = torch.ones(2, 3, dtype=dtype)
+    loss = client.mse_loss(remote_input, target)
+    expected = F.mse_loss(local_input, target)
+    assert loss.dtype == expected.dtype and loss.shape == expected.shape
+    loss.backward()
+    expected.backward()
+    assert remote_input.grad is not None and local_input.grad is not None
+    assert remote_input.grad.dtype == dtype and remote_input.grad.shape == (2, 3)
+    torch.testing.assert_close(remote_input.grad, local_input.grad, rtol=0, atol=0)
+    remote_input.grad.add_(1)  # its own memory: writable
+
 def test_every_tensor_argument_gets_its_gradient(client: Any) -> None:
     pairs = [_leaves(4, 3, seed=seed) for seed in range(3)]
     var = [(v.abs() + 0.1).detach().requires_grad_() for v in _leaves(4, 1, seed=3)]

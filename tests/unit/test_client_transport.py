@@ -67,6 +67,9 @@ def test_a_small_request_keeps_its_bytes_in_the_message() -> None:
     request = prepare_request("mse_loss", {"input": np.ones(3), "target": np.zeros(3)})
     assert request.payloads is None
     assert request.message == build_request("mse_loss", {"input": np.ones(3), "target": np.zeros(3)})
+    for key in (1, 127, 128, 2**32, 2**64 - 1):  # a stream item's bytes, written without protobuf's copy
+        item = pb.ComputeStreamRequest(id=key, request=request.message).SerializeToString()
+        assert request.serialize_item(key) == item
 
 
 def test_a_large_request_leaves_the_arguments_bytes_in_place_until_serialized() -> None:

@@ -17,10 +17,12 @@ from remoteloss_server.metrics import LATENCY_BUCKETS, Metrics, serve_http
 METRICS = {
     "request_duration": ("remoteloss_request_duration_seconds", "histogram", ("loss", "code")),
     "requests": ("remoteloss_requests", "counter", ("loss", "code")),
+    "protocol_requests": ("remoteloss_protocol_requests", "counter", ("protocol", "loss", "code")),
     "queue_duration": ("remoteloss_queue_duration_seconds", "histogram", ("loss",)),
     "compute_duration": ("remoteloss_compute_duration_seconds", "histogram", ("loss", "device")),
     "batch_requests": ("remoteloss_batch_requests", "histogram", ("loss",)),
     "batch_elements": ("remoteloss_batch_elements", "histogram", ("loss",)),
+    "batch_decisions": ("remoteloss_batch_decisions", "counter", ("loss", "decision")),
     "request_bytes": ("remoteloss_request_bytes", "histogram", ("loss",)),
     "response_bytes": ("remoteloss_response_bytes", "histogram", ("loss",)),
     "elements": ("remoteloss_tensor_elements", "counter", ("loss",)),

@@ -21,7 +21,7 @@ from remoteloss_server.config import ServerConfig
 torch.set_num_threads(1)
 
 CONFIG = ServerConfig(
-    host="127.0.0.1", port=0, max_message_bytes=64 * 1024, shutdown_grace_s=0.5, metrics_port=0
+    host="127.0.0.1", port=0, max_message_bytes=64 * 1024, shutdown_grace_s=0.5, metrics_port=0, http_port=0
 )
 
 
@@ -108,7 +108,7 @@ def test_a_start_that_fails_half_way_leaks_nothing() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         threads = {t.name for t in threading.enumerate()}
-        config = ServerConfig(host="127.0.0.1", port=0, device="cpu", metrics_port=taken.getsockname()[1])
+        config = ServerConfig(host="127.0.0.1", port=0, device="cpu", metrics_port=taken.getsockname()[1], http_port=0)
         for _ in range(3):
             with pytest.raises(StartupError, match="for /metrics"), ServerThread(config):
                 pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import warnings
 from collections.abc import Callable
@@ -239,3 +240,34 @@ def test_a_device_failure_is_not_blamed_on_the_arguments(executor: Executor) -> 
 def test_an_unexpected_error_propagates(executor: Executor) -> None:
     with pytest.raises(KeyError):
         executor.run(_raising(KeyError("bug")))
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().numpy().tobytes()
+
+
+def test_a_cpu_batch_answers_each_call_as_alone_bit_for_bit(executor: Executor) -> None:
+    """A CPU batch computes each call as ``run`` does (one backward pass over the separate
+    graphs): the same bits, each call's own warnings, and a bad grad_output fails its call only."""
+    from remoteloss_server.executor import Job, Result
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g)
+    logits, classes = torch.randn(5, 4, generator=g), torch.tensor([0, 3, 1, 2, 2])
+    jobs = [
+        Job(make_call("mse_loss", {"input": x, "target": y}, ("input", "target"))),
+        Job(make_call("mse_loss", {"input": x[:1], "target": y[0]}, ("input",))),  # torch warns: broadcast
+        Job(make_call("cross_entropy", {"input": logits, "target": classes}, ("input",), label_smoothing=0.2)),
+        Job(make_call("huber_loss", {"input": x, "target": y}, ("input",), reduction="none"),
+            torch.rand(7, 3, generator=g)),
+        Job(make_call("huber_loss", {"input": x, "target": y}, ("input",)), torch.ones(2)),  # a bad grad_output
+    ]
+    together = executor.run_batch(jobs)
+    for job, batched in zip(jobs[:4], together, strict=False):
+        alone = executor.run(dataclasses.replace(job.call, tensors={k: v.clone() for k, v in job.call.tensors.items()}),
+                             job.grad_output)
+        assert isinstance(batched, Result)
+        assert _bits(batched.loss) == _bits(alone.loss) and batched.warnings == alone.warnings
+        assert {n: _bits(t) for n, t in batched.gradients.items()} == {n: _bits(t) for n, t in alone.gradients.items()}
+    assert together[0].warnings == [] and together[1].warnings and "target size" in together[1].warnings[0]
+    assert isinstance(together[4], InvalidArgumentError) and "grad_output has shape [2]" in str(together[4])

@@ -65,7 +65,7 @@ def test_a_failed_worker_exits_1(monkeypatch: pytest.MonkeyPatch, capsys: pytest
 def test_each_worker_serves_metrics_on_its_own_port() -> None:
     config = ServerConfig(workers=3, metrics_port=9464)
     assert [worker_config(config, i).metrics_port for i in range(3)] == [9464, 9465, 9466]
-    assert worker_config(ServerConfig(workers=3, metrics_port=0), 2).metrics_port == 0
+    assert worker_config(ServerConfig(workers=3, metrics_port=0, http_port=0), 2).metrics_port == 0
     assert worker_config(config, 1).port == config.port
 
 

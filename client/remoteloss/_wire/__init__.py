@@ -49,6 +49,7 @@ __all__ = [
     "read_varint",
     "serialize",
     "split",
+    "varint",
 ]
 
 # From this many bytes (of a message, or of its tensors' data) on, ``parse``, ``attach`` and

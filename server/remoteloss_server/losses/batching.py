@@ -77,6 +77,10 @@ def _never(call: Call) -> bool:
     return False
 
 
+def always(call: Call) -> bool:
+    return True
+
+
 def _no_warnings(reduction: str, options: Mapping[str, Any]) -> tuple[str, ...]:
     return ()
 
@@ -97,10 +101,20 @@ class BatchRule:
     mean: Mean = _mean  # reduction="mean" of one call's share of the unreduced loss
     alone: Callable[[Call], bool] = _never  # option combinations that must run alone
     warns: Callable[[str, Mapping[str, Any]], tuple[str, ...]] = _no_warnings  # torch's warnings per reduction
+    # Calls whose unreduced loss and its gradient come element by element (or row by row, from a
+    # kernel set up by the row's length alone), so that on a GPU each call's bits are the same
+    # whatever rows surround it. Others (a sum over classes, features, time or a matmul inside
+    # each sample, whose kernel is set up by the number of rows) never concatenate on a GPU.
+    invariant: Callable[[Call], bool] = _never
 
-    def plan(self, call: Call, max_shared_elements: int = SchedulingPolicy.max_shared_elements) -> Plan | None:
+    def plan(
+        self, call: Call, max_shared_elements: int = SchedulingPolicy.max_shared_elements, *, invariant: bool = False
+    ) -> Plan | None:
         """How ``call`` joins a batch, or None where it must run alone (also when a shared tensor
-        has more than ``max_shared_elements``: ``SchedulingPolicy.max_shared_elements``)."""
+        has more than ``max_shared_elements``: ``SchedulingPolicy.max_shared_elements``; and,
+        with ``invariant``, where ``self.invariant(call)`` is False)."""
+        if invariant and not self.invariant(call):
+            return None
         try:
             return self._plan(call, max_shared_elements)
         except _Unbatchable:
@@ -221,15 +235,23 @@ class Stack:
         """Each call's loss from the batch's unreduced ``loss``, computed from ``tensors``.
 
         The shares come from one ``split`` per tensor (not a slice per call), so that backward
-        assembles each gradient once instead of once per call.
+        assembles each gradient once instead of once per call. Each share that is reduced, and
+        each part a mean reads, is first copied into a tensor of its own: a reduction then runs
+        on a tensor of the call's size, freshly allocated, wherever the call sat in the batch,
+        so its result (and its backward) does not depend on the batch (on a GPU, a reduction's
+        kernel depends on the size and the alignment of its input).
         """
         sizes = [plan.size for plan in self.plans]
-        shares = loss.split_with_sizes(sizes)
+        shares = [
+            share if plan.reduction == "none" else share.clone()
+            for plan, share in zip(self.plans, loss.split_with_sizes(sizes), strict=True)
+        ]
         parts: dict[str, Sequence[torch.Tensor]] = {}
         if any(plan.reduction == "mean" for plan in self.plans):
             for name, role in self.plans[0].roles.items():
                 if role in (BATCHED, PADDED):
-                    parts[name] = tensors[name].split_with_sizes(sizes, self.rule._dim(name))
+                    pieces = tensors[name].split_with_sizes(sizes, self.rule._dim(name))
+                    parts[name] = [piece.clone() for piece in pieces]
                 elif role == SHARED:
                     parts[name] = [tensors[name]] * len(sizes)
         losses = []
@@ -340,6 +362,14 @@ def kl_div_warnings(reduction: str, options: Mapping[str, Any]) -> tuple[str, ..
     if reduction != "mean" or any(options.get(name) is not None for name in _LEGACY):
         return ()
     return _kl_div_mean_warnings(bool(options["log_target"]))
+
+
+def class_indices_invariant(call: Call) -> bool:
+    """cross_entropy: class indices of (N, C) or (C) logits without label smoothing (a log-softmax
+    by row, then a gather); probabilities and label smoothing sum over the classes."""
+    target = call.tensors["target"]
+    smoothing = call.options.get("label_smoothing") or 0.0
+    return not target.is_floating_point() and smoothing == 0.0 and call.tensors["input"].dim() <= 2
 
 
 def linear_cross_entropy_alone(call: Call) -> bool:

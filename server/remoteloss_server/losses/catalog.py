@@ -61,10 +61,13 @@ _SAME_TARGET = checks.same_shape("target", "input")
 # Batch rules (see losses.batching). Arguments that broadcast against each other batch only
 # with the reference's exact shape: torch's size warnings name the shapes.
 _TARGET = frozenset({"target"})
-_ELEMENTWISE = BatchRule(same_rank=True, same_shape=_TARGET)
-_WEIGHTED = BatchRule(same_rank=True, same_shape=frozenset({"target", "weight"}))
+# ``invariant``: which calls may be concatenated on a GPU (see BatchRule.invariant).
+_ELEMENTWISE = BatchRule(same_rank=True, same_shape=_TARGET, invariant=batching.always)
+_WEIGHTED = BatchRule(same_rank=True, same_shape=frozenset({"target", "weight"}), invariant=batching.always)
 _CLASSES = BatchRule(unbatched_rank=1, shared=frozenset({"weight"}), mean=batching.class_mean)
-_PAIRS = BatchRule(reference="input1", same_rank=True, same_shape=frozenset({"input2", "target"}))
+_PAIRS = BatchRule(
+    reference="input1", same_rank=True, same_shape=frozenset({"input2", "target"}), invariant=batching.always
+)
 _TRIPLETS = frozenset({"positive", "negative"})
 
 _SPECS = (
@@ -98,7 +101,7 @@ _SPECS = (
                 {"label_smoothing": 1.5},
             ),
         ),
-        batch=_CLASSES,
+        batch=dataclasses.replace(_CLASSES, invariant=batching.class_indices_invariant),
     ),
     LossSpec(
         "ctc_loss",
@@ -130,7 +133,7 @@ _SPECS = (
             _weight(FLOATING, _CLASS_WEIGHT, differentiable=False),
         ),
         checks=(checks.nll_loss,),
-        batch=_CLASSES,
+        batch=dataclasses.replace(_CLASSES, invariant=batching.always),  # a gather, element by element
     ),
     LossSpec("poisson_nll_loss", "PoissonNLLLoss", _input_target(ANY, ANY), checks=_BROADCAST, batch=_ELEMENTWISE),
     LossSpec(

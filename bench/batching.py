@@ -1,0 +1,119 @@
+"""Batching on / off: throughput ratios at 1, 4, 16 and 64 callers, small and large requests.
+
+    python bench/batching.py                 # 3 interleaved rounds; about 2 minutes on 2 cores
+    python bench/batching.py --rounds 1 --duration 0.5   # a smoke test
+    python bench/batching.py --json out.json
+
+Two servers run side by side as subprocesses (the default, and ``--no-batching``); each round
+drives both with ``remoteloss bench`` (float32 mse_loss and the gradient of its input) at each
+number of callers and size, one after the other, so that the machine's noise falls on both
+alike. The ratio of a cell is the median over rounds of that round's on / off throughput (the
+target: at least 1.0 everywhere on a CPU). Each measurement also reads the server's own CPU time
+(as bench/server_cpu.py does), printed per request: on a shared machine it is steadier than the
+throughput. The batching server's decisions (``remoteloss_batch_decisions_total``) are printed at
+the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from server_cpu import _cpu_seconds
+from servers import Client, Fleet, Server, free_port
+
+CALLERS = (1, 4, 16, 64)
+SIZES = {"small": "1000", "large": "1000000"}
+
+
+def _decisions(metrics_port: int) -> dict[str, float]:
+    """The batching server's decision counters, by ``loss/decision``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("remoteloss_batch_decisions_total{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.removeprefix("remoteloss_batch_decisions_total")] = float(value)
+    return found
+
+
+def measure(rounds: int, duration_s: float, large_duration_s: float, warmup_s: float, logs: Path,
+            callers: tuple[int, ...] = CALLERS, sizes: tuple[str, ...] = tuple(SIZES)) -> dict[str, Any]:
+    """Every cell, ``rounds`` times, each server in turn; the figures by cell and server."""
+    client = Client()
+    metrics_port = free_port()
+    on = Server.remoteloss("batching-on", ["--metrics-port", str(metrics_port)], logs=logs)
+    off = Server.remoteloss("batching-off", ["--no-batching"], logs=logs)
+    cells: dict[str, dict[str, list[float]]] = {}
+    with Fleet() as fleet:
+        fleet.start(on, off)
+        for server in (on, off):  # first requests, torch's first call: before anything is measured
+            for shape in SIZES.values():
+                client.bench(server, concurrency=4, shape=shape, grad=True, duration_s=0.5, warmup_s=warmup_s)
+        for round_index in range(rounds):
+            for size in sizes:
+                duration = duration_s if size == "small" else large_duration_s
+                for count in callers:
+                    cell = cells.setdefault(f"{size} x{count}", {
+                        "on": [], "off": [], "ratio": [], "on_cpu_us": [], "off_cpu_us": []})
+                    # Alternate which server goes first, so neither always meets a warmer machine.
+                    order = (on, off) if round_index % 2 == 0 else (off, on)
+                    rates = {}
+                    for server in order:
+                        before = _cpu_seconds(server)
+                        level = client.bench(server, concurrency=count, shape=SIZES[size], grad=True,
+                                             duration_s=duration, warmup_s=0)["level"]
+                        rates[server.name] = level["throughput_rps"]
+                        used = (_cpu_seconds(server) - before) / max(level["requests"], 1) * 1e6
+                        cell["on_cpu_us" if server is on else "off_cpu_us"].append(used)
+                    cell["on"].append(rates["batching-on"])
+                    cell["off"].append(rates["batching-off"])
+                    cell["ratio"].append(rates["batching-on"] / rates["batching-off"])
+        decisions = _decisions(metrics_port)
+    return {"cells": cells, "decisions": decisions, "commands": sorted(set(client.commands)),
+            "servers": [on.command, off.command]}
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"{'cell':<14} {'on req/s':>10} {'off req/s':>10} {'on/off':>7} {'CPU us/req on':>14} "
+          f"{'off':>6} {'off/on':>7}  on/off by round")
+    for name, cell in result["cells"].items():
+        ratio = statistics.median(cell["ratio"])
+        rounds = " ".join(f"{r:.2f}" for r in cell["ratio"])
+        cpu_on, cpu_off = statistics.median(cell["on_cpu_us"]), statistics.median(cell["off_cpu_us"])
+        print(f"{name:<14} {statistics.median(cell['on']):>10.0f} {statistics.median(cell['off']):>10.0f} "
+              f"{ratio:>7.2f} {cpu_on:>14.0f} {cpu_off:>6.0f} {cpu_off / cpu_on:>7.2f}  {rounds}")
+    print("decisions:", json.dumps(result["decisions"], indent=None))
+    print("servers:", *result["servers"], sep="\n  ")
+    print("load:", *result["commands"], sep="\n  ")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=1.5, help="seconds per small-request measurement")
+    parser.add_argument("--large-duration", type=float, default=2.0, help="seconds per large-request measurement")
+    parser.add_argument("--warmup", type=float, default=0.3)
+    parser.add_argument("--callers", default=",".join(map(str, CALLERS)), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    callers = tuple(int(c) for c in args.callers.split(","))
+    sizes = tuple(args.sizes.split(","))
+    with tempfile.TemporaryDirectory() as folder:
+        result = measure(args.rounds, args.duration, args.large_duration, args.warmup, Path(folder), callers, sizes)
+    _print(result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""``inference.GRPCInferenceService`` (the Open Inference Protocol over gRPC) on the server's gRPC
+port: translates between the protocol's messages and ``oip``/``oip_door``, and nothing else.
+
+ModelInfer and ModelStreamInfer take bytes (parsed here, after the call's bytes are known, as the
+native Compute does) and give bytes; the other RPCs take messages. An input's bytes come from
+``raw_input_contents`` (one entry per input, in order) or from its typed ``contents``; every
+output's bytes go into ``raw_output_contents``, as Triton answers. torch's warnings are the
+answer's parameter ``warnings`` (a JSON list). The published RPCs not served here (repository,
+shared memory, trace, log settings) are not registered, so gRPC answers UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+
+from remoteloss import _wire as wire
+from remoteloss_server import oip
+from remoteloss_server.errors import InvalidArgumentError
+from remoteloss_server.inference import grpc_service_pb2 as ipb
+from remoteloss_server.intake import UndecodableRequest
+from remoteloss_server.limits import Ticket
+from remoteloss_server.oip_door import Door
+from remoteloss_server.status import caller_request_id, status_of, translate_errors
+from remoteloss_server.streaming import Stopped, bounded_map
+
+__all__ = ["PROTOCOL", "SERVICE_NAME", "InferenceServicer", "add_to_server"]
+
+SERVICE_NAME: str = ipb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PROTOCOL = "oip_grpc"  # the metrics' protocol label
+_RAW = frozenset({"ModelInfer", "ModelStreamInfer"})
+# Typed contents: the InferTensorContents field and numpy dtype of each datatype that has one.
+_CONTENTS = {
+    "BOOL": ("bool_contents", "|b1"), "UINT8": ("uint_contents", "|u1"), "INT8": ("int_contents", "|i1"),
+    "INT16": ("int_contents", "<i2"), "INT32": ("int_contents", "<i4"), "INT64": ("int64_contents", "<i8"),
+    "FP32": ("fp32_contents", "<f4"), "FP64": ("fp64_contents", "<f8"),
+}
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the served RPCs: ModelInfer and ModelStreamInfer raw (bytes), the rest with their
+    messages (undecodable bytes reach ``translate_errors`` as INVALID_ARGUMENT)."""
+    handlers = {}
+    for method in ipb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        request_type: type[Message] = getattr(ipb, method.input_type.name)
+        response_type: type[Message] = getattr(ipb, method.output_type.name)
+        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        raw = method.name in _RAW
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=None if raw else _lenient(request_type),
+            response_serializer=None if raw else response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
+    def deserialize(data: bytes) -> Message | UndecodableRequest:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc))
+
+    return deserialize
+
+
+def parameters(sent: Any) -> dict[str, Any]:
+    """A map of InferParameter as Python values."""
+    values = {}
+    for key, parameter in sent.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        values[key] = None if choice is None else getattr(parameter, choice)
+    return values
+
+
+def infer_request(message: ipb.ModelInferRequest) -> oip.InferRequest:
+    """The protocol-neutral request; InvalidArgumentError for contents that do not line up."""
+    raw = message.raw_input_contents
+    where = message.model_name
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidArgumentError(
+            f"{where}: the request has {len(raw)} raw_input_contents for {len(message.inputs)} inputs"
+        )
+    inputs = []
+    for index, sent in enumerate(message.inputs):
+        if raw:
+            if sent.HasField("contents"):
+                raise InvalidArgumentError(f"{where}: input {sent.name} has contents, and the request raw_input_contents")
+            data: bytes = raw[index]
+        else:
+            data = _typed(where, sent)
+        inputs.append(oip.InferInput(sent.name, sent.datatype, tuple(sent.shape), data, parameters(sent.parameters)))
+    outputs = [(o.name, parameters(o.parameters)) for o in message.outputs]
+    return oip.InferRequest(
+        message.model_name, message.model_version, message.id, parameters(message.parameters), inputs, outputs or None
+    )
+
+
+def _typed(where: str, sent: Any) -> bytes:
+    found = _CONTENTS.get(sent.datatype)
+    if found is None:
+        if sent.datatype in oip.DATATYPES:
+            raise InvalidArgumentError(f"{where}: input {sent.name}: {sent.datatype} travels in raw_input_contents only")
+        return b""  # the datatype itself is refused, in the native words
+    name, dtype = found
+    values = getattr(sent.contents, name)
+    try:
+        return np.array(values, dtype=np.dtype(dtype)).tobytes()
+    except OverflowError:
+        raise InvalidArgumentError(f"{where}: input {sent.name}: a value is out of {sent.datatype}'s range") from None
+
+
+class InferenceServicer:
+    """The served RPCs of ``inference.GRPCInferenceService`` in front of ``door``."""
+
+    stream_window = 64  # unanswered requests per ModelStreamInfer, as ComputeStream
+
+    def __init__(self, door: Door) -> None:
+        self._door = door
+
+    async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        """One serialized ModelInferRequest in, one serialized ModelInferResponse out."""
+        answer = await self._infer(data, caller_request_id(context), context)
+        if isinstance(answer, bytes):
+            return answer
+        del data  # not held by the abort's traceback
+        await context.abort(*answer[:2])
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        """Each request answered as it is computed; a failed one answers ``error_message`` and the
+        stream goes on. A drain ends the stream with UNAVAILABLE once the requests read are answered."""
+        stream_id = caller_request_id(context)
+        count = 0
+        unsent: set[Ticket] = set()  # the budgets of answers made and not yet written
+
+        async def respond(data: bytes) -> tuple[bytes, Ticket | None]:
+            nonlocal count
+            count += 1
+            held: set[Ticket] = set()
+            answer = await self._infer(data, f"{stream_id}/{count}", context, held)
+            unsent.update(held)
+            ticket = next(iter(held), None)
+            if isinstance(answer, bytes):  # ModelStreamInferResponse{infer_response}, not re-parsed
+                return wire.length_delimited(2, answer), ticket
+            code, message, (model, request_id) = answer  # the id lets the client match the error
+            failed = ipb.ModelInferResponse(model_name=model, id=request_id)
+            return ipb.ModelStreamInferResponse(error_message=message, infer_response=failed).SerializeToString(), ticket
+
+        try:
+            async for answer, ticket in bounded_map(requests, respond, self.stream_window, stop=self._door.draining):
+                yield answer  # resumes once gRPC has taken the answer
+                if ticket is not None:
+                    ticket.release()
+                    unsent.discard(ticket)
+        except Stopped:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is draining: it answered every request it took on this stream; send the rest again",
+            )
+        finally:
+            for ticket in unsent:
+                ticket.release()
+
+    async def _infer(
+        self, data: bytes, request_id: str, context: grpc.aio.ServicerContext[Any, Any],
+        hold: set[Ticket] | None = None,
+    ) -> bytes | tuple[grpc.StatusCode, str, tuple[str, str]]:
+        """A serialized ModelInferResponse, or the status of a failure (recorded) with the model
+        and id the request named. The request's
+        budgets are released when the call ends, or, given ``hold``, put there for the caller to
+        release once the answer is written."""
+        door, started = self._door, time.perf_counter_ns()
+        try:
+            message: ipb.ModelInferRequest | None = ipb.ModelInferRequest.FromString(data)
+        except DecodeError as exc:
+            message = None
+            error: Exception | None = InvalidArgumentError(f"the request is not a valid inference.ModelInferRequest: {exc}")
+        model = message.model_name if message is not None else ""
+        record = door.record(model, request_id, len(data), PROTOCOL)
+        ticket = None
+        try:
+            if message is None:
+                raise error  # type: ignore[misc]
+            ticket = door.admit(len(data), context.peer())
+            if ticket is not None and hold is not None:
+                hold.add(ticket)
+            elif ticket is not None:
+                context.add_done_callback(lambda _: ticket.release())  # type: ignore[arg-type]
+            answer = await door.infer(infer_request(message), len(data), record, ticket, context.time_remaining())
+            response = ipb.ModelInferResponse(
+                model_name=answer.model.name, model_version=oip.VERSION, id=message.id,
+                outputs=[ipb.ModelInferResponse.InferOutputTensor(name=o.name, datatype=o.datatype, shape=o.shape)
+                         for o in answer.outputs],
+                raw_output_contents=[bytes(o.data) for o in answer.outputs],
+            )
+            for key, value in oip.warnings_parameter(answer.result).items():
+                response.parameters[key].string_param = value
+            return response.SerializeToString()
+        except asyncio.CancelledError:
+            door.failed(record, model, "CANCELLED", "", time.perf_counter_ns() - started)
+            if ticket is not None and hold is not None:
+                hold.discard(ticket)
+                ticket.release()
+            raise
+        except Exception as exc:
+            code, details = status_of(exc, "ModelInfer")
+            door.failed(record, model, code.name, details, time.perf_counter_ns() - started)
+            return code, details, (model, message.id if message is not None else "")
+
+    @translate_errors
+    async def ServerLive(self, request: ipb.ServerLiveRequest, context: Any) -> ipb.ServerLiveResponse:
+        return ipb.ServerLiveResponse(live=True)
+
+    @translate_errors
+    async def ServerReady(self, request: ipb.ServerReadyRequest, context: Any) -> ipb.ServerReadyResponse:
+        return ipb.ServerReadyResponse(ready=self._door.ready)
+
+    @translate_errors
+    async def ModelReady(self, request: ipb.ModelReadyRequest, context: Any) -> ipb.ModelReadyResponse:
+        ready = request.name in oip.MODELS and request.version in ("", oip.VERSION) and self._door.ready
+        return ipb.ModelReadyResponse(ready=ready)
+
+    @translate_errors
+    async def ServerMetadata(self, request: ipb.ServerMetadataRequest, context: Any) -> ipb.ServerMetadataResponse:
+        return json_format.ParseDict(oip.server_metadata(), ipb.ServerMetadataResponse())
+
+    @translate_errors
+    async def ModelMetadata(self, request: ipb.ModelMetadataRequest, context: Any) -> ipb.ModelMetadataResponse:
+        model = oip.find(request.name, request.version)
+        return json_format.ParseDict(model.metadata(), ipb.ModelMetadataResponse())
+
+    @translate_errors
+    async def ModelConfig(self, request: ipb.ModelConfigRequest, context: Any) -> ipb.ModelConfigResponse:
+        model = oip.find(request.name, request.version)
+        return json_format.ParseDict({"config": model.config()}, ipb.ModelConfigResponse())
+
+    @translate_errors
+    async def ModelStatistics(
+        self, request: ipb.ModelStatisticsRequest, context: Any
+    ) -> ipb.ModelStatisticsResponse:
+        report = self._door.statistics.report(request.name, request.version)
+        return json_format.ParseDict(report, ipb.ModelStatisticsResponse())
+

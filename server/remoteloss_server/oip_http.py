@@ -1,0 +1,217 @@
+"""The Open Inference Protocol over HTTP/REST (``/v2/...``), served by aiohttp on ``http_port``
+in the server's own process and event loop, in front of the same ``oip_door.Door`` as gRPC.
+
+Endpoints: ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{m}``,
+``/v2/models/{m}/ready``, ``/v2/models/{m}/config``, ``/v2/models/{m}/stats``,
+``/v2/models/stats``, ``POST /v2/models/{m}/infer``, and each ``/v2/models/{m}/...`` also as
+``/v2/models/{m}/versions/{v}/...``. Bodies are ``oip_json``'s. Errors are ``{"error": message}``
+with the HTTP status of the gRPC code (``STATUS``), the message the gRPC call would carry.
+
+Who may call and what it may spend, as for gRPC: with API keys, every path but
+``/v2/health/*`` needs ``Authorization: Bearer <key>`` (401 from the headers alone); a body
+longer than ``max_message_bytes`` is refused from its ``Content-Length`` (413) and never read
+past that size (aiohttp's ``client_max_size``); the in-flight budgets are taken from the
+``Content-Length`` before the body is read and held until the answer is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from remoteloss_server import oip, oip_json
+from remoteloss_server.auth import ApiKeyInterceptor
+from remoteloss_server.errors import InvalidArgumentError, ServiceError, UnavailableError
+from remoteloss_server.oip_door import Door
+from remoteloss_server.status import MAX_DETAILS
+from remoteloss_server.telemetry import REQUEST_ID_KEY, TENANT, quote, request_id
+
+__all__ = ["PROTOCOL", "STATUS", "HttpServer", "start"]
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = "oip_http"  # the metrics' protocol label
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# gRPC code name -> HTTP status, as Triton and KServe answer them.
+STATUS = {
+    "INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNIMPLEMENTED": 501, "CANCELLED": 499, "INTERNAL": 500,
+}
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(code: str, message: str) -> web.Response:
+    return web.json_response({"error": message[:MAX_DETAILS]}, status=STATUS.get(code, 500))
+
+
+def _failure(exc: Exception, where: str) -> tuple[str, str]:
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    logger.error("%s failed", where, exc_info=exc)
+    return "INTERNAL", "internal error"
+
+
+class HttpServer:
+    """The running HTTP front end; ``stop(grace_s)`` lets requests in flight finish first."""
+
+    def __init__(self, runner: web.AppRunner, site: web.TCPSite, port: int) -> None:
+        self._runner, self._site, self.port = runner, site, port
+
+    async def stop(self, grace_s: float) -> None:
+        self._runner._shutdown_timeout = grace_s  # aiohttp's: how long open requests may finish
+        await self._runner.cleanup()
+
+
+class _Routes:
+    def __init__(self, door: Door, keys: ApiKeyInterceptor | None) -> None:
+        self.door, self.keys = door, keys
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        """API keys (every path but health), then the handler; errors as the protocol's JSON."""
+        if self.keys is not None and not request.path.startswith("/v2/health/"):
+            tenant, reason = self.keys.tenant_of(request.headers.getall("Authorization", []))
+            if tenant is None:
+                logger.info("event=unauthenticated method=%s reason=%s", quote(request.path), quote(reason))
+                return _error(
+                    "UNAUTHENTICATED",
+                    f"{reason}: send the header 'Authorization: Bearer <key>' with a key this server accepts",
+                )
+            TENANT.set(tenant)
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own: an unknown path, a method, a body too large
+            if exc.status < 400:
+                raise
+            return web.json_response({"error": exc.reason if exc.text is None else exc.text}, status=exc.status)
+        except Exception as exc:
+            return _error(*_failure(exc, request.path))
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.json_response({"ready": self.door.ready}, status=200 if self.door.ready else 503)
+
+    async def server(self, request: web.Request) -> web.Response:
+        return web.json_response(oip.server_metadata())
+
+    def _model(self, request: web.Request) -> oip.Model:
+        return oip.find(request.match_info["model"], request.match_info.get("version", ""))
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(self._model(request).metadata())
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._model(request)
+        return web.json_response({"ready": self.door.ready}, status=200 if self.door.ready else 503)
+
+    async def config(self, request: web.Request) -> web.Response:
+        return web.json_response(self._model(request).config())
+
+    async def stats(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("model", "")
+        return web.json_response(self.door.statistics.report(name, request.match_info.get("version", "")))
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        """One inference: budgets from Content-Length, then the body, the door, the answer."""
+        door, started = self.door, time.perf_counter_ns()
+        name = request.match_info["model"]
+        size = request.content_length
+        record = door.record(name, request_id(request.headers.get(REQUEST_ID_KEY)), size, PROTOCOL)
+        ticket = None
+        try:
+            if not door.ready:
+                raise UnavailableError("the server is draining: send the request to another server")
+            limit = request.app._client_max_size  # max_message_bytes
+            if size is not None and size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            ticket = door.admit(size or 0, _connection(request))
+            body = await request.read()
+            header = request.headers.get(HEADER_LENGTH)
+            length = int(header) if header is not None and header.isdigit() else None
+            if header is not None and length is None:
+                raise InvalidArgumentError(f"{name}: {HEADER_LENGTH} must be a number, got {header!r}")
+            version = request.match_info.get("version", "")
+            if len(body) > door.inline_bytes:
+                sent = await asyncio.to_thread(oip_json.infer_request, name, version, body, length)
+            else:
+                sent = oip_json.infer_request(name, version, body, length)
+            answer = await door.infer(sent, len(body), record, ticket, None)
+            warnings = oip.warnings_parameter(answer.result)
+            if sum(o.data.nbytes for o in answer.outputs) > door.inline_bytes:
+                data, headers = await asyncio.to_thread(oip_json.response, sent, answer.outputs, warnings)
+            else:
+                data, headers = oip_json.response(sent, answer.outputs, warnings)
+            response = web.Response(body=data, headers=headers)
+            await response.prepare(request)
+            await response.write_eof()  # written: the budgets are released below
+            return response
+        except asyncio.CancelledError:
+            door.failed(record, name, "CANCELLED", "", time.perf_counter_ns() - started)
+            raise
+        except web.HTTPRequestEntityTooLarge as exc:
+            door.failed(record, name, "RESOURCE_EXHAUSTED", exc.text or "", time.perf_counter_ns() - started)
+            raise
+        except Exception as exc:
+            code, details = _failure(exc, "infer")
+            door.failed(record, name, code, details, time.perf_counter_ns() - started)
+            return _error(code, details)
+        finally:
+            if ticket is not None:
+                ticket.release()
+
+
+def _connection(request: web.Request) -> str | None:
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    return None if peer is None else f"http:{peer[0]}:{peer[1]}"
+
+
+def application(door: Door, keys: ApiKeyInterceptor | None, max_body_bytes: int) -> web.Application:
+    routes = _Routes(door, keys)
+    app = web.Application(middlewares=[routes.guard], client_max_size=max_body_bytes)
+    app.router.add_get("/v2/health/live", routes.live)
+    app.router.add_get("/v2/health/ready", routes.ready)
+    app.router.add_get("/v2", routes.server)
+    app.router.add_get("/v2/models/stats", routes.stats)
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        app.router.add_get(prefix, routes.metadata)
+        app.router.add_get(prefix + "/ready", routes.model_ready)
+        app.router.add_get(prefix + "/config", routes.config)
+        app.router.add_get(prefix + "/stats", routes.stats)
+        app.router.add_post(prefix + "/infer", routes.infer)
+    return app
+
+
+def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    """The HTTP port's TLS, from the files the gRPC port uses (read once, at start)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def start(
+    door: Door, host: str, port: int, *, keys: ApiKeyInterceptor | None, max_body_bytes: int,
+    tls: ssl.SSLContext | None = None, reuse_port: bool = False,
+) -> HttpServer:
+    """Serve on ``host:port`` (0: a free port); OSError when it cannot be bound."""
+    runner = web.AppRunner(application(door, keys, max_body_bytes), access_log=None)
+    await runner.setup()
+    bind = host.removeprefix("[").removesuffix("]") or None
+    site = web.TCPSite(runner, bind, port, ssl_context=tls, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    addresses: list[Any] = runner.addresses
+    return HttpServer(runner, site, int(addresses[0][1]) if addresses else port)

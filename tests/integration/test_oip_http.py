@@ -1,0 +1,147 @@
+"""The Open Inference Protocol's HTTP door with the standard library's client: body limits,
+drain, TLS, statistics and metrics by protocol (tritonclient's runs are in test_oip_clients.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from remoteloss_server.app import ServerThread
+from remoteloss_server.config import ServerConfig
+from remoteloss_server.inference import grpc_service_pb2 as ipb
+from tests import tools
+from tests.pki import make_pki
+
+BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2], "data": [1, 2]},
+                   {"name": "target", "datatype": "FP32", "shape": [2], "data": [0, 0]}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _config(**changes: Any) -> ServerConfig:
+    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "device": "cpu", "metrics_port": 0,
+                            "http_port": _free_port(), "shutdown_grace_s": 0.5}
+    return ServerConfig(**{**base, **changes})
+
+
+def _post(url: str, body: bytes, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30, context=context) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_body_over_the_limit_is_refused_from_its_length() -> None:
+    with ServerThread(_config(max_message_bytes=400)) as server:
+        url = f"http://127.0.0.1:{server.config.http_port}/v2/models/mse_loss/infer"
+        assert _post(url, json.dumps(BODY).encode())[0] == 200
+        status, answer = _post(url, b" " * 401)
+        metrics = server.metrics
+    assert status == 413 and "error" in answer
+    refused = metrics.registry.get_sample_value(
+        "remoteloss_protocol_requests_total", {"protocol": "oip_http", "loss": "mse_loss", "code": "RESOURCE_EXHAUSTED"})
+    answered = metrics.registry.get_sample_value(
+        "remoteloss_protocol_requests_total", {"protocol": "oip_http", "loss": "mse_loss", "code": "OK"})
+    assert (refused, answered) == (1.0, 1.0)
+
+
+def test_statistics_count_each_model() -> None:
+    with ServerThread(_config()) as server:
+        base = f"http://127.0.0.1:{server.config.http_port}/v2/models/mse_loss"
+        for _ in range(2):
+            _post(base + "/infer", json.dumps(BODY).encode())
+        _post(base + "/versions/1/infer", b"{")
+        status, stats = _get(base + "/versions/1/stats")
+    assert status == 200
+    (model,) = stats["model_stats"]
+    assert model["inference_count"] == 2 and model["inference_stats"]["fail"]["count"] == 1
+    assert model["inference_stats"]["success"]["ns"] > 0 and model["last_inference"] > 0
+
+
+def test_a_draining_server_is_not_ready_and_takes_no_inference() -> None:
+    with ServerThread(_config()) as server:
+        running, loop = server._running, server._loop
+        assert running is not None and running.oip is not None and loop is not None
+        base = f"http://127.0.0.1:{server.config.http_port}/v2"
+        assert _get(base + "/health/ready") == (200, {"ready": True})
+        loop.call_soon_threadsafe(running.oip.drain)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=5)
+        assert _get(base + "/health/ready") == (503, {"ready": False})
+        assert _get(base + "/health/live") == (200, {"live": True})
+        status, answer = _post(base + "/models/mse_loss/infer", json.dumps(BODY).encode())
+        with grpc.insecure_channel(server.target) as channel:
+            ready = channel.unary_unary(
+                "/inference.GRPCInferenceService/ServerReady",
+                request_serializer=ipb.ServerReadyRequest.SerializeToString,
+                response_deserializer=ipb.ServerReadyResponse.FromString,
+            )(ipb.ServerReadyRequest(), timeout=10)
+    assert status == 503 and "draining" in answer["error"]
+    assert not ready.ready
+
+
+def test_unserved_rpcs_of_the_service_are_unimplemented() -> None:
+    with ServerThread(_config(http_port=0)) as server, grpc.insecure_channel(server.target) as channel:
+        index = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")
+        with pytest.raises(grpc.RpcError) as caught:
+            index(b"", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_tls_on_the_http_port(tmp_path: Path) -> None:
+    tools.find("openssl", "apt-get install openssl")
+    pki = make_pki(tmp_path)
+    with ServerThread(_config(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))) as server:
+        url = f"https://127.0.0.1:{server.config.http_port}/v2/models/mse_loss/infer"
+        trusted = ssl.create_default_context(cafile=str(pki.ca))
+        status, answer = _post(url, json.dumps(BODY).encode(), trusted)
+        with pytest.raises(urllib.error.URLError):
+            _post(url, json.dumps(BODY).encode(), ssl.create_default_context())
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            _post(url.replace("https", "http"), json.dumps(BODY).encode())
+    assert status == 200 and answer["outputs"][0]["data"] == [2.5]
+
+
+@pytest.mark.parametrize("datatype", ["BF16", "FP16", "FP64"])
+def test_json_tensors_of_every_floating_datatype(datatype: str) -> None:
+    import torch
+
+    dtype = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP64": torch.float64}[datatype]
+    x = torch.tensor([[0.5, -1.25, 3.0], [2.0, 0.0, -0.75]], dtype=dtype)
+    t = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.5, 0.25]], dtype=dtype)
+    body = {"inputs": [
+        {"name": "input", "datatype": datatype, "shape": [2, 3], "data": x.double().tolist(), "parameters": {"requires_grad": True}},
+        {"name": "target", "datatype": datatype, "shape": [2, 3], "data": t.double().flatten().tolist()},
+    ], "parameters": {"reduction": "none"}}
+    leaf = x.clone().requires_grad_()
+    loss = torch.nn.functional.huber_loss(leaf, t, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    assert leaf.grad is not None
+    with ServerThread(_config()) as server:
+        status, answer = _post(f"http://127.0.0.1:{server.config.http_port}/v2/models/huber_loss/infer", json.dumps(body).encode())
+    assert status == 200, answer
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    for name, expected in (("loss", loss), ("grad_input", leaf.grad)):
+        assert outputs[name]["datatype"] == datatype and outputs[name]["shape"] == [2, 3]
+        assert outputs[name]["data"] == expected.double().flatten().tolist()

@@ -1,0 +1,103 @@
+"""``oip``: the losses as the Open Inference Protocol's models, derived from the catalog; requests
+to native requests (no network)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from remoteloss.v1 import loss_pb2 as pb
+from remoteloss_server import oip
+from remoteloss_server.errors import InvalidArgumentError, NotFoundError
+from remoteloss_server.losses import LOSSES, describe
+from tests.catalog import LOSS_NAMES
+
+
+def _request(model: str, inputs: dict[str, Any], outputs: list[str] | None = None, **parameters: Any) -> oip.InferRequest:
+    sent = [oip.InferInput(name, dt, np.shape(v), np.asarray(v).tobytes(), p) for name, (dt, v, p) in inputs.items()]
+    return oip.InferRequest(model, "", "", parameters, sent, None if outputs is None else [(n, {}) for n in outputs])
+
+
+X = ("FP32", np.zeros(3, dtype=np.float32), {})
+
+
+def test_one_model_per_loss_with_the_catalogs_arguments() -> None:
+    assert list(oip.MODELS) == list(LOSS_NAMES)
+    for name, spec in LOSSES.items():
+        info, model = describe(spec), oip.MODELS[name]
+        metadata, config = model.metadata(), model.config()
+        assert [i["name"] for i in metadata["inputs"]] == [t.name for t in info.tensors if t.required]
+        assert all(i["shape"] == [-1] for i in metadata["inputs"])
+        assert [i["name"] for i in config["input"]] == [i["name"] for i in metadata["inputs"]]
+        assert [o["name"] for o in metadata["outputs"]] == [o["name"] for o in config["output"]] == ["loss"]
+        gradients = ", ".join(f"grad_{t.name}" for t in info.tensors if t.differentiable)
+        assert config["parameters"]["gradient_outputs"]["string_value"] == gradients
+        assert config["max_batch_size"] == 0
+        optional = [t.name for t in info.tensors if not t.required] + ["grad_output"]
+        assert config["parameters"]["optional_inputs"]["string_value"] == ", ".join(optional)
+        for entry in metadata["inputs"]:  # the advertised datatype is one the argument takes
+            sent = next(t for t in info.tensors if t.name == entry["name"])
+            assert oip.DATATYPES[entry["datatype"]] in sent.dtypes
+
+
+def test_a_request_becomes_the_native_request() -> None:
+    request = _request(
+        "cross_entropy", {"input": ("FP32", np.zeros((2, 3), np.float32), {"requires_grad": True}),
+                          "target": ("INT64", np.array([0, 2]), {})},
+        reduction="sum", label_smoothing=0.1, ignore_index=1,
+    )
+    compute, payloads, wanted = oip.MODELS["cross_entropy"].to_compute(request)
+    message = compute.cross_entropy
+    assert message.reduction == pb.REDUCTION_SUM and message.label_smoothing == 0.1 and message.ignore_index == 1
+    assert message.input.dtype == pb.DTYPE_FLOAT32 and list(message.input.shape) == [2, 3]
+    assert message.input.requires_grad and not message.target.requires_grad
+    assert bytes(payloads.resolve(message.target.data)) == np.array([0, 2]).tobytes()
+    assert wanted == ("loss", "grad_input")
+
+
+def test_asking_a_gradients_output_asks_for_the_gradient() -> None:
+    compute, _, wanted = oip.MODELS["mse_loss"].to_compute(_request("mse_loss", {"input": X, "target": X}, ["grad_target"]))
+    assert compute.mse_loss.target.requires_grad and not compute.mse_loss.input.requires_grad
+    assert wanted == ("grad_target",)
+
+
+def test_options_that_are_messages_or_floats_for_tensors() -> None:
+    model = oip.MODELS["triplet_margin_with_distance_loss"]
+    inputs = {n: X for n in ("anchor", "positive", "negative")}
+    compute, _, _ = model.to_compute(_request(model.name, inputs, distance_function='{"cosine_distance": {"dim": 0}}'))
+    assert compute.triplet_margin_with_distance_loss.distance_function.cosine_distance.dim == 0
+    compute, _, _ = oip.MODELS["gaussian_nll_loss"].to_compute(
+        _request("gaussian_nll_loss", {"input": X, "target": X}, var=0.5))
+    assert compute.gaussian_nll_loss.var_float == 0.5
+
+
+@pytest.mark.parametrize(("inputs", "outputs", "parameters", "message"), [
+    ({"input": X, "target": X, "bias": X}, None, {}, "mse_loss: no input 'bias'; inputs: input, target, weight, grad_output"),
+    ({"input": ("UINT32", np.zeros(3, np.uint32), {}), "target": X}, None, {},
+     "mse_loss: input has datatype 'UINT32'; this server takes BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64"),
+    ({"input": X, "target": X}, ["loss", "logits"], {}, "mse_loss: no output 'logits'; outputs: loss, grad_input, grad_target, grad_weight"),
+    ({"input": X, "target": X}, ["grad_weight"], {}, "mse_loss: output grad_weight was asked, but no input weight was sent"),
+    ({"input": X, "target": X}, None, {"reduction": "average"},
+     "mse_loss: reduction must be one of none, mean, sum, batchmean, got 'average'"),
+    ({"input": X, "target": X}, None, {"reduction": 1}, "mse_loss: reduction must be one of none, mean, sum, batchmean, got 1"),
+    ({"input": X, "target": X}, None, {"beta": 1.0}, "mse_loss: no option 'beta'; options: size_average, reduce, reduction"),
+    ({"input": X, "target": X}, None, {"size_average": 1}, "mse_loss: size_average must be a bool, got an int"),
+    ({"input": ("FP32", np.zeros(3, np.float32), {"requires_grad": 1}), "target": X}, None, {},
+     "mse_loss: input input: requires_grad must be a bool, got an int"),
+])
+def test_what_only_this_protocol_can_get_wrong(
+    inputs: dict[str, Any], outputs: list[str] | None, parameters: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        oip.MODELS["mse_loss"].to_compute(_request("mse_loss", inputs, outputs, **parameters))
+    assert str(caught.value) == message
+
+
+def test_unknown_models_and_versions_are_not_found() -> None:
+    assert oip.find("mse_loss", "1") is oip.find("mse_loss") is oip.MODELS["mse_loss"]
+    with pytest.raises(NotFoundError, match="no model 'mse'"):
+        oip.find("mse")
+    with pytest.raises(NotFoundError, match="no version '2'"):
+        oip.find("mse_loss", "2")
