@@ -33,6 +33,7 @@ __all__ = [
     "decode_torch",
     "dtype_from_torch",
     "encode",
+    "encode_into",
     "encode_view",
     "is_torch_tensor",
 ]
@@ -65,6 +66,7 @@ DTYPES: dict[pb.DType, DTypeInfo] = {
     pb.DTYPE_INT16: DTypeInfo("int16", 2, "<i2", False),
 }
 _BY_NAME: dict[str, pb.DType] = {info.name: code for code, info in DTYPES.items()}
+_BY_TORCH: dict[Any, pb.DType] = {}  # torch dtype -> wire dtype, filled as met
 _BY_NUMPY: dict[np.dtype[Any], pb.DType] = {
     np.dtype(info.numpy): code for code, info in DTYPES.items() if info.numpy is not None
 }
@@ -78,10 +80,13 @@ def is_torch_tensor(value: object) -> bool:
 
 def dtype_from_torch(dtype: torch.dtype) -> pb.DType:
     """The wire dtype of a torch dtype; ValueError for one the wire cannot carry."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in _BY_NAME:
-        raise ValueError(f"dtype {name} cannot be sent; use one of {sorted(_BY_NAME)}")
-    return _BY_NAME[name]
+    code = _BY_TORCH.get(dtype)
+    if code is None:
+        name = str(dtype).removeprefix("torch.")
+        if name not in _BY_NAME:
+            raise ValueError(f"dtype {name} cannot be sent; use one of {sorted(_BY_NAME)}")
+        code = _BY_TORCH[dtype] = _BY_NAME[name]
+    return code
 
 
 def encode(value: Any, *, name: str = "tensor", requires_grad: bool | None = None) -> pb.Tensor:
@@ -90,8 +95,21 @@ def encode(value: Any, *, name: str = "tensor", requires_grad: bool | None = Non
     A torch tensor keeps its dtype (bfloat16 included) and, unless overridden, its
     requires_grad. Python floats become float32 and ints int64, as torch.tensor does.
     """
+    message = pb.Tensor()
+    encode_into(message, value, name=name, requires_grad=requires_grad)
+    return message
+
+
+def encode_into(message: pb.Tensor, value: Any, *, name: str = "tensor", requires_grad: bool | None = None) -> None:
+    """``encode``, written into ``message``, a fresh ``Tensor`` (e.g. a field of the message that
+    holds it, which saves copying one message into another)."""
     code, shape, array, grad = _prepare(value, name, requires_grad)
-    return pb.Tensor(dtype=code, shape=shape, data=array.tobytes(), requires_grad=grad)
+    message.dtype = code
+    if shape:
+        message.shape.extend(shape)
+    message.data = array.tobytes()
+    if grad:
+        message.requires_grad = True
 
 
 def encode_view(value: Any, *, name: str = "tensor", requires_grad: bool | None = None) -> tuple[pb.Tensor, memoryview]:
@@ -132,8 +150,9 @@ def _prepare_torch(
         raise ValueError(f"{name}: {tensor.layout} tensors cannot be sent; call .to_dense() first")
     if not tensor.numel():  # no bytes; numpy cannot hold every empty shape torch can, e.g. [0, 2**62]
         array = np.empty(0, dtype=DTYPES[code].numpy or "<i2")
-    elif _LITTLE and tensor.device.type == "cpu" and DTYPES[code].numpy is not None:
-        array = tensor.detach().resolve_neg().numpy()  # strided or not: tobytes writes C order
+    elif _LITTLE and tensor.is_cpu and DTYPES[code].numpy is not None:
+        plain = tensor.detach().resolve_neg() if tensor.requires_grad or tensor.is_neg() else tensor
+        array = plain.numpy()  # strided or not: tobytes writes C order
     else:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         if DTYPES[code].itemsize > 1:
@@ -167,14 +186,11 @@ def check_tensor(
         if message.dtype == pb.DTYPE_UNSPECIFIED:
             raise ValueError(f"{name}: dtype is unset (DTYPE_UNSPECIFIED)")
         raise ValueError(f"{name}: unknown dtype value {message.dtype}")
-    if max_dims is not None and len(message.shape) > max_dims:  # before the shape is copied
-        raise ValueError(f"{name}: shape has {len(message.shape)} dimensions, more than the limit of {max_dims}")
-    shape = tuple(message.shape)
-    if any(size < 0 for size in shape):
-        raise ValueError(f"{name}: shape {list(shape)} has a negative size")
-    if math.prod(max(size, 1) for size in shape) > _MAX_EXTENT:
-        raise ValueError(f"{name}: shape {list(shape)} is too large: its sizes multiply past 2**63 - 1")
-    numel = math.prod(shape)
+    sizes = message.shape  # read once: each read makes a new container
+    if max_dims is not None and len(sizes) > max_dims:  # before the shape is copied
+        raise ValueError(f"{name}: shape has {len(sizes)} dimensions, more than the limit of {max_dims}")
+    shape = tuple(sizes)
+    numel = _numel(shape, name)
     if max_elements is not None and numel > max_elements:
         raise ValueError(f"{name}: {numel} elements exceed the limit of {max_elements}")
     expected = numel * info.itemsize
@@ -187,6 +203,23 @@ def check_tensor(
     if message.requires_grad and not info.floating:
         raise ValueError(f"{name}: requires_grad is set, but {info.name} tensors have no gradient")
     return info
+
+
+def _numel(shape: tuple[int, ...], name: str) -> int:
+    """The elements of ``shape``; ValueError for a negative size or sizes that multiply, zeros
+    counted as ones, past torch's limit."""
+    if not shape:
+        return 1
+    if min(shape) > 0:  # the common case: the extent is the element count
+        numel = math.prod(shape)
+        if numel > _MAX_EXTENT:
+            raise ValueError(f"{name}: shape {list(shape)} is too large: its sizes multiply past 2**63 - 1")
+        return numel
+    if any(size < 0 for size in shape):
+        raise ValueError(f"{name}: shape {list(shape)} has a negative size")
+    if math.prod(max(size, 1) for size in shape) > _MAX_EXTENT:
+        raise ValueError(f"{name}: shape {list(shape)} is too large: its sizes multiply past 2**63 - 1")
+    return 0
 
 
 def decode_numpy(
@@ -233,7 +266,7 @@ def decode_torch(
     if data is None:
         data = message.data
     info = check_tensor(message, name, max_elements=max_elements, max_dims=max_dims, data=data)
-    dtype = getattr(torch, info.name)
+    dtype = _torch_dtype(info)
     shape = tuple(message.shape)
     if not len(data):
         return torch.empty(shape, dtype=dtype)
@@ -246,7 +279,15 @@ def decode_torch(
     tensor = torch.frombuffer(view, dtype=dtype)
     if not _LITTLE and info.itemsize > 1:
         tensor = tensor.view(torch.uint8).reshape(-1, info.itemsize).flip(-1).reshape(-1).view(dtype)
-    return tensor.reshape(shape)
+    return tensor if len(shape) == 1 else tensor.view(shape)  # frombuffer's is 1-d already
+
+
+@functools.cache
+def _torch_dtype(info: DTypeInfo) -> torch.dtype:
+    import torch
+
+    dtype: torch.dtype = getattr(torch, info.name)
+    return dtype
 
 
 @functools.cache

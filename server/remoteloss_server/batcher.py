@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import torch
 
 from remoteloss_server.adaptive import BatchDecider
+from remoteloss_server.alone import compute_alone
 from remoteloss_server.errors import ServiceError, UnavailableError
 from remoteloss_server.executor import Job, Result
 from remoteloss_server.fairness import FairShares
@@ -137,8 +138,9 @@ class Batcher(Picker):
         """Queue ``call`` and wait for its result. ``deadline`` is on ``self.clock``.
 
         ``tenant``: whose call it is (the API key's tenant; None without keys). A call alone in
-        the server (``alone()``, still so after one turn of the event loop, which lets requests
-        that arrived with it show themselves) on an idle batcher computes at once.
+        the server (``alone()``) on an idle batcher computes at once: a small one on the spot
+        (``alone.compute_alone``), a larger one if still alone after one turn of the event loop,
+        which lets requests that arrived with it show themselves.
 
         Raises the call's ServiceError; DeadlineExceededError when the deadline passes before
         its batch starts; UnavailableError once ``close()`` has been called.
@@ -146,9 +148,17 @@ class Batcher(Picker):
         if self._closed or self._loop_task is None or self._wakeup is None:
             raise UnavailableError("the server is shutting down" if self._closed else "the batcher is not running")
         if self.idle and self._alone():
+            if (elements := call.elements) <= self._policy.inline_elements:
+                self._shares.activate(tenant)
+                return compute_alone(
+                    self._timed, Job(call, grad_output), elements, metrics=self._metrics, device=self._device,
+                    clock=self.clock, charge=lambda seconds: self._charge(tenant, seconds),
+                    sample=lambda seconds, cpu: self._decider.observe(  # as _sample, for a batch of one
+                        call.loss, 1, seconds if self._policy.concatenate else cpu),
+                )
             await asyncio.sleep(0)
-        if self.idle and self._alone():
-            return await self._compute_now(call, grad_output, deadline, tenant)
+            if self.idle and self._alone():
+                return await self._compute_now(call, grad_output, deadline, tenant)
         plan = await self._plan(call)
         seq = next(self._seq)
         key = self._key(call, plan, seq)
@@ -165,7 +175,7 @@ class Batcher(Picker):
             group = groups[key] = Group(seq, tenant, key)
         group.items.append(item)
         group.elements += elements
-        self._metrics.queue_depth.inc()
+        self._metrics.child(self._metrics.queue_depth).inc()
         assert self._wakeup is not None
         self._wakeup.set()
         try:
@@ -177,14 +187,10 @@ class Batcher(Picker):
     async def _compute_now(
         self, call: Call, grad_output: torch.Tensor | None, deadline: float | None, tenant: str | None
     ) -> Result:
-        """A call alone on an idle batcher, as a batch of one: on the spot when small, else on a
-        compute thread, holding a compute slot as the loop's batches do."""
+        """A lone call too large for the spot, as a batch of one on a compute thread, holding a slot."""
         item = Item(Job(call, grad_output), call.elements, deadline, self.clock(),
                      asyncio.get_running_loop().create_future())
         self._shares.activate(tenant)
-        if item.elements <= self._policy.inline_elements:
-            self._compute_inline(tenant, [item], acquired=False)
-            return item.future.result()
         assert self._slots is not None
         await self._slots.acquire()  # free (idle), so this does not wait
         self._start_compute(tenant, [item])  # its own task, as the loop's batches: it keeps the slot
@@ -336,9 +342,9 @@ class Batcher(Picker):
         except Exception as exc:  # noqa: BLE001 - a bug or a CUDA error: every call of the batch gets it
             fail(batch, exc)
 
-    def _compute_inline(self, tenant: str | None, batch: list[Item], *, acquired: bool = True) -> None:
-        """``_compute`` on the event loop, for a batch too small to be worth a thread hop.
-        ``acquired``: the batch holds a compute slot, to release when done."""
+    def _compute_inline(self, tenant: str | None, batch: list[Item]) -> None:
+        """``_compute`` on the event loop, for a batch too small to be worth a thread hop; it
+        holds a compute slot, released when done."""
         assert self._slots is not None
         compute_duration = self._observe(batch)
         begin = self.clock()
@@ -349,8 +355,7 @@ class Batcher(Picker):
                 seconds = self.clock() - begin
                 compute_duration.observe(seconds)
                 self._charge(tenant, seconds)
-                if acquired:
-                    self._slots.release()
+                self._slots.release()
             self._sample(batch, seconds, cpu)
             resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - as in _compute

@@ -23,6 +23,14 @@ HELD_COPIES = 2
 
 def answer(result: Result) -> bytes:
     """The serialized ComputeResponse of ``result``."""
+    if tensor_bytes(result) < wire.SPLIT_BYTES:  # small: each tensor's bytes straight into its message
+        response = pb.ComputeResponse()  # fields set one by one: upb's keyword map and list copies cost more
+        codec.encode_into(response.loss, result.loss, name="loss", requires_grad=False)
+        for name, value in result.gradients.items():
+            codec.encode_into(response.gradients[name], value, name=name, requires_grad=False)
+        if result.warnings:
+            response.warnings.extend(result.warnings)
+        return response.SerializeToString()
     messages, tensors = {}, []
     for name, value in {"loss": result.loss, **result.gradients}.items():
         messages[name], data = codec.encode_view(value, name=name, requires_grad=False)
@@ -34,7 +42,10 @@ def answer(result: Result) -> bytes:
 
 def tensor_bytes(result: Result) -> int:
     """The bytes of ``result``'s tensors, which decide where it is serialized."""
-    return sum(t.nbytes for t in (result.loss, *result.gradients.values()))
+    size = result.loss.nbytes
+    for gradient in result.gradients.values():
+        size += gradient.nbytes
+    return size
 
 
 def stream_answer(item_id: int, response: bytes) -> bytes:
@@ -52,10 +63,17 @@ def held_bytes(call: Call) -> tuple[int, int]:
     loss, as large as the call's largest tensor with ``reduction="none"``, and a gradient for each
     argument that requires one), and the most it holds at once (that largest tensor, computing,
     and the answer)."""
-    tensors = call.tensors.values()
-    itemsize = max((t.element_size() for t in tensors if t.is_floating_point()), default=8)  # the loss's dtype
-    largest = max(max((t.numel() for t in tensors), default=0), call.implied_elements)
+    itemsize = 0  # the loss's dtype: the widest floating argument's (8 without one)
+    largest = call.implied_elements
+    gradients = 0
+    for name, tensor in call.tensors.items():  # one pass, on every request's path
+        numel = tensor.numel()
+        largest = max(largest, numel)
+        if tensor.is_floating_point():
+            itemsize = max(itemsize, tensor.element_size())
+        if name in call.requires_grad:
+            gradients += numel
+    itemsize = itemsize or 8
     loss = largest if call.options.get("reduction") == "none" else 1
-    gradients = sum(call.tensors[name].numel() for name in call.requires_grad)
     answer_size = itemsize * HELD_COPIES * (loss + gradients)
     return answer_size, itemsize * largest + answer_size

@@ -147,6 +147,12 @@ class Ticket:
         that ``most`` bytes, the most it holds at once (the tensors it implies, its answer),
         could fit. InvalidArgumentError when ``most`` passes a budget on its own (the call can never
         run here); ResourceExhaustedError when the answer does not fit with what is in flight."""
+        for h in self._holders:  # the common case first: everything fits
+            if most > h.budget.bytes or (h.usage.requests > 1 and h.usage.bytes + answer > h.budget.bytes):
+                break
+        else:
+            self._count(answer)
+            return
         over = [h for h in self._holders if most > h.budget.bytes]
         if over:
             h = min(over, key=lambda h: h.budget.bytes)  # the tightest budget

@@ -1,21 +1,28 @@
 """Every Prometheus metric of the server, created once on a registry passed in.
 
 Only this module imports prometheus_client. Other modules receive the ``Metrics`` object and call
-``observe``/``inc``/``set`` on its attributes; label values come from bounded sets (registered
-loss names, status code names, device names, the tenants of the configured API keys), never from
-a request.
+``observe``/``inc``/``dec`` on what ``Metrics.child`` gives (or on its attributes); label values
+come from bounded sets (registered loss names, status code names, device names, the tenants of the
+configured API keys), never from a request.
+
+What ``child`` gives is kept in plain Python, without prometheus_client's lock per operation, and
+added to the metric in bulk whenever the registry is collected (a scrape, ``get_sample_value``):
+a scrape after an observation always sees it. Its memory is fixed (a histogram's bucket counts),
+however long nobody scrapes. Its updates come from one thread, the event loop's.
 """
 
 from __future__ import annotations
 
+import bisect
 import socket
 import socketserver
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.metrics_core import Metric
 
 __all__ = ["BYTES_BUCKETS", "LATENCY_BUCKETS", "NO_TENANT", "Metrics", "MetricsHTTPServer", "serve_http"]
 
@@ -39,6 +46,9 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see child()
+        self._buffers: list[_Buffered] = []
+        self._flushing = threading.Lock()
+        r.register(_Flush(self))  # first: collecting the registry flushes before any metric is read
         self.request_duration = Histogram(
             "remoteloss_request_duration_seconds", "Time from receiving a request to answering it.",
             ["loss", "code"], buckets=LATENCY_BUCKETS, registry=r,
@@ -94,17 +104,77 @@ class Metrics:
         )
 
     def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, looked up once: prometheus_client's ``labels`` takes a lock
-        and builds a key on every call, a few microseconds per observation on a hot path."""
+        """``metric.labels(*labels)`` (``metric`` itself without labels) as a buffer with its
+        ``observe``/``inc``/``dec``, looked up once: prometheus_client's ``labels`` takes a lock and
+        builds a key on every call, and each update takes a lock too, a few microseconds per
+        observation on a hot path. Use it from the event loop's thread only."""
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
-            found = self._children[key] = metric.labels(*labels)
+            found = self._children[key] = _Buffered(metric.labels(*labels) if labels else metric)
+            self._buffers.append(found)
         return found
+
+    def flush(self) -> None:
+        """Add what the buffers of ``child`` hold to their metrics (collecting the registry does)."""
+        with self._flushing:
+            for buffer in list(self._buffers):
+                buffer.flush()
 
     def watch_gpu_memory(self, device: str, read: Callable[[], float]) -> None:
         """Export ``read()`` (bytes) as ``gpu_memory{device}``, called at each scrape."""
         self.gpu_memory.labels(device).set_function(read)
+
+
+class _Buffered:
+    """One metric child's increments (a counter's, a gauge's) or observations (a histogram's: its
+    sum and bucket counts), cumulative, in plain Python; ``flush`` adds what is new to the child."""
+
+    __slots__ = ("_applied", "_bounds", "_child", "counts", "total")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        bounds = getattr(child, "_upper_bounds", None)  # a histogram's, +Inf last
+        self._bounds: list[float] | None = None if bounds is None else list(bounds)
+        self.total = 0.0  # the increments' sum, or the observations'
+        self.counts = [0] * (len(bounds) if bounds is not None else 0)  # observations per bucket
+        self._applied = (0.0, [0] * len(self.counts))  # what the child holds already
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.total += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.total -= amount
+
+    def observe(self, amount: float) -> None:
+        assert self._bounds is not None, "observe() is a histogram's"
+        self.total += amount
+        if amount == amount:  # NaN falls in no bucket, as prometheus_client has it
+            self.counts[bisect.bisect_left(self._bounds, amount)] += 1
+
+    def flush(self) -> None:
+        total, counts = self.total, list(self.counts)
+        applied_total, applied_counts = self._applied
+        self._applied = (total, counts)
+        if self._bounds is None:
+            if total != applied_total:
+                self._child.inc(total - applied_total)
+            return
+        self._child._sum.inc(total - applied_total)
+        for bucket, (now, before) in zip(self._child._buckets, zip(counts, applied_counts, strict=True), strict=True):
+            if now != before:
+                bucket.inc(now - before)
+
+
+class _Flush:
+    """A collector of no metrics that flushes the buffers of ``Metrics.child`` when collected."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        self._metrics.flush()
+        return ()
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -267,7 +267,8 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
 
         Raises the domain errors of ``errors``; never aborts the call, which a stream's items share.
         """
-        prepared = await self._intake.prepare(received)
+        intake = self._intake
+        prepared = intake.prepare_now(received) if received.size <= intake.inline_bytes else await intake.prepare(received)
         record.elements = prepared.elements
         if ticket is not None:  # its answer counts from now; one that could never fit is refused
             ticket.reserve(*framing.held_bytes(prepared.call), prepared.loss)
@@ -278,7 +279,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             remaining = context.time_remaining()
             deadline = None if remaining is None else self._batcher.clock() + remaining
             result = await self._batcher.submit(prepared.call, prepared.grad_output, deadline, tenant=record.tenant)
-        inline = framing.tensor_bytes(result) <= self._intake.inline_bytes
+        inline = framing.tensor_bytes(result) <= intake.inline_bytes
         answer = framing.answer(result) if inline else await asyncio.to_thread(framing.answer, result)
         if ticket is not None:
             ticket.answered(framing.HELD_COPIES * len(answer))

@@ -96,7 +96,7 @@ class RequestRecord:
         self._clock = clock
         self._started = clock()
         self._finished = False
-        metrics.in_flight.inc()
+        metrics.child(metrics.in_flight).inc()
         if size is not None:
             metrics.child(metrics.request_bytes, loss).observe(size)
 
@@ -107,7 +107,7 @@ class RequestRecord:
         self._finished = True
         duration_s = self._clock() - self._started
         m, loss = self.metrics, self.loss
-        m.in_flight.dec()
+        m.child(m.in_flight).dec()
         m.child(m.requests, loss, code).inc()
         m.child(m.protocol_requests, self.protocol, loss, code).inc()
         m.child(m.tenant_requests, self.tenant or NO_TENANT, code).inc()

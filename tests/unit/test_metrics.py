@@ -126,3 +126,34 @@ def test_the_readme_lists_every_metric(registry: CollectorRegistry) -> None:
     for name, kind, labels in METRICS.values():
         expected[name + "_total" if kind == "counter" else name] = (kind, labels)
     assert documented == expected
+
+
+def test_buffered_children_reach_every_collection_once(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry)
+    duration = metrics.child(metrics.request_duration, "mse_loss", "OK")
+    requests = metrics.child(metrics.requests, "mse_loss", "OK")
+    in_flight = metrics.child(metrics.in_flight)
+    assert metrics.child(metrics.requests, "mse_loss", "OK") is requests  # looked up once
+    for seconds in (0.00001, 0.0003, 0.0003, 20.0):
+        duration.observe(seconds)
+        requests.inc()
+    in_flight.inc(2)
+    in_flight.dec()
+    labels = {"loss": "mse_loss", "code": "OK"}
+
+    def sample(name: str, **extra: str) -> float | None:
+        return registry.get_sample_value(name, {**labels, **extra})
+
+    for _ in range(2):  # a second collection adds nothing
+        assert sample("remoteloss_requests_total") == 4
+        assert sample("remoteloss_request_duration_seconds_count") == 4
+        assert sample("remoteloss_request_duration_seconds_sum") == pytest.approx(20.0006)
+        assert sample("remoteloss_request_duration_seconds_bucket", le="2.5e-05") == 1
+        assert sample("remoteloss_request_duration_seconds_bucket", le="0.0005") == 3
+        assert sample("remoteloss_request_duration_seconds_bucket", le="10.0") == 3
+        assert registry.get_sample_value("remoteloss_requests_in_flight") == 1
+    duration.observe(0.0005)  # on a bound: in its bucket, as prometheus_client counts it
+    metrics.in_flight.inc()  # the metric itself still counts at once, beside its buffer
+    assert sample("remoteloss_request_duration_seconds_bucket", le="0.00025") == 1
+    assert sample("remoteloss_request_duration_seconds_bucket", le="0.0005") == 4
+    assert registry.get_sample_value("remoteloss_requests_in_flight") == 2

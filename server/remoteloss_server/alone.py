@@ -1,0 +1,48 @@
+"""A small call alone on an idle batcher, computed on the spot (no grpc).
+
+What ``Batcher`` does with a batch of one on the event loop, without a queue item, a future, a
+list or a turn of the event loop: the path of most calls at low load, and of most at high load
+too, while requests seldom overlap (each is answered before the next one starts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from remoteloss_server.errors import ServiceError
+from remoteloss_server.executor import Job, Result
+from remoteloss_server.metrics import Metrics
+
+__all__ = ["compute_alone"]
+
+
+def compute_alone(
+    timed: Callable[[Sequence[Job]], tuple[list[Result | ServiceError], float]],
+    job: Job,
+    elements: int,
+    *,
+    metrics: Metrics,
+    device: str,
+    clock: Callable[[], float],
+    charge: Callable[[float], None],
+    sample: Callable[[float, float], None],
+) -> Result:
+    """``job``'s result (its ServiceError raised), computed now by ``timed`` (the batcher's
+    ``run_batch`` that also gives the CPU seconds it took), with the metrics of a batch of one (no
+    time queued), its compute time ``charge``d and, once computed, its cost given to ``sample``
+    (seconds, CPU seconds), as the batcher's batches have theirs."""
+    m, loss = metrics, job.call.loss
+    m.child(m.queue_duration, loss).observe(0.0)
+    m.child(m.batch_requests, loss).observe(1)
+    m.child(m.batch_elements, loss).observe(elements)
+    begin = clock()
+    try:
+        (result,), cpu = timed((job,))
+    finally:
+        seconds = clock() - begin
+        m.child(m.compute_duration, loss, device).observe(seconds)
+        charge(seconds)
+    sample(seconds, cpu)
+    if isinstance(result, BaseException):
+        raise result
+    return result
