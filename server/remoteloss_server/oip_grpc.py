@@ -28,7 +28,7 @@ from remoteloss_server.inference import grpc_service_pb2 as ipb
 from remoteloss_server.intake import UndecodableRequest
 from remoteloss_server.limits import Ticket
 from remoteloss_server.oip_door import Door
-from remoteloss_server.status import caller_request_id, status_of, translate_errors
+from remoteloss_server.status import caller_request_id, register, status_of, translate_errors
 from remoteloss_server.streaming import Stopped, bounded_map
 
 __all__ = ["PROTOCOL", "SERVICE_NAME", "InferenceServicer", "add_to_server"]
@@ -46,20 +46,9 @@ _CONTENTS = {
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     """Register the served RPCs: ModelInfer and ModelStreamInfer raw (bytes), the rest with their
-    messages (undecodable bytes reach ``translate_errors`` as INVALID_ARGUMENT)."""
-    handlers = {}
-    for method in ipb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
-        request_type: type[Message] = getattr(ipb, method.input_type.name)
-        response_type: type[Message] = getattr(ipb, method.output_type.name)
-        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
-        raw = method.name in _RAW
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=None if raw else _lenient(request_type),
-            response_serializer=None if raw else response_type.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+    messages (undecodable bytes reach ``translate_errors`` as INVALID_ARGUMENT; fields this trimmed
+    copy of the protocol lacks are skipped, as any protobuf reader skips them)."""
+    register(server, ipb, SERVICE_NAME, servicer, _RAW, _lenient)
 
 
 def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:

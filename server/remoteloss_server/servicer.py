@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import Executor as Pool
 from typing import Any
 
@@ -32,7 +32,7 @@ from remoteloss_server.limits import Admission, Ticket
 from remoteloss_server.losses import LOSSES, describe_all
 from remoteloss_server.metrics import Metrics
 from remoteloss_server.scheduling import SchedulingPolicy
-from remoteloss_server.status import add_trailing_metadata, caller_request_id, status_of, translate_errors
+from remoteloss_server.status import add_trailing_metadata, caller_request_id, register, status_of, translate_errors
 from remoteloss_server.streaming import Stopped, bounded_map
 from remoteloss_server.telemetry import REQUEST_ID_KEY, TENANT, RequestRecord, loss_label
 
@@ -52,35 +52,10 @@ WORKER_METADATA_KEY = "remoteloss-worker"  # trailing metadata: which worker pro
 DRAINED_METADATA_KEY = "remoteloss-drained"
 
 
-def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
-    """A request deserializer that lets undecodable bytes reach the handler."""
-
-    def deserialize(data: bytes) -> Message | UndecodableRequest:
-        return receive(data, message_type).message
-
-    return deserialize
-
-
 def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` as the generated ``add_LossServiceServicer_to_server`` does, except
-    that Compute and ComputeStream take and give bytes (they parse and serialize themselves, see
-    ``receive``), and ListLosses's deserializer lets undecodable bytes reach ``translate_errors``."""
-    handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["LossService"].methods:
-        request_type: type[Message] = getattr(pb, method.input_type.name)
-        response_type: type[Message] = getattr(pb, method.output_type.name)
-        streams = (method.client_streaming, method.server_streaming)
-        if streams not in ((True, True), (False, False)):  # pragma: no cover - the schema has no such RPC
-            raise TypeError(f"{method.name}: one-sided streaming is not wired")
-        make = grpc.stream_stream_rpc_method_handler if streams[0] else grpc.unary_unary_rpc_method_handler
-        raw = method.name in _RAW_METHODS
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=None if raw else _lenient(request_type),
-            response_serializer=None if raw else response_type.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+    """Register ``servicer``: Compute and ComputeStream take and give bytes; ListLosses's
+    deserializer lets undecodable bytes reach ``translate_errors`` (``status.register``)."""
+    register(server, pb, SERVICE_NAME, servicer, _RAW_METHODS)
 
 
 _RAW_METHODS = frozenset({"Compute", "ComputeStream"})

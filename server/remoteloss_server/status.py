@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from types import ModuleType
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from remoteloss_server.errors import ServiceError
-from remoteloss_server.intake import UndecodableRequest
+from remoteloss_server.intake import UndecodableRequest, receive
 from remoteloss_server.telemetry import REQUEST_ID_KEY, request_id
 
-__all__ = ["MAX_DETAILS", "add_trailing_metadata", "caller_request_id", "status_of", "translate_errors"]
+__all__ = ["MAX_DETAILS", "add_trailing_metadata", "caller_request_id", "register", "status_of", "translate_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +77,40 @@ def add_trailing_metadata(context: grpc.aio.ServicerContext[Any, Any], pairs: tu
     """Add ``pairs`` to the trailing metadata set so far (``set_trailing_metadata`` replaces it)."""
     if pairs:
         context.set_trailing_metadata((*(context.trailing_metadata() or ()), *pairs))
+
+
+def register(
+    server: grpc.aio.Server, messages: ModuleType, service: str, servicer: Any, raw: Collection[str],
+    lenient: Callable[[type[Message]], Callable[[bytes], Any]] | None = None,
+) -> None:
+    """Register every RPC of ``service`` (its full name; its messages in the generated module
+    ``messages``) as the generated ``add_*Servicer_to_server`` does, except that the methods in
+    ``raw`` take and give bytes (they parse and serialize themselves, see ``receive``) and the
+    others' deserializers (``lenient(request_type)``; by default ``receive``'s, which refuses
+    unknown fields) let undecodable bytes reach ``translate_errors`` (INVALID_ARGUMENT)."""
+    lenient = lenient or _lenient
+    handlers = {}
+    for method in messages.DESCRIPTOR.services_by_name[service.rpartition(".")[2]].methods:
+        request_type: type[Message] = getattr(messages, method.input_type.name)
+        response_type: type[Message] = getattr(messages, method.output_type.name)
+        streams = (method.client_streaming, method.server_streaming)
+        if streams not in ((True, True), (False, False)):  # pragma: no cover - the schemas have no such RPC
+            raise TypeError(f"{method.name}: one-sided streaming is not wired")
+        make = grpc.stream_stream_rpc_method_handler if streams[0] else grpc.unary_unary_rpc_method_handler
+        plain = method.name in raw
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=None if plain else _lenient(request_type),
+            response_serializer=None if plain else response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
+    """A request deserializer that lets undecodable bytes reach the handler."""
+
+    def deserialize(data: bytes) -> Message | UndecodableRequest:
+        return receive(data, message_type).message
+
+    return deserialize

@@ -21,7 +21,8 @@ from remoteloss_server import framing, intake, status
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
 from remoteloss_server.executor import Executor, Result
 from remoteloss_server.intake import UndecodableRequest
-from remoteloss_server.servicer import LossServicer, _lenient
+from remoteloss_server.servicer import LossServicer
+from remoteloss_server.status import _lenient
 from tests.catalog import LOSS_NAMES, NEWER_LOSS_FIELD, newer_loss_field
 
 torch.set_num_threads(1)
