@@ -253,8 +253,10 @@ def _memory(client: Client, servers: dict[str, Server], plan: Plan, features: di
         sampler = threading.Thread(target=sample, args=(server, done, sampled), daemon=True)
         sampler.start()
         try:
+            # Over 4 connections: one connection's budget (max_connection_in_flight_bytes, 1 GiB)
+            # holds fewer than 16 such calls with their answers, and refuses the rest.
             run = client.bench(server, shape=MEMORY, grad=True, concurrency=MEMORY_IN_FLIGHT,
-                               requests=plan.memory_requests, warmup_s=0)
+                               requests=plan.memory_requests, warmup_s=0, channels=4)
         finally:
             done.set()
             sampler.join()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from remoteloss import _wire as wire
-from remoteloss_server import oip
+from remoteloss_server import oip, oip_wire
 from remoteloss_server.errors import InvalidArgumentError
 from remoteloss_server.inference import grpc_service_pb2 as ipb
 from remoteloss_server.intake import UndecodableRequest
@@ -70,9 +70,12 @@ def parameters(sent: Any) -> dict[str, Any]:
     return values
 
 
-def infer_request(message: ipb.ModelInferRequest) -> oip.InferRequest:
-    """The protocol-neutral request; InvalidArgumentError for contents that do not line up."""
-    raw = message.raw_input_contents
+def infer_request(
+    message: ipb.ModelInferRequest, raw: Sequence[bytes | memoryview] | None = None
+) -> oip.InferRequest:
+    """The protocol-neutral request; InvalidArgumentError for contents that do not line up.
+    ``raw``: the raw_input_contents cut out of the received bytes (``oip_wire.split``), if they were."""
+    raw = message.raw_input_contents if raw is None else raw
     where = message.model_name
     if raw and len(raw) != len(message.inputs):
         raise InvalidArgumentError(
@@ -83,7 +86,7 @@ def infer_request(message: ipb.ModelInferRequest) -> oip.InferRequest:
         if raw:
             if sent.HasField("contents"):
                 raise InvalidArgumentError(f"{where}: input {sent.name} has contents, and the request raw_input_contents")
-            data: bytes = raw[index]
+            data: bytes | memoryview = raw[index]
         else:
             data = _typed(where, sent)
         inputs.append(oip.InferInput(sent.name, sent.datatype, tuple(sent.shape), data, parameters(sent.parameters)))
@@ -170,8 +173,11 @@ class InferenceServicer:
         budgets are released when the call ends, or, given ``hold``, put there for the caller to
         release once the answer is written."""
         door, started = self._door, time.perf_counter_ns()
+        split = oip_wire.split(data)
         try:
-            message: ipb.ModelInferRequest | None = ipb.ModelInferRequest.FromString(data)
+            message: ipb.ModelInferRequest | None = ipb.ModelInferRequest.FromString(
+                data if split is None else split[0]
+            )
         except DecodeError as exc:
             message = None
             error: Exception | None = InvalidArgumentError(f"the request is not a valid inference.ModelInferRequest: {exc}")
@@ -186,16 +192,17 @@ class InferenceServicer:
                 hold.add(ticket)
             elif ticket is not None:
                 context.add_done_callback(lambda _: ticket.release())  # type: ignore[arg-type]
-            answer = await door.infer(infer_request(message), len(data), record, ticket, context.time_remaining())
+            request = infer_request(message, None if split is None else split[1])
+            del split  # the request's views of ``data`` now live in ``request`` only
+            answer = await door.infer(request, len(data), record, ticket, context.time_remaining())
             response = ipb.ModelInferResponse(
                 model_name=answer.model.name, model_version=oip.VERSION, id=message.id,
                 outputs=[ipb.ModelInferResponse.InferOutputTensor(name=o.name, datatype=o.datatype, shape=o.shape)
                          for o in answer.outputs],
-                raw_output_contents=[bytes(o.data) for o in answer.outputs],
             )
             for key, value in oip.warnings_parameter(answer.result).items():
                 response.parameters[key].string_param = value
-            return response.SerializeToString()
+            return oip_wire.answer(response.SerializeToString(), [o.data for o in answer.outputs])
         except asyncio.CancelledError:
             door.failed(record, model, "CANCELLED", "", time.perf_counter_ns() - started)
             if ticket is not None and hold is not None:

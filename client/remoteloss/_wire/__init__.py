@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf.message import Message
 
-from remoteloss._wire.encoding import DELIMITED, MAX_DEPTH, MAX_FIELD_NUMBER, read_varint, varint
+from remoteloss._wire.encoding import DELIMITED, MAX_DEPTH, MAX_FIELD_NUMBER, read_varint, skip_field, varint
 from remoteloss._wire.joining import join_fields
 from remoteloss._wire.payloads import PLACEHOLDER_SIZE, Payloads
 from remoteloss._wire.plans import plan
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from google.protobuf.descriptor import Descriptor
 
 __all__ = [
+    "DELIMITED",
     "MAX_DEPTH",
     "PLACEHOLDER_SIZE",
     "SPLIT_BYTES",
@@ -48,6 +49,7 @@ __all__ = [
     "parse",
     "read_varint",
     "serialize",
+    "skip_field",
     "split",
     "varint",
 ]
