@@ -11,7 +11,8 @@ Who may call and what it may spend, as for gRPC: with API keys, every path but
 ``/v2/health/*`` needs ``Authorization: Bearer <key>`` (401 from the headers alone); a body
 longer than ``max_message_bytes`` is refused from its ``Content-Length`` (413) and never read
 past that size (aiohttp's ``client_max_size``); the in-flight budgets are taken from the
-``Content-Length`` before the body is read and held until the answer is written.
+``Content-Length`` before the body is read and held until the answer is written, so an inference
+without one (a chunked body) is refused (400) before it is read.
 """
 
 from __future__ import annotations
@@ -130,9 +131,13 @@ class _Routes:
             if not door.ready:
                 raise UnavailableError("the server is draining: send the request to another server")
             limit = request.app._client_max_size  # max_message_bytes
-            if size is not None and size > limit:
+            if size is None:  # chunked: its size, which the budgets need before reading, is unknown
+                raise InvalidArgumentError(
+                    f"{name}: the request has no Content-Length; send the body with its length, not chunked"
+                )
+            if size > limit:
                 raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-            ticket = door.admit(size or 0, _connection(request))
+            ticket = door.admit(size, _connection(request))
             body = await request.read()
             header = request.headers.get(HEADER_LENGTH)
             length = int(header) if header is not None and header.isdigit() else None

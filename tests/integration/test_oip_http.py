@@ -67,6 +67,16 @@ def test_a_body_over_the_limit_is_refused_from_its_length() -> None:
     assert (refused, answered) == (1.0, 1.0)
 
 
+def test_a_chunked_body_is_refused_before_it_is_read() -> None:
+    """The budgets need a body's size before it is read: a body without Content-Length is refused."""
+    with ServerThread(_config()) as server, socket.create_connection(("127.0.0.1", server.config.http_port)) as sock:
+        sock.sendall(b"POST /v2/models/mse_loss/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n10\r\n" + b"{" * 16 + b"\r\n")  # more chunks would follow
+        head, _, body = sock.makefile("rb").read().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert "no Content-Length" in json.loads(body)["error"]
+
+
 def test_statistics_count_each_model() -> None:
     with ServerThread(_config()) as server:
         base = f"http://127.0.0.1:{server.config.http_port}/v2/models/mse_loss"
