@@ -119,7 +119,7 @@ TARGETS = (
     Target("large_grad", "Large (1,000,000 float32 per tensor, forward + gradient): remoteloss p50 / (echo p50 + "
            "local torch)", 1.3, True, _latency_target("large_grad", "large_grad")),
     Target("c64", "64 callers, small, one worker: remoteloss throughput / echo throughput", 0.8, False, _c64_vs_echo),
-    Target("batching", "64 callers, small: batching on / off throughput", 1.3, False, _batching),
+    Target("batching", "64 callers, small: batching on / off throughput", 1.0, False, _batching),
     Target("stream", "One caller, small: streaming throughput / unary throughput", 2.0, False, _stream),
     Target("memory", "Memory: (peak RSS - idle RSS) / bytes in flight, 16 x 32 MiB requests", 3.0, True, _memory),
 )

@@ -81,12 +81,13 @@ def test_labels_and_selectors_agree(manifests: dict[str, dict[str, Any]]) -> Non
 
 def test_ports_and_the_environment_match_the_server(manifests: dict[str, dict[str, Any]]) -> None:
     deployment = manifests["Deployment"]
-    assert ports(deployment) == {"grpc": DEFAULTS.port, "metrics": DEFAULTS.metrics_port}
+    assert ports(deployment) == {"grpc": DEFAULTS.port, "http": DEFAULTS.http_port, "metrics": DEFAULTS.metrics_port}
     env = environment(deployment)
     unknown = sorted(set(env) - ENV_NAMES)
     assert not unknown, f"the server reads no {unknown} (see remoteloss-server --help)"
     config = cli._config(cli._parser().parse_args([]), env)  # what the server makes of it
     assert config.port == ports(deployment)["grpc"] and config.metrics_port == ports(deployment)["metrics"]
+    assert config.http_port == ports(deployment)["http"], "the Open Inference Protocol's REST port"
     assert config.host == "[::]", "the Service, the probes and Prometheus need every interface, not loopback"
     assert config.device.startswith("cuda"), "a pod that asks for a GPU computes on it"
     service = manifests["Service"]
