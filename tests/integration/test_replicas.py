@@ -253,8 +253,8 @@ class Stream:
             worker.start()
         try:
             self._wait(lambda: len(self.answers) >= answers_before)
-            moment = time.monotonic()
             action()
+            moment = time.monotonic()  # after it: the action may wait (kill_mid_call waits for a call in flight)
             done = len(self.answers)
             time.sleep(seconds_after)
             self._wait(lambda: len(self.answers) >= done + answers_after)
@@ -268,6 +268,9 @@ class Stream:
         deadline = time.monotonic() + timeout_s
         while not condition() and not self.errors and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+IN_TRANSIT_S = 0.1
 
 
 def kill_mid_call(victim: Replica) -> None:
@@ -285,7 +288,8 @@ def assert_no_call_lost(client: remoteloss.Client, replicas: Replicas, victim: R
     killed_at = stream.run(lambda: kill_mid_call(victim))
     assert not victim.alive()
     assert not stream.errors, f"{len(stream.errors)} calls failed, the first: {stream.errors[0]!r}"
-    after_kill = sum(1 for moment in stream.answers if moment > killed_at)
+    # Answers the victim wrote just before it died may still be on their way (through nginx).
+    after_kill = sum(1 for moment in stream.answers if moment > killed_at + IN_TRANSIT_S)
     assert after_kill >= 40, f"{after_kill} answers after the kill"
     # Every call answered after the kill was answered by a survivor.
     served = sum(replica.answered() for replica in survivors) - sum(before)
