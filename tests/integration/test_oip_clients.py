@@ -12,7 +12,6 @@ message; API keys and limits hold at both doors.
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import subprocess
 import zlib
@@ -31,19 +30,14 @@ from tests import tools
 from .cases import LOSS_NAMES, OMIT, Case, cases, tolerance
 from .helpers import run
 from .oip_cases import array, drive, encode, expected, request
+from .deploy_files import free_port
 
 KEY = "k" * 32
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _start(**changes: Any) -> ServerThread:
     base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "device": "cpu", "metrics_port": 0,
-                            "http_port": _free_port(), "shutdown_grace_s": 0.5}
+                            "http_port": free_port(), "shutdown_grace_s": 0.5}
     return ServerThread(ServerConfig(**{**base, **changes}))
 
 

@@ -24,11 +24,7 @@ from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server.app import SERVICE_NAME, ServerThread, StartupError
 from remoteloss_server.config import ServerConfig
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from .deploy_files import free_port
 
 
 def config(**changes: Any) -> ServerConfig:

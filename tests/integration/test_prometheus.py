@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -33,16 +32,11 @@ from remoteloss_server.config import ServerConfig
 from remoteloss_server.metrics import LATENCY_BUCKETS
 
 from .. import tools
+from .deploy_files import free_port
 
 DEPLOY = tools.ROOT / "deploy" / "prometheus"
 HINT = "apt-get install prometheus"
 WAIT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.parametrize(

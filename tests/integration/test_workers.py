@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,13 +26,9 @@ from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
 
+from .deploy_files import free_port
+
 STARTUP_S = 90.0  # two fresh interpreters importing torch, on a busy machine
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Workers:
@@ -53,7 +48,7 @@ class Workers:
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "server.log"
     argv = [sys.executable, "-m", "remoteloss_server", "--workers", "2", "--host", "127.0.0.1", "--port", str(port),
             "--device", "cpu", "--http-port", "0", "--metrics-port", "0", "--grace-period", "5"]
