@@ -13,27 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
+from remoteloss_server import oip_http
 from remoteloss_server.app import ServerThread
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.inference import grpc_service_pb2 as ipb
 from tests import tools
 from tests.pki import make_pki
 
+from .deploy_files import free_port
+
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2], "data": [1, 2]},
                    {"name": "target", "datatype": "FP32", "shape": [2], "data": [0, 0]}]}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _config(**changes: Any) -> ServerConfig:
     base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "device": "cpu", "metrics_port": 0,
-                            "http_port": _free_port(), "shutdown_grace_s": 0.5}
+                            "http_port": free_port(), "shutdown_grace_s": 0.5}
     return ServerConfig(**{**base, **changes})
 
 
@@ -75,6 +73,35 @@ def test_a_chunked_body_is_refused_before_it_is_read() -> None:
         head, _, body = sock.makefile("rb").read().partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400")
     assert "no Content-Length" in json.loads(body)["error"]
+
+
+def _head_only(port: int, headers: str) -> tuple[bytes, bytes]:
+    """POST an inference's headers alone (its body is never sent); the status line and the body answered."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"POST /v2/models/mse_loss/infer HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode())
+        head, _, body = sock.makefile("rb").read().partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body
+
+
+def test_json_past_its_limit_is_refused_before_the_body_is_read() -> None:
+    """Parsing JSON holds the GIL (every caller waits): past MAX_JSON_BYTES, tensors must be binary."""
+    over = oip_http.MAX_JSON_BYTES + 1
+    with ServerThread(_config()) as server:
+        port = server.config.http_port
+        status, body = _head_only(port, f"Content-Length: {over}\r\n")
+        assert status.startswith(b"HTTP/1.1 413") and "binary data" in json.loads(body)["error"]
+        status, body = _head_only(port, f"Content-Length: {over + 8}\r\n{oip_http.HEADER_LENGTH}: {over}\r\n")
+        assert status.startswith(b"HTTP/1.1 413")
+        # A small JSON header in front of a large binary body is computed.
+        binary = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2**20],
+                                         "parameters": {"binary_data_size": 2**22}},
+                                        {"name": "target", "datatype": "FP32", "shape": [2**20],
+                                         "parameters": {"binary_data_size": 2**22}}]}).encode()
+        data = np.random.default_rng(0).random(2**21, dtype=np.float32).tobytes()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/mse_loss/infer", data=binary + data,
+                                         headers={oip_http.HEADER_LENGTH: str(len(binary))})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200 and len(binary + data) > oip_http.MAX_JSON_BYTES
 
 
 def test_statistics_count_each_model() -> None:
