@@ -13,6 +13,7 @@ import asyncio
 import time
 from concurrent.futures import Executor as Pool
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from remoteloss_server import framing, oip
@@ -132,11 +133,12 @@ class Door:
 
     async def infer(
         self, request: oip.InferRequest, size: int, record: RequestRecord, ticket: Ticket | None,
-        remaining_s: float | None,
+        remaining_s: float | None, check: Callable[[list[oip.Output]], None] | None = None,
     ) -> Answer:
         """The outputs of ``request`` (``size`` bytes as received), admitted under ``ticket``,
         within ``remaining_s`` (None: no deadline; Triton's ``timeout`` parameter, in
-        microseconds, may shorten it). Records the outcome in the statistics and ``record``,
+        microseconds, may shorten it). ``check`` may refuse the outputs (raising) before the answer
+        counts as given. Records the outcome in the statistics and ``record``,
         except for a failure, which the caller records with its status (``failed``)."""
         started = time.perf_counter_ns()
         model = oip.find(request.model, request.version)
@@ -153,6 +155,8 @@ class Door:
             deadline = None if remaining_s is None else self._batcher.clock() + remaining_s
             result = await self._batcher.submit(prepared.call, prepared.grad_output, deadline, tenant=record.tenant)
         outputs = model.outputs_of(result, wanted)
+        if check is not None:
+            check(outputs)
         size_out = sum(o.data.nbytes for o in outputs)
         if ticket is not None:
             ticket.answered(framing.HELD_COPIES * size_out)

@@ -30,6 +30,10 @@ _NUMPY = {
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
 }
 
+# Elements an answer writes as JSON at most (about as much JSON as the requests' limit lets in):
+# writing them holds the GIL, stalling every other caller. Larger outputs are asked for as binary.
+MAX_JSON_ELEMENTS = 2**18
+
 Body = tuple[bytes | memoryview, dict[str, str]]  # the bytes to send and their headers
 
 
@@ -115,14 +119,28 @@ def _from_json(model: str, name: str, datatype: str, data: Any) -> bytes:
         raise InvalidArgumentError(f"{model}: input {name}: its data is not a list of {datatype} values: {exc}") from None
 
 
+def check_outputs(request: oip.InferRequest, answer_outputs: list[oip.Output]) -> None:
+    """InvalidArgumentError where ``response`` would write over ``MAX_JSON_ELEMENTS`` as JSON."""
+    as_json = [o for o in answer_outputs if not _binary(request, o)]
+    if sum(o.tensor.numel() for o in as_json) > MAX_JSON_ELEMENTS:
+        raise InvalidArgumentError(
+            f"{request.model}: the outputs {', '.join(o.name for o in as_json)} have over {MAX_JSON_ELEMENTS} "
+            f"elements to write as JSON; ask for them as binary data ({BINARY}: true, or {BINARY_OUTPUT}: true)"
+        )
+
+
+def _binary(request: oip.InferRequest, output: oip.Output) -> bool:
+    """Whether ``output`` travels as bytes after the JSON."""
+    asked = dict(request.outputs or ()).get(output.name, {})
+    return asked.get(BINARY, request.parameters.get(BINARY_OUTPUT) is True) is True
+
+
 def response(request: oip.InferRequest, answer_outputs: list[oip.Output], warnings: dict[str, Any]) -> Body:
-    """The answer's body and headers: JSON, then the binary outputs' bytes."""
-    everything = request.parameters.get(BINARY_OUTPUT) is True
-    asked = dict(request.outputs or ())
+    """The answer's body and headers: JSON, then the binary outputs' bytes (``check_outputs`` first)."""
     outputs, tail = [], []
     for output in answer_outputs:
         entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": list(output.shape)}
-        if asked.get(output.name, {}).get(BINARY, everything) is True:
+        if _binary(request, output):
             entry["parameters"] = {BINARY_SIZE: output.data.nbytes}
             tail.append(output.data)
         else:

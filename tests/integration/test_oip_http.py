@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from remoteloss_server import oip_http
+from remoteloss_server import oip_http, oip_json
 from remoteloss_server.app import ServerThread
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.inference import grpc_service_pb2 as ipb
@@ -102,6 +102,31 @@ def test_json_past_its_limit_is_refused_before_the_body_is_read() -> None:
                                          headers={oip_http.HEADER_LENGTH: str(len(binary))})
         with urllib.request.urlopen(request, timeout=30) as answer:
             assert answer.status == 200 and len(binary + data) > oip_http.MAX_JSON_BYTES
+
+
+def test_outputs_past_the_json_limit_must_be_asked_as_binary() -> None:
+    """Writing JSON holds the GIL too: a gradient of over MAX_JSON_ELEMENTS comes as binary or not at all."""
+    n = oip_json.MAX_JSON_ELEMENTS + 1
+    data = np.random.default_rng(1).random(2 * n, dtype=np.float32).tobytes()
+
+    def infer(port: int, parameters: dict[str, Any]) -> tuple[int, bytes]:
+        inputs = [{"name": "input", "datatype": "FP32", "shape": [n],
+                   "parameters": {"binary_data_size": 4 * n, "requires_grad": True}},
+                  {"name": "target", "datatype": "FP32", "shape": [n], "parameters": {"binary_data_size": 4 * n}}]
+        head = json.dumps({"inputs": inputs, "parameters": parameters}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/mse_loss/infer", data=head + data,
+                                         headers={oip_http.HEADER_LENGTH: str(len(head))})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    with ServerThread(_config()) as server:
+        status, body = infer(server.config.http_port, {})
+        assert status == 400 and "as binary data" in json.loads(body)["error"]
+        status, body = infer(server.config.http_port, {"binary_data_output": True})
+    assert status == 200 and len(body) > 4 * n  # the gradient's bytes follow the JSON
 
 
 def test_statistics_count_each_model() -> None:
