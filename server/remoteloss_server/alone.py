@@ -20,17 +20,18 @@ def compute_alone(
     timed: Callable[[Sequence[Job]], tuple[list[Result | ServiceError], float]],
     job: Job,
     elements: int,
+    tenant: str | None,
     *,
     metrics: Metrics,
     device: str,
     clock: Callable[[], float],
-    charge: Callable[[float], None],
-    sample: Callable[[float, float], None],
+    charge: Callable[[str | None, float], None],
+    sample: Callable[[str, int, float, float], None],
 ) -> Result:
     """``job``'s result (its ServiceError raised), computed now by ``timed`` (the batcher's
     ``run_batch`` that also gives the CPU seconds it took), with the metrics of a batch of one (no
-    time queued), its compute time ``charge``d and, once computed, its cost given to ``sample``
-    (seconds, CPU seconds), as the batcher's batches have theirs."""
+    time queued), its compute time ``charge``d to ``tenant`` and, once computed, its cost given to
+    ``sample`` (loss, calls, seconds, CPU seconds), as the batcher's batches have theirs."""
     m, loss = metrics, job.call.loss
     m.child(m.queue_duration, loss).observe(0.0)
     m.child(m.batch_requests, loss).observe(1)
@@ -41,8 +42,8 @@ def compute_alone(
     finally:
         seconds = clock() - begin
         m.child(m.compute_duration, loss, device).observe(seconds)
-        charge(seconds)
-    sample(seconds, cpu)
+        charge(tenant, seconds)
+    sample(loss, 1, seconds, cpu)
     if isinstance(result, BaseException):
         raise result
     return result

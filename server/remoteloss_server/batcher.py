@@ -151,10 +151,8 @@ class Batcher(Picker):
             if (elements := call.elements) <= self._policy.inline_elements:
                 self._shares.activate(tenant)
                 return compute_alone(
-                    self._timed, Job(call, grad_output), elements, metrics=self._metrics, device=self._device,
-                    clock=self.clock, charge=lambda seconds: self._charge(tenant, seconds),
-                    sample=lambda seconds, cpu: self._decider.observe(  # as _sample, for a batch of one
-                        call.loss, 1, seconds if self._policy.concatenate else cpu),
+                    self._timed, Job(call, grad_output), elements, tenant, metrics=self._metrics,
+                    device=self._device, clock=self.clock, charge=self._charge, sample=self._sample,
                 )
             await asyncio.sleep(0)
             if self.idle and self._alone():
@@ -315,12 +313,12 @@ class Batcher(Picker):
         results = self._executor.run_batch(jobs)
         return results, time.thread_time() - begin
 
-    def _sample(self, batch: list[Item], seconds: float, cpu: float) -> None:
+    def _sample(self, loss: str, calls: int, seconds: float, cpu: float) -> None:
         """A computed batch's cost, a sample for the batching decision of its loss: its CPU time
         where each call computes as alone (a CPU), which a busy machine's other processes do not
         stretch; its compute time where calls concatenate (on a GPU the kernels and the
         synchronisation take the time, not this process's CPU)."""
-        self._decider.observe(batch[0].job.call.loss, len(batch), seconds if self._policy.concatenate else cpu)
+        self._decider.observe(loss, calls, seconds if self._policy.concatenate else cpu)
 
     async def _compute(self, tenant: str | None, batch: list[Item]) -> None:
         assert self._slots is not None
@@ -337,7 +335,7 @@ class Batcher(Picker):
                 self._charge(tenant, seconds)  # before the slot frees: the next choice sees it
                 self._computing -= 1
                 self._slots.release()
-            self._sample(batch, seconds, cpu)
+            self._sample(batch[0].job.call.loss, len(batch), seconds, cpu)
             resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - a bug or a CUDA error: every call of the batch gets it
             fail(batch, exc)
@@ -356,7 +354,7 @@ class Batcher(Picker):
                 compute_duration.observe(seconds)
                 self._charge(tenant, seconds)
                 self._slots.release()
-            self._sample(batch, seconds, cpu)
+            self._sample(batch[0].job.call.loss, len(batch), seconds, cpu)
             resolve(batch, results)
         except Exception as exc:  # noqa: BLE001 - as in _compute
             fail(batch, exc)
