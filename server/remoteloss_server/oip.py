@@ -60,6 +60,10 @@ GRAD_OUTPUT = "grad_output"
 LOSS_OUTPUT = "loss"
 GRAD_PREFIX = "grad_"
 REQUIRES_GRAD = "requires_grad"
+# Elements a request's typed contents (gRPC) or an answer's JSON lists may hold in all: each one
+# is a Python object made or read while holding the GIL, which stalls every other caller. Larger
+# tensors travel as raw bytes (raw_input_contents; HTTP's binary data).
+MAX_LISTED_ELEMENTS = 2**18
 EXTENSIONS = ("model_configuration", "statistics", "binary_tensor_data")
 # Request parameters that clients send on their own and that change nothing here.
 # (binary_data_output and an output's binary_data: how the HTTP answer carries outputs.)

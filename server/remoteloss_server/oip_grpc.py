@@ -104,6 +104,11 @@ def _typed(where: str, sent: Any) -> bytes:
         return b""  # the datatype itself is refused, in the native words
     name, dtype = found
     values = getattr(sent.contents, name)
+    if len(values) > oip.MAX_LISTED_ELEMENTS:  # each value becomes a Python object: send raw bytes instead
+        raise InvalidArgumentError(
+            f"{where}: input {sent.name} has {len(values)} typed contents, over the {oip.MAX_LISTED_ELEMENTS} "
+            "this server reads; send large tensors in raw_input_contents"
+        )
     try:
         return np.array(values, dtype=np.dtype(dtype)).tobytes()
     except OverflowError:

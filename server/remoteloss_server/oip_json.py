@@ -30,10 +30,6 @@ _NUMPY = {
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
 }
 
-# Elements an answer writes as JSON at most (about as much JSON as the requests' limit lets in):
-# writing them holds the GIL, stalling every other caller. Larger outputs are asked for as binary.
-MAX_JSON_ELEMENTS = 2**18
-
 Body = tuple[bytes | memoryview, dict[str, str]]  # the bytes to send and their headers
 
 
@@ -120,11 +116,11 @@ def _from_json(model: str, name: str, datatype: str, data: Any) -> bytes:
 
 
 def check_outputs(request: oip.InferRequest, answer_outputs: list[oip.Output]) -> None:
-    """InvalidArgumentError where ``response`` would write over ``MAX_JSON_ELEMENTS`` as JSON."""
+    """InvalidArgumentError where ``response`` would write over ``oip.MAX_LISTED_ELEMENTS`` as JSON."""
     as_json = [o for o in answer_outputs if not _binary(request, o)]
-    if sum(o.tensor.numel() for o in as_json) > MAX_JSON_ELEMENTS:
+    if sum(o.tensor.numel() for o in as_json) > oip.MAX_LISTED_ELEMENTS:
         raise InvalidArgumentError(
-            f"{request.model}: the outputs {', '.join(o.name for o in as_json)} have over {MAX_JSON_ELEMENTS} "
+            f"{request.model}: the outputs {', '.join(o.name for o in as_json)} have over {oip.MAX_LISTED_ELEMENTS} "
             f"elements to write as JSON; ask for them as binary data ({BINARY}: true, or {BINARY_OUTPUT}: true)"
         )
 

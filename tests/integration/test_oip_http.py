@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from remoteloss_server import oip_http, oip_json
+from remoteloss_server import oip, oip_http
 from remoteloss_server.app import ServerThread
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.inference import grpc_service_pb2 as ipb
@@ -105,8 +105,8 @@ def test_json_past_its_limit_is_refused_before_the_body_is_read() -> None:
 
 
 def test_outputs_past_the_json_limit_must_be_asked_as_binary() -> None:
-    """Writing JSON holds the GIL too: a gradient of over MAX_JSON_ELEMENTS comes as binary or not at all."""
-    n = oip_json.MAX_JSON_ELEMENTS + 1
+    """Writing JSON holds the GIL too: a gradient of over MAX_LISTED_ELEMENTS comes as binary or not at all."""
+    n = oip.MAX_LISTED_ELEMENTS + 1
     data = np.random.default_rng(1).random(2 * n, dtype=np.float32).tobytes()
 
     def infer(port: int, parameters: dict[str, Any]) -> tuple[int, bytes]:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss_server import oip
+from remoteloss_server import oip, oip_grpc
 from remoteloss_server.errors import InvalidArgumentError, NotFoundError
+from remoteloss_server.inference import grpc_service_pb2 as ipb
 from remoteloss_server.losses import LOSSES, describe
 from tests.catalog import LOSS_NAMES
 
@@ -101,3 +102,15 @@ def test_unknown_models_and_versions_are_not_found() -> None:
         oip.find("mse")
     with pytest.raises(NotFoundError, match="no version '2'"):
         oip.find("mse_loss", "2")
+
+
+def test_typed_contents_past_the_listed_limit_are_refused_before_they_are_read() -> None:
+    """Each typed value becomes a Python object on the event loop: large tensors must come raw."""
+    def message(values: int) -> ipb.ModelInferRequest:
+        sent = ipb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[values])
+        sent.contents.fp32_contents.extend([0.5] * values)
+        return ipb.ModelInferRequest(model_name="mse_loss", inputs=[sent])
+
+    assert oip_grpc.infer_request(message(oip.MAX_LISTED_ELEMENTS)).inputs[0].data[:4] == b"\x00\x00\x00?"
+    with pytest.raises(InvalidArgumentError, match="send large tensors in raw_input_contents"):
+        oip_grpc.infer_request(message(oip.MAX_LISTED_ELEMENTS + 1))
