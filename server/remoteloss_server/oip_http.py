@@ -28,7 +28,7 @@ from aiohttp import web
 
 from remoteloss_server import oip, oip_json
 from remoteloss_server.auth import ApiKeyInterceptor
-from remoteloss_server.errors import InvalidArgumentError, ServiceError, UnavailableError
+from remoteloss_server.errors import DeadlineExceededError, InvalidArgumentError, ServiceError, UnavailableError
 from remoteloss_server.oip_door import Door
 from remoteloss_server.status import MAX_DETAILS
 from remoteloss_server.telemetry import REQUEST_ID_KEY, TENANT, quote, request_id
@@ -43,6 +43,11 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # and the lists' conversion hold the GIL for about 13 ms a MiB, stalling every other caller, thread
 # or not. Larger tensors travel as binary data (the JSON only describes them).
 MAX_JSON_BYTES = 4 * 1024 * 1024
+# An inference's budgets are taken from its Content-Length before its body is read, so a body that
+# never comes would hold them: it must arrive within BODY_BASE_S plus a second per BODY_MIN_RATE
+# bytes (gRPC, by contrast, hands a handler only whole requests).
+BODY_BASE_S = 5.0
+BODY_MIN_RATE = 8 * 1024 * 1024  # bytes a second
 # gRPC code name -> HTTP status, as Triton and KServe answer them.
 STATUS = {
     "INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429,
@@ -134,25 +139,15 @@ class _Routes:
         try:
             if not door.ready:
                 raise UnavailableError("the server is draining: send the request to another server")
-            limit = request.app._client_max_size  # max_message_bytes
-            if size is None:  # chunked: its size, which the budgets need before reading, is unknown
-                raise InvalidArgumentError(
-                    f"{name}: the request has no Content-Length; send the body with its length, not chunked"
-                )
-            if size > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-            header = request.headers.get(HEADER_LENGTH)
-            length = int(header) if header is not None and header.isdigit() else None
-            if header is not None and length is None:
-                raise InvalidArgumentError(f"{name}: {HEADER_LENGTH} must be a number, got {header!r}")
-            if (size if length is None else length) > MAX_JSON_BYTES:
-                raise web.HTTPRequestEntityTooLarge(
-                    max_size=MAX_JSON_BYTES, actual_size=size if length is None else length,
-                    text=f"{name}: the request's JSON is over {MAX_JSON_BYTES} bytes; send large tensors as "
-                    f"binary data ({HEADER_LENGTH} and each input's binary_data_size)",
-                )
+            size, length = _sizes(request, name)
             ticket = door.admit(size, _connection(request))
-            body = await request.read()
+            within = BODY_BASE_S + size / BODY_MIN_RATE
+            try:
+                body = await asyncio.wait_for(request.read(), within)
+            except TimeoutError:
+                raise DeadlineExceededError(
+                    f"{name}: the request's {size} bytes did not arrive within {within:.1f} s"
+                ) from None
             version = request.match_info.get("version", "")
             if len(body) > door.inline_bytes:
                 sent = await asyncio.to_thread(oip_json.infer_request, name, version, body, length)
@@ -181,6 +176,28 @@ class _Routes:
         finally:
             if ticket is not None:
                 ticket.release()
+
+
+def _sizes(request: web.Request, name: str) -> tuple[int, int | None]:
+    """The body's size and its JSON header's (None: all of it is JSON), from the headers alone;
+    refused (before anything is read) past ``max_message_bytes`` or ``MAX_JSON_BYTES``, or unknown."""
+    size = request.content_length
+    if size is None:  # chunked: its size, which the budgets need before reading, is unknown
+        raise InvalidArgumentError(f"{name}: the request has no Content-Length; send the body with its length, not chunked")
+    limit = request.app._client_max_size  # max_message_bytes
+    if size > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+    header = request.headers.get(HEADER_LENGTH)
+    length = int(header) if header is not None and header.isdigit() else None
+    if header is not None and length is None:
+        raise InvalidArgumentError(f"{name}: {HEADER_LENGTH} must be a number, got {header!r}")
+    if (size if length is None else length) > MAX_JSON_BYTES:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=MAX_JSON_BYTES, actual_size=size if length is None else length,
+            text=f"{name}: the request's JSON is over {MAX_JSON_BYTES} bytes; send large tensors as "
+            f"binary data ({HEADER_LENGTH} and each input's binary_data_size)",
+        )
+    return size, length
 
 
 def _connection(request: web.Request) -> str | None:

@@ -70,17 +70,28 @@ def test_a_chunked_body_is_refused_before_it_is_read() -> None:
     with ServerThread(_config()) as server, socket.create_connection(("127.0.0.1", server.config.http_port)) as sock:
         sock.sendall(b"POST /v2/models/mse_loss/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                      b"Connection: close\r\n\r\n10\r\n" + b"{" * 16 + b"\r\n")  # more chunks would follow
-        head, _, body = sock.makefile("rb").read().partition(b"\r\n\r\n")
+        head, body = _answer(sock)
     assert head.startswith(b"HTTP/1.1 400")
     assert "no Content-Length" in json.loads(body)["error"]
+
+
+def _answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The status line and the body of one HTTP answer (read by its Content-Length, not to EOF)."""
+    reader = sock.makefile("rb")
+    status = reader.readline().rstrip()
+    length = 0
+    while (line := reader.readline().rstrip()) != b"":
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, reader.read(length)
 
 
 def _head_only(port: int, headers: str) -> tuple[bytes, bytes]:
     """POST an inference's headers alone (its body is never sent); the status line and the body answered."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(f"POST /v2/models/mse_loss/infer HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode())
-        head, _, body = sock.makefile("rb").read().partition(b"\r\n\r\n")
-    return head.split(b"\r\n")[0], body
+        sock.sendall(f"POST /v2/models/mse_loss/infer HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        return _answer(sock)
 
 
 def test_json_past_its_limit_is_refused_before_the_body_is_read() -> None:
@@ -127,6 +138,21 @@ def test_outputs_past_the_json_limit_must_be_asked_as_binary() -> None:
         assert status == 400 and "as binary data" in json.loads(body)["error"]
         status, body = infer(server.config.http_port, {"binary_data_output": True})
     assert status == 200 and len(body) > 4 * n  # the gradient's bytes follow the JSON
+
+
+def test_a_body_that_does_not_come_gives_its_budget_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budgets are taken before the body is read: a caller that announces a body and stalls
+    is answered 504 once the body is late, and what it held is free again."""
+    monkeypatch.setattr(oip_http, "BODY_BASE_S", 0.5)
+    with ServerThread(_config(max_in_flight_bytes=3 * 512 * 1024)) as server:  # one such body fits, two do not
+        port = server.config.http_port
+        status, body = _head_only(port, f"Content-Length: {1024 * 1024}\r\n")
+        assert status.startswith(b"HTTP/1.1 504") and "did not arrive" in json.loads(body)["error"]
+        # A second one is admitted (504, not 429): the first gave its budget back.
+        status, body = _head_only(port, f"Content-Length: {1024 * 1024}\r\n")
+        assert status.startswith(b"HTTP/1.1 504")
+        url = f"http://127.0.0.1:{port}/v2/models/mse_loss/infer"
+        assert _post(url, json.dumps(BODY).encode())[0] == 200
 
 
 def test_statistics_count_each_model() -> None:
