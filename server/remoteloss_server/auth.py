@@ -10,7 +10,8 @@ presented key is compared with every configured one in constant time, without an
 
 Both can change while serving (SIGHUP, ``app``): ``ApiKeyInterceptor.keys`` takes a new table for
 the calls that start after it, and ``ServerCertificates.reload`` gives new TLS handshakes a new
-certificate (gRPC's certificate-config fetcher) while open connections keep theirs.
+certificate (gRPC's certificate-config fetcher, and a new ``ssl.SSLContext`` for the HTTP port's
+new connections) while open connections keep theirs.
 """
 
 from __future__ import annotations
@@ -124,12 +125,13 @@ def load_keys(path: str | None, text: str | None) -> KeyTable | None:
     return KeyTable(tuple(entries))
 
 
-def _certificate_configuration(cert: str, key: str, client_ca: str | None) -> grpc.ServerCertificateConfiguration:
-    """TLS from PEM files; with ``client_ca``, the CAs whose client certificates are accepted.
+def _load_tls(cert: str, key: str, client_ca: str | None) -> tuple[grpc.ServerCertificateConfiguration, ssl.SSLContext]:
+    """TLS from PEM files, for gRPC and for the HTTP port; with ``client_ca``, the CAs whose client
+    certificates are accepted (and required).
 
     The files are first loaded with Python's ``ssl``, whose errors say which file is wrong (gRPC's
-    would only fail to bind the port, or the handshake); raises ValueError for an unusable one,
-    OSError for an unreadable one.
+    would only fail to bind the port, or the handshake); that context is the HTTP port's. Raises
+    ValueError for an unusable file, OSError for an unreadable one.
     """
     cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
     root = Path(client_ca).read_bytes() if client_ca is not None else None
@@ -143,23 +145,41 @@ def _certificate_configuration(cert: str, key: str, client_ca: str | None) -> gr
             context.load_verify_locations(cafile=client_ca)
         except ssl.SSLError as exc:
             raise ValueError(f"tls_client_ca {client_ca} holds no PEM CA certificate: {exc}") from None
-    return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=root)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=root), context
+
+
+class _LatestContext(ssl.SSLContext):
+    """The HTTP port's TLS: each connection takes the configuration that is ``current`` when it
+    starts. asyncio wraps every accepted connection with ``wrap_bio``, which this hands to the
+    latest context, so a reload reaches new connections without touching open ones; an
+    ``SSLContext`` cannot drop a client CA it has loaded, so replacing it is the only way."""
+
+    current: ssl.SSLContext
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        return self.current.wrap_bio(*args, **kwargs)
 
 
 class ServerCertificates:
-    """The server's TLS credentials (``credentials``), from PEM files that ``reload`` reads again.
+    """The server's TLS, from PEM files that ``reload`` reads again: ``credentials`` for gRPC,
+    ``ssl_context`` for the HTTP port.
 
     With ``client_ca``, clients must present a certificate it signed. gRPC asks ``_fetch`` before
-    each new handshake; after a reload it gets the new configuration once, and keeps using it.
-    Connections already open are not touched. Raises as ``_certificate_configuration``.
+    each new handshake; after a reload it gets the new configuration once, and keeps using it; the
+    HTTP port's new connections get the new context. Connections already open are not touched.
+    Raises as ``_load_tls``.
     """
 
     def __init__(self, cert: str, key: str, client_ca: str | None) -> None:
         self._files = (cert, key, client_ca)
         self._lock = threading.Lock()  # _fetch runs on a gRPC core thread
         self._pending: grpc.ServerCertificateConfiguration | None = None
+        configuration, context = _load_tls(cert, key, client_ca)
+        self.ssl_context = _LatestContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ssl_context.current = context
         self.credentials = grpc.dynamic_ssl_server_credentials(
-            _certificate_configuration(cert, key, client_ca),
+            configuration,
             self._fetch,  # type: ignore[arg-type]  # the stubs forget that None means "no change"
             require_client_authentication=client_ca is not None,
         )
@@ -167,9 +187,10 @@ class ServerCertificates:
     def reload(self) -> None:
         """Read the files again; new handshakes use them. Raises (and changes nothing) for
         unusable files, as at start."""
-        configuration = _certificate_configuration(*self._files)
+        configuration, context = _load_tls(*self._files)
         with self._lock:
             self._pending = configuration
+        self.ssl_context.current = context
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         with self._lock:

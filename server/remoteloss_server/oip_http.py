@@ -221,16 +221,6 @@ def application(door: Door, keys: ApiKeyInterceptor | None, max_body_bytes: int)
     return app
 
 
-def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
-    """The HTTP port's TLS, from the files the gRPC port uses (read once, at start)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    if client_ca is not None:
-        context.load_verify_locations(cafile=client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 async def start(
     door: Door, host: str, port: int, *, keys: ApiKeyInterceptor | None, max_body_bytes: int,
     tls: ssl.SSLContext | None = None, reuse_port: bool = False,

@@ -41,9 +41,7 @@ class OpenInference:
         Raises OSError, naming the address, when it cannot be bound."""
         if not config.http_port:
             return "off"
-        tls = None
-        if config.tls_cert is not None and config.tls_key is not None:
-            tls = oip_http.tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+        tls = None if security.certificates is None else security.certificates.ssl_context  # SIGHUP renews it
         address = f"{config.host}:{config.http_port}"
         try:
             self.http = await oip_http.start(

@@ -4,7 +4,10 @@ drain, TLS, statistics and metrics by protocol (tritonclient's runs are in test_
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
+import shutil
 import socket
 import ssl
 import urllib.error
@@ -209,6 +212,53 @@ def test_tls_on_the_http_port(tmp_path: Path) -> None:
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             _post(url.replace("https", "http"), json.dumps(BODY).encode())
     assert status == 200 and answer["outputs"][0]["data"] == [2.5]
+
+
+def _https_status(port: int, context: ssl.SSLContext, connection: http.client.HTTPSConnection | None = None) -> int:
+    """One inference over ``connection`` (else a new one to ``port``, closed after); its HTTP status."""
+    if connection is None:
+        with contextlib.closing(http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)) as new:
+            return _https_status(port, context, new)
+    connection.request("POST", "/v2/models/mse_loss/infer", body=json.dumps(BODY).encode())
+    answer = connection.getresponse()
+    answer.read()
+    return answer.status
+
+
+def _client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def test_a_reload_renews_the_http_ports_certificate_and_client_ca(tmp_path: Path) -> None:
+    """SIGHUP's reload (``ServerThread.reload``) reaches the HTTP port as it does gRPC's: new
+    connections get the new certificate, and only clients of the new client CA are let in; a
+    connection opened before keeps the TLS it negotiated."""
+    tools.find("openssl", "apt-get install openssl")
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    cert, key, client_ca = tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "client-ca.pem"
+    for source, target in ((old.server_cert, cert), (old.server_key, key), (old.ca, client_ca)):
+        shutil.copy(source, target)
+    config = _config(tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(client_ca))
+    old_client = _client_context(old.ca, old.client_cert, old.client_key)
+    new_client = _client_context(new.ca, new.client_cert, new.client_key)
+    with ServerThread(config) as server:
+        port = server.config.http_port
+        kept = http.client.HTTPSConnection("127.0.0.1", port, context=old_client, timeout=30)
+        assert _https_status(port, old_client, kept) == 200
+        for source, target in ((new.server_cert, cert), (new.server_key, key), (new.ca, client_ca)):
+            shutil.copy(source, target)
+        assert server.reload()
+        assert _https_status(port, new_client) == 200
+        with pytest.raises(ssl.SSLError):  # the old CA does not sign the new certificate
+            _https_status(port, old_client)
+        # The server trusts the new client CA alone: the old client's certificate is refused.
+        stale_client = _client_context(new.ca, old.client_cert, old.client_key)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _https_status(port, stale_client)
+        assert _https_status(port, old_client, kept) == 200  # negotiated before the reload
+        kept.close()
 
 
 @pytest.mark.parametrize("datatype", ["BF16", "FP16", "FP64"])
