@@ -123,7 +123,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         intake = Intake(policy, max_elements=config.max_elements, max_request_elements=config.max_request_elements)
         servicer = LossServicer(executor, pool, metrics, worker=worker, intake=intake, batcher=batcher, admission=budgets)
         add_to_server(servicer, server)
-        oip = OpenInference(server, executor, pool, metrics, intake, batcher, budgets)
+        oip = OpenInference(server, metrics, intake, batcher, budgets)
         health_servicer = _HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if config.reflection:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Executor as Pool
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
 from remoteloss_server import framing, oip
 from remoteloss_server.batcher import Batcher
-from remoteloss_server.executor import Executor, Result
+from remoteloss_server.executor import Result
 from remoteloss_server.intake import Intake, Received
 from remoteloss_server.limits import Admission, Ticket
 from remoteloss_server.metrics import Metrics
@@ -91,18 +90,7 @@ class Door:
     """The server's pieces, as a protocol front end uses them. ``ready`` is False once the
     server drains (ServerReady, ModelReady and /v2/health/ready then say so)."""
 
-    def __init__(
-        self,
-        executor: Executor,
-        pool: Pool,
-        metrics: Metrics,
-        intake: Intake,
-        *,
-        batcher: Batcher | None = None,
-        admission: Admission | None = None,
-    ) -> None:
-        self._executor = executor
-        self._pool = pool
+    def __init__(self, metrics: Metrics, intake: Intake, batcher: Batcher, admission: Admission | None = None) -> None:
         self.metrics = metrics
         self._intake = intake
         self._batcher = batcher
@@ -148,12 +136,8 @@ class Door:
         if ticket is not None:
             ticket.reserve(*framing.held_bytes(prepared.call), prepared.loss)
         remaining_s = _deadline(request, remaining_s)
-        if self._batcher is None:
-            job = (prepared.call, prepared.grad_output)
-            result = await asyncio.get_running_loop().run_in_executor(self._pool, self._executor.run, *job)
-        else:
-            deadline = None if remaining_s is None else self._batcher.clock() + remaining_s
-            result = await self._batcher.submit(prepared.call, prepared.grad_output, deadline, tenant=record.tenant)
+        deadline = None if remaining_s is None else self._batcher.clock() + remaining_s
+        result = await self._batcher.submit(prepared.call, prepared.grad_output, deadline, tenant=record.tenant)
         outputs = model.outputs_of(result, wanted)
         if check is not None:
             check(outputs)

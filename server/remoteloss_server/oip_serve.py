@@ -4,15 +4,12 @@ with the server (``app``)."""
 
 from __future__ import annotations
 
-from concurrent.futures import Executor as Pool
-
 import grpc
 
 from remoteloss_server import oip_grpc, oip_http
 from remoteloss_server.auth import Security
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
-from remoteloss_server.executor import Executor
 from remoteloss_server.intake import Intake
 from remoteloss_server.limits import Admission
 from remoteloss_server.metrics import Metrics
@@ -29,10 +26,9 @@ class OpenInference:
     ComputeStream's do); ``stop`` closes the HTTP port once its requests have finished."""
 
     def __init__(
-        self, server: grpc.aio.Server, executor: Executor, pool: Pool, metrics: Metrics, intake: Intake,
-        batcher: Batcher, admission: Admission,
+        self, server: grpc.aio.Server, metrics: Metrics, intake: Intake, batcher: Batcher, admission: Admission,
     ) -> None:
-        self.door = Door(executor, pool, metrics, intake, batcher=batcher, admission=admission)
+        self.door = Door(metrics, intake, batcher, admission)
         oip_grpc.add_to_server(oip_grpc.InferenceServicer(self.door), server)
         self.http: oip_http.HttpServer | None = None
 
