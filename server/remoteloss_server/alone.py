@@ -17,7 +17,7 @@ __all__ = ["compute_alone"]
 
 
 def compute_alone(
-    timed: Callable[[Sequence[Job]], tuple[list[Result | ServiceError], float]],
+    timed: Callable[[Sequence[Job]], tuple[list[Result | ServiceError], float | None]],
     job: Job,
     elements: int,
     tenant: str | None,
@@ -26,10 +26,10 @@ def compute_alone(
     device: str,
     clock: Callable[[], float],
     charge: Callable[[str | None, float], None],
-    sample: Callable[[str, int, float, float], None],
+    sample: Callable[[str, int, float, float | None], None],
 ) -> Result:
     """``job``'s result (its ServiceError raised), computed now by ``timed`` (the batcher's
-    ``run_batch`` that also gives the CPU seconds it took), with the metrics of a batch of one (no
+    ``run_batch`` that also gives the CPU seconds it took, when it measured them), with the metrics of a batch of one (no
     time queued), its compute time ``charge``d to ``tenant`` and, once computed, its cost given to
     ``sample`` (loss, calls, seconds, CPU seconds), as the batcher's batches have theirs."""
     m, loss = metrics, job.call.loss

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor as Pool
@@ -307,18 +308,27 @@ class Batcher(Picker):
         m.child(m.batch_elements, loss).observe(sum(item.elements for item in batch))
         return m.child(m.compute_duration, loss, self._device)
 
-    def _timed(self, jobs: Sequence[Job]) -> tuple[list[Result | ServiceError], float]:
-        """``run_batch(jobs)`` and the CPU seconds the thread that runs it spent on it."""
+    def _timed(self, jobs: Sequence[Job]) -> tuple[list[Result | ServiceError], float | None]:
+        """``run_batch(jobs)`` and, where ``_sample`` takes it, the CPU seconds the thread that
+        runs it spent on it: on a CPU, for one batch in ``policy.cpu_sample_every``, drawn at
+        random (each measure is two system calls on every small call's path; a fixed stride could
+        fall in step with the decider's exploration); else None."""
+        every = self._policy.cpu_sample_every
+        if self._policy.concatenate or (every > 1 and random.random() * every >= 1.0):
+            return self._executor.run_batch(jobs), None
         begin = time.thread_time()
         results = self._executor.run_batch(jobs)
         return results, time.thread_time() - begin
 
-    def _sample(self, loss: str, calls: int, seconds: float, cpu: float) -> None:
+    def _sample(self, loss: str, calls: int, seconds: float, cpu: float | None) -> None:
         """A computed batch's cost, a sample for the batching decision of its loss: its CPU time
         where each call computes as alone (a CPU), which a busy machine's other processes do not
-        stretch; its compute time where calls concatenate (on a GPU the kernels and the
-        synchronisation take the time, not this process's CPU)."""
-        self._decider.observe(loss, calls, seconds if self._policy.concatenate else cpu)
+        stretch (None: not measured, no sample); its compute time where calls concatenate (on a
+        GPU the kernels and the synchronisation take the time, not this process's CPU)."""
+        if self._policy.concatenate:
+            self._decider.observe(loss, calls, seconds)
+        elif cpu is not None:
+            self._decider.observe(loss, calls, cpu)
 
     async def _compute(self, tenant: str | None, batch: list[Item]) -> None:
         assert self._slots is not None

@@ -32,6 +32,10 @@ class SchedulingPolicy:
     # Whether to batch is decided per loss and per load from measured costs (adaptive.py); this
     # many decisions in a row follow the estimates, then one tries the other route again.
     explore_every: int = 32
+    # On a CPU a cost sample is the compute thread's CPU time, two system calls a batch: one batch
+    # in this many (drawn at random) is measured. The decider keeps medians of recent samples, so
+    # it needs them, not every one.
+    cpu_sample_every: int = 8
     max_batch_size: int = 64  # calls in one batch
     # Tensor elements in one batch (one call may pass it alone). On a CPU, batches larger than
     # about 2**18 elements fall out of cache and compute slower than their calls alone; on a GPU,

@@ -78,6 +78,7 @@ def run(test: Callable[..., Awaitable[None]], runner: Runner, *, alone: bool = F
     fields = {f.name for f in dataclasses.fields(SchedulingPolicy)}
     policy = SchedulingPolicy(**{
         "inline_elements": getattr(runner, "inline_elements", 0), "max_batch_elements": 2**24, "concatenate": True,
+        "cpu_sample_every": 1,  # every batch is a cost sample, as the tests of the decision expect
         **{k: v for k, v in options.items() if k in fields},
     })
     others = {k: v for k, v in options.items() if k not in fields}
