@@ -37,7 +37,7 @@ from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server import __version__
 from remoteloss_server.errors import InvalidArgumentError, NotFoundError
 from remoteloss_server.executor import Result
-from remoteloss_server.losses import LOSSES, LossSpec, describe
+from remoteloss_server.losses import LOSSES, Call, LossSpec, describe
 
 __all__ = [
     "DATATYPES",
@@ -276,6 +276,15 @@ class Model:
                 self._fail(f"{found.name} must be {kind} as JSON, got {_kind(value)}")
         except json_format.ParseError as exc:
             self._fail(f"{found.name}: expected {kind} as JSON: {exc}")
+
+    @staticmethod
+    def least_sizes(call: Call, wanted: Sequence[str]) -> dict[str, int]:
+        """Before computing: at least how many elements each output asked for will hold (a
+        gradient: its argument's; the loss: 0, its shape being the loss's own affair)."""
+        tensors = call.tensors
+        empty = torch.empty(0)
+        return {name: 0 if name == LOSS_OUTPUT else tensors.get(name.removeprefix(GRAD_PREFIX), empty).numel()
+                for name in wanted}
 
     def outputs_of(self, result: Result, wanted: Sequence[str]) -> list[Output]:
         """The outputs asked for, from a computed result."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from remoteloss_server import framing, oip
@@ -121,18 +121,21 @@ class Door:
 
     async def infer(
         self, request: oip.InferRequest, size: int, record: RequestRecord, ticket: Ticket | None,
-        remaining_s: float | None, check: Callable[[list[oip.Output]], None] | None = None,
+        remaining_s: float | None, check: Callable[[Mapping[str, int]], None] | None = None,
     ) -> Answer:
         """The outputs of ``request`` (``size`` bytes as received), admitted under ``ticket``,
         within ``remaining_s`` (None: no deadline; Triton's ``timeout`` parameter, in
-        microseconds, may shorten it). ``check`` may refuse the outputs (raising) before the answer
-        counts as given. Records the outcome in the statistics and ``record``,
-        except for a failure, which the caller records with its status (``failed``)."""
+        microseconds, may shorten it). ``check`` may refuse the outputs (raising) from their
+        sizes (name: elements): before computing, from the least each will hold, and once
+        computed, before the answer counts as given. Records the outcome in the statistics and
+        ``record``, except for a failure, which the caller records with its status (``failed``)."""
         started = time.perf_counter_ns()
         model = oip.find(request.model, request.version)
         compute, payloads, wanted = model.to_compute(request)
         prepared = await self._intake.prepare(Received(compute, size, payloads))
         record.elements = prepared.elements
+        if check is not None:  # a gradient's size is known now: refused before it is computed
+            check(model.least_sizes(prepared.call, wanted))
         if ticket is not None:
             ticket.reserve(*framing.held_bytes(prepared.call), prepared.loss)
         remaining_s = _deadline(request, remaining_s)
@@ -140,7 +143,7 @@ class Door:
         result = await self._batcher.submit(prepared.call, prepared.grad_output, deadline, tenant=record.tenant)
         outputs = model.outputs_of(result, wanted)
         if check is not None:
-            check(outputs)
+            check({output.name: output.tensor.numel() for output in outputs})
         size_out = sum(o.data.nbytes for o in outputs)
         if ticket is not None:
             ticket.answered(framing.HELD_COPIES * size_out)

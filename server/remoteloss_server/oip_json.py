@@ -115,19 +115,20 @@ def _from_json(model: str, name: str, datatype: str, data: Any) -> bytes:
         raise InvalidArgumentError(f"{model}: input {name}: its data is not a list of {datatype} values: {exc}") from None
 
 
-def check_outputs(request: oip.InferRequest, answer_outputs: list[oip.Output]) -> None:
-    """InvalidArgumentError where ``response`` would write over ``oip.MAX_LISTED_ELEMENTS`` as JSON."""
-    as_json = [o for o in answer_outputs if not _binary(request, o)]
-    if sum(o.tensor.numel() for o in as_json) > oip.MAX_LISTED_ELEMENTS:
+def check_outputs(request: oip.InferRequest, sizes: Mapping[str, int]) -> None:
+    """InvalidArgumentError where the outputs of ``sizes`` (name: its elements, or at least that
+    many) would write over ``oip.MAX_LISTED_ELEMENTS`` as JSON."""
+    as_json = [name for name in sizes if not _binary(request, name)]
+    if sum(sizes[name] for name in as_json) > oip.MAX_LISTED_ELEMENTS:
         raise InvalidArgumentError(
-            f"{request.model}: the outputs {', '.join(o.name for o in as_json)} have over {oip.MAX_LISTED_ELEMENTS} "
+            f"{request.model}: the outputs {', '.join(as_json)} have over {oip.MAX_LISTED_ELEMENTS} "
             f"elements to write as JSON; ask for them as binary data ({BINARY}: true, or {BINARY_OUTPUT}: true)"
         )
 
 
-def _binary(request: oip.InferRequest, output: oip.Output) -> bool:
-    """Whether ``output`` travels as bytes after the JSON."""
-    asked = dict(request.outputs or ()).get(output.name, {})
+def _binary(request: oip.InferRequest, name: str) -> bool:
+    """Whether the output ``name`` travels as bytes after the JSON."""
+    asked = dict(request.outputs or ()).get(name, {})
     return asked.get(BINARY, request.parameters.get(BINARY_OUTPUT) is True) is True
 
 
@@ -136,7 +137,7 @@ def response(request: oip.InferRequest, answer_outputs: list[oip.Output], warnin
     outputs, tail = [], []
     for output in answer_outputs:
         entry: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": list(output.shape)}
-        if _binary(request, output):
+        if _binary(request, output.name):
             entry["parameters"] = {BINARY_SIZE: output.data.nbytes}
             tail.append(output.data)
         else:

@@ -136,10 +136,17 @@ def test_outputs_past_the_json_limit_must_be_asked_as_binary() -> None:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
 
+    def computed(server: ServerThread) -> float:
+        value = server.metrics.registry.get_sample_value(
+            "remoteloss_compute_duration_seconds_count", {"loss": "mse_loss", "device": "cpu"})
+        return value or 0.0
+
     with ServerThread(_config()) as server:
         status, body = infer(server.config.http_port, {})
         assert status == 400 and "as binary data" in json.loads(body)["error"]
+        assert computed(server) == 0  # refused from the gradient's size, before it was computed
         status, body = infer(server.config.http_port, {"binary_data_output": True})
+        assert computed(server) == 1
     assert status == 200 and len(body) > 4 * n  # the gradient's bytes follow the JSON
 
 
