@@ -6,7 +6,10 @@ Throughput alone mixes the server's cost with the client's (both share the machi
 the server processes' own CPU time (user + system, every thread: gRPC's poller and the compute
 threads too) around one ``remoteloss bench --concurrency 64`` level of small forward requests,
 and prints it per request, round by round. What remoteloss costs beyond the floor server is its
-own Python path; what the floor costs beyond the echo is parsing, decoding and torch.
+own Python path; what the floor costs beyond the echo is parsing, decoding and torch. Where
+gRPC's C++ library is installed (``apt-get install libgrpc++-dev``), the same echo in C++
+(``native_echo.cc``) shows what the transport costs without Python: the room a native front end
+would have.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from servers import Client, Fleet, Server
+from servers import Client, Fleet, Server, native_echo_binary
 
 
 def _cpu_seconds(server: Server) -> float:
@@ -40,18 +43,25 @@ def main() -> None:
             Server.floor_server("floor-inline", logs=logs),
             Server.remoteloss("remoteloss", logs=logs),
         ]
+        native = native_echo_binary()
+        if native is None:
+            print("echo-c++ skipped: gRPC's C++ library is not installed (apt-get install libgrpc++-dev)")
+        else:
+            servers.insert(1, Server.native_echo("echo-c++", native, logs=logs))
         fleet.start(*servers)
         for server in servers:
             client.bench(server, duration_s=1.0)  # warm up: first requests, torch's first call
-        print("round  server          req/s   server CPU us/request")
+        print("round  server          req/s   server CPU us/request   / echo's")
         for round_ in range(1, args.rounds + 1):
+            echo = None
             for server in servers:
                 before = _cpu_seconds(server)
                 level = client.bench(server, concurrency=64, duration_s=args.duration, warmup_s=0)["level"]
-                used = _cpu_seconds(server) - before
                 # The level counts requests in its window; a few in flight at its edges are not counted.
-                print(f"{round_:5d}  {server.name:14s} {level['throughput_rps']:6.0f}   "
-                      f"{used / max(level['requests'], 1) * 1e6:8.0f}")
+                cost = (_cpu_seconds(server) - before) / max(level["requests"], 1) * 1e6
+                echo = echo or cost  # the first server is the echo
+                print(f"{round_:5d}  {server.name:14s} {level['throughput_rps']:6.0f}   {cost:8.0f}"
+                      f"               {cost / echo:5.2f}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,21 @@ _HEALTH = "/grpc.health.v1.Health/Check"
 _COMPUTE = "/remoteloss.v1.LossService/Compute"
 
 
+def native_echo_binary() -> Path | None:
+    """``native_echo.cc`` built into ``bench/.native/echo`` (again when the source is newer); None
+    where gRPC's C++ library is missing (Debian: ``apt-get install libgrpc++-dev``) or the build fails."""
+    source, binary = BENCH_DIR / "native_echo.cc", BENCH_DIR / ".native" / "echo"
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return binary
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True, check=False)
+    if flags.returncode != 0:
+        return None
+    binary.parent.mkdir(exist_ok=True)
+    built = subprocess.run(["c++", "-O2", "-o", str(binary), str(source), *flags.stdout.split()],
+                           capture_output=True, text=True, check=False)
+    return binary if built.returncode == 0 else None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -70,6 +85,12 @@ class Server:
         port = free_port()
         argv = [sys.executable, str(BENCH_DIR / "echo_server.py"), "--port", str(port), *flags]
         return cls(name, argv, port=port, kind="echo", logs=logs)
+
+    @classmethod
+    def native_echo(cls, name: str, binary: Path, *, logs: Path) -> Server:
+        """The C++ echo (``native_echo_binary``): the transport's cost without Python."""
+        port = free_port()
+        return cls(name, [str(binary), str(port)], port=port, kind="echo", logs=logs)
 
     @classmethod
     def floor_server(cls, name: str, flags: Sequence[str] = (), *, logs: Path) -> Server:
