@@ -4,9 +4,9 @@ decided per loss and per load from costs measured online. No grpc, no torch.
 A cost sample is a batch's cost per call, as the batcher measures it (``Batcher._sample``): where
 each call computes as alone (a CPU), the CPU time of the thread that computed the batch, which
 other processes of a busy machine do not stretch (measured for one batch in
-``SchedulingPolicy.cpu_sample_every``, drawn at random: two system calls each); where calls concatenate (a GPU), its compute
-time as ``remoteloss_compute_duration_seconds`` has it, from the hop to a compute thread until
-the results are back. A call computed at once on an idle batcher is a sample of a call alone. An
+``SchedulingPolicy.cpu_sample_every``, drawn at random: two system calls each); where calls
+concatenate (a GPU), its compute time as ``remoteloss_compute_duration_seconds`` has it, from the
+hop to a compute thread until the results are back. A call computed at once on an idle batcher is a sample of a call alone. An
 estimate is the median of the last ``window`` samples, per loss, for calls alone and per batch
 size class (powers of two: 2-3, 4-7, ...): one stretched sample moves no median on its own.
 

@@ -29,9 +29,10 @@ def compute_alone(
     sample: Callable[[str, int, float, float | None], None],
 ) -> Result:
     """``job``'s result (its ServiceError raised), computed now by ``timed`` (the batcher's
-    ``run_batch`` that also gives the CPU seconds it took, when it measured them), with the metrics of a batch of one (no
-    time queued), its compute time ``charge``d to ``tenant`` and, once computed, its cost given to
-    ``sample`` (loss, calls, seconds, CPU seconds), as the batcher's batches have theirs."""
+    ``run_batch`` that also gives the CPU seconds it took, when it measured them), with the
+    metrics of a batch of one (no time queued), its compute time ``charge``d to ``tenant`` and,
+    once computed, its cost given to ``sample`` (loss, calls, seconds, CPU seconds or None), as
+    the batcher's batches have theirs."""
     m, loss = metrics, job.call.loss
     m.child(m.queue_duration, loss).observe(0.0)
     m.child(m.batch_requests, loss).observe(1)

@@ -281,10 +281,8 @@ class Model:
     def least_sizes(call: Call, wanted: Sequence[str]) -> dict[str, int]:
         """Before computing: at least how many elements each output asked for will hold (a
         gradient: its argument's; the loss: 0, its shape being the loss's own affair)."""
-        tensors = call.tensors
-        empty = torch.empty(0)
-        return {name: 0 if name == LOSS_OUTPUT else tensors.get(name.removeprefix(GRAD_PREFIX), empty).numel()
-                for name in wanted}
+        sizes = {name: tensor.numel() for name, tensor in call.tensors.items()}
+        return {name: 0 if name == LOSS_OUTPUT else sizes.get(name.removeprefix(GRAD_PREFIX), 0) for name in wanted}
 
     def outputs_of(self, result: Result, wanted: Sequence[str]) -> list[Output]:
         """The outputs asked for, from a computed result."""
