@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from remoteloss_server import __version__, allocator, auth, oip_grpc, workers
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
+from remoteloss_server.descriptors import ensure_open_files
 from remoteloss_server.executor import Executor
 from remoteloss_server.intake import Intake
 from remoteloss_server.limits import Admission, Budget
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RELOAD_SIGNAL = signal.SIGHUP
+_HANDSHAKE_TIMEOUT_MS = 10_000  # a new connection's TLS and HTTP/2 handshakes
+_OTHER_FILES = 1024  # descriptors beside the connections: libraries, threads' pipes, /metrics, logs
 _WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
 _IDENTITY_ONLY = 1  # a bit set of gRPC's compression algorithms: bit 0, identity, alone
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -166,6 +169,12 @@ def _grpc_server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | Non
             # No compression, either way: gRPC refuses a compressed request before inflating it
             # (UNIMPLEMENTED), so a few KiB on the wire cannot become gigabytes in the server.
             ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
+            # Connections: a bounded number (one more is closed at once), each given 10 s to
+            # finish its handshake (gRPC's default is 120 s), and closed once idle.
+            ("grpc.max_allowed_incoming_connections", config.max_connections),
+            ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
+            *([("grpc.max_connection_idle_ms", round(config.connection_idle_s * 1000))]
+              if config.connection_idle_s > 0 else []),
         ],
     )
 
@@ -246,6 +255,7 @@ def serve(config: ServerConfig, *, worker: int | None = None) -> None:
         return
     # Process-wide, so only here: a ServerThread leaves its host process's allocator alone.
     allocator.configure(config.malloc_mmap_threshold_bytes)
+    ensure_open_files(2 * config.max_connections + _OTHER_FILES)  # both ports' connections
     asyncio.run(_serve(config, worker))
 
 

@@ -126,6 +126,14 @@ _SETTINGS = (
         "as --max-in-flight-bytes, for each client connection",
     ),
     _Setting(
+        "max-connections", "max_connections", int, "N",
+        "open client connections on each port (gRPC, HTTP); one more is closed at once",
+    ),
+    _Setting(
+        "connection-idle", "connection_idle_s", float, "SECONDS",
+        "close a gRPC connection without a call for this long (clients reconnect); 0: never",
+    ),
+    _Setting(
         "api-keys-file",
         "api_keys_file",
         str,

@@ -12,6 +12,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC keeps message limits in a signed 32-bit int
 _MAX_MALLOC_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
+_MAX_IDLE_S = 2_000_000  # gRPC takes the idle time in milliseconds as a signed 32-bit int
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a tenant name, as in an API keys file (auth)
 
 
@@ -59,6 +60,14 @@ class ServerConfig:
     max_tenant_in_flight_bytes: int = 1024**3
     max_connection_in_flight: int = 512
     max_connection_in_flight_bytes: int = 1024**3
+    # Open client connections on each port (gRPC's, and HTTP's): one more is closed at once (HTTP
+    # first answers 503), so that leaked or hostile connections cannot take every file descriptor
+    # or grow memory without bound; connections already open go on.
+    max_connections: int = 4096
+    # A gRPC connection without a call for this long is closed (GOAWAY: a client reconnects when it
+    # next calls), reclaiming what a client that opens a channel per call and never closes it
+    # leaves behind; HTTP's idle keep-alive connections close after 75 s. 0: never.
+    connection_idle_s: float = 300.0
     # Tensor elements one request may make the server hold: each tensor it sends and each that its
     # arguments imply (a broadcast, linear_cross_entropy's logits, ctc_loss's alignment table).
     max_elements: int = 2**30
@@ -111,16 +120,13 @@ class ServerConfig:
         for name in (
             "max_request_elements", "max_in_flight", "max_in_flight_bytes", "max_tenant_in_flight",
             "max_tenant_in_flight_bytes", "max_connection_in_flight", "max_connection_in_flight_bytes",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together: set both to serve TLS, or neither")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        for name in ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca"):
-            if getattr(self, name) == "":
-                raise ValueError(f"{name} must not be empty")
+        if not 0 <= self.connection_idle_s <= _MAX_IDLE_S:  # NaN included
+            raise ValueError(f"connection_idle_s must be in [0, {_MAX_IDLE_S}] seconds, got {self.connection_idle_s}")
+        self._validate_security()
         self._validate_tenant_weights()
         if self.metrics_host == "":
             raise ValueError("metrics_host must not be empty")
@@ -129,6 +135,15 @@ class ServerConfig:
                 f"workers: worker i serves /metrics on metrics_port + i, and {self.metrics_port} + {self.workers - 1} "
                 "exceeds 65535"
             )
+
+    def _validate_security(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both to serve TLS, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("api_keys_file", "tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must not be empty")
 
     def _validate_tenant_weights(self) -> None:
         seen: set[str] = set()

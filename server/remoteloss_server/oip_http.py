@@ -18,11 +18,11 @@ without one (a chunked body) is refused (400) before it is read.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
@@ -70,12 +70,91 @@ def _failure(exc: Exception, where: str) -> tuple[str, str]:
 class HttpServer:
     """The running HTTP front end; ``stop(grace_s)`` lets requests in flight finish first."""
 
-    def __init__(self, runner: web.AppRunner, site: web.TCPSite, port: int) -> None:
-        self._runner, self._site, self.port = runner, site, port
+    def __init__(self, runner: web.AppRunner, listener: asyncio.Server, port: int) -> None:
+        self._runner, self._listener, self.port = runner, listener, port
 
     async def stop(self, grace_s: float) -> None:
+        self._listener.close()  # no new connections; the open ones finish below
         self._runner._shutdown_timeout = grace_s  # aiohttp's: how long open requests may finish
         await self._runner.cleanup()
+
+
+HANDSHAKE_TIMEOUT_S = 10.0  # a TLS connection's handshake, as gRPC's port allows
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
+
+
+class _Full(asyncio.Protocol):
+    """A connection past ``max_connections``: answered 503 and closed, nothing read."""
+
+    def __init__(self, limit: int) -> None:
+        body = json.dumps({"error": f"the server has its max_connections ({limit}) open; retry later, "
+                                    "or on a connection already open"}).encode()
+        self._answer = _FULL % (len(body), body)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self._answer)
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted in ``slots`` from its accept until it is
+    lost. A TLS connection whose handshake fails never reaches ``connection_made`` nor
+    ``connection_lost``: its place is given back once the handshake's time is up."""
+
+    def __init__(self, inner: asyncio.Protocol, slots: _Slots, tls: bool) -> None:
+        self._inner, self._slots, self._held = inner, slots, True
+        self._expiry = (asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S + 1.0, self._release)
+                        if tls else None)
+
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.taken -= 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class _Slots:
+    """At most ``limit`` connections at once: ``protocol()`` makes each accepted connection's
+    protocol, aiohttp's while a place is free, else ``_Full``; refusals are logged at most once a
+    second. Counted from the accept, since a burst of accepts runs before any connection is made."""
+
+    def __init__(self, server: web.Server, limit: int, tls: bool) -> None:
+        self._server, self.limit, self._tls = server, limit, tls
+        self.taken = 0
+        self._logged = 0.0
+
+    def protocol(self) -> asyncio.BaseProtocol:
+        if self.taken < self.limit:
+            self.taken += 1
+            return _Counted(self._server(), self, self._tls)
+        if time.monotonic() - self._logged >= 1.0:
+            self._logged = time.monotonic()
+            logger.warning("event=connection_refused port=http reason=max_connections limit=%d", self.limit)
+        return _Full(self.limit)
 
 
 class _Routes:
@@ -223,19 +302,24 @@ def application(door: Door, keys: ApiKeyInterceptor | None, max_body_bytes: int)
 
 async def start(
     door: Door, host: str, port: int, *, keys: ApiKeyInterceptor | None, max_body_bytes: int,
-    tls: ssl.SSLContext | None = None, reuse_port: bool = False,
+    tls: ssl.SSLContext | None = None, reuse_port: bool = False, max_connections: int = 4096,
 ) -> HttpServer:
-    """Serve on ``host:port`` (0: a free port); OSError when it cannot be bound."""
+    """Serve on ``host:port`` (0: a free port), at most ``max_connections`` connections open;
+    OSError when it cannot be bound. aiohttp's own site has no bound on connections, so the
+    listener is asyncio's, on aiohttp's protocol factory (``_Slots``)."""
     runner = web.AppRunner(application(door, keys, max_body_bytes), access_log=None)
     await runner.setup()
     bind: str | None = host.removeprefix("[").removesuffix("]")
     if bind in ("", "::", "0.0.0.0"):  # every address of both families, as gRPC's "[::]" is
         bind = None  # asyncio binds "::" with IPV6_V6ONLY, which would refuse IPv4 callers
-    site = web.TCPSite(runner, bind, port, ssl_context=tls, reuse_port=reuse_port or None)
+    assert runner.server is not None  # set up
     try:
-        await site.start()
+        listener = await asyncio.get_running_loop().create_server(
+            _Slots(runner.server, max_connections, tls is not None).protocol, bind, port, ssl=tls,
+            reuse_port=reuse_port or None,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None,
+        )
     except OSError:
         await runner.cleanup()
         raise
-    addresses: list[Any] = runner.addresses
-    return HttpServer(runner, site, int(addresses[0][1]) if addresses else port)
+    return HttpServer(runner, listener, int(listener.sockets[0].getsockname()[1]))

@@ -9,10 +9,12 @@ small enough for the attacks to meet them on a 2-core CI machine.
 from __future__ import annotations
 
 import gzip
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 
 from .attack import BYSTANDER_REQUEST, MiB, Watch
+from .deploy_files import free_port
 from .raw_http2 import RawConnection, frame
 from .server_process import ServerProcess
 
@@ -250,3 +253,99 @@ def test_rapid_resets_and_many_connections_disturb_no_one(server: ServerProcess)
             for connection in idle:
                 connection.close()
     assert resets >= 100
+
+
+# ------------------------------------------------------------------------------ connections
+
+
+def _is_open(sock: socket.socket) -> bool:
+    """Whether the server still holds ``sock``'s connection open (nothing has come on it)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """What the server wrote on ``sock`` before closing it (b"" while it is open and silent)."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return b""
+    except OSError:
+        pass
+    sock.setblocking(True)
+    sock.settimeout(5)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except OSError:
+        pass
+    return received
+
+
+def _served(check: Callable[[], object], timeout_s: float = 10.0) -> None:
+    """``check`` succeeds within ``timeout_s`` (the server notices closed connections in its time)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check()
+            return
+        except (grpc.RpcError, OSError):
+            assert time.monotonic() < deadline, "the server did not serve new connections again"
+            time.sleep(0.2)
+
+
+def test_connections_past_max_connections_are_closed_and_no_one_waits(tmp_path: Path) -> None:
+    """A caller that opens connections and leaves them idle, 40 on each port against
+    ``--max-connections 16``: those past the bound are closed at once (HTTP answers 503 first),
+    the bystander's connection, opened before, serves on, and once the caller has gone, new
+    connections are served."""
+    http_port = free_port()
+    server = ServerProcess(tmp_path, "--max-connections", "16", "--http-port", str(http_port))
+    server.start()
+    try:
+        with Watch(server, "40 idle connections on each port, max_connections 16") as watch:
+            grpc_socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
+            http_socks = [socket.create_connection(("127.0.0.1", http_port)) for _ in range(40)]
+            time.sleep(1.5)
+            grpc_open = sum(_is_open(s) for s in grpc_socks)
+            answers = [_answer(s) for s in http_socks]
+            http_open = answers.count(b"")
+            refusals = [a for a in answers if a]
+            watch.figures.notes.append(f"gRPC {grpc_open} of 40 left open, HTTP {http_open} of 40 ({len(refusals)} 503)")
+            for sock in grpc_socks + http_socks:
+                sock.close()
+            _served(lambda: urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/live", timeout=2).close())
+            _served(lambda: server.health() == "SERVING" or _raise(OSError()))
+    finally:
+        server.stop()
+    assert grpc_open <= 16 and http_open <= 16, watch.figures.line()
+    assert len(refusals) >= 24 and all(a.startswith(b"HTTP/1.1 503") and b"max_connections (16)" in a
+                                       for a in refusals), refusals[:2]
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def test_an_idle_grpc_connection_is_closed(tmp_path: Path) -> None:
+    """``--connection-idle``: a connection without a call (a channel a careless client opened and
+    never closed) gets GOAWAY and is closed."""
+    server = ServerProcess(tmp_path, "--connection-idle", "0.5")
+    server.start()
+    try:
+        with RawConnection(server.target) as idle:
+            begin = time.monotonic()
+            idle.sock.settimeout(10)
+            while idle.sock.recv(65536):
+                pass
+            closed_after_s = time.monotonic() - begin
+    finally:
+        server.stop()
+    assert 0.3 <= closed_after_s <= 5, closed_after_s

@@ -71,6 +71,10 @@ def test_defaults_match_the_design() -> None:
         ({"log_level": "LOUD"}, "log_level"),
         ({"shutdown_grace_s": -1.0}, "shutdown_grace_s"),
         ({"shutdown_grace_s": float("nan")}, "shutdown_grace_s"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"connection_idle_s": -1.0}, "connection_idle_s"),
+        ({"connection_idle_s": float("inf")}, "connection_idle_s"),
+        ({"connection_idle_s": float("nan")}, "connection_idle_s"),
     ],
 )
 def test_validate_rejects_with_one_line_naming_the_setting(change: dict[str, Any], setting: str) -> None:
