@@ -10,6 +10,7 @@ import json
 import shutil
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -290,3 +291,30 @@ def test_json_tensors_of_every_floating_datatype(datatype: str) -> None:
     for name, expected in (("loss", loss), ("grad_input", leaf.grad)):
         assert outputs[name]["datatype"] == datatype and outputs[name]["shape"] == [2, 3]
         assert outputs[name]["data"] == expected.double().flatten().tolist()
+
+
+def test_connections_whose_tls_handshake_fails_give_their_place_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``max_connections=1`` on a TLS port: a connection that never finishes its handshake
+    (a TCP probe, a scanner) holds the one place only until the handshake's time is up, and one
+    that sends garbage not even that long; then an inference is served."""
+    tools.find("openssl", "apt-get install openssl")
+    monkeypatch.setattr(oip_http, "HANDSHAKE_TIMEOUT_S", 0.5)
+    pki = make_pki(tmp_path)
+    config = _config(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), max_connections=1)
+    trusted = ssl.create_default_context(cafile=str(pki.ca))
+    with ServerThread(config) as server:
+        port = server.config.http_port
+        with socket.create_connection(("127.0.0.1", port)) as silent:  # never starts its handshake
+            time.sleep(0.2)
+            assert _https_status(port, trusted) == 503  # the place is the silent one's
+            silent.settimeout(10)
+            assert silent.recv(1) == b""  # closed when the handshake's time is up
+        with socket.create_connection(("127.0.0.1", port)) as garbage:
+            garbage.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not TLS: the handshake fails at once
+            garbage.settimeout(10)
+            while garbage.recv(4096):
+                pass
+        deadline = time.monotonic() + 5
+        while (status := _https_status(port, trusted)) != 200:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
