@@ -88,7 +88,7 @@ def register(
     ``raw`` take and give bytes (they parse and serialize themselves, see ``receive``) and the
     others' deserializers (``lenient(request_type)``; by default ``receive``'s, which refuses
     unknown fields) let undecodable bytes reach ``translate_errors`` (INVALID_ARGUMENT)."""
-    lenient = lenient or _lenient
+    deserializer = lenient or _lenient
     handlers = {}
     for method in messages.DESCRIPTOR.services_by_name[service.rpartition(".")[2]].methods:
         request_type: type[Message] = getattr(messages, method.input_type.name)
@@ -100,7 +100,7 @@ def register(
         plain = method.name in raw
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=None if plain else _lenient(request_type),
+            request_deserializer=None if plain else deserializer(request_type),
             response_serializer=None if plain else response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))

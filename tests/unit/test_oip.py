@@ -114,3 +114,27 @@ def test_typed_contents_past_the_listed_limit_are_refused_before_they_are_read()
     assert oip_grpc.infer_request(message(oip.MAX_LISTED_ELEMENTS)).inputs[0].data[:4] == b"\x00\x00\x00?"
     with pytest.raises(InvalidArgumentError, match="send large tensors in raw_input_contents"):
         oip_grpc.infer_request(message(oip.MAX_LISTED_ELEMENTS + 1))
+
+
+def test_the_messages_rpcs_skip_fields_this_trimmed_protocol_lacks_at_any_size() -> None:
+    """ModelMetadata and the other message RPCs parse as any protobuf reader does: a field the
+    trimmed copy of the protocol lacks is skipped, even in a large request (the native API's
+    deserializer would leave a large request with an unknown field unparsed)."""
+    from remoteloss import _wire as wire
+
+    class Server:  # what status.register calls on a grpc.aio server
+        def __init__(self) -> None:
+            self.handlers: dict[str, Any] = {}
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            self.handlers = handlers
+
+    server = Server()
+    oip_grpc.add_to_server(oip_grpc.InferenceServicer(None), server)  # type: ignore[arg-type]
+    unknown = wire.length_delimited(99, bytes(wire.SPLIT_BYTES))  # a field this copy does not have
+    data = ipb.ModelMetadataRequest(name="mse_loss").SerializeToString() + unknown
+    parsed = server.handlers["ModelMetadata"].request_deserializer(data)
+    assert isinstance(parsed, ipb.ModelMetadataRequest) and parsed.name == "mse_loss"
