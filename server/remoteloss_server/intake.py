@@ -143,26 +143,27 @@ class Intake:
         self.max_request_elements = max_request_elements  # declared by one request in all; None: no limit
 
     async def prepare(self, received: Received) -> Prepared:
-        """The validated request, or the domain error that refuses it."""
-        request = received.message
-        if isinstance(request, UndecodableRequest):
-            raise request.error()
-        assert isinstance(request, pb.ComputeRequest)
+        """The validated request, or the domain error that refuses it: decoded on the spot up to
+        ``inline_bytes`` (``prepare_now``), on a helper thread above."""
         if received.size <= self.inline_bytes:
             return self.prepare_now(received)
-        name, elements = self.check(request, received.unknown)
+        request, name, elements = self._checked(received)
         call, grad_output = await asyncio.to_thread(prepare, name, request, self.max_elements, received.payloads)
         return Prepared(name, call, grad_output, elements)
 
     def prepare_now(self, received: Received) -> Prepared:
         """``prepare``, on the spot (for a request of at most ``inline_bytes``)."""
+        request, name, elements = self._checked(received)
+        call, grad_output = prepare(name, request, self.max_elements, received.payloads)
+        return Prepared(name, call, grad_output, elements)
+
+    def _checked(self, received: Received) -> tuple[pb.ComputeRequest, str, int]:
+        """The request, its loss and its declared elements (``check``); its refusal raised."""
         request = received.message
         if isinstance(request, UndecodableRequest):
             raise request.error()
         assert isinstance(request, pb.ComputeRequest)
-        name, elements = self.check(request, received.unknown)
-        call, grad_output = prepare(name, request, self.max_elements, received.payloads)
-        return Prepared(name, call, grad_output, elements)
+        return (request, *self.check(request, received.unknown))
 
     def check(self, request: pb.ComputeRequest, unknown: UnknownField | None = None) -> tuple[str, int]:
         """The loss's name and the elements of the loss's arguments, from the shapes, before
