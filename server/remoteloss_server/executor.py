@@ -106,7 +106,7 @@ class Executor:
     def _compute(self, call: Call, grad_output: torch.Tensor | None, texts: list[str]) -> Result:
         """``run`` inside a recording of warnings: the call's own are those it adds to ``texts``."""
         start = len(texts)
-        call = dataclasses.replace(call, tensors=self._to_device(call.tensors))
+        call = self._on_device(call)
         try:
             if call.requires_grad:
                 loss, gradients = self._differentiate(call, grad_output)
@@ -192,7 +192,7 @@ class Executor:
         outputs, inputs, seeds = [], [], []
         try:
             for job in jobs:
-                call = dataclasses.replace(job.call, tensors=self._to_device(job.call.tensors))
+                call = self._on_device(job.call)
                 start = len(texts)
                 leaves = [call.tensors[name].requires_grad_(True) for name in call.requires_grad]
                 with torch.enable_grad():
@@ -347,6 +347,13 @@ class Executor:
     def _empty_host(self, shape: Sequence[int], *, dtype: torch.dtype) -> torch.Tensor:
         """A host tensor to fill: pinned when it is bound for a GPU."""
         return torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+
+    def _on_device(self, call: Call) -> Call:
+        """``call`` with its tensors on the device: itself where they are there already (a CPU),
+        without a new ``Call`` on every request's path."""
+        if self.device.type == "cpu" and all(t.is_cpu for t in call.tensors.values()):
+            return call
+        return dataclasses.replace(call, tensors=self._to_device(call.tensors))
 
     def _to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: self._stage(tensor) for name, tensor in tensors.items()}
