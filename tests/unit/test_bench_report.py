@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "report.py"
+from tests.bench_modules import load
 
 
 def _report() -> ModuleType:
-    if "bench_report" in sys.modules:
-        return sys.modules["bench_report"]
-    spec = importlib.util.spec_from_file_location("bench_report", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_report"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load("report")
 
 
 def _summary(p50_s: float, rps: float) -> dict[str, Any]:
@@ -77,11 +68,7 @@ def test_missing_features_are_not_measured() -> None:
 
 
 def _sections() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_sections", _PATH.parent / "sections.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("sections")
 
 
 def test_marked_sections_are_replaced_in_place_and_survive_a_new_report(tmp_path: Path) -> None:

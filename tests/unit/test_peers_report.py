@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "peers_report.py"
+from tests.bench_modules import load
 
 
 def _report() -> ModuleType:
-    if "bench_peers_report" in sys.modules:
-        return sys.modules["bench_peers_report"]
-    spec = importlib.util.spec_from_file_location("bench_peers_report", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers_report"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load("peers_report")
 
 
 def _records() -> list[dict[str, Any]]:
