@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from servers import free_port, process_tree
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -31,12 +32,6 @@ DISTRIBUTIONS = {"pytriton": ("nvidia-pytriton", "tritonclient", "torch", "numpy
                  "ray": ("ray", "torch", "numpy", "requests"),
                  "litserve": ("litserve", "torch", "numpy", "requests"),
                  "remoteloss": ("remoteloss", "remoteloss-server", "torch", "numpy", "grpcio")}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def venv(peer: str, *, install: bool = True) -> Path:
@@ -114,25 +109,7 @@ class Proc:
 
     def pids(self) -> list[int]:
         """The processes of its session and their descendants (Ray's and LitServe's workers too)."""
-        if self.process is None:
-            return []
-        parents: dict[int, int] = {}
-        found = {self.process.pid}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except (OSError, IndexError):
-                    continue
-                parents[int(entry.name)] = int(fields[1])
-                if int(fields[3]) == self.process.pid:  # its session
-                    found.add(int(entry.name))
-        grown = True
-        while grown:
-            more = {pid for pid, parent in parents.items() if parent in found} - found
-            found |= more
-            grown = bool(more)
-        return sorted(found)
+        return [] if self.process is None else process_tree(self.process.pid)
 
     def signal_all(self, number: int) -> None:
         for pid in self.pids():

@@ -43,6 +43,28 @@ def native_echo_binary() -> Path | None:
     return binary if built.returncode == 0 else None
 
 
+def process_tree(root: int) -> list[int]:
+    """``root``, the processes of its session (it leads one when started with
+    ``start_new_session``; servers that daemonize workers leave them there) and their descendants."""
+    parents: dict[int, int] = {}
+    found = {root}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            parents[int(entry.name)] = int(fields[1])
+            if int(fields[3]) == root:  # its session
+                found.add(int(entry.name))
+    grown = True
+    while grown:
+        more = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= more
+        grown = bool(more)
+    return sorted(found)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -171,22 +193,7 @@ class Server:
 
     def pids(self) -> list[int]:
         """The server process and its descendants (the workers of ``--workers N``)."""
-        if self.process is None:
-            return []
-        children: dict[int, list[int]] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(parent, []).append(int(entry.name))
-        found, queue = [], [self.process.pid]
-        while queue:
-            pid = queue.pop()
-            found.append(pid)
-            queue.extend(children.get(pid, []))
-        return found
+        return [] if self.process is None else process_tree(self.process.pid)
 
     def memory(self, field: str = "VmRSS") -> int:
         """``VmRSS`` (now) or ``VmHWM`` (peak) in bytes, summed over the server's processes."""
