@@ -6,9 +6,10 @@ each call computes as alone (a CPU), the CPU time of the thread that computed th
 other processes of a busy machine do not stretch (measured for one batch in
 ``SchedulingPolicy.cpu_sample_every``, drawn at random: two system calls each); where calls
 concatenate (a GPU), its compute time as ``remoteloss_compute_duration_seconds`` has it, from the
-hop to a compute thread until the results are back. A call computed at once on an idle batcher is a sample of a call alone. An
-estimate is the median of the last ``window`` samples, per loss, for calls alone and per batch
-size class (powers of two: 2-3, 4-7, ...): one stretched sample moves no median on its own.
+hop to a compute thread until the results are back. A call computed at once on an idle batcher
+is a sample of a call alone. An estimate is the median of the last ``window`` samples, per loss,
+for calls alone and per batch size class (powers of two: 2-3, 4-7, ...): one stretched sample
+moves no median on its own.
 
 ``decide(loss, ready)`` for a loss with ``ready`` >= 2 calls queued: batch unless the alone
 estimate beats the batch estimate for that size class by more than ``margin`` (noise must not

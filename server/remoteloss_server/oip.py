@@ -16,8 +16,9 @@ in ListLosses and in the configuration's ``parameters``), and the output ``loss`
 inputs and the gradients' outputs are accepted all the same (the configuration's parameters
 ``optional_inputs`` and ``gradient_outputs`` name them). perf_analyzer asks a ``--shape`` for
 every listed input and asks for every listed output, so ``perf_analyzer --shape input:N --shape
-target:N`` needs nothing else and measures the loss alone; every datatype ListLosses gives is taken. A request becomes a native ``ComputeRequest`` (``to_compute``), checked
-by ``intake`` exactly as the native API's: the same messages for the same mistakes.
+target:N`` needs nothing else and measures the loss alone; every datatype ListLosses gives is
+taken. A request becomes a native ``ComputeRequest`` (``to_compute``), checked by ``intake``
+exactly as the native API's: the same messages for the same mistakes.
 """
 
 from __future__ import annotations
