@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import signal
 import subprocess
@@ -36,6 +35,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+import report as bench_report  # noqa: E402
 from peer_servers import CACHE, DISTRIBUTIONS, VENVS, Proc, make_server, venv, versions  # noqa: E402
 
 
@@ -95,14 +95,10 @@ def rounds(servers: Sequence[Proc], args: argparse.Namespace) -> tuple[list[dict
 
 
 def machine() -> dict[str, Any]:
-    import platform
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "")
+    """``report.machine()`` (the CPUs, the kernel, the versions), its memory and its load now."""
     memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": memory, "kernel": platform.release(),
-            "python": platform.python_version(), "load": load}
+    return {**bench_report.machine(), "memory_gib": memory, "load": load}
 
 
 def start_all(peers: Sequence[str], servers: list[Proc]) -> dict[str, str]:
