@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from remoteloss_server import oip, oip_http
 from remoteloss_server.app import ServerThread
@@ -219,7 +221,8 @@ def test_tls_on_the_http_port(tmp_path: Path) -> None:
             _post(url, json.dumps(BODY).encode(), ssl.create_default_context())
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             _post(url.replace("https", "http"), json.dumps(BODY).encode())
-    assert status == 200 and answer["outputs"][0]["data"] == [2.5]
+    expected = F.mse_loss(torch.tensor([1.0, 2.0]), torch.zeros(2))  # BODY's inputs, computed locally
+    assert status == 200 and answer["outputs"][0]["data"] == [float(expected)]
 
 
 def _https_status(port: int, context: ssl.SSLContext, connection: http.client.HTTPSConnection | None = None) -> int:
@@ -271,8 +274,6 @@ def test_a_reload_renews_the_http_ports_certificate_and_client_ca(tmp_path: Path
 
 @pytest.mark.parametrize("datatype", ["BF16", "FP16", "FP64"])
 def test_json_tensors_of_every_floating_datatype(datatype: str) -> None:
-    import torch
-
     dtype = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP64": torch.float64}[datatype]
     x = torch.tensor([[0.5, -1.25, 3.0], [2.0, 0.0, -0.75]], dtype=dtype)
     t = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.5, 0.25]], dtype=dtype)
