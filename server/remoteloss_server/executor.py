@@ -2,15 +2,14 @@
 
 ``Executor.run`` and ``Executor.run_batch`` block; they run on a compute thread, except a CPU
 small batch, which the batcher computes on the event loop (``SchedulingPolicy.inline_elements``).
-This is the only module that picks a device or calls CUDA APIs.
-
-An answer never depends on who shared its batch. On a CPU a batch computes each call as it
-would alone, so each answer is torch's own, bit for bit. On a GPU calls whose batch rule says
-they may (``BatchRule.invariant``) are concatenated, and such a call alone takes the same route
-as a batch of one: the same kernels on tensors of its own size. There, host tensors are staged
-in pinned memory and copied without blocking, a batch synchronises once (when its results are
-copied back), and a batch that runs out of memory is split in halves and retried, down to
-single calls, which then fail alone with RESOURCE_EXHAUSTED.
+This is the only module that picks a device or calls CUDA APIs. An answer never depends on who
+shared its batch. On a CPU a batch computes each call as it would alone, so each answer is
+torch's own, bit for bit. On a GPU calls whose batch rule says they may (``BatchRule.invariant``)
+are concatenated, and such a call alone takes the same route as a batch of one: the same kernels
+on tensors of its own size. There, host tensors are staged in pinned memory and copied without
+blocking, a batch synchronises once (when its results are copied back), and a batch that runs out
+of memory is split in halves and retried, down to single calls, which then fail alone with
+RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -81,8 +80,7 @@ class Executor:
 
     def __init__(self, device: str, torch_threads: int, *, concatenate: bool | None = None) -> None:
         self.device = resolve_device(device)
-        # How a batch computes (SchedulingPolicy.concatenate): by default concatenated on a GPU,
-        # each call as it would alone on a CPU.
+        # How a batch computes (SchedulingPolicy.concatenate): concatenated on a GPU, each call as alone on a CPU.
         self.concatenate = self.device.type == "cuda" if concatenate is None else concatenate
         torch.set_num_threads(torch_threads)
         if self.device.type == "cuda":
@@ -349,11 +347,8 @@ class Executor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
 
     def _on_device(self, call: Call) -> Call:
-        """``call`` with its tensors on the device: itself where they are there already (a CPU),
-        without a new ``Call`` on every request's path."""
-        if self.device.type == "cpu" and all(t.is_cpu for t in call.tensors.values()):
-            return call
-        return dataclasses.replace(call, tensors=self._to_device(call.tensors))
+        """``call`` with its tensors on the device; on a CPU itself (decoded there): no new Call per request."""
+        return call if self.device.type == "cpu" else dataclasses.replace(call, tensors=self._to_device(call.tensors))
 
     def _to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: self._stage(tensor) for name, tensor in tensors.items()}
