@@ -23,6 +23,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 
@@ -95,8 +96,8 @@ class _Full(asyncio.Protocol):
         self._answer = _FULL % (len(body), body)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(self._answer)
+        # A stream's transport; uvloop's are not subclasses of asyncio.Transport, so no isinstance.
+        cast(asyncio.Transport, transport).write(self._answer)
         transport.close()
 
 
