@@ -1,12 +1,11 @@
 """A bare gRPC echo server: the transport's limit, against which remoteloss is measured.
 
-    python bench/echo_server.py --port PORT [--malloc-mmap-threshold-bytes N] [--event-loop LOOP]
+    python bench/echo_server.py --port PORT [--malloc-mmap-threshold-bytes N]
 
 grpc.aio, one generic handler for every method that answers the request's bytes unchanged (no
 protobuf parsing, no thread hop, no compute), with remoteloss-server's message-size limits. With
 ``--malloc-mmap-threshold-bytes`` it tunes glibc's malloc as remoteloss-server does, so that the
-comparison isolates what remoteloss adds; on the event loop remoteloss-server runs on by default
-(uvloop where installed), or ``--event-loop asyncio``.
+comparison isolates what remoteloss adds.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ import signal
 from typing import Any
 
 import grpc
-from remoteloss_server import event_loop
-from remoteloss_server.config import EVENT_LOOPS
 
 _LIMIT = 512 * 1024 * 1024  # remoteloss-server's default max_message_bytes
 
@@ -53,14 +50,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--malloc-mmap-threshold-bytes", type=int, default=0)
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
-                        help="as remoteloss-server's: uvloop where installed (auto), or asyncio's own")
     args = parser.parse_args()
     if args.malloc_mmap_threshold_bytes:
         from remoteloss_server import allocator
 
         allocator.configure(args.malloc_mmap_threshold_bytes)
-    event_loop.run(_serve(args.port), event_loop.choose(args.event_loop)[1])
+    asyncio.run(_serve(args.port))
 
 
 if __name__ == "__main__":

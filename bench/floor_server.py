@@ -1,12 +1,11 @@
 """A reference point, not a product: the least a Python gRPC loss server can do per request.
 
-    python bench/floor_server.py --port PORT [--thread] [--event-loop LOOP]
+    python bench/floor_server.py --port PORT [--thread]
 
 grpc.aio; Compute parses the ``ComputeRequest``, decodes ``mse_loss``'s input and target with
 ``remoteloss.codec``, computes ``F.mse_loss`` forward (no validation, no metrics, no batching,
 no gradient) and answers the loss. Inline on the event loop, or with ``--thread`` on one
-worker thread as remoteloss-server does; on remoteloss-server's default event loop (uvloop where
-installed) or the one ``--event-loop`` names. The suite runs it beside remoteloss to show how much
+worker thread as remoteloss-server does. The suite runs it beside remoteloss to show how much
 of remoteloss's per-request cost is gRPC-in-Python itself and how much is remoteloss's own.
 """
 
@@ -23,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss_server import event_loop
-from remoteloss_server.config import EVENT_LOOPS
 
 
 def _compute(request: pb.ComputeRequest) -> pb.ComputeResponse:
@@ -64,11 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--thread", action="store_true", help="compute on a worker thread, not the event loop")
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
-                        help="as remoteloss-server's: uvloop where installed (auto), or asyncio's own")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    event_loop.run(_serve(args.port, args.thread), event_loop.choose(args.event_loop)[1])
+    asyncio.run(_serve(args.port, args.thread))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,8 @@
 Throughput alone mixes the server's cost with the client's (both share the machine); this reads
 the server processes' own CPU time (user + system, every thread: gRPC's poller and the compute
 threads too) around one ``remoteloss bench --concurrency 64`` level of small forward requests,
-and prints it per request, round by round, as a ratio to the echo's on remoteloss-server's
-default event loop (uvloop where installed) and to the echo's on asyncio's own loop; each server
-runs on both (``-asyncio``). What remoteloss costs beyond the floor server is its own Python path;
-what the floor costs beyond the echo is parsing, decoding and torch. Where
+and prints it per request, round by round. What remoteloss costs beyond the floor server is its
+own Python path; what the floor costs beyond the echo is parsing, decoding and torch. Where
 gRPC's C++ library is installed (``apt-get install libgrpc++-dev``), the same echo in C++
 (``native_echo.cc``) shows what the transport costs without Python: the room a native front end
 would have.
@@ -40,14 +38,10 @@ def main() -> None:
     client = Client()
     with tempfile.TemporaryDirectory(prefix="remoteloss-cpu-") as folder, Fleet() as fleet:
         logs = Path(folder)
-        asyncio_loop = ["--event-loop", "asyncio"]
         servers = [
             Server.echo_server("echo", logs=logs),
             Server.floor_server("floor-inline", logs=logs),
             Server.remoteloss("remoteloss", logs=logs),
-            Server.echo_server("echo-asyncio", asyncio_loop, logs=logs),
-            Server.floor_server("floor-asyncio", asyncio_loop, logs=logs),
-            Server.remoteloss("rl-asyncio", asyncio_loop, logs=logs),
         ]
         native = native_echo_binary()
         if native is None:
@@ -57,20 +51,17 @@ def main() -> None:
         fleet.start(*servers)
         for server in servers:
             client.bench(server, duration_s=1.0)  # warm up: first requests, torch's first call
-        print("round  server          req/s   server CPU us/request   / echo's   / echo-asyncio's")
+        print("round  server          req/s   server CPU us/request   / echo's")
         for round_ in range(1, args.rounds + 1):
-            costs: dict[str, float] = {}
-            lines = []
+            echo = None
             for server in servers:
                 before = _cpu_seconds(server)
                 level = client.bench(server, concurrency=64, duration_s=args.duration, warmup_s=0)["level"]
                 # The level counts requests in its window; a few in flight at its edges are not counted.
-                costs[server.name] = (_cpu_seconds(server) - before) / max(level["requests"], 1) * 1e6
-                lines.append((server.name, level["throughput_rps"]))
-            for name, rate in lines:
-                cost = costs[name]
-                print(f"{round_:5d}  {name:14s} {rate:6.0f}   {cost:8.0f}               {cost / costs['echo']:5.2f}"
-                      f"      {cost / costs['echo-asyncio']:5.2f}")
+                cost = (_cpu_seconds(server) - before) / max(level["requests"], 1) * 1e6
+                echo = echo or cost  # the first server is the echo
+                print(f"{round_:5d}  {server.name:14s} {level['throughput_rps']:6.0f}   {cost:8.0f}"
+                      f"               {cost / echo:5.2f}")
 
 
 if __name__ == "__main__":

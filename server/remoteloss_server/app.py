@@ -5,10 +5,11 @@ the same server on its own event loop in a background thread, for tests and note
 Shutdown, in order: health goes NOT_SERVING, open ComputeStreams stop reading, answer what they
 took and end (``LossServicer.drain``), gRPC refuses new RPCs and gives in-flight ones
 ``shutdown_grace_s`` to finish, the batcher computes what is still queued (refusing new work with
-UNAVAILABLE), then the compute threads wind down and /metrics closes. A second signal while
-draining takes the signal's default action: an immediate exit. SIGHUP (or ``ServerThread.reload()``)
-reads the API keys and the TLS certificate files again, without dropping a call; unusable ones
-keep the old. Lifecycle events are logged as one ``event=start|ready|reload|draining|stopped ...`` line each.
+UNAVAILABLE), then the compute threads wind down and /metrics closes. A second
+signal while draining takes the signal's default action: an immediate exit. SIGHUP (or
+``ServerThread.reload()``) reads the API keys and the TLS certificate files again, without dropping
+a call; unusable ones keep the old. Lifecycle events are logged as one
+``event=start|ready|reload|draining|stopped key=value ...`` line each.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from remoteloss_server import __version__, allocator, auth, event_loop, oip_grpc, workers
+from remoteloss_server import __version__, allocator, auth, oip_grpc, workers
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.descriptors import ensure_open_files
@@ -102,8 +103,7 @@ class _Running:
 async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     """Everything a server runs, started in order; what was started is stopped again (the exit
     stack, last first) when a later step fails, so a failed start leaks no thread, port or task."""
-    loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # asyncio or uvloop
-    logger.info("event=start version=%s torch=%s device=%s loop=%s", __version__, torch.__version__, config.device, loop)
+    logger.info("event=start version=%s torch=%s device=%s", __version__, torch.__version__, config.device)
     security = _security(config)
     try:
         executor = Executor(config.device, config.torch_threads)
@@ -253,14 +253,10 @@ def serve(config: ServerConfig, *, worker: int | None = None) -> None:
     if config.workers > 1 and worker is None:
         workers.run(config, _serve_worker)
         return
-    try:
-        _, factory = event_loop.choose(config.event_loop)
-    except ImportError as exc:
-        raise StartupError(str(exc)) from None
     # Process-wide, so only here: a ServerThread leaves its host process's allocator alone.
     allocator.configure(config.malloc_mmap_threshold_bytes)
     ensure_open_files(2 * config.max_connections + _OTHER_FILES)  # both ports' connections
-    event_loop.run(_serve(config, worker), factory)
+    asyncio.run(_serve(config, worker))
 
 
 def _serve_worker(config: ServerConfig, index: int) -> None:
@@ -378,7 +374,7 @@ class ServerThread:
 
     def _run(self) -> None:
         try:
-            event_loop.run(self._main(), event_loop.choose(self.config.event_loop)[1])
+            asyncio.run(self._main())
         except BaseException as exc:  # handed to the thread waiting in __enter__
             if self._ready.is_set():
                 logger.exception("server thread failed")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from remoteloss_server import __version__, app
-from remoteloss_server.config import EVENT_LOOPS, LOG_LEVELS, ServerConfig, parse_tenant_weights
+from remoteloss_server.config import LOG_LEVELS, ServerConfig, parse_tenant_weights
 
 __all__ = ["main"]
 
@@ -65,10 +65,6 @@ _SETTINGS = (
     _Setting("compute-threads", "compute_threads", int, "N", "computations running at once"),
     _Setting("max-message-bytes", "max_message_bytes", int, "BYTES", "largest request or response"),
     _Setting("log-level", "log_level", str.upper, "LEVEL", "one of " + ", ".join(LOG_LEVELS)),
-    _Setting(
-        "event-loop", "event_loop", str.lower, "LOOP",
-        "the event loop: uvloop (where installed, with auto) or asyncio's own; one of " + ", ".join(EVENT_LOOPS),
-    ),
     _Setting(
         "grace-period",
         "shutdown_grace_s",

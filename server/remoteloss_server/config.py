@@ -6,10 +6,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["EVENT_LOOPS", "LOG_LEVELS", "ServerConfig", "parse_tenant_weights"]
+__all__ = ["LOG_LEVELS", "ServerConfig", "parse_tenant_weights"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-EVENT_LOOPS = ("auto", "asyncio", "uvloop")  # auto: uvloop where it is installed
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC keeps message limits in a signed 32-bit int
 _MAX_MALLOC_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
@@ -29,7 +28,6 @@ class ServerConfig:
     compute_threads: int = 1  # computations run at once, each on its own worker thread
     max_message_bytes: int = 512 * 1024 * 1024  # largest request or response gRPC accepts
     log_level: str = "INFO"
-    event_loop: str = "auto"  # "auto" (uvloop where installed, else asyncio's), "asyncio", "uvloop"
     shutdown_grace_s: float = 10.0  # how long in-flight RPCs may finish after SIGTERM
     workers: int = 1  # server processes sharing the port with SO_REUSEPORT; > 1 needs an explicit port
     metrics_port: int = 9464  # Prometheus /metrics over HTTP (the exporters' customary port); 0 turns it off
@@ -96,8 +94,6 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes must be in [1, {_MAX_MESSAGE_BYTES}], got {self.max_message_bytes}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        if self.event_loop not in EVENT_LOOPS:
-            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if not (math.isfinite(self.shutdown_grace_s) and self.shutdown_grace_s >= 0):
             raise ValueError(f"shutdown_grace_s must be a finite number >= 0, got {self.shutdown_grace_s}")
         if not 0 <= self.malloc_mmap_threshold_bytes <= _MAX_MALLOC_THRESHOLD_BYTES:

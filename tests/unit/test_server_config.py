@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any
 
 import pytest
@@ -33,7 +32,6 @@ ENV_NAMES = (
     "REMOTELOSS_MAX_BATCH_ELEMENTS",
     "REMOTELOSS_MAX_BATCH_DELAY",
     "REMOTELOSS_MAX_BATCH_DELAY_S",
-    "REMOTELOSS_EVENT_LOOP",
 )
 
 
@@ -71,7 +69,6 @@ def test_defaults_match_the_design() -> None:
         ({"max_message_bytes": 0}, "max_message_bytes"),
         ({"max_message_bytes": 2**31}, "max_message_bytes"),
         ({"log_level": "LOUD"}, "log_level"),
-        ({"event_loop": "trio"}, "event_loop"),
         ({"shutdown_grace_s": -1.0}, "shutdown_grace_s"),
         ({"shutdown_grace_s": float("nan")}, "shutdown_grace_s"),
         ({"max_connections": 0}, "max_connections"),
@@ -173,27 +170,6 @@ def test_startup_failure_exits_1(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     monkeypatch.setattr(app, "serve", fail)
     assert cli.main(["--device", "cuda"]) == 1
     assert capsys.readouterr().err == "remoteloss-server: error: device cuda:0: CUDA is not available\n"
-
-
-def test_the_event_loop_from_the_flag_and_the_environment(
-    served: list[ServerConfig], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert ServerConfig().event_loop == "auto"
-    monkeypatch.setenv("REMOTELOSS_EVENT_LOOP", "UVLOOP")
-    assert cli.main([]) == 0
-    assert cli.main(["--event-loop", "asyncio"]) == 0
-    assert [config.event_loop for config in served] == ["uvloop", "asyncio"]
-
-
-def test_an_event_loop_that_is_not_installed_exits_1(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Refused before the server changes anything of the process (its allocator, its limits)."""
-    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
-    assert cli.main(["--event-loop", "uvloop", "--port", "0", "--metrics-port", "0", "--http-port", "0"]) == 1
-    assert capsys.readouterr().err == (
-        "remoteloss-server: error: event_loop uvloop: the uvloop package is not installed (pip install uvloop)\n"
-    )
 
 
 def test_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
