@@ -81,6 +81,11 @@ class HttpServer:
 
 
 HANDSHAKE_TIMEOUT_S = 10.0  # a TLS connection's handshake, as gRPC's port allows
+# A connection without a request in progress is closed this long after it opened or after its
+# last answer: an idle keep-alive connection, and one whose request line and headers trickle in
+# (aiohttp's timer runs from the last answer, not from the last byte). aiohttp's own default is
+# an hour (3630 s in aiohttp 3.14), which would let a caller hold a place of max_connections that long.
+KEEPALIVE_S = 75.0
 _FULL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
     b"Content-Length: %d\r\n\r\n%s"
@@ -308,7 +313,7 @@ async def start(
     """Serve on ``host:port`` (0: a free port), at most ``max_connections`` connections open;
     OSError when it cannot be bound. aiohttp's own site has no bound on connections, so the
     listener is asyncio's, on aiohttp's protocol factory (``_Slots``)."""
-    runner = web.AppRunner(application(door, keys, max_body_bytes), access_log=None)
+    runner = web.AppRunner(application(door, keys, max_body_bytes), access_log=None, keepalive_timeout=KEEPALIVE_S)
     await runner.setup()
     bind: str | None = host.removeprefix("[").removesuffix("]")
     if bind in ("", "::", "0.0.0.0"):  # every address of both families, as gRPC's "[::]" is

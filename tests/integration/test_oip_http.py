@@ -294,6 +294,59 @@ def test_json_tensors_of_every_floating_datatype(datatype: str) -> None:
         assert outputs[name]["data"] == expected.double().flatten().tolist()
 
 
+def test_an_idle_or_trickling_connection_is_closed_and_gives_its_place_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``KEEPALIVE_S`` after it opened or after its last answer, a connection without a request
+    in progress is closed: one that stays silent, one whose headers trickle in a byte at a time
+    (slowloris), and a keep-alive one after its answer. With ``max_connections=4`` they hold
+    three places; a bystander, one request per connection, is served in the fourth meanwhile."""
+    monkeypatch.setattr(oip_http, "KEEPALIVE_S", 1.0)
+    with ServerThread(_config(max_connections=4)) as server:
+        port = server.config.http_port
+        silent = socket.create_connection(("127.0.0.1", port))
+        trickling = socket.create_connection(("127.0.0.1", port))
+        answered = socket.create_connection(("127.0.0.1", port))
+        answered.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        answered.settimeout(5)
+        assert answered.recv(4096).startswith(b"HTTP/1.1 200")
+        begin = time.monotonic()
+        slowest = 0.0
+        trickle = iter(b"GET /v2/health/live HTTP/1.1\r\nX-Slow: " + b"a" * 1000)
+        closed: dict[str, float] = {}
+        while len(closed) < 3 and time.monotonic() - begin < 10:
+            try:
+                trickling.sendall(bytes([next(trickle)]))
+            except OSError:
+                closed.setdefault("trickling", time.monotonic() - begin)
+            for name, sock in (("silent", silent), ("answered", answered), ("trickling", trickling)):
+                if name not in closed and not _open(sock):
+                    closed[name] = time.monotonic() - begin
+            sent = time.monotonic()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5) as ready:
+                assert ready.status == 200
+            slowest = max(slowest, time.monotonic() - sent)
+            time.sleep(0.1)
+        for sock in (silent, trickling, answered):
+            sock.close()
+    assert set(closed) == {"silent", "trickling", "answered"}, closed
+    assert all(0.5 < after < 3.0 for after in closed.values()), closed
+    assert slowest < 1.0, slowest
+
+
+def _open(sock: socket.socket) -> bool:
+    """Whether the server has not closed ``sock`` (nothing to read but what it already sent)."""
+    sock.setblocking(False)
+    try:
+        while chunk := sock.recv(4096):
+            del chunk
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
+
+
 def test_connections_whose_tls_handshake_fails_give_their_place_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``max_connections=1`` on a TLS port: a connection that never finishes its handshake
     (a TCP probe, a scanner) holds the one place only until the handshake's time is up, and one
