@@ -70,7 +70,7 @@ def _per_call(function: Callable[[], object], number: int) -> float:
     return min(timeit.repeat(function, number=number, repeat=3)) / number * 1e6
 
 
-async def _handler(data: bytes, device: str, rounds: int, together: int) -> float:
+async def handler_microseconds(data: bytes, device: str, rounds: int, together: int) -> float:
     """Microseconds per request through ``Compute``, ``together`` requests at a time."""
     defaults = ServerConfig()
     executor = Executor(device, defaults.torch_threads)
@@ -117,8 +117,8 @@ def main() -> None:
     n = 5000
     rows = {
         "Compute, one request at a time (handler to answer bytes)": asyncio.run(
-            _handler(data, args.device, n // 10, 1)),
-        "Compute, 64 requests at a time (batched), per request": asyncio.run(_handler(data, args.device, n // 640, 64)),
+            handler_microseconds(data, args.device, n // 10, 1)),
+        "Compute, 64 requests at a time (batched), per request": asyncio.run(handler_microseconds(data, args.device, n // 640, 64)),
         "parse and unknown-field check": _per_call(lambda: receive(data, pb.ComputeRequest), n),
         "decode and validate (prepare, fresh message)": _per_call(
             lambda: prepare(args.loss, pb.ComputeRequest.FromString(data)), n),
