@@ -46,7 +46,7 @@ HEAVY_CALLERS = 64
 # 40 ms on 2 shared cores. The batcher's own part, the light calls' wait in its queue, is checked
 # without it. Inside the heavy tenant, light calls of another loss form a group of their own (on
 # a CPU a group is a loss: each call computes as alone), which takes turns with the heavy loss's
-# batches: they too wait about one heavy batch, not behind the heavy tenant's whole queue.
+# batches: they too wait one or two heavy batches, not behind the heavy tenant's whole queue.
 LOOP_ALLOWANCE_S = 0.05
 
 
@@ -93,6 +93,11 @@ def p99_bound_s(before: list[float], after: list[float]) -> float:
         if count >= 0.99 * counts[-1]:
             return bound
     return float("inf")
+
+
+def _bucket_after(bound_s: float) -> float:
+    """The next bound of ``LATENCY_BUCKETS`` after ``bound_s`` (+Inf after the last)."""
+    return next((bound for bound in LATENCY_BUCKETS if bound > bound_s), float("inf"))
 
 
 def percentiles(bystander: Bystander) -> str:
@@ -162,7 +167,9 @@ def test_tenants_share_compute_by_weight_and_a_light_one_is_not_held_up(keyed: S
     Watch.report.append(figures)
     assert abs(share - 0.75) <= 0.075, figures.line()
     assert light_queue_s <= heavy_compute_s, figures.line()  # behind the batch computing, no more
-    assert fcfs_queue_s <= heavy_compute_s, figures.line()  # a turn after the heavy loss's batch
+    # Turns with the heavy loss's batches: the batch computing when the call came, and the heavy
+    # group's turn if it was chosen before the light group's; histogram buckets are ~2x apart.
+    assert fcfs_queue_s <= _bucket_after(heavy_compute_s), figures.line()
     assert fair.p99_s() <= unloaded.p99_s() + heavy_compute_s + LOOP_ALLOWANCE_S, figures.line()
 
 
