@@ -13,7 +13,7 @@ calls it when it is quiet. It also keeps every thread on one arena (``M_ARENA_MA
 ``malloc_trim`` gives back a thread arena's free chunks but not the free memory at its top, which
 with the trim threshold raised that arena never gives back on its own, so after bursts of large
 requests handled on gRPC's and the helper threads the process kept hundreds of MiB that no trim
-reached (``bench/ANALYSIS.md``: RSS after the 40 MiB rounds 370 against 607-682 MiB, with the
+reached (``bench/ANALYSIS.md``: RSS after the 40 MiB rounds 370 against 607-745 MiB, with the
 same throughput or more).
 
 ``bench/RESULTS.md`` has the measurements behind the default. Only glibc has ``mallopt``;
