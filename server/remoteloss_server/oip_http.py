@@ -101,7 +101,7 @@ class _Full(asyncio.Protocol):
         self._answer = _FULL % (len(body), body)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream's transport; uvloop's are not subclasses of asyncio.Transport, so no isinstance.
+        # A stream's transport, though not always a subclass of asyncio.Transport (uvloop's are not).
         cast(asyncio.Transport, transport).write(self._answer)
         transport.close()
 

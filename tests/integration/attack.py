@@ -13,6 +13,7 @@ in ``conftest.py``), so the closing note quotes measured numbers.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -201,3 +202,19 @@ class Watch:
             time.sleep(0.1)
             rss = self.server.rss_bytes()
         return rss
+
+
+def is_open(sock: socket.socket) -> bool:
+    """Whether the server still holds ``sock``'s connection open: what it sent is read and
+    dropped, then the connection either ends (closed) or has nothing more to read (open)."""
+    sock.setblocking(False)
+    try:
+        while sock.recv(4096):
+            pass
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)

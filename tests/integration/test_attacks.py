@@ -24,7 +24,7 @@ import pytest
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 
-from .attack import BYSTANDER_REQUEST, MiB, Watch
+from .attack import BYSTANDER_REQUEST, MiB, Watch, is_open
 from .deploy_files import free_port
 from .raw_http2 import RawConnection, frame
 from .server_process import ServerProcess
@@ -258,17 +258,6 @@ def test_rapid_resets_and_many_connections_disturb_no_one(server: ServerProcess)
 # ------------------------------------------------------------------------------ connections
 
 
-def _is_open(sock: socket.socket) -> bool:
-    """Whether the server still holds ``sock``'s connection open (nothing has come on it)."""
-    sock.setblocking(False)
-    try:
-        return sock.recv(1, socket.MSG_PEEK) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-
-
 def _answer(sock: socket.socket) -> bytes:
     """What the server wrote on ``sock`` before closing it (b"" while it is open and silent)."""
     sock.setblocking(False)
@@ -314,7 +303,7 @@ def test_connections_past_max_connections_are_closed_and_no_one_waits(tmp_path: 
             grpc_socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
             http_socks = [socket.create_connection(("127.0.0.1", http_port)) for _ in range(40)]
             time.sleep(1.5)
-            grpc_open = sum(_is_open(s) for s in grpc_socks)
+            grpc_open = sum(is_open(s) for s in grpc_socks)
             answers = [_answer(s) for s in http_socks]
             http_open = answers.count(b"")
             refusals = [a for a in answers if a]

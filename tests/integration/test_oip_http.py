@@ -29,6 +29,7 @@ from remoteloss_server.inference import grpc_service_pb2 as ipb
 from tests import tools
 from tests.pki import make_pki
 
+from .attack import is_open
 from .deploy_files import free_port
 
 BODY = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2], "data": [1, 2]},
@@ -318,7 +319,7 @@ def test_an_idle_or_trickling_connection_is_closed_and_gives_its_place_back(monk
             except OSError:
                 closed.setdefault("trickling", time.monotonic() - begin)
             for name, sock in (("silent", silent), ("answered", answered), ("trickling", trickling)):
-                if name not in closed and not _open(sock):
+                if name not in closed and not is_open(sock):
                     closed[name] = time.monotonic() - begin
             sent = time.monotonic()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5) as ready:
@@ -330,21 +331,6 @@ def test_an_idle_or_trickling_connection_is_closed_and_gives_its_place_back(monk
     assert set(closed) == {"silent", "trickling", "answered"}, closed
     assert all(0.5 < after < 3.0 for after in closed.values()), closed
     assert slowest < 1.0, slowest
-
-
-def _open(sock: socket.socket) -> bool:
-    """Whether the server has not closed ``sock`` (nothing to read but what it already sent)."""
-    sock.setblocking(False)
-    try:
-        while chunk := sock.recv(4096):
-            del chunk
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.setblocking(True)
 
 
 def test_connections_whose_tls_handshake_fails_give_their_place_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
