@@ -9,12 +9,7 @@ the kernel must zero. ``configure(threshold)`` raises the mmap threshold to ``th
 and the trim threshold to twice that, so buffers up to ``threshold`` are reused from the heap;
 the cost is that memory freed after a burst stays with the process (up to the trim threshold
 per arena) instead of going back to the kernel at once; ``trim()`` gives it back, and the server
-calls it when it is quiet. It also keeps every thread on one arena (``M_ARENA_MAX`` 1): glibc's
-``malloc_trim`` gives back a thread arena's free chunks but not the free memory at its top, which
-with the trim threshold raised that arena never gives back on its own, so after bursts of large
-requests handled on gRPC's and the helper threads the process kept hundreds of MiB that no trim
-reached (``bench/ANALYSIS.md``: RSS after the 40 MiB rounds 370 against 607-745 MiB, with the
-same throughput or more).
+calls it when it is quiet.
 
 ``bench/RESULTS.md`` has the measurements behind the default. Only glibc has ``mallopt``;
 elsewhere ``configure`` does nothing. No torch and no grpc here.
@@ -43,7 +38,6 @@ logger = logging.getLogger(__name__)
 # mallopt(3) parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
 MAX_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
 QUIET_BYTES = 1024 * 1024  # bytes in flight under which the server counts as quiet
@@ -59,9 +53,8 @@ def is_glibc() -> bool:
 
 
 def configure(mmap_threshold_bytes: int) -> bool:
-    """Set glibc's mmap threshold to ``mmap_threshold_bytes``, its trim threshold to twice that
-    (at most INT_MAX) and its arenas to one; 0 leaves glibc's defaults. Returns whether anything
-    was set. Call it before the process starts threads: an arena a thread has keeps serving it.
+    """Set glibc's mmap threshold to ``mmap_threshold_bytes`` and its trim threshold to twice
+    that (at most INT_MAX); 0 leaves glibc's defaults. Returns whether anything was set.
 
     Raises ValueError for a value outside [0, MAX_THRESHOLD_BYTES].
     """
@@ -74,11 +67,11 @@ def configure(mmap_threshold_bytes: int) -> bool:
         return False
     libc = ctypes.CDLL(None)  # the C library this process already uses
     trim = min(2 * mmap_threshold_bytes, _INT_MAX)
-    applied = all(libc.mallopt(option, value) for option, value in (
-        (_M_MMAP_THRESHOLD, mmap_threshold_bytes), (_M_TRIM_THRESHOLD, trim), (_M_ARENA_MAX, 1),
-    ))
+    applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, trim)
+    )
     logger.info(
-        "event=malloc_tuning applied=%s mmap_threshold_bytes=%d trim_threshold_bytes=%d arena_max=1",
+        "event=malloc_tuning applied=%s mmap_threshold_bytes=%d trim_threshold_bytes=%d",
         str(applied).lower(), mmap_threshold_bytes, trim,
     )
     return applied

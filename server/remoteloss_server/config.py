@@ -35,8 +35,7 @@ class ServerConfig:
     metrics_host: str | None = None  # address for /metrics; None means the gRPC ``host``
     reflection: bool = True  # serve gRPC server reflection (grpc.reflection.v1alpha)
     # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
-    # up to twice this stays with the process after a burst, until a quiet-time trim, which one
-    # arena for every thread lets reach it all); 0 keeps glibc's defaults. See allocator.
+    # up to twice this stays with the process after a burst); 0 keeps glibc's defaults. See allocator.
     malloc_mmap_threshold_bytes: int = 256 * 1024 * 1024
     batching: bool = True  # compute queued requests of one loss, options and shapes as one batch
     max_batch_size: int = 64  # requests in one batch

@@ -65,52 +65,6 @@ def test_large_blocks_come_from_the_heap_once_configured() -> None:
     assert answer.stdout.split() == ["1", "True", "0"]
 
 
-@glibc_only
-def test_memory_other_threads_freed_comes_back_with_trim() -> None:
-    """In a fresh interpreter: four threads each write and free 4 x 16 MiB (heap blocks, once
-    configured, as a request's buffers on gRPC's and the helper threads are); ``trim()`` gives
-    it all back. With an arena per thread, as glibc has by default, the free memory at the top of
-    each thread's arena stayed resident: about 64 MiB here, whatever ``trim()`` did."""
-    script = textwrap.dedent(
-        """
-        import ctypes, threading
-        from remoteloss_server import allocator
-
-        libc = ctypes.CDLL(None)
-        libc.malloc.restype = ctypes.c_void_p
-        libc.free.argtypes = [ctypes.c_void_p]
-        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-        MiB = 1 << 20
-
-        def work():
-            blocks = [libc.malloc(16 * MiB) for _ in range(4)]
-            for block in blocks:
-                libc.memset(block, 1, 16 * MiB)  # resident, page by page
-            for block in reversed(blocks):
-                libc.free(block)
-
-        assert allocator.configure(256 * MiB)
-        start = allocator.resident_bytes()
-        threads = [threading.Thread(target=work) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-            thread.join()  # one at a time: each thread still gets an arena of its own by default
-        threads = [threading.Thread(target=work) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        grown = allocator.resident_bytes() - start
-        allocator.trim()
-        print(grown // MiB, (allocator.resident_bytes() - start) // MiB)
-        """
-    )
-    answer = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    grown, kept = map(int, answer.stdout.split())
-    assert grown >= 48, answer.stdout  # the blocks were resident before the trim
-    assert kept <= 8, answer.stdout
-
-
 @pytest.mark.parametrize("value", [-1, 2**30 + 1])
 def test_config_rejects(value: int) -> None:
     with pytest.raises(ValueError, match="^malloc_mmap_threshold_bytes must be in"):
