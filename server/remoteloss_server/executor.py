@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,15 +24,12 @@ import torch
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError, ServiceError
 from remoteloss_server.losses import LOSSES, Call
 from remoteloss_server.losses.batching import Plan, Stack
+from remoteloss_server.torch_errors import REJECTIONS, is_device_failure, is_out_of_memory, message
 from remoteloss_server.torch_warnings import record
 
 __all__ = ["Executor", "Job", "Result", "resolve_device"]
 
 logger = logging.getLogger(__name__)
-
-# Raised by torch for arguments it rejects, in the loss function or in its backward.
-_TORCH_REJECTIONS = (RuntimeError, ValueError, IndexError, TypeError)
-_MAX_MESSAGE_CHARS = 1000
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,13 +110,13 @@ class Executor:
             names = list(gradients)
             loss, *grads = self._to_host([loss, *gradients.values()])
             gradients = dict(zip(names, grads, strict=True))
-        except _TORCH_REJECTIONS as exc:
-            if _is_out_of_memory(exc):
+        except REJECTIONS as exc:
+            if is_out_of_memory(exc):
                 self._release_memory()
                 raise ResourceExhaustedError(f"{call.loss}: out of memory on {self.device}") from None
-            if _is_device_failure(exc):
+            if is_device_failure(exc):
                 raise
-            raise InvalidArgumentError(f"{call.loss}: {_message(exc, call)}") from exc
+            raise InvalidArgumentError(f"{call.loss}: {message(exc, call)}") from exc
         return Result(loss, gradients, list(dict.fromkeys(texts[start:])))
 
     def run_batch(self, jobs: Sequence[Job]) -> list[Result | ServiceError]:
@@ -184,29 +180,35 @@ class Executor:
         """Each job's forward as alone, then one ``autograd.grad`` over all of them: the graphs
         share no node, so each gradient is computed by the same functions on the same values as
         alone (bit for bit; tests/integration/test_batch_invariance.py), without one pass of the
-        autograd engine per call. None (compute each alone) where torch rejects a call or warns
-        during the backward, whose warning would belong to no one call."""
+        autograd engine per call. A forward torch rejects fails its call only, as ``run`` would;
+        None (compute each alone) where the backward fails or warns (the warning would belong to
+        no one call), or memory or the device fails."""
         forwards: list[tuple[Call, list[torch.Tensor], torch.Tensor, list[str]] | ServiceError] = []
         outputs, inputs, seeds = [], [], []
-        try:
-            for job in jobs:
-                call = self._on_device(job.call)
-                start = len(texts)
+        for job in jobs:
+            call = self._on_device(job.call)
+            start = len(texts)
+            try:
                 leaves = [call.tensors[name].requires_grad_(True) for name in call.requires_grad]
                 with torch.enable_grad():
                     loss = call()
-                try:
-                    if loss.requires_grad:
-                        seeds.append(self._grad_output(call, job.grad_output, loss))
-                        outputs.append(loss)
-                        inputs += leaves
-                except InvalidArgumentError as err:
-                    forwards.append(err)
-                    continue
-                forwards.append((call, leaves, loss, list(dict.fromkeys(texts[start:]))))
-            start = len(texts)
+                if loss.requires_grad:
+                    seeds.append(self._grad_output(call, job.grad_output, loss))
+                    outputs.append(loss)
+                    inputs += leaves
+            except InvalidArgumentError as err:
+                forwards.append(err)
+                continue
+            except REJECTIONS as exc:
+                if is_out_of_memory(exc) or is_device_failure(exc):
+                    return None  # alone, where run() says which
+                forwards.append(InvalidArgumentError(f"{call.loss}: {message(exc, call)}"))
+                continue
+            forwards.append((call, leaves, loss, list(dict.fromkeys(texts[start:]))))
+        start = len(texts)
+        try:
             grads = iter(torch.autograd.grad(outputs, inputs, seeds, allow_unused=True) if outputs else ())
-        except _TORCH_REJECTIONS:
+        except REJECTIONS:
             return None
         if len(texts) > start:
             return None
@@ -254,11 +256,11 @@ class Executor:
                     if not isinstance(grads, ServiceError):
                         flat.extend(grads.values())
                 host = iter(self._to_host(flat))
-            except _TORCH_REJECTIONS as exc:
-                if _is_out_of_memory(exc):
+            except REJECTIONS as exc:
+                if is_out_of_memory(exc):
                     self._release_memory()
                     raise _OutOfMemory from None
-                if _is_device_failure(exc):
+                if is_device_failure(exc):
                     raise
                 return None
         if texts:
@@ -369,32 +371,3 @@ class Executor:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-
-def _message(exc: BaseException, call: Call) -> str:
-    """torch's message, without a C++ backtrace and bounded; when it names no argument (as in
-    "The size of tensor a (4) must match the size of tensor b (5)"), what was sent is appended."""
-    text = " ".join(str(exc).split("\nException raised from", 1)[0].split()) or type(exc).__name__
-    if len(text) > _MAX_MESSAGE_CHARS:
-        text = text[: _MAX_MESSAGE_CHARS - 3] + "..."
-    names = [*call.tensors, *call.options]
-    if not re.search(r"\b(" + "|".join(map(re.escape, names)) + r")\b", text, re.IGNORECASE):
-        sent = ", ".join(
-            f"{name} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}" for name, t in call.tensors.items()
-        )
-        text = f"{text} (arguments: {sent})"
-    return text
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's plain RuntimeError."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
-    )
-
-
-def _is_device_failure(exc: BaseException) -> bool:
-    """A CUDA error is a fault of the device, not of the arguments: it must reach INTERNAL."""
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    return isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")

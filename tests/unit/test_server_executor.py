@@ -271,3 +271,40 @@ def test_a_cpu_batch_answers_each_call_as_alone_bit_for_bit(executor: Executor) 
         assert {n: _bits(t) for n, t in batched.gradients.items()} == {n: _bits(t) for n, t in alone.gradients.items()}
     assert together[0].warnings == [] and together[1].warnings and "target size" in together[1].warnings[0]
     assert isinstance(together[4], InvalidArgumentError) and "grad_output has shape [2]" in str(together[4])
+
+
+def test_a_call_torch_rejects_in_a_cpu_batch_fails_alone_and_the_rest_compute_once(
+    executor: Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller's bad call (a class index out of range) in a batch with gradients: its own
+    INVALID_ARGUMENT, as alone, and every other call's answer bit for bit, each computed once
+    (the fallback, which computes each call again with ``_compute``, never runs)."""
+    from remoteloss_server.executor import Job, Result
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    logits = torch.randn(4, 5, generator=g)
+    good = [
+        Job(make_call("mse_loss", {"input": x, "target": y}, ("input",))),
+        Job(make_call("cross_entropy", {"input": logits, "target": torch.tensor([0, 4, 1, 2])}, ("input",))),
+    ]
+    bad = Job(make_call("cross_entropy", {"input": logits, "target": torch.tensor([0, 9, 1, 2])}, ("input",)))
+    with pytest.raises(InvalidArgumentError) as alone_error:
+        executor.run(bad.call)
+    expected = [executor.run(make_call(j.call.loss, j.call.tensors, j.call.requires_grad)) for j in good]
+    calls = []
+    original = Executor._compute
+
+    def counted(self: Executor, *args: Any) -> Result:
+        calls.append(args[0].loss)
+        return original(self, *args)
+
+    monkeypatch.setattr(Executor, "_compute", counted)
+    jobs = [good[0], dataclasses.replace(bad, call=make_call(bad.call.loss, bad.call.tensors, ("input",))), good[1]]
+    together = executor.run_batch(jobs)
+    assert calls == []
+    assert isinstance(together[1], InvalidArgumentError) and str(together[1]) == str(alone_error.value)
+    for batched, alone in zip([together[0], together[2]], expected, strict=True):
+        assert isinstance(batched, Result)
+        assert _bits(batched.loss) == _bits(alone.loss)
+        assert {n: _bits(t) for n, t in batched.gradients.items()} == {n: _bits(t) for n, t in alone.gradients.items()}
