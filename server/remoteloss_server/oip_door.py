@@ -30,12 +30,14 @@ _TIMEOUT_PARAMETER = "timeout"  # Triton's request parameter: a deadline in micr
 
 @dataclass(frozen=True)
 class Answer:
-    """What ``Door.infer`` gives: the model, its outputs, the result and the request's budgets."""
+    """What ``Door.infer`` gives: the model, its outputs (``size``: their tensors' bytes), the
+    result and the request's budgets."""
 
     model: oip.Model
     outputs: list[oip.Output]
     result: Result
     ticket: Ticket | None
+    size: int
 
 
 @dataclass
@@ -149,7 +151,7 @@ class Door:
             ticket.answered(framing.HELD_COPIES * size_out)
         self.statistics.record(model.name, True, time.perf_counter_ns() - started)
         record.finish("OK", size_out)
-        return Answer(model, outputs, result, ticket)
+        return Answer(model, outputs, result, ticket, size_out)
 
     def failed(self, record: RequestRecord, model: str, code: str, details: str, nanoseconds: int) -> None:
         """Record a request that failed with status ``code``."""

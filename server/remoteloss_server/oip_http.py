@@ -240,7 +240,7 @@ class _Routes:
                 sent = oip_json.infer_request(name, version, body, length)
             answer = await door.infer(sent, len(body), record, ticket, None, lambda o: oip_json.check_outputs(sent, o))
             warnings = oip.warnings_parameter(answer.result)
-            if sum(o.data.nbytes for o in answer.outputs) > door.inline_bytes:
+            if answer.size > door.inline_bytes:
                 data, headers = await asyncio.to_thread(oip_json.response, sent, answer.outputs, warnings)
             else:
                 data, headers = oip_json.response(sent, answer.outputs, warnings)
