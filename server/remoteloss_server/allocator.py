@@ -9,7 +9,8 @@ the kernel must zero. ``configure(threshold)`` raises the mmap threshold to ``th
 and the trim threshold to twice that, so buffers up to ``threshold`` are reused from the heap;
 the cost is that memory freed after a burst stays with the process (up to the trim threshold
 per arena) instead of going back to the kernel at once; ``trim()`` gives it back, and the server
-calls it when it is quiet.
+calls it when it is quiet, with ``trim_thread_arenas`` for what ``trim()`` cannot reach: the free
+memory at the top of each helper and compute thread's own arena.
 
 ``bench/RESULTS.md`` has the measurements behind the default. Only glibc has ``mallopt``;
 elsewhere ``configure`` does nothing. No torch and no grpc here.
@@ -21,16 +22,20 @@ import asyncio
 import ctypes
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 __all__ = [
     "MAX_THRESHOLD_BYTES",
+    "TrimmablePool",
     "configure",
     "free_heap_bytes",
     "give_back_when_quiet",
     "is_glibc",
     "resident_bytes",
     "trim",
+    "trim_thread_arenas",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,6 +47,11 @@ _INT_MAX = 2**31 - 1
 MAX_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
 QUIET_BYTES = 1024 * 1024  # bytes in flight under which the server counts as quiet
 TRIM_SLACK_BYTES = 16 * 1024 * 1024  # a change in free heap bytes or RSS that makes another trim worth it
+# Freed into a thread's arena, a block this large (glibc: from 64 KiB, merged) makes glibc look at
+# the arena's top; it is also the trim threshold while trim_thread_arenas runs.
+_TOP_TRIM_BLOCK_BYTES = 128 * 1024
+_BARRIER_S = 0.1  # how long a pool's threads wait for each other in trim_thread_arenas
+_trim_threshold_bytes = 0  # what configure() set; 0: glibc's own thresholds, which trim thread arenas themselves
 
 
 def is_glibc() -> bool:
@@ -70,6 +80,8 @@ def configure(mmap_threshold_bytes: int) -> bool:
     applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, trim)
     )
+    global _trim_threshold_bytes
+    _trim_threshold_bytes = trim if applied and mmap_threshold_bytes > _TOP_TRIM_BLOCK_BYTES else 0
     logger.info(
         "event=malloc_tuning applied=%s mmap_threshold_bytes=%d trim_threshold_bytes=%d",
         str(applied).lower(), mmap_threshold_bytes, trim,
@@ -88,6 +100,56 @@ def trim() -> bool:
         return False
     return bool(ctypes.CDLL(None).malloc_trim(0))
 
+
+
+class TrimmablePool(ThreadPoolExecutor):
+    """A ThreadPoolExecutor that counts the threads it has started (``started``), so that
+    ``trim_thread_arenas`` can reach each of them."""
+
+    def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "") -> None:
+        self.started = 0
+        self._counting = threading.Lock()
+        super().__init__(max_workers, thread_name_prefix, initializer=self._count)
+
+    def _count(self) -> None:
+        with self._counting:
+            self.started += 1
+
+
+async def trim_thread_arenas(pools: Sequence[TrimmablePool]) -> None:
+    """Give back the free memory at the top of each pool thread's own arena, which ``trim()``
+    leaves: glibc trims a thread arena's top only when a block is freed into that arena while
+    the top exceeds the trim threshold, and ``configure`` sets that threshold high (without
+    this, the buffers of a burst of large requests stay with the helper and compute threads:
+    tens of MiB each). So, for the moment, the threshold is lowered, and every thread of each
+    pool frees one block of its own; the threads wait for each other (at most ``_BARRIER_S``)
+    so that each takes one. Does nothing unless ``configure`` applied a threshold."""
+    restore = _trim_threshold_bytes
+    if restore == 0:
+        return
+    libc = ctypes.CDLL(None)
+    loop = asyncio.get_running_loop()
+    libc.mallopt(_M_TRIM_THRESHOLD, _TOP_TRIM_BLOCK_BYTES)
+    try:
+        for pool in pools:
+            if threads := pool.started:
+                barrier = threading.Barrier(threads)
+                await asyncio.gather(*(loop.run_in_executor(pool, _free_a_block, barrier) for _ in range(threads)))
+    finally:
+        libc.mallopt(_M_TRIM_THRESHOLD, restore)
+
+
+def _free_a_block(barrier: threading.Barrier) -> None:
+    """On a pool thread, once its pool's threads have all arrived (a busy one is not waited for
+    long): a block of this thread's arena, freed, so that glibc trims that arena's top."""
+    try:
+        barrier.wait(_BARRIER_S)
+    except threading.BrokenBarrierError:
+        pass
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.free(libc.malloc(_TOP_TRIM_BLOCK_BYTES))
 
 
 class _MallInfo2(ctypes.Structure):
@@ -117,14 +179,17 @@ def resident_bytes() -> int:
         return 0
 
 
-async def give_back_when_quiet(take_peak: Callable[[], int], interval_s: float = 2.0) -> None:
+async def give_back_when_quiet(
+    take_peak: Callable[[], int], interval_s: float = 2.0, pools: Sequence[TrimmablePool] = ()
+) -> None:
     """Give freed memory back to the kernel once the server is quiet, as jemalloc's background
     purging does: every ``interval_s``, when no more than ``QUIET_BYTES`` were in flight since the
     last look (``take_peak()``, the server's in-flight budgets) and, since the last trim, the heap's
     free bytes changed or the process grew by ``TRIM_SLACK_BYTES``, ``trim()`` (on a thread, as the
-    look at the heap: both take glibc's arena locks). Without it, the heap a burst grew (glibc
-    keeps up to its trim threshold) stays with the process after the callers are gone, also after
-    bytes that gRPC alone held, such as stalled requests. Runs until cancelled."""
+    look at the heap: both take glibc's arena locks), then ``trim_thread_arenas(pools)``. Without
+    it, the heap a burst grew (glibc keeps up to its trim threshold) stays with the process after
+    the callers are gone, also after bytes that gRPC alone held, such as stalled requests. Runs
+    until cancelled."""
     free_at, resident_at = 0, 0  # after the last trim
     while True:
         await asyncio.sleep(interval_s)
@@ -134,4 +199,5 @@ async def give_back_when_quiet(take_peak: Callable[[], int], interval_s: float =
         if abs(free - free_at) < TRIM_SLACK_BYTES and resident_bytes() - resident_at < TRIM_SLACK_BYTES:
             continue
         await asyncio.to_thread(trim)
+        await trim_thread_arenas(pools)
         free_at, resident_at = free, resident_bytes()

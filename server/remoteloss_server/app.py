@@ -110,8 +110,10 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     async with contextlib.AsyncExitStack() as stack:
-        pool = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="remoteloss-compute")
+        pool = allocator.TrimmablePool(max_workers=config.compute_threads, thread_name_prefix="remoteloss-compute")
         stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+        helpers = allocator.TrimmablePool(thread_name_prefix="remoteloss-helper")  # asyncio.to_thread's
+        asyncio.get_running_loop().set_default_executor(helpers)  # shut down with the loop
         server = _grpc_server(config, security.interceptor)
         stack.push_async_callback(server.stop, None)
         metrics = Metrics()
@@ -144,7 +146,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         stack.push_async_callback(oip.stop, 0.0)
         await batcher.start()
         stack.push_async_callback(batcher.close)
-        trimmer = asyncio.create_task(allocator.give_back_when_quiet(budgets.take_peak), name="remoteloss-trim")
+        trimmer = asyncio.create_task(allocator.give_back_when_quiet(budgets.take_peak, pools=(pool, helpers)), name="remoteloss-trim")
         stack.callback(trimmer.cancel)
         await server.start()
         for service in ("", SERVICE_NAME, oip_grpc.SERVICE_NAME):

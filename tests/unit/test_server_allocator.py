@@ -91,3 +91,47 @@ def test_serve_configures_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(app, "_serve", no_server)
     app.serve(ServerConfig(port=0, malloc_mmap_threshold_bytes=12345))
     assert configured == [12345]
+
+
+@glibc_only
+def test_thread_arenas_give_back_their_tops() -> None:
+    """In a fresh interpreter, once configured: two pool threads each write and free 32 MiB, which
+    stays at the top of each one's arena; ``trim()`` leaves it there, ``trim_thread_arenas`` gives
+    it back."""
+    script = textwrap.dedent(
+        """
+        import asyncio, ctypes
+        from remoteloss_server import allocator
+
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        MiB = 1 << 20
+
+        def burst():
+            block = libc.malloc(32 * MiB)
+            ctypes.memset(block, 1, 32 * MiB)
+            libc.free(block)
+
+        async def main():
+            pool = allocator.TrimmablePool(2)
+            await allocator.trim_thread_arenas([pool])  # no thread yet: nothing to do
+            allocator.configure(256 * MiB)
+            start = allocator.resident_bytes()
+            loop = asyncio.get_running_loop()
+            barrier = __import__("threading").Barrier(2)
+            await asyncio.gather(*(loop.run_in_executor(pool, lambda: (barrier.wait(), burst())) for _ in range(2)))
+            kept = allocator.resident_bytes()
+            allocator.trim()
+            trimmed = allocator.resident_bytes()
+            await allocator.trim_thread_arenas([pool])
+            print(pool.started, (kept - start) // MiB, (trimmed - start) // MiB, (allocator.resident_bytes() - start) // MiB)
+
+        asyncio.run(main())
+        """
+    )
+    answer = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    started, kept, trimmed, after = map(int, answer.stdout.split())
+    assert started == 2
+    assert kept >= 60 and trimmed >= 60, answer.stdout  # trim() does not reach a thread arena's top
+    assert after <= 8, answer.stdout
