@@ -313,7 +313,10 @@ async def start(
     """Serve on ``host:port`` (0: a free port), at most ``max_connections`` connections open;
     OSError when it cannot be bound. aiohttp's own site has no bound on connections, so the
     listener is asyncio's, on aiohttp's protocol factory (``_Slots``)."""
-    runner = web.AppRunner(application(door, keys, max_body_bytes), access_log=None, keepalive_timeout=KEEPALIVE_S)
+    # handler_cancellation: a caller that closes its connection cancels its request, as a gRPC
+    # cancel does (aiohttp's default since 3.9 computes it anyway, for no one).
+    runner = web.AppRunner(application(door, keys, max_body_bytes), access_log=None,
+                           keepalive_timeout=KEEPALIVE_S, handler_cancellation=True)
     await runner.setup()
     bind: str | None = host.removeprefix("[").removesuffix("]")
     if bind in ("", "::", "0.0.0.0"):  # every address of both families, as gRPC's "[::]" is

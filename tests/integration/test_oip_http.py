@@ -358,3 +358,47 @@ def test_connections_whose_tls_handshake_fails_give_their_place_back(tmp_path: P
         while (status := _https_status(port, trusted)) != 200:
             assert time.monotonic() < deadline, status
             time.sleep(0.2)
+
+
+def test_an_inference_whose_client_goes_away_leaves_the_queue_uncomputed() -> None:
+    """An HTTP caller that gives up (its own timeout, then perhaps a retry) closes its connection:
+    its queued inference is cancelled at once, as a cancelled gRPC call is, and is never computed.
+    Otherwise every retry of an impatient client would add a computation for no one."""
+    rng = np.random.default_rng(1)
+    slow = ipb.ModelInferRequest(model_name="linear_cross_entropy")  # one compute slot, held about a second
+    for name, array in (("input", rng.standard_normal((8192, 256), dtype=np.float32)),
+                        ("linear_weight", rng.standard_normal((8192, 256), dtype=np.float32)),
+                        ("target", rng.integers(0, 8192, 8192))):
+        slow.inputs.add(name=name, datatype="FP32" if array.dtype == np.float32 else "INT64", shape=array.shape)
+        slow.raw_input_contents.append(array.tobytes())
+    body = json.dumps(BODY).encode()
+    with ServerThread(_config(compute_threads=1)) as server:
+        registry = server.metrics.registry
+
+        def sample(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, labels) or 0.0
+
+        def wait_until(condition: Any, what: str) -> None:
+            deadline = time.monotonic() + 30
+            while not condition():
+                assert time.monotonic() < deadline, f"timed out waiting until {what}"
+                time.sleep(0.01)
+
+        with grpc.insecure_channel(server.target) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                        request_serializer=ipb.ModelInferRequest.SerializeToString,
+                                        response_deserializer=ipb.ModelInferResponse.FromString)
+            holding = infer.future(slow, timeout=120)
+            wait_until(lambda: sample("remoteloss_batch_requests_count", loss="linear_cross_entropy") == 1,
+                       "the slow inference computes")
+            with socket.create_connection(("127.0.0.1", server.config.http_port)) as sock:
+                sock.sendall(b"POST /v2/models/mse_loss/infer HTTP/1.1\r\nHost: x\r\n"
+                             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                wait_until(lambda: sample("remoteloss_queue_depth") == 1, "the inference queues")
+            cancelled = {"protocol": "oip_http", "loss": "mse_loss", "code": "CANCELLED"}
+            wait_until(lambda: sample("remoteloss_protocol_requests_total", **cancelled) == 1,
+                       "the server records the cancellation")
+            assert not holding.done()  # it went while the slot was still held
+            assert sample("remoteloss_queue_depth") == 0
+            holding.result()
+        assert sample("remoteloss_batch_requests_count", loss="mse_loss") == 0  # never computed
