@@ -46,6 +46,8 @@ def infer_request(model: str, version: str, body: bytes, header_length: int | No
         header = json.loads(bytes(view[:size]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgumentError(f"{model}: the request body is not JSON: {exc}") from None
+    except RecursionError:  # json's scanner counts its depth against Python's recursion limit
+        raise InvalidArgumentError(f"{model}: the request body's JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise InvalidArgumentError(f"{model}: the request body must be a JSON object")
     inputs, offset = [], size
@@ -108,7 +110,9 @@ def _from_json(model: str, name: str, datatype: str, data: Any) -> bytes:
         if dtype is None:
             return b""
         array = np.asarray(data)
-        if array.dtype.kind not in "biuf" or (array.dtype.kind == "f" and datatype not in ("FP16", "FP32", "FP64")):
+        kind = array.dtype.kind
+        if array.size and (kind not in "biuf" or (kind == "f" and datatype not in ("FP16", "FP32", "FP64"))
+                           or (kind == "b") != (datatype == "BOOL")):  # true and false are BOOL's values, only theirs
             raise ValueError(f"values of {array.dtype} in {datatype} data")
         return array.astype(dtype, casting="unsafe").tobytes()
     except (ValueError, TypeError, OverflowError, RuntimeError) as exc:

@@ -138,3 +138,41 @@ def test_the_messages_rpcs_skip_fields_this_trimmed_protocol_lacks_at_any_size()
     data = ipb.ModelMetadataRequest(name="mse_loss").SerializeToString() + unknown
     parsed = server.handlers["ModelMetadata"].request_deserializer(data)
     assert isinstance(parsed, ipb.ModelMetadataRequest) and parsed.name == "mse_loss"
+
+
+def _json_input(datatype: str, shape: list[int], data: Any) -> bytes:
+    import json
+
+    return json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}]}).encode()
+
+
+@pytest.mark.parametrize("body", [
+    b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ' + b"[" * 5_000 + b"]" * 5_000 + b"}]}",
+])
+def test_json_nested_too_deeply_is_invalid_argument(body: bytes) -> None:
+    """Python's JSON parser raises RecursionError past its depth; the caller gets its 400, not a 500."""
+    from remoteloss_server import oip_json
+
+    with pytest.raises(InvalidArgumentError, match="nested too deeply"):
+        oip_json.infer_request("mse_loss", "", body, None)
+
+
+@pytest.mark.parametrize(("datatype", "data", "refused"), [
+    ("FP32", [True, False], "values of bool in FP32 data"),
+    ("INT64", [True], "values of bool in INT64 data"),
+    ("BOOL", [1, 0], "values of int64 in BOOL data"),
+    ("BOOL", [True, False], None),
+    ("INT64", [], None),  # an empty list is float64 to numpy: no values, nothing to refuse
+])
+def test_json_data_of_the_wrong_kind(datatype: str, data: list[Any], refused: str | None) -> None:
+    """true and false are BOOL's values and only theirs (Triton refuses them elsewhere too)."""
+    from remoteloss_server import oip_json
+
+    body = _json_input(datatype, [len(data)], data)
+    if refused is None:
+        (sent,) = oip_json.infer_request("mse_loss", "", body, None).inputs
+        assert bytes(sent.data) == np.asarray(data, dtype=oip_json._NUMPY[datatype]).tobytes()
+        return
+    with pytest.raises(InvalidArgumentError, match=refused):
+        oip_json.infer_request("mse_loss", "", body, None)
