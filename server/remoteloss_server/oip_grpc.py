@@ -110,7 +110,9 @@ def _typed(where: str, sent: Any) -> bytes:
             "this server reads; send large tensors in raw_input_contents"
         )
     try:
-        return np.array(values, dtype=np.dtype(dtype)).tobytes()
+        # As a list: numpy refuses a Python int out of the dtype's range, but casts protobuf's
+        # repeated field as the C array it is, wrapping 300 to 44 in INT8.
+        return np.array(list(values), dtype=np.dtype(dtype)).tobytes()
     except OverflowError:
         raise InvalidArgumentError(f"{where}: input {sent.name}: a value is out of {sent.datatype}'s range") from None
 

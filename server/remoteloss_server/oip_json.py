@@ -114,7 +114,12 @@ def _from_json(model: str, name: str, datatype: str, data: Any) -> bytes:
         if array.size and (kind not in "biuf" or (kind == "f" and datatype not in ("FP16", "FP32", "FP64"))
                            or (kind == "b") != (datatype == "BOOL")):  # true and false are BOOL's values, only theirs
             raise ValueError(f"values of {array.dtype} in {datatype} data")
-        return array.astype(dtype, casting="unsafe").tobytes()
+        if array.size and kind in "iu" and np.dtype(dtype).kind in "iu":  # a cast would wrap them around
+            limits = np.iinfo(dtype)
+            if array.min() < limits.min or array.max() > limits.max:
+                raise ValueError(f"values outside [{limits.min}, {limits.max}]")
+        with np.errstate(over="ignore", invalid="ignore"):  # past the datatype's range: inf, as a C cast; no warning
+            return array.astype(dtype, casting="unsafe").tobytes()
     except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
         raise InvalidArgumentError(f"{model}: input {name}: its data is not a list of {datatype} values: {exc}") from None
 

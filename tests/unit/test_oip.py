@@ -116,6 +116,21 @@ def test_typed_contents_past_the_listed_limit_are_refused_before_they_are_read()
         oip_grpc.infer_request(message(oip.MAX_LISTED_ELEMENTS + 1))
 
 
+@pytest.mark.parametrize(("datatype", "field", "values"), [
+    ("INT8", "int_contents", [300]), ("INT16", "int_contents", [-40_000]), ("UINT8", "uint_contents", [256]),
+])
+def test_typed_contents_out_of_their_datatypes_range_are_refused_not_wrapped(
+    datatype: str, field: str, values: list[int]
+) -> None:
+    """INT8's values travel in int_contents (int32): 300 is refused, where a cast would make it 44."""
+    sent = ipb.ModelInferRequest.InferInputTensor(name="input", datatype=datatype, shape=[len(values)])
+    getattr(sent.contents, field).extend(values)
+    with pytest.raises(InvalidArgumentError, match=f"out of {datatype}'s range"):
+        oip_grpc.infer_request(ipb.ModelInferRequest(model_name="mse_loss", inputs=[sent]))
+    getattr(sent.contents, field)[:] = [1]
+    assert oip_grpc.infer_request(ipb.ModelInferRequest(model_name="mse_loss", inputs=[sent])).inputs[0].data[:1] == b"\x01"
+
+
 def test_the_messages_rpcs_skip_fields_this_trimmed_protocol_lacks_at_any_size() -> None:
     """ModelMetadata and the other message RPCs parse as any protobuf reader does: a field the
     trimmed copy of the protocol lacks is skipped, even in a large request (the native API's
@@ -164,15 +179,21 @@ def test_json_nested_too_deeply_is_invalid_argument(body: bytes) -> None:
     ("BOOL", [1, 0], "values of int64 in BOOL data"),
     ("BOOL", [True, False], None),
     ("INT64", [], None),  # an empty list is float64 to numpy: no values, nothing to refuse
+    ("INT32", [2**40], r"values outside \[-2147483648, 2147483647\]"),  # a cast would wrap it around
+    ("UINT8", [-1], r"values outside \[0, 255\]"),
+    ("INT64", [2**63 - 1, -(2**63)], None),
+    ("FP16", [1e6], None),  # past FP16's range: inf, as a cast gives it (without a warning)
 ])
 def test_json_data_of_the_wrong_kind(datatype: str, data: list[Any], refused: str | None) -> None:
-    """true and false are BOOL's values and only theirs (Triton refuses them elsewhere too)."""
+    """true and false are BOOL's values and only theirs (Triton refuses them elsewhere too); an
+    integer outside its datatype's range is refused, not wrapped around."""
     from remoteloss_server import oip_json
 
     body = _json_input(datatype, [len(data)], data)
     if refused is None:
         (sent,) = oip_json.infer_request("mse_loss", "", body, None).inputs
-        assert bytes(sent.data) == np.asarray(data, dtype=oip_json._NUMPY[datatype]).tobytes()
+        with np.errstate(over="ignore"):
+            assert bytes(sent.data) == np.asarray(data).astype(oip_json._NUMPY[datatype]).tobytes()
         return
     with pytest.raises(InvalidArgumentError, match=refused):
         oip_json.infer_request("mse_loss", "", body, None)
