@@ -15,6 +15,11 @@ them, descending into known message fields and skipping every value by its lengt
 - at bytes that are not well formed: ``DecodeError``, as upb would raise.
 
 Nothing after the first unknown field is read; upb (in C) parses the rest.
+
+A protocol whose readers skip unknown fields (the Open Inference Protocol's) scans with
+``skip_unknown``: each unknown field is skipped by its length and counted, and the walk goes on,
+so the bound holds for the whole message. Its typed tensor values (``listed``: the message type
+that holds them) count against a budget of their own, ``max_listed`` values in all, packed or not.
 """
 
 from __future__ import annotations
@@ -155,23 +160,34 @@ def _plan(descriptor: Descriptor | _UpbDescriptor) -> _Plan:
 
 
 def scan(
-    data: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor, *, max_fields: int = MAX_FIELDS
+    data: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor, *, max_fields: int = MAX_FIELDS,
+    skip_unknown: bool = False, listed: Descriptor | _UpbDescriptor | None = None, max_listed: int = 0,
 ) -> UnknownField | None:
     """The first field of ``data`` (a serialized ``descriptor`` message) that the schema does not
     know, or None when it knows them all; see the module's docstring. Visits at most
     ``max_fields`` fields (``FieldLimitError`` past them) and reads nothing after an unknown
-    field; raises DecodeError for bytes that are not well formed before that."""
+    field; raises DecodeError for bytes that are not well formed before that. With
+    ``skip_unknown``, unknown fields are skipped (and counted) instead, and it returns None; the
+    scalar values in ``listed`` messages count against ``max_listed``, not ``max_fields``."""
     view = data if isinstance(data, bytes) else memoryview(data).cast("B")
-    return _Scan(view, max_fields).message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
+    walk = _Scan(view, max_fields, skip_unknown, None if listed is None else _plan(listed), max_listed)
+    return walk.message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
 
 
 class _Scan:
-    __slots__ = ("left", "limit", "view")
+    __slots__ = ("left", "limit", "listed", "listed_left", "max_listed", "skip_unknown", "view")
 
-    def __init__(self, view: bytes | memoryview, limit: int) -> None:
+    def __init__(
+        self, view: bytes | memoryview, limit: int, skip_unknown: bool = False,
+        listed: _Plan | None = None, max_listed: int = 0,
+    ) -> None:
         self.view = view
         self.limit = limit
         self.left = limit  # fields that may still be visited
+        self.skip_unknown = skip_unknown
+        self.listed = listed
+        self.max_listed = max_listed
+        self.listed_left = max_listed  # values of ``listed`` messages that may still be visited
 
     def message(self, start: int, end: int, plan: _Plan, path: tuple[str, ...], depth: int) -> UnknownField | None:
         view = self.view
@@ -186,7 +202,14 @@ class _Scan:
                 tag, pos = wire.read_varint(view, at, end, 5)
             known = tags.get(tag)
             if known is None:
-                return _unknown(tag, at, path, plan)
+                unknown = _unknown(tag, at, path, plan)
+                if not self.skip_unknown:
+                    return unknown
+                left -= 1
+                if left < 0:
+                    raise FieldLimitError.fields(self.limit, unknown.describe())
+                pos = _skip(view, pos, end, tag, at)
+                continue
             left -= 1
             if left < 0:
                 raise FieldLimitError.fields(self.limit, _name(known, path, plan))
@@ -208,7 +231,10 @@ class _Scan:
                     raise DecodeError(f"nested deeper than {wire.MAX_DEPTH} at byte {at}")
                 assert known.child is not None
                 self.left = left
-                found = self.message(pos, pos + length, known.child, (*path, known.name), depth - 1)
+                if known.child is self.listed:
+                    found = self._values(pos, pos + length, known.child, (*path, known.name))
+                else:
+                    found = self.message(pos, pos + length, known.child, (*path, known.name), depth - 1)
                 if found is not None:
                     return found
                 left = self.left
@@ -221,6 +247,65 @@ class _Scan:
             pos += length
         self.left = left
         return None
+
+
+    def _values(self, start: int, end: int, plan: _Plan, path: tuple[str, ...]) -> UnknownField | None:
+        """A ``listed`` message: its scalar values, packed or not, count against ``max_listed``;
+        its other fields (and, with ``skip_unknown``, unknown ones) against the fields."""
+        view = self.view
+        pos = start
+        while pos < end:
+            at = pos
+            tag, pos = wire.read_varint(view, at, end, 5)
+            known = plan.tags.get(tag)
+            action = None if known is None else known.action
+            if action == _PACKED:
+                assert known is not None
+                length, pos = _length(view, pos, end)
+                # Packed varints: one value per byte below 0x80, counted in C.
+                run = bytes(view[pos:pos + length])
+                values = length // known.width if known.width else len(run.translate(None, _HIGH_BYTES))
+                pos += length
+            elif action in (_SKIP_VARINT, _SKIP_FIXED64, _SKIP_FIXED32):
+                values = 1
+                pos = _skip(view, pos, end, tag, at)
+            else:  # bytes, or a field the schema does not know
+                found = _unknown(tag, at, path, plan) if known is None else None
+                if found is not None and not self.skip_unknown:
+                    return found
+                self.left -= 1
+                if self.left < 0:
+                    where = found.describe() if found is not None else _name(known, path, plan) if known else plan.name
+                    raise FieldLimitError.fields(self.limit, where)
+                pos = _skip(view, pos, end, tag, at)
+                continue
+            self.listed_left -= values
+            if self.listed_left < 0:
+                raise FieldLimitError(
+                    f"the request lists more than {self.max_listed} values in {'.'.join(path)} in all, this "
+                    "server's limit (each becomes a Python object); send large tensors as raw bytes"
+                )
+        return None
+
+
+_HIGH_BYTES = bytes(range(0x80, 0x100))
+
+
+def _skip(view: bytes | memoryview, pos: int, end: int, tag: int, at: int) -> int:
+    """Past the value of the field whose tag (at ``at``) ends at ``pos``; a group is refused, as
+    walking one would visit its fields unbounded (``_unknown`` has refused invalid wire types)."""
+    wire_type = tag & 7
+    if wire_type == _VARINT:
+        return wire.read_varint(view, pos, end, 10)[1]
+    if wire_type == _DELIMITED:
+        length, pos = _length(view, pos, end)
+        return pos + length
+    if wire_type == _START_GROUP:
+        raise FieldLimitError(f"field {tag >> 3} is a group, which this server does not read")
+    pos += 8 if wire_type == _FIXED64 else 4
+    if pos > end:
+        raise DecodeError(f"truncated fixed-size field at byte {at}")
+    return pos
 
 
 def _length(view: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:

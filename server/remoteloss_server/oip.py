@@ -65,6 +65,11 @@ REQUIRES_GRAD = "requires_grad"
 # is a Python object made or read while holding the GIL, which stalls every other caller. Larger
 # tensors travel as raw bytes (raw_input_contents; HTTP's binary data).
 MAX_LISTED_ELEMENTS = 2**18
+# Tensors (inputs, outputs) and parameters (in each map) a request may list, checked before any
+# is read: each is Python work while holding the GIL (about 8 us a tensor), so 100,000 of them in
+# a 4 MiB body would stall every caller for a second. No loss has more than 4 tensors, and 5 outputs.
+MAX_LISTED_TENSORS = 16
+MAX_LISTED_PARAMETERS = 64
 EXTENSIONS = ("model_configuration", "statistics", "binary_tensor_data")
 # Request parameters that clients send on their own and that change nothing here.
 # (binary_data_output and an output's binary_data: how the HTTP answer carries outputs.)
@@ -311,6 +316,12 @@ def _kind(value: Any) -> str:
 
 
 MODELS: dict[str, Model] = {name: Model(spec) for name, spec in LOSSES.items()}
+
+
+def check_listed(model: str, what: str, count: int, limit: int) -> None:
+    """InvalidArgumentError where a request lists more than ``limit`` ``what``."""
+    if count > limit:
+        raise InvalidArgumentError(f"{model}: the request lists {count} {what}, over the {limit} this server reads")
 
 
 def find(name: str, version: str = "") -> Model:

@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError, Message
 from remoteloss import _wire as wire
 from remoteloss_server import oip, oip_wire
 from remoteloss_server.errors import InvalidArgumentError
+from remoteloss_server.field_scan import FieldLimitError, scan
 from remoteloss_server.inference import grpc_service_pb2 as ipb
 from remoteloss_server.intake import UndecodableRequest
 from remoteloss_server.limits import Ticket
@@ -61,8 +62,19 @@ def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | Undecod
     return deserialize
 
 
-def parameters(sent: Any) -> dict[str, Any]:
-    """A map of InferParameter as Python values."""
+def _parse(data: bytes) -> ipb.ModelInferRequest:
+    """The request, parsed once a bounded walk (``field_scan``, skipping fields this trimmed copy
+    of the protocol lacks, as any protobuf reader does) has counted its fields and typed values:
+    upb makes 8 bytes of each 1-byte entry of a packed shape, and an object of each tiny input, so
+    16 MiB of them would become gigabytes, and seconds of the event loop's time."""
+    scan(data, ipb.ModelInferRequest.DESCRIPTOR, skip_unknown=True,
+         listed=ipb.InferTensorContents.DESCRIPTOR, max_listed=oip.MAX_LISTED_ELEMENTS)
+    return ipb.ModelInferRequest.FromString(data)
+
+
+def parameters(sent: Any, model: str = "") -> dict[str, Any]:
+    """A map of InferParameter as Python values (at most ``oip.MAX_LISTED_PARAMETERS``)."""
+    oip.check_listed(model, "parameters", len(sent), oip.MAX_LISTED_PARAMETERS)
     values = {}
     for key, parameter in sent.items():
         choice = parameter.WhichOneof("parameter_choice")
@@ -77,6 +89,8 @@ def infer_request(
     ``raw``: the raw_input_contents cut out of the received bytes (``oip_wire.split``), if they were."""
     raw = message.raw_input_contents if raw is None else raw
     where = message.model_name
+    oip.check_listed(where, "inputs", len(message.inputs), oip.MAX_LISTED_TENSORS)
+    oip.check_listed(where, "outputs", len(message.outputs), oip.MAX_LISTED_TENSORS)
     if raw and len(raw) != len(message.inputs):
         raise InvalidArgumentError(
             f"{where}: the request has {len(raw)} raw_input_contents for {len(message.inputs)} inputs"
@@ -89,10 +103,10 @@ def infer_request(
             data: bytes | memoryview = raw[index]
         else:
             data = _typed(where, sent)
-        inputs.append(oip.InferInput(sent.name, sent.datatype, tuple(sent.shape), data, parameters(sent.parameters)))
-    outputs = [(o.name, parameters(o.parameters)) for o in message.outputs]
+        inputs.append(oip.InferInput(sent.name, sent.datatype, tuple(sent.shape), data, parameters(sent.parameters, where)))
+    outputs = [(o.name, parameters(o.parameters, where)) for o in message.outputs]
     return oip.InferRequest(
-        message.model_name, message.model_version, message.id, parameters(message.parameters), inputs, outputs or None
+        message.model_name, message.model_version, message.id, parameters(message.parameters, where), inputs, outputs or None
     )
 
 
@@ -182,12 +196,12 @@ class InferenceServicer:
         door, started = self._door, time.perf_counter_ns()
         split = oip_wire.split(data)
         try:
-            message: ipb.ModelInferRequest | None = ipb.ModelInferRequest.FromString(
-                data if split is None else split[0]
-            )
+            message: ipb.ModelInferRequest | None = _parse(data if split is None else split[0])
         except DecodeError as exc:
             message = None
             error: Exception | None = InvalidArgumentError(f"the request is not a valid inference.ModelInferRequest: {exc}")
+        except FieldLimitError as exc:  # kept as text: its traceback holds the request's bytes
+            message, error = None, InvalidArgumentError(str(exc))
         model = message.model_name if message is not None else ""
         record = door.record(model, request_id, len(data), PROTOCOL)
         ticket = None

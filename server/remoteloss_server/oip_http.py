@@ -41,9 +41,11 @@ logger = logging.getLogger(__name__)
 PROTOCOL = "oip_http"  # the metrics' protocol label
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # JSON parsed at most per request (its header, or the whole body without binary data): json.loads
-# and the lists' conversion hold the GIL for about 13 ms a MiB, stalling every other caller, thread
-# or not. Larger tensors travel as binary data (the JSON only describes them).
-MAX_JSON_BYTES = 4 * 1024 * 1024
+# holds the GIL throughout, stalling every other caller, thread or not: on a 2-core Xeon 20 ms a
+# MiB of floats, 30 of small integers, 35 of small objects, 97 of empty lists (bench figures in
+# docs/DESIGN.md). So at most 1 MiB (about 100,000 floats); larger tensors travel as binary data
+# (the JSON only describes them).
+MAX_JSON_BYTES = 1024 * 1024
 # An inference's budgets are taken from its Content-Length before its body is read, so a body that
 # never comes would hold them: it must arrive within BODY_BASE_S plus a second per BODY_MIN_RATE
 # bytes (gRPC, by contrast, hands a handler only whole requests).

@@ -18,6 +18,7 @@ import torch
 
 from remoteloss_server import oip
 from remoteloss_server.errors import InvalidArgumentError
+from remoteloss_server.losses.spec import MAX_DIMS
 
 __all__ = ["BINARY_SIZE", "Body", "infer_request", "response"]
 
@@ -71,6 +72,8 @@ def infer_request(model: str, version: str, body: bytes, header_length: int | No
 
 def _list(model: str, header: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     value = header.get(key, [])
+    if isinstance(value, list):
+        oip.check_listed(model, key, len(value), oip.MAX_LISTED_TENSORS)
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise InvalidArgumentError(f"{model}: {key} must be a list of objects")
     return value
@@ -87,12 +90,15 @@ def _parameters(model: str, sent: Mapping[str, Any]) -> dict[str, Any]:
     value = sent.get("parameters", {})
     if not isinstance(value, dict):
         raise InvalidArgumentError(f"{model}: parameters must be an object")
+    oip.check_listed(model, "parameters", len(value), oip.MAX_LISTED_PARAMETERS)
     return dict(value)
 
 
 def _head(model: str, sent: Mapping[str, Any]) -> tuple[str, str, tuple[int, ...], dict[str, Any]]:
     name, datatype = _string(model, sent, "name"), _string(model, sent, "datatype")
     shape = sent.get("shape")
+    if isinstance(shape, list) and len(shape) > MAX_DIMS:  # before a look at each entry
+        raise InvalidArgumentError(f"{model}: input {name}: shape has {len(shape)} dimensions, more than the limit of {MAX_DIMS}")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
         raise InvalidArgumentError(f"{model}: input {name}: shape must be a list of integers, got {shape!r}")
     return name, datatype, tuple(shape), _parameters(model, sent)

@@ -7,6 +7,13 @@ unpacked and packed, one option repeated), and one string option of that size. E
 with its status (UNIMPLEMENTED for a field the server does not know, INVALID_ARGUMENT for too
 many fields or too long a string) while a bystander's slowest call stays within a second and the
 server's RSS within the ``Watch``'s bounds. ListLosses ignores unknown fields, as before.
+
+The Open Inference Protocol's doors get the same treatment: ModelInfer requests of tiny fields
+(a packed shape, tiny inputs, typed values of one byte, parameters, unknown fields, which this
+protocol skips), refused by a bounded walk before upb makes gigabytes of them, and HTTP JSON
+bodies just under the JSON limit listing too many inputs, parameters or dimensions, or nested too
+deeply, refused before anything is done per entry (json.loads itself, at most ``MAX_JSON_BYTES``,
+is the one cost they still impose).
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import http.client
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -22,8 +32,10 @@ from remoteloss import codec
 from remoteloss import _wire as wire
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
+from remoteloss_server import oip_http
 
 from .attack import MiB, Watch
+from .deploy_files import free_port
 from .server_process import ServerProcess
 
 ld = wire.length_delimited
@@ -89,7 +101,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The server, once it has answered legitimate 16 MiB requests, ``ATTACKERS`` at a time: RSS
     then holds what such requests cost anyway (gRPC's buffers, the allocator's heap, which the
     server's malloc settings do not give back), which an attack of that size must not pass."""
-    process = ServerProcess(tmp_path_factory.mktemp("attack_parsing"), "--grace-period", "5")
+    process = ServerProcess(tmp_path_factory.mktemp("attack_parsing"), "--grace-period", "5",
+                            "--http-port", str(free_port()))
     process.start()
     rng = np.random.default_rng(5)
     x, y = (rng.standard_normal((1024, 2048), dtype=np.float32) for _ in range(2))
@@ -165,3 +178,81 @@ def test_list_losses_of_tiny_unknown_fields(server: ServerProcess, channel: grpc
     data = _top(16 * MiB)
     with Watch(server, "list-losses-unknown 16MiB"), ThreadPoolExecutor(ATTACKERS) as attackers:
         assert all(answer.losses for answer in attackers.map(lambda _: call(data, timeout=120), range(ATTACKERS * 3)))
+
+
+# ------------------------------------------------------------------ the Open Inference Protocol
+
+MODEL = ld(1, b"mse_loss")  # ModelInferRequest.model_name
+INPUTS, PARAMETERS = 5, 4  # ModelInferRequest.inputs; ModelInferRequest.parameters (a map)
+
+
+def _oip_input(body: bytes) -> bytes:
+    return ld(INPUTS, ld(1, b"input") + ld(2, b"FP32") + body)
+
+
+OIP_ATTACKS: dict[str, tuple[Any, str]] = {
+    "oip-packed-shape": (lambda size: MODEL + _oip_input(ld(3, b"\x01" * size)), "fields"),
+    "oip-tiny-inputs": (lambda size: MODEL + _fill(ld(INPUTS, b"\x0a\x01x"), size), "fields"),
+    "oip-typed-int64": (
+        lambda size: MODEL + ld(INPUTS, ld(1, b"t") + ld(2, b"INT64") + ld(5, ld(3, b"\x01" * size))), "values"),
+    "oip-parameters": (lambda size: MODEL + _fill(ld(PARAMETERS, ld(1, b"k")), size), "fields"),
+    "oip-unknown-fields": (lambda size: MODEL + _fill(UNKNOWN, size), "fields"),
+}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("attack", OIP_ATTACKS)
+def test_model_infer_of_tiny_fields(server: ServerProcess, channel: grpc.Channel, attack: str, size: str) -> None:
+    make, text = OIP_ATTACKS[attack]
+    data = make(SIZES[size])
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+                               response_deserializer=None)
+
+    def infer(_: int) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as info:
+            call(data, timeout=120)
+        return info.value
+
+    with Watch(server, f"{attack} {size}") as watch, ThreadPoolExecutor(ATTACKERS) as attackers:
+        errors = list(attackers.map(infer, range(ATTACKERS * 3)))
+    for error in errors:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()  # type: ignore[attr-defined]
+        assert text in error.details(), error.details()  # type: ignore[attr-defined]
+    watch.figures.notes.append(f"{len(data) / MiB:.1f} MiB x{len(errors)} -> INVALID_ARGUMENT")
+
+
+JSON_BYTES = oip_http.MAX_JSON_BYTES - 4096  # just under the HTTP door's JSON limit
+_ENTRY = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}
+JSON_ATTACKS: dict[str, tuple[Any, str]] = {
+    "json-many-inputs": (lambda: {"inputs": [_ENTRY] * (JSON_BYTES // (len(json.dumps(_ENTRY)) + 2))}, "lists"),
+    "json-long-shape": (lambda: {"inputs": [{**_ENTRY, "shape": [1] * (JSON_BYTES // 3)}]}, "dimensions"),
+    "json-many-parameters": (
+        lambda: {"inputs": [_ENTRY], "parameters": {f"p{i}": 1 for i in range(JSON_BYTES // 16)}}, "lists"),
+    "json-deep": (lambda: {"inputs": [{**_ENTRY, "data": json.loads("[" * 900 + "]" * 900)}]}, "FP32"),
+}
+
+
+@pytest.mark.parametrize("attack", JSON_ATTACKS)
+def test_http_json_of_many_entries(server: ServerProcess, attack: str) -> None:
+    make, text = JSON_ATTACKS[attack]
+    body = json.dumps(make()).encode()
+    if attack == "json-deep":  # past Python's recursion limit, which json.loads counts against
+        body = body.replace(b"[" * 900, b"[" * 200_000).replace(b"]" * 900, b"]" * 200_000)
+        text = "nested too deeply"
+    assert len(body) <= oip_http.MAX_JSON_BYTES
+    port = int(server.flags[server.flags.index("--http-port") + 1])
+
+    def infer(_: int) -> tuple[int, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            connection.request("POST", "/v2/models/mse_loss/infer", body=body)
+            answer = connection.getresponse()
+            return answer.status, json.loads(answer.read())["error"]
+        finally:
+            connection.close()
+
+    with Watch(server, f"{attack} {len(body) / MiB:.1f}MiB") as watch, ThreadPoolExecutor(ATTACKERS) as attackers:
+        answers = list(attackers.map(infer, range(ATTACKERS * 3)))
+    for status, error in answers:
+        assert status == 400 and text in error, (status, error)
+    watch.figures.notes.append(f"{len(body) / MiB:.1f} MiB x{len(answers)} -> 400")

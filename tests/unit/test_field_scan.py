@@ -4,6 +4,7 @@ number of fields (counted here, never timed), and never lets an unknown field th
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from google.protobuf.message import DecodeError, Message
@@ -147,3 +148,60 @@ def test_values_of_every_length_are_skipped_exactly(size: int) -> None:
     assert scan(data, REQUEST) == UnknownField(5, ("mse_loss", "input"), "Tensor")
     with pytest.raises(DecodeError):
         scan(data[:-4], REQUEST)  # the data runs past the end of its message
+
+
+# ----------------------------------------------------------- a protocol that skips unknown fields
+
+def _infer(*inputs: bytes, extra: bytes = b"") -> bytes:
+    from remoteloss_server.inference import grpc_service_pb2 as ipb
+
+    request = ipb.ModelInferRequest(model_name="mse_loss")
+    for sent in inputs:
+        request.inputs.add().MergeFromString(sent)
+    return request.SerializeToString() + extra
+
+
+def _oip_scan(data: bytes, max_listed: int = 100, max_fields: int = MAX_FIELDS) -> None:
+    from remoteloss_server.inference import grpc_service_pb2 as ipb
+
+    assert scan(data, ipb.ModelInferRequest.DESCRIPTOR, skip_unknown=True, listed=ipb.InferTensorContents.DESCRIPTOR,
+                max_listed=max_listed, max_fields=max_fields) is None
+
+
+def _tensor(**contents: list[float] | list[int]) -> bytes:
+    from remoteloss_server.inference import grpc_service_pb2 as ipb
+
+    return ipb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[len(next(iter(contents.values())))],
+                                                  contents=ipb.InferTensorContents(**contents)).SerializeToString()
+
+
+def test_with_skip_unknown_every_unknown_field_is_skipped_and_counted() -> None:
+    unknown = b"\xb8\x01\x01" + ld(24, b"abc") + b"\xc5\x01\x00\x00\x00\x00"  # a varint, bytes, a fixed32
+    _oip_scan(_infer(_tensor(fp32_contents=[1.0]), extra=unknown))
+    _oip_scan(_infer(_tensor(fp32_contents=[1.0]) + unknown))  # inside an input too
+    with pytest.raises(FieldLimitError, match="more than 8 fields"):
+        _oip_scan(_infer(extra=b"\xb8\x01\x01" * 8), max_fields=8)
+    with pytest.raises(FieldLimitError, match="group"):
+        _oip_scan(_infer(extra=b"\xbb\x01\xbc\x01"))  # field 23 as a group: its fields would go uncounted
+    with pytest.raises(DecodeError):
+        _oip_scan(_infer(extra=b"\xbf\x01"))  # wire type 7
+
+
+@pytest.mark.parametrize(("contents", "values"), [
+    ({"fp32_contents": [0.5] * 60}, 60),  # packed fixed32
+    ({"int64_contents": [1, 2**40, -1] * 20}, 60),  # packed varints of 1, 6 and 10 bytes: counted as values
+    ({"bool_contents": [True] * 60}, 60),
+])
+def test_typed_values_count_against_their_own_budget(contents: dict[str, list[Any]], values: int) -> None:
+    _oip_scan(_infer(_tensor(**contents)), max_listed=values, max_fields=20)
+    _oip_scan(_infer(_tensor(**contents), _tensor(**contents)), max_listed=2 * values, max_fields=20)
+    with pytest.raises(FieldLimitError, match=f"more than {2 * values - 1} values in inputs.contents in all"):
+        _oip_scan(_infer(_tensor(**contents), _tensor(**contents)), max_listed=2 * values - 1)
+
+
+def test_unpacked_typed_values_count_too() -> None:
+    unpacked = b"".join(b"\x35" + b"\x00\x00\x00\x3f" for _ in range(30))  # fp32_contents (field 6), 30 times
+    tensor = ld(1, b"x") + ld(2, b"FP32") + ld(5, unpacked)  # InferInputTensor: name, datatype, contents
+    _oip_scan(_infer(tensor), max_listed=30, max_fields=10)
+    with pytest.raises(FieldLimitError, match="more than 29 values"):
+        _oip_scan(_infer(tensor), max_listed=29)
