@@ -177,16 +177,47 @@ class _Flush:
         return ()
 
 
+# A scrape's connection: at most this long to send its request and to take the answer (a
+# slowloris is closed then), and at most this many connections at once (one more is closed at
+# once). Without them each connection had a thread of its own for as long as it stayed open.
+SCRAPE_TIMEOUT_S = 10.0
+MAX_SCRAPERS = 16
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT_S  # the socket's timeout (socketserver.StreamRequestHandler)
+
     def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
         pass
 
 
 class MetricsHTTPServer(socketserver.ThreadingMixIn, WSGIServer):
-    """The /metrics endpoint on its own daemon thread; ``close()`` stops it and frees the port."""
+    """The /metrics endpoint on its own daemon thread, a thread per connection up to
+    ``MAX_SCRAPERS``; ``close()`` stops it and frees the port."""
 
     daemon_threads = True
+    request_queue_size = 64  # the listen backlog (socketserver's default is 5)
     _thread: threading.Thread
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._scrapers = threading.BoundedSemaphore(MAX_SCRAPERS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._scrapers.acquire(blocking=False):  # every place taken: closed, no thread
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._scrapers.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._scrapers.release()
 
     def close(self) -> None:
         self.shutdown()
