@@ -174,6 +174,8 @@ def _grpc_server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | Non
             # Connections: a bounded number (one more is closed at once), each given 10 s to
             # finish its handshake (gRPC's default is 120 s), and closed once idle.
             ("grpc.max_allowed_incoming_connections", config.max_connections),
+            # Calls open on a connection (gRPC: unbounded); one stalled mid-request holds ~80 KiB.
+            ("grpc.max_concurrent_streams", config.max_connection_in_flight),
             ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
             *([("grpc.max_connection_idle_ms", round(config.connection_idle_s * 1000))]
               if config.connection_idle_s > 0 else []),

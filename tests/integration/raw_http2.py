@@ -95,7 +95,7 @@ class RawConnection:
                 return  # answered (refused) before it was all sent
             room = min(self.conn.local_flow_control_window(stream), self.conn.max_outbound_frame_size, len(view))
             if room <= 0:
-                self._receive()
+                self.receive()
                 continue
             self.conn.send_data(stream, bytes(view[:room]))
             view = view[room:]
@@ -111,13 +111,14 @@ class RawConnection:
         while "grpc-status" not in self.streams[stream].headers and not self.streams[stream].ended:
             if time.monotonic() > deadline:
                 return None
-            self._receive(max(0.01, deadline - time.monotonic()))
+            self.receive(max(0.01, deadline - time.monotonic()))
         return self.streams[stream].headers.get("grpc-status")
 
     def message(self, stream: int) -> str:
         return self.streams[stream].headers.get("grpc-message", "")
 
-    def _receive(self, timeout_s: float | None = 1.0) -> None:
+    def receive(self, timeout_s: float | None = 1.0) -> None:
+        """Read what the server sent within ``timeout_s`` (one read) and take note of it."""
         self.sock.settimeout(timeout_s)
         try:
             data = self.sock.recv(1 << 16)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import h2.settings
 import numpy as np
 import pytest
 from remoteloss import codec
@@ -209,6 +210,32 @@ def test_slow_senders_hold_little_and_no_one_waits_for_them(server: ServerProces
         finally:
             for connection in connections:
                 connection.close()
+
+
+def test_one_connection_opens_at_most_max_connection_in_flight_calls(server: ServerProcess) -> None:
+    """A slowloris on one connection: 2,000 calls that each send 60 KiB of a 1 MiB request and
+    stall, from a client that ignores the server's SETTINGS. The server advertises
+    ``--max-connection-in-flight`` (512) concurrent streams and refuses the calls past them, so one
+    connection holds at most 512 stalled calls' bytes (gRPC's default let it open any number:
+    3,000 took 240 MiB)."""
+    body = frame(mse_request(128 * 1024))  # 1 MiB
+    with Watch(server, "2,000 calls stalled on one connection", metadata=bearer(LIGHT)) as watch:
+        with RawConnection(server.target) as attacker:
+            attacker.call(COMPUTE, body[: 60 * 1024], metadata=bearer(HEAVY), end=False)
+            deadline = time.monotonic() + 5
+            while attacker.conn.remote_settings.max_concurrent_streams > 2**20 and time.monotonic() < deadline:
+                attacker.receive(0.1)  # until the server's SETTINGS bound the streams (h2 assumes none)
+            advertised = attacker.conn.remote_settings.max_concurrent_streams
+            attacker.conn.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 10**6  # ignore them
+            attacker.conn.remote_settings.acknowledge()
+            for _ in range(1999):
+                attacker.call(COMPUTE, body[: 60 * 1024], metadata=bearer(HEAVY), end=False)
+            time.sleep(1)
+            attacker.receive(0.5)
+            refused = sum(stream.ended for stream in attacker.streams.values())
+            watch.figures.notes.append(f"{advertised} streams advertised, {refused} of 2000 calls refused")
+    assert advertised == 512
+    assert refused >= 2000 - advertised
 
 
 def test_a_small_request_that_implies_a_large_tensor_is_sized_by_what_it_implies(server: ServerProcess) -> None:
