@@ -248,7 +248,6 @@ class _Scan:
         self.left = left
         return None
 
-
     def _values(self, start: int, end: int, plan: _Plan, path: tuple[str, ...]) -> UnknownField | None:
         """A ``listed`` message: its scalar values, packed or not, count against ``max_listed``;
         its other fields (and, with ``skip_unknown``, unknown ones) against the fields."""
@@ -262,21 +261,25 @@ class _Scan:
             if action == _PACKED:
                 assert known is not None
                 length, pos = _length(view, pos, end)
-                # Packed varints: one value per byte below 0x80, counted in C.
-                run = bytes(view[pos:pos + length])
-                values = length // known.width if known.width else len(run.translate(None, _HIGH_BYTES))
+                if known.width:
+                    values = length // known.width
+                else:  # varints: one value per byte below 0x80, counted in C
+                    values = len(bytes(view[pos:pos + length]).translate(None, _HIGH_BYTES))
                 pos += length
             elif action in (_SKIP_VARINT, _SKIP_FIXED64, _SKIP_FIXED32):
                 values = 1
                 pos = _skip(view, pos, end, tag, at)
             else:  # bytes, or a field the schema does not know
-                found = _unknown(tag, at, path, plan) if known is None else None
-                if found is not None and not self.skip_unknown:
-                    return found
+                if known is None:
+                    found = _unknown(tag, at, path, plan)
+                    if not self.skip_unknown:
+                        return found
+                    field = found.describe()
+                else:
+                    field = _name(known, path, plan)
                 self.left -= 1
                 if self.left < 0:
-                    where = found.describe() if found is not None else _name(known, path, plan) if known else plan.name
-                    raise FieldLimitError.fields(self.limit, where)
+                    raise FieldLimitError.fields(self.limit, field)
                 pos = _skip(view, pos, end, tag, at)
                 continue
             self.listed_left -= values
