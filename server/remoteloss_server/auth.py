@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from remoteloss_server.log_sampling import LogSampler
 from remoteloss_server.telemetry import TENANT, quote
 
 __all__ = [
@@ -213,6 +214,7 @@ class ApiKeyInterceptor(_Interceptor):
     def __init__(self, keys: KeyTable, open_services: frozenset[str] = OPEN_SERVICES) -> None:
         self._keys = keys
         self._open = open_services
+        self.log_sampler = LogSampler()  # event=unauthenticated, on both ports
 
     @property
     def keys(self) -> KeyTable:
@@ -234,7 +236,8 @@ class ApiKeyInterceptor(_Interceptor):
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
             return None
         if tenant is None:
-            logger.info("event=unauthenticated method=%s reason=%s", quote(method), quote(reason))
+            self.log_sampler.log(logger, logging.INFO, ("unauthenticated", "grpc"),
+                                 "event=unauthenticated method=%s reason=%s", quote(method), quote(reason))
             return _deny(reason)
         return _replace_behavior(handler, _with_tenant(handler, tenant))
 

@@ -22,7 +22,10 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
 from prometheus_client.metrics_core import Metric
+
+from remoteloss_server.log_sampling import LogSampler
 
 __all__ = ["BYTES_BUCKETS", "LATENCY_BUCKETS", "NO_TENANT", "Metrics", "MetricsHTTPServer", "serve_http"]
 
@@ -44,6 +47,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.log_sampler = LogSampler()  # the request_failed lines (telemetry.RequestRecord)
         r = self.registry
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see child()
         self._buffers: list[_Buffered] = []

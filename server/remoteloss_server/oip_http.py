@@ -175,7 +175,8 @@ class _Routes:
         if self.keys is not None and not request.path.startswith("/v2/health/"):
             tenant, reason = self.keys.tenant_of(request.headers.getall("Authorization", []))
             if tenant is None:
-                logger.info("event=unauthenticated method=%s reason=%s", quote(request.path), quote(reason))
+                self.keys.log_sampler.log(logger, logging.INFO, ("unauthenticated", "http"),
+                                          "event=unauthenticated method=%s reason=%s", quote(request.path), quote(reason))
                 return _error(
                     "UNAUTHENTICATED",
                     f"{reason}: send the header 'Authorization: Bearer <key>' with a key this server accepts",

@@ -125,8 +125,8 @@ class RequestRecord:
                 self.request_id, who, loss, duration_s * 1e3,
             )
         else:
-            logger.log(
-                _LEVELS.get(code, logging.INFO),
+            m.log_sampler.log(  # at most LOG_LINES_PER_S a second of each code and tenant
+                logger, _LEVELS.get(code, logging.INFO), ("request_failed", code, self.tenant),
                 "event=request_failed request_id=%s%s loss=%s code=%s duration_ms=%.3f details=%s",
                 self.request_id, who, loss, code, duration_s * 1e3, quote(details),
             )

@@ -121,6 +121,42 @@ def test_callers_without_a_key_cost_no_more_than_their_headers(server: ServerPro
     assert watch.figures.rss_peak - watch.figures.rss_before < 64 * MiB
 
 
+def test_a_flood_of_calls_without_a_key_is_not_a_flood_of_log_lines(server: ServerProcess) -> None:
+    """2,000 small calls without a key and 2,000 with a bad argument, as fast as they go: each is
+    refused (and counted in the metrics), but the server logs at most ``LOG_LINES_PER_S`` lines a
+    second of each kind, and the first line after held-back ones says how many it held."""
+    from remoteloss_server.log_sampling import LOG_LINES_PER_S
+
+    bad = pb.ComputeRequest(mse_loss=pb.MseLoss(input=codec.encode(np.zeros(3, np.float32)))).SerializeToString()
+    start = server.log.stat().st_size
+    with Watch(server, "2,000 unkeyed and 2,000 bad calls", metadata=bearer(LIGHT)) as watch:
+        began = time.monotonic()
+        with grpc.insecure_channel(server.target) as channel, ThreadPoolExecutor(8) as callers:
+            def call(metadata: tuple[tuple[str, str], ...]) -> str:
+                try:
+                    raw_compute(channel)(bad, timeout=30, metadata=metadata)
+                except grpc.RpcError as exc:
+                    return exc.code().name  # type: ignore[no-any-return]
+                return "OK"
+
+            codes = list(callers.map(call, [()] * 2000 + [bearer(HEAVY)] * 2000))
+        seconds = time.monotonic() - began
+        time.sleep(1.5)  # a second later: the next line would report what was held back
+        with grpc.insecure_channel(server.target) as channel:
+            call_codes = [call(()), call(bearer(HEAVY))]
+    with server.log.open("rb") as log:
+        log.seek(start)
+        lines = log.read().decode(errors="replace").splitlines()
+    unauthenticated = [line for line in lines if "event=unauthenticated" in line]
+    failed = [line for line in lines if "event=request_failed" in line and "code=INVALID_ARGUMENT" in line]
+    watch.figures.notes.append(f"{len(unauthenticated)} + {len(failed)} lines for 4,000 calls in {seconds:.1f} s")
+    assert codes.count("UNAUTHENTICATED") == 2000 and codes.count("INVALID_ARGUMENT") == 2000, set(codes)
+    assert call_codes == ["UNAUTHENTICATED", "INVALID_ARGUMENT"]
+    allowed = LOG_LINES_PER_S * (int(seconds) + 3)  # each second the flood touched, and the last calls'
+    assert len(unauthenticated) <= allowed and len(failed) <= allowed, (len(unauthenticated), len(failed), allowed)
+    assert any("suppressed=" in line for line in unauthenticated) and any("suppressed=" in line for line in failed)
+
+
 def test_a_compressed_request_is_refused_before_it_inflates(server: ServerProcess) -> None:
     """Eight gzip bombs (100 MB of zeros each, about 100 KiB on the wire), sent compressed as
     gRPC frames them: refused from their headers, never inflated. The server accepts no

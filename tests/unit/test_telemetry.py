@@ -12,6 +12,7 @@ from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.metrics import Metrics
 from remoteloss_server.intake import UndecodableRequest
+from remoteloss_server.log_sampling import LOG_LINES_PER_S, LogSampler
 from remoteloss_server.telemetry import RequestRecord, loss_label, quote, request_id
 from tests.catalog import LOSS_NAMES, newer_loss_field
 
@@ -117,3 +118,35 @@ def test_quote() -> None:
     assert quote("two words") == '"two words"'
     assert quote('a "b"\nc=d') == '"a \\"b\\"\\nc=d"'
     assert quote("") == '""'
+
+
+def test_at_most_log_lines_per_s_of_a_kind_and_then_how_many_were_held() -> None:
+    now = [100.2]
+    sampler = LogSampler(3, clock=lambda: now[0])
+    assert [sampler.admit("a") for _ in range(5)] == [0, 0, 0, None, None]
+    assert sampler.admit("b") == 0  # each kind has its own second
+    now[0] = 100.9
+    assert sampler.admit("a") is None
+    now[0] = 101.1
+    assert sampler.admit("a") == 3  # the three held back in the second before
+    assert sampler.admit("a") == 0
+    now[0] = 105.0
+    assert sampler.admit("a") == 0
+
+
+def test_a_flood_of_failures_logs_a_bounded_number_of_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of one code and tenant: LOG_LINES_PER_S lines a second, the next one saying how
+    many were held back; another code has lines of its own; the metrics count every failure."""
+    caplog.set_level(logging.INFO, logger="remoteloss_server.telemetry")
+    metrics, now = Metrics(), [7.0]
+    metrics.log_sampler = LogSampler(clock=lambda: now[0])
+    for _ in range(100):
+        RequestRecord(metrics, "mse_loss", "r", 10).finish("INVALID_ARGUMENT", details="bad")
+    RequestRecord(metrics, "mse_loss", "r", 10).finish("INTERNAL", details="bug")
+    now[0] = 8.0
+    RequestRecord(metrics, "mse_loss", "r", 10).finish("INVALID_ARGUMENT", details="bad")
+    lines = [r.getMessage() for r in caplog.records if "event=request_failed" in r.getMessage()]
+    assert len(lines) == LOG_LINES_PER_S + 2
+    assert sum("code=INTERNAL" in line for line in lines) == 1
+    assert lines[-1].endswith(f"suppressed={100 - LOG_LINES_PER_S}")
+    assert value(metrics, "remoteloss_requests_total", loss="mse_loss", code="INVALID_ARGUMENT") == 101
