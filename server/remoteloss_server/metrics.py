@@ -46,9 +46,8 @@ class Metrics:
     """The server's metrics. A fresh ``CollectorRegistry`` per instance unless one is given."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = r = registry if registry is not None else CollectorRegistry()
         self.log_sampler = LogSampler()  # the request_failed lines (telemetry.RequestRecord)
-        r = self.registry
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see child()
         self._buffers: list[_Buffered] = []
         self._flushing = threading.Lock()
