@@ -101,7 +101,6 @@ def trim() -> bool:
     return bool(ctypes.CDLL(None).malloc_trim(0))
 
 
-
 class TrimmablePool(ThreadPoolExecutor):
     """A ThreadPoolExecutor that counts the threads it has started (``started``), so that
     ``trim_thread_arenas`` can reach each of them."""
