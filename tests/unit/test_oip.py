@@ -183,13 +183,16 @@ def test_json_nested_too_deeply_is_invalid_argument(body: bytes) -> None:
     ("UINT8", [-1], r"values outside \[0, 255\]"),
     ("INT64", [2**63 - 1, -(2**63)], None),
     ("FP16", [1e6], None),  # past FP16's range: inf, as a cast gives it (without a warning)
+    ("FP32", [True, 2], "values of bool in FP32 data"),  # numpy alone would read [1, 2]
+    ("FP32", [[1.5], [False]], "values of bool in FP32 data"),
+    ("BF16", [True, 2.0], "values of bool in BF16 data"),
 ])
 def test_json_data_of_the_wrong_kind(datatype: str, data: list[Any], refused: str | None) -> None:
     """true and false are BOOL's values and only theirs (Triton refuses them elsewhere too); an
     integer outside its datatype's range is refused, not wrapped around."""
     from remoteloss_server import oip_json
 
-    body = _json_input(datatype, [len(data)], data)
+    body = _json_input(datatype, list(np.shape(data)), data)
     if refused is None:
         (sent,) = oip_json.infer_request("mse_loss", "", body, None).inputs
         with np.errstate(over="ignore"):
@@ -197,3 +200,15 @@ def test_json_data_of_the_wrong_kind(datatype: str, data: list[Any], refused: st
         return
     with pytest.raises(InvalidArgumentError, match=refused):
         oip_json.infer_request("mse_loss", "", body, None)
+
+
+def test_a_true_elsewhere_in_the_json_leaves_numbers_alone() -> None:
+    """The look for booleans runs only when the JSON holds true or false; numbers pass it."""
+    import json
+
+    from remoteloss_server import oip_json
+
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 1], "data": [[1.5], [2]]}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    (sent,) = oip_json.infer_request("mse_loss", "", body, None).inputs
+    assert bytes(sent.data) == np.array([1.5, 2], dtype="<f4").tobytes()
