@@ -146,7 +146,8 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         stack.push_async_callback(oip.stop, 0.0)
         await batcher.start()
         stack.push_async_callback(batcher.close)
-        trimmer = asyncio.create_task(allocator.give_back_when_quiet(budgets.take_peak, pools=(pool, helpers)), name="remoteloss-trim")
+        quiet_trims = allocator.give_back_when_quiet(budgets.take_peak, pools=(pool, helpers))
+        trimmer = asyncio.create_task(quiet_trims, name="remoteloss-trim")
         stack.callback(trimmer.cancel)
         await server.start()
         for service in ("", SERVICE_NAME, oip_grpc.SERVICE_NAME):
@@ -174,8 +175,7 @@ def _grpc_server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | Non
             # Connections: a bounded number (one more is closed at once), each given 10 s to
             # finish its handshake (gRPC's default is 120 s), and closed once idle.
             ("grpc.max_allowed_incoming_connections", config.max_connections),
-            # Calls open on a connection (gRPC: unbounded); one stalled mid-request holds ~80 KiB.
-            ("grpc.max_concurrent_streams", config.max_connection_in_flight),
+            ("grpc.max_concurrent_streams", config.max_connection_in_flight),  # gRPC's default: unbounded
             ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
             *([("grpc.max_connection_idle_ms", round(config.connection_idle_s * 1000))]
               if config.connection_idle_s > 0 else []),

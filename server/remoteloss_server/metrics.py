@@ -22,7 +22,6 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-
 from prometheus_client.metrics_core import Metric
 
 from remoteloss_server.log_sampling import LogSampler

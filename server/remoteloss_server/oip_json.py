@@ -106,7 +106,7 @@ def _head(model: str, sent: Mapping[str, Any]) -> tuple[str, str, tuple[int, ...
     return name, datatype, tuple(shape), _parameters(model, sent)
 
 
-def _from_json(model: str, name: str, datatype: str, data: Any, bools: bool = True) -> bytes:
+def _from_json(model: str, name: str, datatype: str, data: Any, bools: bool) -> bytes:
     """An input's JSON ``data`` (nested or flat, row-major) as bytes; a datatype this server does
     not take gives no bytes, and the intake refuses it in the native words. ``bools``: whether
     the JSON may hold true or false anywhere (numpy would read them among numbers as 1 and 0)."""

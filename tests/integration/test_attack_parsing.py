@@ -223,22 +223,25 @@ def test_model_infer_of_tiny_fields(server: ServerProcess, channel: grpc.Channel
 
 JSON_BYTES = oip_http.MAX_JSON_BYTES - 4096  # just under the HTTP door's JSON limit
 _ENTRY = {"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}
+_DEEP = 200_000  # past Python's recursion limit, which json.loads counts its depth against
 JSON_ATTACKS: dict[str, tuple[Any, str]] = {
-    "json-many-inputs": (lambda: {"inputs": [_ENTRY] * (JSON_BYTES // (len(json.dumps(_ENTRY)) + 2))}, "lists"),
-    "json-long-shape": (lambda: {"inputs": [{**_ENTRY, "shape": [1] * (JSON_BYTES // 3)}]}, "dimensions"),
+    "json-many-inputs": (
+        lambda: json.dumps({"inputs": [_ENTRY] * (JSON_BYTES // (len(json.dumps(_ENTRY)) + 2))}).encode(), "lists"),
+    "json-long-shape": (
+        lambda: json.dumps({"inputs": [{**_ENTRY, "shape": [1] * (JSON_BYTES // 3)}]}).encode(), "dimensions"),
     "json-many-parameters": (
-        lambda: {"inputs": [_ENTRY], "parameters": {f"p{i}": 1 for i in range(JSON_BYTES // 16)}}, "lists"),
-    "json-deep": (lambda: {"inputs": [{**_ENTRY, "data": json.loads("[" * 900 + "]" * 900)}]}, "FP32"),
+        lambda: json.dumps({"inputs": [_ENTRY], "parameters": {f"p{i}": 1 for i in range(JSON_BYTES // 16)}}).encode(),
+        "lists"),
+    "json-deep": (
+        lambda: b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": '
+        + b"[" * _DEEP + b"]" * _DEEP + b"}]}", "nested too deeply"),
 }
 
 
 @pytest.mark.parametrize("attack", JSON_ATTACKS)
 def test_http_json_of_many_entries(server: ServerProcess, attack: str) -> None:
     make, text = JSON_ATTACKS[attack]
-    body = json.dumps(make()).encode()
-    if attack == "json-deep":  # past Python's recursion limit, which json.loads counts against
-        body = body.replace(b"[" * 900, b"[" * 200_000).replace(b"]" * 900, b"]" * 200_000)
-        text = "nested too deeply"
+    body = make()
     assert len(body) <= oip_http.MAX_JSON_BYTES
     port = int(server.flags[server.flags.index("--http-port") + 1])
 

@@ -130,8 +130,7 @@ def test_a_flood_of_calls_without_a_key_is_not_a_flood_of_log_lines(server: Serv
     bad = pb.ComputeRequest(mse_loss=pb.MseLoss(input=codec.encode(np.zeros(3, np.float32)))).SerializeToString()
     start = server.log.stat().st_size
     with Watch(server, "2,000 unkeyed and 2,000 bad calls", metadata=bearer(LIGHT)) as watch:
-        began = time.monotonic()
-        with grpc.insecure_channel(server.target) as channel, ThreadPoolExecutor(8) as callers:
+        with grpc.insecure_channel(server.target) as channel:
             def call(metadata: tuple[tuple[str, str], ...]) -> str:
                 try:
                     raw_compute(channel)(bad, timeout=30, metadata=metadata)
@@ -139,10 +138,11 @@ def test_a_flood_of_calls_without_a_key_is_not_a_flood_of_log_lines(server: Serv
                     return exc.code().name  # type: ignore[no-any-return]
                 return "OK"
 
-            codes = list(callers.map(call, [()] * 2000 + [bearer(HEAVY)] * 2000))
-        seconds = time.monotonic() - began
-        time.sleep(1.5)  # a second later: the next line would report what was held back
-        with grpc.insecure_channel(server.target) as channel:
+            began = time.monotonic()
+            with ThreadPoolExecutor(8) as callers:
+                codes = list(callers.map(call, [()] * 2000 + [bearer(HEAVY)] * 2000))
+            seconds = time.monotonic() - began
+            time.sleep(1.5)  # a second later: the next line would report what was held back
             call_codes = [call(()), call(bearer(HEAVY))]
     with server.log.open("rb") as log:
         log.seek(start)

@@ -40,8 +40,10 @@ GOOD = {
 DATATYPES = ["FP32", "FP64", "FP16", "BF16", "INT64", "INT32", "INT8", "UINT8", "BOOL", "BYTES", "FP8", ""]
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-                      max_leaves=12)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
 # What a near-miss client sends where a field belongs: the field's own kind of value, or anything.
 field_values = {
     "name": st.sampled_from(["input", "target", "weight", "", "x" * 300]) | values,

@@ -15,6 +15,7 @@ from remoteloss.v1 import loss_pb2 as pb
 from remoteloss._wire import length_delimited as ld
 from remoteloss_bench import payload as bench_payload
 from remoteloss_server.field_scan import MAX_FIELDS, MAX_STRING_BYTES, FieldLimitError, UnknownField, scan
+from remoteloss_server.inference import grpc_service_pb2 as ipb
 
 REQUEST = pb.ComputeRequest.DESCRIPTOR
 MSE_LOSS, INPUT, SHAPE = 2, 1, 2
@@ -153,8 +154,6 @@ def test_values_of_every_length_are_skipped_exactly(size: int) -> None:
 # ----------------------------------------------------------- a protocol that skips unknown fields
 
 def _infer(*inputs: bytes, extra: bytes = b"") -> bytes:
-    from remoteloss_server.inference import grpc_service_pb2 as ipb
-
     request = ipb.ModelInferRequest(model_name="mse_loss")
     for sent in inputs:
         request.inputs.add().MergeFromString(sent)
@@ -162,15 +161,11 @@ def _infer(*inputs: bytes, extra: bytes = b"") -> bytes:
 
 
 def _oip_scan(data: bytes, max_listed: int = 100, max_fields: int = MAX_FIELDS) -> None:
-    from remoteloss_server.inference import grpc_service_pb2 as ipb
-
     assert scan(data, ipb.ModelInferRequest.DESCRIPTOR, skip_unknown=True, listed=ipb.InferTensorContents.DESCRIPTOR,
                 max_listed=max_listed, max_fields=max_fields) is None
 
 
 def _tensor(**contents: list[float] | list[int]) -> bytes:
-    from remoteloss_server.inference import grpc_service_pb2 as ipb
-
     return ipb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[len(next(iter(contents.values())))],
                                                   contents=ipb.InferTensorContents(**contents)).SerializeToString()
 

@@ -3,13 +3,14 @@ to native requests (no network)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import pytest
 
 from remoteloss.v1 import loss_pb2 as pb
-from remoteloss_server import oip, oip_grpc
+from remoteloss_server import oip, oip_grpc, oip_json
 from remoteloss_server.errors import InvalidArgumentError, NotFoundError
 from remoteloss_server.inference import grpc_service_pb2 as ipb
 from remoteloss_server.losses import LOSSES, describe
@@ -156,8 +157,6 @@ def test_the_messages_rpcs_skip_fields_this_trimmed_protocol_lacks_at_any_size()
 
 
 def _json_input(datatype: str, shape: list[int], data: Any) -> bytes:
-    import json
-
     return json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}]}).encode()
 
 
@@ -167,8 +166,6 @@ def _json_input(datatype: str, shape: list[int], data: Any) -> bytes:
 ])
 def test_json_nested_too_deeply_is_invalid_argument(body: bytes) -> None:
     """Python's JSON parser raises RecursionError past its depth; the caller gets its 400, not a 500."""
-    from remoteloss_server import oip_json
-
     with pytest.raises(InvalidArgumentError, match="nested too deeply"):
         oip_json.infer_request("mse_loss", "", body, None)
 
@@ -190,8 +187,6 @@ def test_json_nested_too_deeply_is_invalid_argument(body: bytes) -> None:
 def test_json_data_of_the_wrong_kind(datatype: str, data: list[Any], refused: str | None) -> None:
     """true and false are BOOL's values and only theirs (Triton refuses them elsewhere too); an
     integer outside its datatype's range is refused, not wrapped around."""
-    from remoteloss_server import oip_json
-
     body = _json_input(datatype, list(np.shape(data)), data)
     if refused is None:
         (sent,) = oip_json.infer_request("mse_loss", "", body, None).inputs
@@ -204,10 +199,6 @@ def test_json_data_of_the_wrong_kind(datatype: str, data: list[Any], refused: st
 
 def test_a_true_elsewhere_in_the_json_leaves_numbers_alone() -> None:
     """The look for booleans runs only when the JSON holds true or false; numbers pass it."""
-    import json
-
-    from remoteloss_server import oip_json
-
     body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 1], "data": [[1.5], [2]]}],
                        "parameters": {"binary_data_output": True}}).encode()
     (sent,) = oip_json.infer_request("mse_loss", "", body, None).inputs
