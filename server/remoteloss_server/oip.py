@@ -64,7 +64,7 @@ REQUIRES_GRAD = "requires_grad"
 # Elements a request's typed contents (gRPC) or an answer's JSON lists may hold in all: each one
 # is a Python object made or read while holding the GIL, which stalls every other caller (json.dumps
 # writes 2**18 floats in about 250 ms on a 2-core Xeon, and a 10 KiB request can ask for that many
-# by broadcasting; 2**16: about 60 ms). Larger tensors travel as raw bytes (raw_input_contents;
+# by broadcasting; 2**16 in 43-50 ms). Larger tensors travel as raw bytes (raw_input_contents;
 # HTTP's binary data).
 MAX_LISTED_ELEMENTS = 2**16
 # Tensors (inputs, outputs) and parameters (in each map) a request may list, checked before any
