@@ -29,12 +29,21 @@ RUN pip install --no-cache-dir torch==2.13.0
 
 # The two distributions from source: remoteloss (client/: the SDK, whose codec, wire framing and
 # stubs the server uses, and the `remoteloss` command the health check runs) and
-# remoteloss-server (server/), which needs that very version of remoteloss.
+# remoteloss-server (server/), which needs that very version of remoteloss. The server's native
+# front (server/native/front.cc) is built against Debian's gRPC C++ library; the compiler and
+# headers go again, the library (libgrpc++1.51 and what it needs) stays. The import checks that
+# the front was built: without it the server would fall back to grpc.aio's.
 WORKDIR /src
 COPY client ./client
 COPY server ./server
-RUN pip install --no-cache-dir ./client ./server \
-    && rm -rf /src \
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev \
+    && pip install --no-cache-dir ./client ./server \
+    && python -c "import remoteloss_server._front" \
+    && apt-mark manual libgrpc++1.51 >/dev/null \
+    && apt-get purge -y --auto-remove g++ pkg-config libgrpc++-dev \
+    && rm -rf /var/lib/apt/lists/* /src \
     && groupadd --gid 10001 remoteloss \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin remoteloss
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from servers import Client, Fleet, Server, native_echo_binary
 
+from remoteloss_server import native_front
+
 
 def _cpu_seconds(server: Server) -> float:
     ticks = 0
@@ -43,6 +45,8 @@ def main() -> None:
             Server.floor_server("floor-inline", logs=logs),
             Server.remoteloss("remoteloss", logs=logs),
         ]
+        if native_front.available():
+            servers.append(Server.remoteloss("remoteloss-native", ["--front", "native"], logs=logs))
         native = native_echo_binary()
         if native is None:
             print("echo-c++ skipped: gRPC's C++ library is not installed (apt-get install libgrpc++-dev)")

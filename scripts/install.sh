@@ -8,7 +8,8 @@
 #
 # One kind of install for both (editable), so alternating them never flips .venv between an
 # editable and a copied install. The install is skipped while it is current: .venv records
-# what was installed (the torch pin, the hash of both pyproject.toml files and the extras) and the
+# what was installed (the torch pin, the hash of both pyproject.toml files, the server's setup.py and
+# its native front's source, and the extras) and the
 # installed metadata still says "editable, from this checkout's client/ and server/". A restart
 # then costs no pip run.
 set -euo pipefail
@@ -26,7 +27,7 @@ import hashlib, sys
 digest = hashlib.sha256()
 for path in sys.argv[1:]:
     digest.update(open(path, "rb").read())
-print(digest.hexdigest())' client/pyproject.toml server/pyproject.toml)"
+print(digest.hexdigest())' client/pyproject.toml server/pyproject.toml server/setup.py server/native/front.cc)"
 
 # The extras already installed for this key (none when the key changed), and the union with $wanted.
 installed=""

@@ -24,14 +24,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from remoteloss_server import __version__, allocator, auth, oip_grpc, workers
+from remoteloss_server import __version__, allocator, auth, grpc_front, native_front, oip_grpc, workers
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.descriptors import ensure_open_files
@@ -50,10 +50,8 @@ logger = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RELOAD_SIGNAL = signal.SIGHUP
-_HANDSHAKE_TIMEOUT_MS = 10_000  # a new connection's TLS and HTTP/2 handshakes
 _OTHER_FILES = 1024  # descriptors beside the connections: libraries, threads' pipes, /metrics, logs
 _WILDCARD_HOSTS = frozenset({"[::]", "::", "0.0.0.0", ""})
-_IDENTITY_ONLY = 1  # a bit set of gRPC's compression algorithms: bit 0, identity, alone
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
 
@@ -67,7 +65,7 @@ class StartupError(Exception):
 
 @dataclass
 class _Running:
-    server: grpc.aio.Server
+    server: grpc_front.Server
     health: Any  # grpc_health's asyncio HealthServicer
     pool: ThreadPoolExecutor
     port: int
@@ -114,7 +112,9 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         stack.callback(pool.shutdown, wait=False, cancel_futures=True)
         helpers = allocator.TrimmablePool(thread_name_prefix="remoteloss-helper")  # asyncio.to_thread's
         asyncio.get_running_loop().set_default_executor(helpers)  # shut down with the loop
-        server = _grpc_server(config, security.interceptor)
+        server = grpc_front.server(config, security.interceptor)
+        if grpc_front.kind(config) == "native" and not native_front.available():
+            raise StartupError("front native: this installation has no native front (gRPC's C++ library was missing)")
         stack.push_async_callback(server.stop, None)
         metrics = Metrics()
         if executor.device.type == "cuda":
@@ -127,14 +127,16 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         )
         intake = Intake(policy, max_elements=config.max_elements, max_request_elements=config.max_request_elements)
         servicer = LossServicer(executor, pool, metrics, worker=worker, intake=intake, batcher=batcher, admission=budgets)
-        add_to_server(servicer, server)
-        oip = OpenInference(server, metrics, intake, batcher, budgets)
+        registry = cast(grpc.aio.Server, server)  # either front registers handlers as grpc.aio does
+        add_to_server(servicer, registry)
+        oip = OpenInference(registry, metrics, intake, batcher, budgets)
         health_servicer = _HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if config.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, oip_grpc.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
+            names = (SERVICE_NAME, oip_grpc.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            # The asyncio servicer on either front (enable_server_reflection picks by the server's class).
+            servicer_class = reflection.aio.ReflectionServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer_class(names), server)
         port = _bind(server, config, security.certificates)
         metrics_http, metrics_address = _serve_metrics(config, metrics)
         if metrics_http is not None:
@@ -160,34 +162,12 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
     )
 
 
-def _grpc_server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None) -> grpc.aio.Server:
-    limit = config.max_message_bytes
-    return grpc.aio.server(
-        interceptors=[] if interceptor is None else [interceptor],
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            # One process: a port already taken is an error. --workers N: N processes share it.
-            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
-            # No compression, either way: gRPC refuses a compressed request before inflating it
-            # (UNIMPLEMENTED), so a few KiB on the wire cannot become gigabytes in the server.
-            ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
-            # Connections: a bounded number (one more is closed at once), each given 10 s to
-            # finish its handshake (gRPC's default is 120 s), and closed once idle.
-            ("grpc.max_allowed_incoming_connections", config.max_connections),
-            ("grpc.max_concurrent_streams", config.max_connection_in_flight),  # gRPC's default: unbounded
-            ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
-            *([("grpc.max_connection_idle_ms", round(config.connection_idle_s * 1000))]
-              if config.connection_idle_s > 0 else []),
-        ],
-    )
-
-
-def _bind(server: grpc.aio.Server, config: ServerConfig, certificates: auth.ServerCertificates | None) -> int:
+def _bind(server: grpc_front.Server, config: ServerConfig, certificates: auth.ServerCertificates | None) -> int:
     address = f"{config.host}:{config.port}"
     try:
         if certificates is None:
             return server.add_insecure_port(address)
+        assert isinstance(server, grpc.aio.Server)  # config.validate: the native front has no TLS yet
         return server.add_secure_port(address, certificates.credentials)
     except RuntimeError as exc:
         raise StartupError(f"cannot bind {address}: {exc}") from None

@@ -81,6 +81,11 @@ _SETTINGS = (
     _Setting("metrics-port", "metrics_port", int, "PORT", "port of the Prometheus /metrics endpoint; 0 turns it off"),
     _Setting("metrics-host", "metrics_host", str, "HOST", "address for /metrics; unset means the --host address"),
     _Setting("reflection", "reflection", boolean, "", "turn off gRPC server reflection", switch=True),
+    _Setting(
+        "front", "front", str, "FRONT",
+        "what carries gRPC calls: native (gRPC's C++ core; plaintext only), python (grpc.aio), or auto: "
+        "native where installed and TLS is off",
+    ),
     _Setting("batching", "batching", boolean, "", "turn off dynamic batching: each request alone", switch=True),
     _Setting("max-batch-size", "max_batch_size", int, "N", "requests in one batch"),
     _Setting("max-batch-elements", "max_batch_elements", int, "N", "tensor elements in one batch; 0 picks by device"),

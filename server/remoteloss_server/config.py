@@ -6,9 +6,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["LOG_LEVELS", "ServerConfig", "parse_tenant_weights"]
+__all__ = ["FRONTS", "LOG_LEVELS", "ServerConfig", "parse_tenant_weights"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+FRONTS = ("auto", "native", "python")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC keeps message limits in a signed 32-bit int
 _MAX_MALLOC_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
@@ -34,6 +35,10 @@ class ServerConfig:
     http_port: int = 8000  # the Open Inference Protocol over HTTP/REST (Triton's port), on ``host``; 0 turns it off
     metrics_host: str | None = None  # address for /metrics; None means the gRPC ``host``
     reflection: bool = True  # serve gRPC server reflection (grpc.reflection.v1alpha)
+    # What carries the gRPC port's calls: "native" (gRPC's C++ core, which hands the event loop its
+    # calls in batches: native_front; plaintext only, for now), "python" (grpc.aio), or "auto":
+    # native where it was built and TLS is off, else python.
+    front: str = "auto"
     # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
     # up to twice this stays with the process after a burst); 0 keeps glibc's defaults. See allocator.
     malloc_mmap_threshold_bytes: int = 256 * 1024 * 1024
@@ -101,6 +106,10 @@ class ServerConfig:
                 f"malloc_mmap_threshold_bytes must be in [0, {_MAX_MALLOC_THRESHOLD_BYTES}] (0 keeps glibc's "
                 f"default), got {self.malloc_mmap_threshold_bytes}"
             )
+        if self.front not in FRONTS:
+            raise ValueError(f"front must be one of {', '.join(FRONTS)}, got {self.front!r}")
+        if self.front == "native" and self.tls_cert is not None:
+            raise ValueError("front native serves plaintext only, for now: TLS needs front python or auto")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.workers > 1 and self.port == 0:

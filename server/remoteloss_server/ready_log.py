@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from remoteloss_server import auth
+from remoteloss_server import auth, grpc_front
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.executor import Executor
 from remoteloss_server.telemetry import quote
@@ -24,8 +24,9 @@ def log_ready(
     keys = security.interceptor.keys if security.interceptor is not None else None
     tls = "off" if security.certificates is None else "mutual" if config.tls_client_ca else "on"
     logger.info(
-        "event=ready address=%s:%d device=%s metrics=%s http=%s reflection=%s tls=%s auth=%s",
-        config.host, port, executor.device, metrics_address, http_address, config.reflection, tls,
+        "event=ready address=%s:%d front=%s device=%s metrics=%s http=%s reflection=%s tls=%s auth=%s",
+        config.host, port, grpc_front.kind(config), executor.device, metrics_address, http_address, config.reflection,
+        tls,
         "off" if keys is None else f"api_keys tenants={len(keys.tenants)}",
     )
     unknown = sorted({t for t, _ in config.tenant_weights} - (keys.tenants if keys is not None else frozenset()))

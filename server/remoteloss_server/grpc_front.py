@@ -1,0 +1,52 @@
+"""The gRPC port's server: grpc.aio's (``--front python``) or gRPC's C++ core (``--front native``,
+``native_front``), built with the same limits; the servicers register on either alike."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import grpc
+
+from remoteloss_server import auth, native_front
+from remoteloss_server.config import ServerConfig
+
+__all__ = ["Server", "kind", "server"]
+
+Server = Union[grpc.aio.Server, native_front.NativeServer]
+
+_HANDSHAKE_TIMEOUT_MS = 10_000  # a new connection's TLS and HTTP/2 handshakes
+_IDENTITY_ONLY = 1  # a bit set of gRPC's compression algorithms: bit 0, identity, alone
+
+
+def kind(config: ServerConfig) -> str:
+    """The front ``config`` runs: "native" or "python" ("auto" resolved)."""
+    if config.front != "auto":
+        return config.front
+    return "native" if native_front.available() and config.tls_cert is None else "python"
+
+
+def server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None) -> Server:
+    """The gRPC server ``config.front`` names, with ``interceptor`` (the API keys' check, if any)."""
+    limit = config.max_message_bytes
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # One process: a port already taken is an error. --workers N: N processes share it.
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+        # No compression, either way: gRPC refuses a compressed request before inflating it
+        # (UNIMPLEMENTED), so a few KiB on the wire cannot become gigabytes in the server.
+        ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
+        # Connections: a bounded number (one more is closed at once), each given 10 s to
+        # finish its handshake (gRPC's default is 120 s), and closed once idle.
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.max_concurrent_streams", config.max_connection_in_flight),  # gRPC's default: unbounded
+        ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),
+        *([("grpc.max_connection_idle_ms", round(config.connection_idle_s * 1000))]
+          if config.connection_idle_s > 0 else []),
+    ]
+    interceptors = [] if interceptor is None else [interceptor]
+    if kind(config) == "native":
+        # gRPC's core holds what arrives for calls not yet whole; its resource quota bounds that
+        # memory, which grpc.aio cannot (the Python wheel does not expose the quota).
+        return native_front.NativeServer(interceptors, options, memory_bytes=config.max_in_flight_bytes)
+    return grpc.aio.server(interceptors=interceptors, options=options)

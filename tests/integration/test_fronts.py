@@ -1,0 +1,166 @@
+"""Both gRPC fronts serve the same service, call for call.
+
+The native front (gRPC's C++ core, ``native_front``) is the default where it was built, so the
+rest of the suite runs on it; grpc.aio's serves TLS and ``--front python``. This module runs each
+kind of call and each thing a handler asks of its call on both: a unary call with raw bytes
+(Compute) and with messages (ListLosses), a bidirectional stream (ComputeStream), a server stream
+(health's Watch), reflection, the Open Inference Protocol's door, an unknown method, statuses with
+trailing metadata, the API keys' interceptor (a refusal, and the tenant it gives the handler), a
+deadline that passes while the call waits, and a call its client cancels.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import remoteloss
+from remoteloss import codec
+from remoteloss.v1 import loss_pb2, loss_pb2_grpc
+from remoteloss_server import grpc_front, native_front
+from remoteloss_server.app import ServerThread
+from remoteloss_server.config import ServerConfig
+from remoteloss_server.inference import grpc_service_pb2 as oip_pb2
+from tests import tools
+
+KEY = "alice-key-0123456789abcdef"
+BEARER = (("authorization", f"Bearer {KEY}"),)
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def served(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    if request.param == "native" and not native_front.available():
+        tools.missing("the native front was not built: gRPC's C++ library (libgrpc++-dev, pkg-config) was missing")
+    config = ServerConfig(
+        port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, front=request.param, api_keys=f"alice:{KEY}",
+    )
+    with ServerThread(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def channel(served: ServerThread) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(served.target) as plain:
+        yield plain
+
+
+def test_the_default_front_is_native_where_it_was_built() -> None:
+    if not native_front.available():
+        tools.missing("the native front was not built: gRPC's C++ library (libgrpc++-dev, pkg-config) was missing")
+    assert grpc_front.kind(ServerConfig()) == "native"
+    assert grpc_front.kind(ServerConfig(tls_cert="cert.pem", tls_key="key.pem")) == "python"  # TLS: grpc.aio's
+
+
+def test_unary_and_stream_answers_are_torchs_with_gradients(served: ServerThread) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,), generator=generator)
+    local = x.clone().requires_grad_()
+    expected = F.cross_entropy(local, y, label_smoothing=0.1)
+    expected.backward()
+    with remoteloss.Client(served.target, api_key=KEY) as client:
+        remote = x.clone().requires_grad_()
+        loss = client.cross_entropy(remote, y, label_smoothing=0.1)
+        loss.backward()
+        with client.stream() as stream:
+            futures = [stream.cross_entropy(x.numpy(), y.numpy(), label_smoothing=0.1) for _ in range(20)]
+        catalog = client.list_losses()
+    assert torch.equal(loss.detach(), expected.detach()) and torch.equal(remote.grad, local.grad)
+    assert all(np.array_equal(f.result(), expected.detach().numpy()) for f in futures)
+    assert len(catalog.losses) == 22
+
+
+def test_a_status_carries_its_message_and_trailing_metadata(channel: grpc.Channel) -> None:
+    stub = loss_pb2_grpc.LossServiceStub(channel)
+    request = loss_pb2.ComputeRequest()  # no loss set
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Compute(request, metadata=(*BEARER, ("x-request-id", "fronts-1")), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert ("x-request-id", "fronts-1") in tuple(info.value.trailing_metadata())
+    with pytest.raises(grpc.RpcError) as unknown:
+        channel.unary_unary("/remoteloss.v1.LossService/NoSuchMethod")(b"", metadata=BEARER, timeout=10)
+    assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_interceptor_refuses_a_call_without_a_key_and_names_the_tenant_of_one(served: ServerThread) -> None:
+    registry = served.metrics.registry
+
+    def alices() -> float:
+        return registry.get_sample_value("remoteloss_tenant_requests_total", {"tenant": "alice", "code": "OK"}) or 0.0
+
+    before = alices()
+    with remoteloss.Client(served.target) as anonymous, pytest.raises(remoteloss.UnauthenticatedError):
+        anonymous.mse_loss(np.ones(3, np.float32), np.zeros(3, np.float32))
+    with remoteloss.Client(served.target, api_key=KEY) as client:
+        client.mse_loss(np.ones(3, np.float32), np.zeros(3, np.float32))
+    assert alices() == before + 1
+
+
+def test_a_server_stream_reflection_and_the_open_inference_protocol(channel: grpc.Channel) -> None:
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="remoteloss.v1.LossService"))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([ask]), metadata=BEARER)
+    names = {s.name for answer in answers for s in answer.list_services_response.service}
+    assert {"remoteloss.v1.LossService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+    live = channel.unary_unary(
+        "/inference.GRPCInferenceService/ServerLive",
+        request_serializer=oip_pb2.ServerLiveRequest.SerializeToString,
+        response_deserializer=oip_pb2.ServerLiveResponse.FromString,
+    )
+    assert live(oip_pb2.ServerLiveRequest(), metadata=BEARER, timeout=10).live
+
+
+def test_a_deadline_that_passes_in_the_queue_and_a_cancelled_call_leave_the_server_serving(
+    served: ServerThread,
+) -> None:
+    """Callers that keep the compute thread busy; one caller's deadline passes while it waits, and
+    another cancels: both end as asked, and the server's in-flight count returns to nothing."""
+    x, y = np.ones(2**20, np.float32), np.zeros(2**20, np.float32)
+    stop = threading.Event()
+    with remoteloss.Client(served.target, api_key=KEY) as busy:
+
+        def load() -> None:
+            while not stop.is_set():
+                busy.value_and_grad("mse_loss", x, y)
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            stub = loss_pb2_grpc.LossServiceStub(grpc.insecure_channel(served.target))
+            request = loss_pb2.ComputeRequest.FromString(_mse_bytes(x, y))
+            with pytest.raises(grpc.RpcError) as late:
+                stub.Compute(request, metadata=BEARER, timeout=0.002)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            future = stub.Compute.future(request, metadata=BEARER, timeout=30)
+            future.cancel()
+            assert future.cancelled() or future.code() == grpc.StatusCode.CANCELLED
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    registry = served.metrics.registry
+    deadline = time.monotonic() + 10
+    while (registry.get_sample_value("remoteloss_requests_in_flight") or 0.0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert registry.get_sample_value("remoteloss_requests_in_flight") == 0.0
+    with remoteloss.Client(served.target, api_key=KEY) as client:
+        assert client.mse_loss(np.ones(3, np.float32), np.zeros(3, np.float32)) == 1.0
+
+
+def _mse_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
+    request = loss_pb2.ComputeRequest()
+    request.mse_loss.input.CopyFrom(codec.encode(x))
+    request.mse_loss.target.CopyFrom(codec.encode(y))
+    return bytes(request.SerializeToString())
