@@ -128,6 +128,9 @@ def _servers(features: dict[str, bool], logs: Path, *, quick: bool) -> dict[str,
         servers["floor-inline"] = Server.floor_server("floor-inline", logs=logs)
         servers["floor-thread"] = Server.floor_server("floor-thread", ["--thread"], logs=logs)
         servers["remoteloss-torch2"] = Server.remoteloss("remoteloss-torch2", ["--torch-threads", "2"], logs=logs)
+        # The same server on grpc.aio's front, where the default is the native front (when built).
+        servers["remoteloss-python-front"] = Server.remoteloss("remoteloss-python-front", ["--front", "python"],
+                                                               logs=logs)
     if features["batching"]:
         servers["remoteloss-no-batching"] = Server.remoteloss("remoteloss-no-batching", ["--no-batching"], logs=logs)
     if features["workers"]:
@@ -170,7 +173,7 @@ def _latency(client: Client, servers: dict[str, Server], plan: Plan) -> dict[str
              "large_grad": (LARGE, True, plan.large_duration_s)}
     out: dict[str, Any] = {}
     for kind, (shape, grad, duration) in kinds.items():
-        names = ["echo", "remoteloss"]
+        names = ["echo", "remoteloss"] + [name for name in ("remoteloss-python-front",) if name in servers]
         if kind == "small":
             names += [name for name in ("floor-inline", "floor-thread") if name in servers]
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
@@ -186,7 +189,7 @@ def _latency(client: Client, servers: dict[str, Server], plan: Plan) -> dict[str
 def _concurrency(client: Client, servers: dict[str, Server], plan: Plan, features: dict[str, bool]) -> dict[str, Any]:
     """Throughput with 64 callers: echo, remoteloss (batching on / off), 1 and 2 workers."""
     names = ["echo", "remoteloss"] + (["remoteloss-no-batching"] if features["batching"] else [])
-    names += [name for name in ("floor-inline", "floor-thread") if name in servers]
+    names += [name for name in ("remoteloss-python-front", "floor-inline", "floor-thread") if name in servers]
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     worker_rounds: dict[str, list[dict[str, Any]]] = {"remoteloss": [], "remoteloss-2-workers": []}
     for _ in range(plan.rounds):

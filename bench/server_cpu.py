@@ -8,8 +8,9 @@ threads too) around one ``remoteloss bench --concurrency 64`` level of small for
 and prints it per request, round by round. What remoteloss costs beyond the floor server is its
 own Python path; what the floor costs beyond the echo is parsing, decoding and torch. Where
 gRPC's C++ library is installed (``apt-get install libgrpc++-dev``), the same echo in C++
-(``native_echo.cc``) shows what the transport costs without Python: the room a native front end
-would have.
+(``native_echo.cc``) shows what the transport costs without Python: the room the native front
+(remoteloss's default where it was built) has; ``remoteloss-python-front`` is the same server on
+grpc.aio's front.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def main() -> None:
         servers = [
             Server.echo_server("echo", logs=logs),
             Server.floor_server("floor-inline", logs=logs),
-            Server.remoteloss("remoteloss", logs=logs),
+            Server.remoteloss("remoteloss", logs=logs),  # the default front: native where built
+            Server.remoteloss("remoteloss-python-front", ["--front", "python"], logs=logs),
         ]
-        if native_front.available():
-            servers.append(Server.remoteloss("remoteloss-native", ["--front", "native"], logs=logs))
+        if not native_front.available():
+            print("remoteloss runs grpc.aio's front: the native front was not built (README, \"The gRPC front\")")
         native = native_echo_binary()
         if native is None:
             print("echo-c++ skipped: gRPC's C++ library is not installed (apt-get install libgrpc++-dev)")
@@ -55,7 +57,7 @@ def main() -> None:
         fleet.start(*servers)
         for server in servers:
             client.bench(server, duration_s=1.0)  # warm up: first requests, torch's first call
-        print("round  server          req/s   server CPU us/request   / echo's")
+        print("round  server                   req/s   server CPU us/request   / echo's")
         for round_ in range(1, args.rounds + 1):
             echo = None
             for server in servers:
@@ -64,7 +66,7 @@ def main() -> None:
                 # The level counts requests in its window; a few in flight at its edges are not counted.
                 cost = (_cpu_seconds(server) - before) / max(level["requests"], 1) * 1e6
                 echo = echo or cost  # the first server is the echo
-                print(f"{round_:5d}  {server.name:14s} {level['throughput_rps']:6.0f}   {cost:8.0f}"
+                print(f"{round_:5d}  {server.name:23s} {level['throughput_rps']:6.0f}   {cost:8.0f}"
                       f"               {cost / echo:5.2f}")
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from remoteloss_server.log_sampling import LogSampler
 from remoteloss_server.native_call import Aborted, Call, Context, Details, Metadata, Requests, Resumed
 
 __all__ = ["NativeServer", "available"]
@@ -67,6 +68,7 @@ class NativeServer:
         self._calls: dict[int, Call] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = asyncio.Event()
+        self._log = LogSampler()  # a flood of failing calls is not a flood of lines
 
     def add_generic_rpc_handlers(self, handlers: Sequence[_Generic]) -> None:
         self._generic.extend(handlers)
@@ -109,26 +111,33 @@ class NativeServer:
     # ---- events ----
 
     def _on_events(self) -> None:
-        calls = self._calls
         for event in self._front.take():
-            kind = event[0]
-            if kind == _START:
-                self._start(*event[1:])
-                continue
-            call = calls.get(event[1])
-            if call is None:
-                continue
-            if kind == _DONE:
-                del calls[event[1]]
-                call.context.on_done(event[2])
-                if event[2] and call.task is not None:
-                    call.task.cancel()
-            elif kind == _WRITTEN:
-                call.context.on_written()
-            elif call.requests is not None:  # MESSAGE, HALF_CLOSE
-                call.requests.arrived(event[2] if kind == _MESSAGE else None)
-            elif call.handler is not None:  # a unary call's request
-                self._unary_request(call, event[2] if kind == _MESSAGE else None)
+            try:
+                self._event(event)
+            except Exception as exc:  # one call's failure is that call's alone: the batch goes on
+                self._log.log(logger, logging.ERROR, ("failed",), "event=native_call_failed error=%s", repr(exc))
+                self._calls.pop(event[1], None)
+                self._front.finish(event[1], grpc.StatusCode.INTERNAL.value[0], "internal error", (), None)
+
+    def _event(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == _START:
+            self._start(*event[1:])
+            return
+        call = self._calls.get(event[1])
+        if call is None:
+            return
+        if kind == _DONE:
+            del self._calls[event[1]]
+            call.context.on_done(event[2])
+            if event[2] and call.task is not None:
+                call.task.cancel()
+        elif kind == _WRITTEN:
+            call.context.on_written()
+        elif call.requests is not None:  # MESSAGE, HALF_CLOSE
+            call.requests.arrived(event[2] if kind == _MESSAGE else None)
+        elif call.handler is not None:  # a unary call's request
+            self._unary_request(call, event[2] if kind == _MESSAGE else None)
 
     def _start(self, call_id: int, method: str, metadata: Metadata, deadline: float | None, peer: str,
                first: bytes | None) -> None:
@@ -159,7 +168,14 @@ class NativeServer:
             call.context.finish(None)
             return
         deserialize = handler.request_deserializer
-        self._behave(call, handler, message if deserialize is None else call.run(deserialize, message))
+        try:
+            request = message if deserialize is None else call.run(deserialize, message)
+        except Exception:  # bytes that are not the method's message: the caller's fault, as grpc.aio says
+            call.context.set_code(grpc.StatusCode.INTERNAL)
+            call.context.set_details("Exception deserializing request!")
+            call.context.finish(None)
+            return
+        self._behave(call, handler, request)
 
     def _behave(self, call: Call, handler: _Handler, requests: Any) -> None:
         """Run the handler: on the spot to its end, or as a task from where it has to wait."""

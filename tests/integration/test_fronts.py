@@ -4,16 +4,18 @@ The native front (gRPC's C++ core, ``native_front``) is the default where it was
 rest of the suite runs on it; grpc.aio's serves TLS and ``--front python``. This module runs each
 kind of call and each thing a handler asks of its call on both: a unary call with raw bytes
 (Compute) and with messages (ListLosses), a bidirectional stream (ComputeStream), a server stream
-(health's Watch), reflection, the Open Inference Protocol's door, an unknown method, statuses with
+(health's Watch), reflection, undecodable requests, the Open Inference Protocol's door, an unknown method, statuses with
 trailing metadata, the API keys' interceptor (a refusal, and the tenant it gives the handler), a
 deadline that passes while the call waits, and a call its client cancels.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -91,6 +93,20 @@ def test_a_status_carries_its_message_and_trailing_metadata(channel: grpc.Channe
     assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+def test_bytes_that_are_not_the_methods_message_fail_that_call_alone(channel: grpc.Channel) -> None:
+    """Health's Check deserializes its request with protobuf, which raises on these bytes: those
+    calls fail, and only those, whatever else arrived with them (the native front answers
+    INTERNAL, as gRPC's synchronous server does; grpc.aio answers UNKNOWN, and logs each)."""
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    good = health_pb2.HealthCheckRequest(service="remoteloss.v1.LossService").SerializeToString()
+    futures = [(check.future(b"\xff\xff\xff" if i % 2 else good, timeout=10), i % 2) for i in range(100)]
+    for future, garbage in futures:
+        if garbage:
+            assert future.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), future.details()
+        else:
+            assert health_pb2.HealthCheckResponse.FromString(future.result()).status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_the_interceptor_refuses_a_call_without_a_key_and_names_the_tenant_of_one(served: ServerThread) -> None:
     registry = served.metrics.registry
 
@@ -164,3 +180,48 @@ def _mse_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
     request.mse_loss.input.CopyFrom(codec.encode(x))
     request.mse_loss.target.CopyFrom(codec.encode(y))
     return bytes(request.SerializeToString())
+
+
+def test_a_call_the_native_front_cannot_dispatch_fails_alone() -> None:
+    """An interceptor that waits (the native front runs interceptors on the spot, and this server's
+    never wait) fails its call with INTERNAL; the calls beside it are answered."""
+    if not native_front.available():
+        tools.missing("the native front was not built: gRPC's C++ library (libgrpc++-dev, pkg-config) was missing")
+
+    class Waits(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+        async def intercept_service(self, continuation: Any, details: Any) -> Any:
+            if details.method.endswith("/Wait"):
+                await asyncio.sleep(0)
+            return await continuation(details)
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    ready, stop = threading.Event(), threading.Event()
+    ports: list[int] = []
+
+    async def serve() -> None:
+        server = native_front.NativeServer([Waits()], [])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.S", {"Echo": handler, "Wait": handler})])
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+        await server.stop(1.0)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    try:
+        assert ready.wait(30)
+        with grpc.insecure_channel(f"127.0.0.1:{ports[0]}") as plain:
+            calls = [(plain.unary_unary(f"/t.S/{m}").future(b"x", timeout=10), m) for m in ("Echo", "Wait") * 20]
+            for future, method in calls:
+                if method == "Echo":
+                    assert future.result() == b"x"
+                else:
+                    assert future.code() == grpc.StatusCode.INTERNAL
+    finally:
+        stop.set()
+        thread.join()
