@@ -19,6 +19,8 @@
 // Calls from Python: read(id), write(id, bytes), finish(id, code, details, trailing, bytes|None),
 // each at most once outstanding per kind (read, write/finish), as gRPC's async API requires.
 // A call's id is dropped after DONE and its last operation; calls on a dropped id do nothing.
+// Connections come from listening sockets the Python side bound (Acceptor), so that they can be
+// counted: gRPC's core (1.51) has no bound on them.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,7 +28,13 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/alarm.h>
 #include <grpcpp/resource_quota.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -78,22 +86,120 @@ struct Call {
   size_t start_index = 0;
 };
 
+// Accepts connections on listening sockets the Python side bound, at most ``max`` open at once (one
+// more is closed at once), and hands each to gRPC's server. gRPC's core (1.51) has no bound of its
+// own. A connection gRPC has closed is noticed lazily: only at the bound are the descriptors
+// handed over checked again (gone, or now another file: closed), at most every 20 ms.
+class Acceptor {
+ public:
+  Acceptor(std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor> to, std::vector<int> listeners, int max)
+      : to_(std::move(to)), listeners_(std::move(listeners)), max_(max) {}
+
+  bool Start() {
+    for (int listener : listeners_) {  // accept4 until EAGAIN: the listeners must not block
+      int flags = fcntl(listener, F_GETFL);
+      if (flags < 0 || fcntl(listener, F_SETFL, flags | O_NONBLOCK) != 0) return false;
+    }
+    if (pipe2(wake_, O_CLOEXEC | O_NONBLOCK) != 0) return false;
+    thread_ = std::thread([this] { Run(); });
+    return true;
+  }
+
+  void Stop() {
+    if (!thread_.joinable()) return;
+    char byte = 0;
+    ssize_t ignored = write(wake_[1], &byte, 1);
+    (void)ignored;
+    thread_.join();
+    close(wake_[0]);
+    close(wake_[1]);
+  }
+
+ private:
+  void Run() {
+    std::vector<pollfd> polled;
+    for (int listener : listeners_) polled.push_back({listener, POLLIN, 0});
+    polled.push_back({wake_[0], POLLIN, 0});
+    while (true) {
+      if (poll(polled.data(), polled.size(), -1) < 0) {
+        if (errno == EINTR) continue;
+        return;
+      }
+      if (polled.back().revents != 0) return;  // Stop()
+      for (size_t i = 0; i + 1 < polled.size(); ++i) {
+        if (polled[i].revents != 0) AcceptAll(polled[i].fd);
+      }
+    }
+  }
+
+  void AcceptAll(int listener) {
+    while (true) {
+      int fd = accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) {
+        if (errno == EMFILE || errno == ENFILE) {  // out of descriptors: wait, do not spin
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+        return;
+      }
+      Admit(listener, fd);
+    }
+  }
+
+  void Admit(int listener, int fd) {
+    if (open_.size() >= size_t(max_)) Recount();
+    struct stat st;
+    if (open_.size() >= size_t(max_) || fstat(fd, &st) != 0) {
+      close(fd);
+      return;
+    }
+    open_[fd] = st.st_ino;  // a descriptor gRPC closed and the kernel gave again is replaced
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    grpc::experimental::ExternalConnectionAcceptor::NewConnectionParameters connection;
+    connection.listener_fd = listener;
+    connection.fd = fd;
+    to_->HandleNewConnection(&connection);
+  }
+
+  void Recount() {
+    auto now = std::chrono::steady_clock::now();
+    if (now - recounted_ < std::chrono::milliseconds(20)) return;
+    recounted_ = now;
+    for (auto it = open_.begin(); it != open_.end();) {
+      struct stat st;
+      bool same = fstat(it->first, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_ino == it->second;
+      it = same ? std::next(it) : open_.erase(it);
+    }
+  }
+
+  std::unique_ptr<grpc::experimental::ExternalConnectionAcceptor> to_;
+  std::vector<int> listeners_;
+  const int max_;
+  int wake_[2] = {-1, -1};
+  std::thread thread_;
+  std::unordered_map<int, ino_t> open_;  // descriptor -> its socket's inode, as handed to gRPC
+  std::chrono::steady_clock::time_point recounted_;
+};
+
 class Front {
  public:
   Front() : events_fd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
   ~Front() { close(events_fd_); }
 
-  bool Start(const std::string& address, grpc::ServerBuilder& builder, int threads, int* port) {
-    builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
+  // Serve the connections accepted on ``listeners`` (bound and listening), at most ``max_connections``.
+  bool Start(grpc::ServerBuilder& builder, std::vector<int> listeners, int max_connections, int threads) {
+    auto type = grpc::ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD;
+    auto to = builder.experimental().AddExternalConnectionAcceptor(type, grpc::InsecureServerCredentials());
     builder.RegisterAsyncGenericService(&service_);
     for (int i = 0; i < threads; ++i) queues_.push_back(builder.AddCompletionQueue());
     server_ = builder.BuildAndStart();
-    if (!server_ || *port == 0) return false;
+    if (!server_) return false;
     for (auto& queue : queues_) {
       for (int i = 0; i < kAsked; ++i) Ask(queue.get());
       threads_.emplace_back([this, q = queue.get()] { Poll(q); });
     }
-    return true;
+    acceptor_ = std::make_unique<Acceptor>(std::move(to), std::move(listeners), max_connections);
+    return acceptor_->Start();
   }
 
   int fd() const { return events_fd_; }
@@ -109,7 +215,7 @@ class Front {
     return taken;
   }
 
-  // Each returns false for an id that is gone (the call is over) or an operation already under way.
+  // False for an id that is gone (the call is over).
   bool Read(uint64_t id) {
     std::lock_guard<std::mutex> lock(mutex_);
     Call* call = Find(id);
@@ -131,6 +237,7 @@ class Front {
   // No new calls; those under way get until the deadline, then are cancelled. Blocks.
   void Shutdown(double grace_s) {
     if (server_ == nullptr) return;
+    if (acceptor_ != nullptr) acceptor_->Stop();  // no new connection from here on
     auto deadline = std::chrono::system_clock::now() + std::chrono::microseconds(int64_t(grace_s * 1e6));
     server_->Shutdown(deadline);
     {
@@ -350,6 +457,7 @@ class Front {
   const int events_fd_;
   grpc::AsyncGenericService service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<Acceptor> acceptor_;
   std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> queues_;
   std::vector<std::thread> threads_;
   std::mutex mutex_;
@@ -371,7 +479,6 @@ constexpr Py_ssize_t kReleaseGil = 1 << 20;  // copies past this size run withou
 struct PyFront {
   PyObject_HEAD
   Front* front;
-  int port;
 };
 
 PyObject* ToBytes(grpc::ByteBuffer* buffer) {
@@ -497,15 +604,22 @@ bool Pairs(PyObject* sequence, std::vector<std::pair<std::string, std::string>>*
 }
 
 int Init(PyFront* self, PyObject* args, PyObject* kwargs) {
-  static const char* names[] = {"address", "options", "threads", "memory_bytes", nullptr};
-  const char* address;
-  PyObject* options;
-  int threads = 1;
+  static const char* names[] = {"listeners", "options", "max_connections", "threads", "memory_bytes", nullptr};
+  PyObject *listening, *options;
+  int max_connections, threads = 1;
   long long memory = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO|iL", const_cast<char**>(names), &address, &options, &threads,
-                                   &memory)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOi|iL", const_cast<char**>(names), &listening, &options,
+                                   &max_connections, &threads, &memory)) {
     return -1;
   }
+  std::vector<int> listeners;
+  PyObject* fds = PySequence_Fast(listening, "listeners: a sequence of listening sockets' descriptors");
+  if (fds == nullptr) return -1;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fds); ++i) {
+    listeners.push_back(int(PyLong_AsLong(PySequence_Fast_GET_ITEM(fds, i))));
+  }
+  Py_DECREF(fds);
+  if (PyErr_Occurred()) return -1;
   grpc::ServerBuilder builder;
   PyObject* fast = PySequence_Fast(options, "options: a sequence of (name, int) pairs");
   if (fast == nullptr) return -1;
@@ -526,11 +640,10 @@ int Init(PyFront* self, PyObject* args, PyObject* kwargs) {
   }
   self->front = new Front();
   bool started;
-  std::string where(address);
-  Py_BEGIN_ALLOW_THREADS started = self->front->Start(where, builder, threads, &self->port);
+  Py_BEGIN_ALLOW_THREADS started = self->front->Start(builder, std::move(listeners), max_connections, threads);
   Py_END_ALLOW_THREADS
   if (!started) {
-    PyErr_Format(PyExc_RuntimeError, "cannot bind %s", address);
+    PyErr_SetString(PyExc_RuntimeError, "gRPC's server did not start");
     return -1;
   }
   return 0;
@@ -608,8 +721,6 @@ PyObject* ShutdownMethod(PyFront* self, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-PyObject* Port(PyFront* self, void*) { return PyLong_FromLong(self->port); }
-
 PyMethodDef kMethods[] = {
     {"fileno", reinterpret_cast<PyCFunction>(Fileno), METH_NOARGS, "The eventfd that is readable while events wait."},
     {"take", reinterpret_cast<PyCFunction>(Take), METH_NOARGS, "Every event that has arrived, in order."},
@@ -620,9 +731,6 @@ PyMethodDef kMethods[] = {
     {"shutdown", reinterpret_cast<PyCFunction>(ShutdownMethod), METH_O,
      "shutdown(grace_s): no new calls; those under way are cancelled after grace_s. Blocks."},
     {nullptr, nullptr, 0, nullptr}};
-
-PyGetSetDef kGetSet[] = {{"port", reinterpret_cast<getter>(Port), nullptr, "The bound port.", nullptr},
-                         {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 PyTypeObject kFrontType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
@@ -638,7 +746,6 @@ PyMODINIT_FUNC PyInit__front() {
   kFrontType.tp_init = reinterpret_cast<initproc>(Init);
   kFrontType.tp_dealloc = reinterpret_cast<destructor>(Dealloc);
   kFrontType.tp_methods = kMethods;
-  kFrontType.tp_getset = kGetSet;
   if (PyType_Ready(&kFrontType) < 0) return nullptr;
   PyObject* module = PyModule_Create(&kModule);
   if (module == nullptr) return nullptr;

@@ -48,5 +48,8 @@ def server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None) -> 
     if kind(config) == "native":
         # gRPC's core holds what arrives for calls not yet whole; its resource quota bounds that
         # memory, which grpc.aio cannot (the Python wheel does not expose the quota).
-        return native_front.NativeServer(interceptors, options, memory_bytes=config.max_in_flight_bytes)
+        return native_front.NativeServer(
+            interceptors, options, max_connections=config.max_connections, reuse_port=config.workers > 1,
+            memory_bytes=config.max_in_flight_bytes,
+        )
     return grpc.aio.server(interceptors=interceptors, options=options)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 import inspect
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
@@ -54,14 +56,17 @@ def available() -> bool:
 class NativeServer:
     """A ``grpc.aio.Server`` in shape (the methods ``app`` uses), served by gRPC's C++ core."""
 
-    def __init__(self, interceptors: Sequence[_Interceptor], options: Sequence[tuple[str, int]],
-                 *, threads: int = 1, memory_bytes: int = 0) -> None:
+    def __init__(self, interceptors: Sequence[_Interceptor], options: Sequence[tuple[str, int]], *,
+                 max_connections: int = 2**20, reuse_port: bool = False, threads: int = 1, memory_bytes: int = 0) -> None:
         if _front is None:
             raise RuntimeError("--front native: this installation has no native front (install libgrpc++-dev, reinstall)")
         self._interceptors = tuple(interceptors)
         self._options = [(name, int(value)) for name, value in options]
         self._threads = threads
         self._memory_bytes = memory_bytes
+        self._max_connections = max_connections
+        self._reuse_port = reuse_port
+        self._listeners: list[socket.socket] = []
         self._generic: list[_Generic] = []
         self._registered: dict[str, _Handler] = {}
         self._front: Any = None
@@ -78,11 +83,19 @@ class NativeServer:
             self._registered[f"/{service}/{name}"] = handler
 
     def add_insecure_port(self, address: str) -> int:
-        """Listen on ``address`` (plaintext: this front has no TLS yet); RuntimeError if it cannot."""
+        """Listen on ``address`` (plaintext: this front has no TLS yet); the bound port, or
+        RuntimeError if it cannot. The sockets are this process's, so that the front can count
+        the connections it accepts (gRPC 1.51 cannot bound them)."""
         if self._front is not None:
             raise RuntimeError("the native front listens on one address")
-        self._front = _front.Front(address, self._options, self._threads, self._memory_bytes)
-        return int(self._front.port)
+        self._listeners, port = _listen(address, self._reuse_port)
+        try:
+            fds = [sock.fileno() for sock in self._listeners]
+            self._front = _front.Front(fds, self._options, self._max_connections, self._threads, self._memory_bytes)
+        except BaseException:
+            _close(self._listeners)
+            raise
+        return port
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -90,9 +103,14 @@ class NativeServer:
 
     async def stop(self, grace: float | None) -> None:
         """Take no new call; those under way get ``grace`` seconds (None: none), then are cancelled."""
-        if self._front is None or self._loop is None:
+        if self._front is None:
+            return
+        if self._loop is None:  # never started: nothing is under way
+            self._front.shutdown(0.0)
+            _close(self._listeners)
             return
         await asyncio.to_thread(self._front.shutdown, 0.0 if grace is None else grace)
+        _close(self._listeners)
         self._on_events()  # the last events: the calls' ends
         self._loop.remove_reader(self._front.fileno())
         for call in list(self._calls.values()):
@@ -261,6 +279,47 @@ class NativeServer:
             _unexpected(context, exc)
             return
         context.finish(None)
+
+
+def _listen(address: str, reuse_port: bool) -> tuple[list[socket.socket], int]:
+    """Listening sockets for ``address`` ("host:port"; port 0 picks one, the same for every
+    address the host names) as gRPC binds them: "localhost" on each loopback address it has, "[::]"
+    on every interface in both IPv6 and IPv4."""
+    host, _, port_text = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") else host
+    port = int(port_text)
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise RuntimeError(f"cannot resolve {host!r}: {exc}") from None
+    listeners: list[socket.socket] = []
+    for family, kind, proto, _, where in dict.fromkeys(found):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and where[0] == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((where[0], port, *where[2:]))
+            sock.listen(socket.SOMAXCONN)
+        except OSError as exc:
+            sock.close()
+            if listeners and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                continue  # e.g. "localhost" on a host without IPv6
+            _close(listeners)
+            raise RuntimeError(str(exc)) from None
+        listeners.append(sock)
+        port = port or sock.getsockname()[1]
+    if not listeners:
+        raise RuntimeError(f"{host!r} has no address to listen on")
+    return listeners, port
+
+
+def _close(listeners: list[socket.socket]) -> None:
+    for sock in listeners:
+        sock.close()
+    listeners.clear()
 
 
 def _bind(interceptor: _Interceptor, continuation: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -399,9 +399,7 @@ def test_connections_past_max_connections_are_closed_and_no_one_waits(tmp_path: 
     the bystander's connection, opened before, serves on, and once the caller has gone, new
     connections are served."""
     http_port = free_port()
-    # The gRPC port's bound is grpc.aio's (gRPC's core in Debian's libgrpc++ 1.51, under the native
-    # front, has no such setting: README, "Limits").
-    server = ServerProcess(tmp_path, "--max-connections", "16", "--http-port", str(http_port), "--front", "python")
+    server = ServerProcess(tmp_path, "--max-connections", "16", "--http-port", str(http_port))
     server.start()
     try:
         with Watch(server, "40 idle connections on each port, max_connections 16") as watch:
