@@ -24,7 +24,6 @@ import errno
 import inspect
 import logging
 import socket
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +133,7 @@ class NativeServer:
                 self._event(event)
             except Exception as exc:  # one call's failure is that call's alone: the batch goes on
                 self._log.log(logger, logging.ERROR, ("failed",), "event=native_call_failed error=%s", repr(exc))
-                self._calls.pop(event[1], None)
+                # The call stays known until its DONE, which runs its done callbacks (budgets).
                 self._front.finish(event[1], grpc.StatusCode.INTERNAL.value[0], "internal error", (), None)
 
     def _event(self, event: tuple[Any, ...]) -> None:
