@@ -348,10 +348,11 @@ class Front {
               std::lock_guard<std::mutex> lock(mutex_);
               call->started = true;
               ++live_;
-              ++call->pending;  // the first read
-              call->stream.Read(&call->in, &call->tags[kRead]);
+              ++call->pending;  // the first read, started below
             }
-            Push(std::move(event), call);
+            Push(std::move(event), call);  // before the read: its MESSAGE must not come first
+            std::lock_guard<std::mutex> lock(mutex_);
+            call->stream.Read(&call->in, &call->tags[kRead]);
           }
           break;
         case kRead: {
