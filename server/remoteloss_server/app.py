@@ -112,9 +112,9 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         stack.callback(pool.shutdown, wait=False, cancel_futures=True)
         helpers = allocator.TrimmablePool(thread_name_prefix="remoteloss-helper")  # asyncio.to_thread's
         asyncio.get_running_loop().set_default_executor(helpers)  # shut down with the loop
-        server = grpc_front.server(config, security.interceptor)
         if grpc_front.kind(config) == "native" and not native_front.available():
             raise StartupError("front native: this installation has no native front (gRPC's C++ library was missing)")
+        server = grpc_front.server(config, security.interceptor)
         stack.push_async_callback(server.stop, None)
         metrics = Metrics()
         if executor.device.type == "cuda":

@@ -393,13 +393,15 @@ def _served(check: Callable[[], object], timeout_s: float = 10.0) -> None:
             time.sleep(0.2)
 
 
-def test_connections_past_max_connections_are_closed_and_no_one_waits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("front", ["auto", "python"])
+def test_connections_past_max_connections_are_closed_and_no_one_waits(tmp_path: Path, front: str) -> None:
     """A caller that opens connections and leaves them idle, 40 on each port against
     ``--max-connections 16``: those past the bound are closed at once (HTTP answers 503 first),
     the bystander's connection, opened before, serves on, and once the caller has gone, new
-    connections are served."""
+    connections are served. On both gRPC fronts: the native one accepts connections itself and
+    counts them, grpc.aio's core has the bound built in."""
     http_port = free_port()
-    server = ServerProcess(tmp_path, "--max-connections", "16", "--http-port", str(http_port))
+    server = ServerProcess(tmp_path, "--max-connections", "16", "--http-port", str(http_port), "--front", front)
     server.start()
     try:
         with Watch(server, "40 idle connections on each port, max_connections 16") as watch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
+from remoteloss_server import grpc_front, native_front
 from remoteloss_server.app import SERVICE_NAME, ServerThread, StartupError
 from remoteloss_server.config import ServerConfig
 
@@ -120,6 +122,19 @@ def test_a_missing_device_is_a_startup_error() -> None:
     missing = ServerThread(ServerConfig(host="127.0.0.1", port=0, device="cuda:7"))
     with pytest.raises(StartupError, match="cuda:7"), missing:
         pass
+
+
+def test_without_the_native_front_auto_serves_on_grpc_aio_and_native_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(native_front, "_front", None)  # an install without gRPC's C++ library
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", metrics_port=0, http_port=0)
+    assert grpc_front.kind(config) == "python"
+    with ServerThread(config) as running, grpc.insecure_channel(running.target) as channel:
+        assert loss_pb2_grpc.LossServiceStub(channel).ListLosses(pb.ListLossesRequest(), timeout=10).losses
+    with pytest.raises(StartupError, match="front native: this installation has no native front"):
+        with ServerThread(dataclasses.replace(config, front="native")):
+            pass
 
 
 def test_an_invalid_config_is_rejected_up_front() -> None:
