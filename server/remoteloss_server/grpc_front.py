@@ -36,8 +36,9 @@ def server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None) -> 
         # No compression, either way: gRPC refuses a compressed request before inflating it
         # (UNIMPLEMENTED), so a few KiB on the wire cannot become gigabytes in the server.
         ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
-        # Connections: a bounded number (one more is closed at once), each given 10 s to
-        # finish its handshake (gRPC's default is 120 s), and closed once idle.
+        # Connections: a bounded number (one more is closed at once; the native front's core, 1.51,
+        # ignores this argument, and the front counts what it accepts), each given 10 s to finish
+        # its handshake (gRPC's default is 120 s), and closed once idle.
         ("grpc.max_allowed_incoming_connections", config.max_connections),
         ("grpc.max_concurrent_streams", config.max_connection_in_flight),  # gRPC's default: unbounded
         ("grpc.server_handshake_timeout_ms", _HANDSHAKE_TIMEOUT_MS),

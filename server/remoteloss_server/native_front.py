@@ -287,8 +287,11 @@ def _listen(address: str, reuse_port: bool) -> tuple[list[socket.socket], int]:
     host, _, port_text = address.rpartition(":")
     host = host[1:-1] if host.startswith("[") else host
     port = int(port_text)
+    # "localhost" is both loopback addresses, whatever /etc/hosts says, as gRPC binds it.
+    names = ("127.0.0.1", "::1") if host == "localhost" else (host or None,)
     try:
-        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        found = [info for name in names
+                 for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)]
     except OSError as exc:
         raise RuntimeError(f"cannot resolve {host!r}: {exc}") from None
     listeners: list[socket.socket] = []

@@ -6,12 +6,14 @@ kind of call and each thing a handler asks of its call on both: a unary call wit
 (Compute) and with messages (ListLosses), a bidirectional stream (ComputeStream), a server stream
 (health's Watch), reflection, undecodable requests, the Open Inference Protocol's door, an unknown method, statuses with
 trailing metadata, the API keys' interceptor (a refusal, and the tenant it gives the handler), a
-deadline that passes while the call waits, and a call its client cancels.
+deadline that passes while the call waits, a call its client cancels, and "localhost" bound as
+gRPC binds it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -225,3 +227,23 @@ def test_a_call_the_native_front_cannot_dispatch_fails_alone() -> None:
     finally:
         stop.set()
         thread.join()
+
+
+def test_localhost_is_both_loopback_addresses(served: ServerThread) -> None:
+    """As gRPC binds "localhost" (both loopback addresses, whatever /etc/hosts says), so does the
+    native front, which binds its own listening sockets; a host without IPv6 has only one."""
+    config = ServerConfig(host="localhost", port=0, device="cpu", metrics_port=0, http_port=0, front=served.config.front)
+    with ServerThread(config) as running:
+        targets = [f"127.0.0.1:{running.port}"] + ([f"[::1]:{running.port}"] if _has_ipv6_loopback() else [])
+        for target in targets:
+            with remoteloss.Client(target, timeout=10) as client:
+                assert client.mse_loss(np.ones(3, np.float32), np.zeros(3, np.float32)) == 1.0
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
