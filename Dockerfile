@@ -30,7 +30,7 @@ RUN pip install --no-cache-dir torch==2.13.0
 # The two distributions from source: remoteloss (client/: the SDK, whose codec, wire framing and
 # stubs the server uses, and the `remoteloss` command the health check runs) and
 # remoteloss-server (server/), which needs that very version of remoteloss. The server's native
-# front (server/native/front.cc) is built against Debian's gRPC C++ library; the compiler and
+# front (server/native/) is built against Debian's gRPC C++ library; the compiler and
 # headers go again, the library (libgrpc++1.51 and what it needs) stays. The import checks that
 # the front was built: without it the server would fall back to grpc.aio's.
 WORKDIR /src

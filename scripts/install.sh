@@ -27,7 +27,7 @@ import hashlib, sys
 digest = hashlib.sha256()
 for path in sys.argv[1:]:
     digest.update(open(path, "rb").read())
-print(digest.hexdigest())' client/pyproject.toml server/pyproject.toml server/setup.py server/native/front.cc)"
+print(digest.hexdigest())' client/pyproject.toml server/pyproject.toml server/setup.py server/native/*)"
 
 # The extras already installed for this key (none when the key changed), and the union with $wanted.
 installed=""

@@ -1,4 +1,5 @@
-"""The native front's extension, ``remoteloss_server._front`` (native/front.cc), built where gRPC's
+"""The native front's extension, ``remoteloss_server._front`` (native/: front.cc, the Python type;
+front.h, the transport; acceptor.h, the connections), built where gRPC's
 C++ library and pkg-config are installed (Debian: ``apt-get install libgrpc++-dev pkg-config g++``).
 Without them the distribution installs without it, and the server runs grpc.aio's front
 (``--front auto``; ``--front native`` then refuses to start). Everything else is pyproject.toml's."""
@@ -28,6 +29,7 @@ def _extensions() -> list[Extension]:
         Extension(
             "remoteloss_server._front",
             ["native/front.cc"],
+            depends=["native/front.h", "native/acceptor.h"],
             extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", *cflags],
             extra_link_args=libs,
             language="c++",

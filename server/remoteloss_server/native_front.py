@@ -4,7 +4,7 @@ grpc.aio spends about three quarters of a small call's transport CPU in its Cyth
 event-loop turn and a thread hand-off per call (``bench/server_cpu.py``: "echo" against
 "echo-c++"). ``NativeServer`` has the shape of a ``grpc.aio.Server`` (handlers, interceptors,
 ports, start, stop), so ``app`` registers the same servicers on it, and serves them through
-``_front`` (``server/native/front.cc``): gRPC's C++ core reads and writes the calls on its own
+``_front`` (``server/native/``): gRPC's C++ core reads and writes the calls on its own
 thread and hands this event loop every call and message that arrived since the last wake-up in
 one batch. A unary handler runs on the spot in that batch, to its end unless it waits for
 something (the batcher, a thread), and only then becomes a task; a streaming one is a task.
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # the stubs' generics, which grpc lacks at run time
 logger = logging.getLogger(__name__)
 
 try:
-    from remoteloss_server import _front  # type: ignore[attr-defined]  # built from server/native/front.cc
+    from remoteloss_server import _front  # type: ignore[attr-defined]  # built from server/native/
 except ImportError:  # pragma: no cover - built wherever CI runs
     _front = None
 
