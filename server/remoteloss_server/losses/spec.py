@@ -10,6 +10,7 @@ torch checks only on the device (class indices) is a per-loss check run on the h
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ class LossSpec:
 
     @property
     def function(self) -> Callable[..., torch.Tensor]:
-        fn: Callable[..., torch.Tensor] = getattr(F, self.name)
+        fn: Callable[..., torch.Tensor] = _INSTEAD.get(self.name) or getattr(F, self.name)
         return fn
 
     @property
@@ -263,3 +264,18 @@ class LossSpec:
 
 def _requires_grad(message: Message, name: str) -> bool:
     return bool(getattr(message, name).requires_grad)
+
+
+@functools.wraps(F.multi_margin_loss)
+def _multi_margin_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``F.multi_margin_loss``, except an empty batch's sum or mean: torch 2.13 answers those with
+    8 bytes of memory it never wrote (in a server, possibly another caller's). Here they are what
+    torch's other losses answer: the sum of nothing, 0, and its mean, NaN."""
+    out = F.multi_margin_loss(*args, **kwargs)
+    x: torch.Tensor = kwargs["input"] if "input" in kwargs else args[0]
+    if out.dim() == 0 and x.numel() == 0:
+        return x.sum() if kwargs.get("reduction", "mean") == "sum" else x.mean()
+    return out
+
+
+_INSTEAD: dict[str, Callable[..., torch.Tensor]] = {"multi_margin_loss": _multi_margin_loss}
