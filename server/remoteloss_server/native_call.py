@@ -97,8 +97,8 @@ class Context:
     async def write(self, message: Any) -> None:
         """Send one message (serialized by the method's serializer); returns once gRPC has taken it."""
         self._written = asyncio.get_running_loop().create_future()
-        if self._front.write(self._id, message if self.serialize is None else self.serialize(message)):
-            await self._written
+        self._front.write(self._id, message if self.serialize is None else self.serialize(message))
+        await self._written  # a call that ends first is cancelled by its DONE
 
     def on_done(self, cancelled: bool) -> None:
         self.done_, self.cancelled_ = True, cancelled
