@@ -266,16 +266,25 @@ def _requires_grad(message: Message, name: str) -> bool:
     return bool(getattr(message, name).requires_grad)
 
 
-@functools.wraps(F.multi_margin_loss)
-def _multi_margin_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """``F.multi_margin_loss``, except an empty batch's sum or mean: torch 2.13 answers those with
-    8 bytes of memory it never wrote (in a server, possibly another caller's). Here they are what
-    torch's other losses answer: the sum of nothing, 0, and its mean, NaN."""
-    out = F.multi_margin_loss(*args, **kwargs)
-    x: torch.Tensor = kwargs["input"] if "input" in kwargs else args[0]
-    if out.dim() == 0 and x.numel() == 0:
-        return x.sum() if kwargs.get("reduction", "mean") == "sum" else x.mean()
-    return out
+# Losses whose empty batch torch 2.13 reduces (sum or mean) to 8 bytes of memory it never wrote:
+# in a server, possibly another caller's. Here they answer what torch's other losses do.
+EMPTY_BATCH_UNWRITTEN = frozenset({"multi_margin_loss", "multilabel_margin_loss"})
 
 
-_INSTEAD: dict[str, Callable[..., torch.Tensor]] = {"multi_margin_loss": _multi_margin_loss}
+def _written_when_empty(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``loss``, except that an empty batch's sum is 0 and its mean NaN (the sum and mean of nothing)."""
+
+    @functools.wraps(loss)
+    def written(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = loss(*args, **kwargs)
+        x: torch.Tensor = kwargs["input"] if "input" in kwargs else args[0]
+        if out.dim() == 0 and x.numel() == 0:
+            return x.sum() if kwargs.get("reduction", "mean") == "sum" else x.mean()
+        return out
+
+    return written
+
+
+_INSTEAD: dict[str, Callable[..., torch.Tensor]] = {
+    name: _written_when_empty(getattr(F, name)) for name in sorted(EMPTY_BATCH_UNWRITTEN)
+}
