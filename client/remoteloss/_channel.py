@@ -36,6 +36,9 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 # function, so gRPC may retry it; UNAVAILABLE covers a restarting or draining server, and
 # CANCELLED the calls a stopping server received but never handed to a handler, which gRPC's
 # core cancels (grpc/grpc#41785). A cancel of the caller's own is never retried.
+# RESOURCE_EXHAUSTED covers the call a server's gRPC core sheds when requests still arriving
+# fill its memory quota (it may be anyone's); the server's own refusals (a budget or a queue
+# full) carry a pushback that tells gRPC not to retry them.
 SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
@@ -46,7 +49,7 @@ SERVICE_CONFIG: dict[str, Any] = {
                 "initialBackoff": "0.05s",
                 "maxBackoff": "2s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"],
             },
         }
     ],

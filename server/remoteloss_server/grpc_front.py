@@ -48,9 +48,12 @@ def server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None) -> 
     interceptors = [] if interceptor is None else [interceptor]
     if kind(config) == "native":
         # gRPC's core holds what arrives for calls not yet whole; its resource quota bounds that
-        # memory, which grpc.aio cannot (the Python wheel does not expose the quota).
+        # memory, which grpc.aio cannot (the Python wheel does not expose the quota). Once full,
+        # the core sheds calls (RESOURCE_EXHAUSTED, which the SDK retries), whoever's they are, so
+        # the quota leaves room for one whole request beside a full budget: a single request,
+        # however large, is refused by the budgets, not shed with a bystander's call.
         return native_front.NativeServer(
             interceptors, options, max_connections=config.max_connections, reuse_port=config.workers > 1,
-            memory_bytes=config.max_in_flight_bytes,
+            memory_bytes=config.max_in_flight_bytes + config.max_message_bytes,
         )
     return grpc.aio.server(interceptors=interceptors, options=options)

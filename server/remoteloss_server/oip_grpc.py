@@ -29,7 +29,7 @@ from remoteloss_server.inference import grpc_service_pb2 as ipb
 from remoteloss_server.intake import UndecodableRequest
 from remoteloss_server.limits import Ticket
 from remoteloss_server.oip_door import Door
-from remoteloss_server.status import caller_request_id, register, status_of, translate_errors
+from remoteloss_server.status import caller_request_id, final, register, status_of, translate_errors
 from remoteloss_server.streaming import Stopped, bounded_map
 
 __all__ = ["PROTOCOL", "SERVICE_NAME", "InferenceServicer", "add_to_server"]
@@ -145,6 +145,7 @@ class InferenceServicer:
         if isinstance(answer, bytes):
             return answer
         del data  # not held by the abort's traceback
+        final(context, answer[0])
         await context.abort(*answer[:2])
         raise AssertionError("context.abort returned")  # pragma: no cover
 

@@ -32,7 +32,9 @@ from remoteloss_server.limits import Admission, Ticket
 from remoteloss_server.losses import LOSSES, describe_all
 from remoteloss_server.metrics import Metrics
 from remoteloss_server.scheduling import SchedulingPolicy
-from remoteloss_server.status import add_trailing_metadata, caller_request_id, register, status_of, translate_errors
+from remoteloss_server.status import (
+    add_trailing_metadata, caller_request_id, final, register, status_of, translate_errors,
+)
 from remoteloss_server.streaming import Stopped, bounded_map
 from remoteloss_server.telemetry import REQUEST_ID_KEY, TENANT, RequestRecord, loss_label
 
@@ -120,6 +122,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         # traceback, this frame included, in a reference cycle until the garbage collector runs,
         # and a refused request's bytes must not wait for it.
         del data, received
+        final(context, code)
         await context.abort(code, details)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
@@ -168,7 +171,9 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await context.abort(*status_of(exc, "ComputeStream"))
+            code, details = status_of(exc, "ComputeStream")
+            final(context, code)
+            await context.abort(code, details)
         finally:
             for ticket in unsent:
                 ticket.release()

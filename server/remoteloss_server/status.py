@@ -22,13 +22,22 @@ from remoteloss_server.errors import ServiceError
 from remoteloss_server.intake import UndecodableRequest, receive
 from remoteloss_server.telemetry import REQUEST_ID_KEY, request_id
 
-__all__ = ["MAX_DETAILS", "add_trailing_metadata", "caller_request_id", "register", "status_of", "translate_errors"]
+__all__ = [
+    "MAX_DETAILS", "add_trailing_metadata", "caller_request_id", "final", "register", "status_of", "translate_errors",
+]
 
 logger = logging.getLogger(__name__)
 
 # A status message's characters at most: gRPC refuses a status past 16 KiB of metadata (the
 # caller then sees RESOURCE_EXHAUSTED "Stream removed"), and the message is logged too.
 MAX_DETAILS = 2048
+
+# gRPC's retry policy (the SDK's retries RESOURCE_EXHAUSTED) reads this trailer: a negative
+# pushback means "do not retry". RESOURCE_EXHAUSTED has two sources: gRPC's core sheds a call
+# (RST_STREAM, ENHANCE_YOUR_CALM) when what it holds of requests not yet whole fills its memory
+# quota, whoever's call it is and before any handler saw it, so that one is safe to retry;
+# a budget or queue of the server's own refusing a request is an answer, and says so.
+_NO_RETRY = ("grpc-retry-pushback-ms", "-1")
 
 _S = TypeVar("_S")
 _Req = TypeVar("_Req")
@@ -48,6 +57,13 @@ def status_of(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+def final(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode) -> None:
+    """Tell gRPC's retry policy not to retry ``code`` when it is a RESOURCE_EXHAUSTED of the
+    server's own (see ``_NO_RETRY``); call it before aborting with ``code``."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        add_trailing_metadata(context, (_NO_RETRY,))
+
+
 def translate_errors(handler: _Handler[_S, _Req, _Resp]) -> _Handler[_S, _Req, _Resp]:
     """Abort with the status of a ``ServiceError`` (an ``UndecodableRequest`` included); log
     anything else and abort with INTERNAL."""
@@ -61,7 +77,9 @@ def translate_errors(handler: _Handler[_S, _Req, _Resp]) -> _Handler[_S, _Req, _
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await context.abort(*status_of(exc, handler.__name__))
+            code, details = status_of(exc, handler.__name__)
+            final(context, code)
+            await context.abort(code, details)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return wrapper

@@ -7,7 +7,8 @@ with torch) runs all along, and ``/proc/PID/status`` is sampled every few millis
 ``Watch`` checks the targets of every attack: the server is alive and SERVING, the bystander's
 slowest call is within ``slowest_s`` and it got no wrong answer, peak RSS is within
 ``peak_over_bytes`` of where it started, and RSS comes back within ``after_over_bytes`` once the
-attacker is gone. Each watch's figures are printed at the end of the run (``pytest_terminal_summary``
+attacker is gone; ``retries=True`` gives the bystander the SDK's retry policy, for an attack whose
+harm to others is a call that gRPC sheds and the SDK sends again. Each watch's figures are printed at the end of the run (``pytest_terminal_summary``
 in ``conftest.py``), so the closing note quotes measured numbers.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from remoteloss import codec
+from remoteloss._channel import create_channel
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
 
@@ -39,10 +41,13 @@ BYSTANDER_EXPECTED = float(F.mse_loss(torch.from_numpy(_X), torch.from_numpy(_Y)
 
 class Bystander:
     """A well-behaved caller: small ``mse_loss`` calls in a loop on its own channel, each checked
-    against torch; it records the slowest call and anything that went wrong."""
+    against torch; it records the slowest call and anything that went wrong. ``retries``: the
+    channel has the SDK's retry policy; else none, so every failure counts."""
 
-    def __init__(self, target: str, *, metadata: tuple[tuple[str, str], ...] = (), pause_s: float = 0.01) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str, *, metadata: tuple[tuple[str, str], ...] = (), pause_s: float = 0.01, retries: bool = False
+    ) -> None:
+        self._channel = create_channel(target) if retries else grpc.insecure_channel(target)
         self._stub = loss_pb2_grpc.LossServiceStub(self._channel)
         self._metadata = metadata
         self._pause_s = pause_s
@@ -156,6 +161,7 @@ class Watch:
         slowest_s: float = 1.0,
         settle_s: float = 20.0,
         metadata: tuple[tuple[str, str], ...] = (),
+        retries: bool = False,
     ) -> None:
         self.server = server
         self.figures = Figures(attack)
@@ -163,7 +169,7 @@ class Watch:
         self.after_over_bytes = after_over_bytes
         self.slowest_s = slowest_s
         self.settle_s = settle_s
-        self.bystander = Bystander(server.target, metadata=metadata)
+        self.bystander = Bystander(server.target, metadata=metadata, retries=retries)
         self.rss: RssSampler | None = None
 
     def __enter__(self) -> Self:

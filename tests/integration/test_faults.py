@@ -261,11 +261,14 @@ def test_a_flood_past_the_bound_is_refused_at_once_and_the_rest_answered(server:
     with Bystander(server.target, allowed=(remoteloss.ResourceExhaustedError,)) as bystander:
         slow = hold_compute(server, stub)
         flood = [stub.Compute.future(request, timeout=60) for _ in range(200)]
-        # The error table's row, through the SDK: queue full -> ResourceExhaustedError, at once.
+        # The error table's row, through the SDK: queue full -> ResourceExhaustedError, at once,
+        # and once: the SDK retries RESOURCE_EXHAUSTED, but not the server's own refusal.
         wait_until(lambda: any(f.done() for f in flood), "the first refusal")
+        refused = server.metric("remoteloss_requests_total", loss="l1_loss", code="RESOURCE_EXHAUSTED")
         with remoteloss.Client(server.target) as client, pytest.raises(remoteloss.ResourceExhaustedError) as info:
-            client.cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 1]))
+            client.l1_loss(np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32))
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "saturated" in info.value.details
+        assert server.metric("remoteloss_requests_total", loss="l1_loss", code="RESOURCE_EXHAUSTED") == refused + 1
         assert not slow.done()
         codes: Counter[str] = Counter()
         for future in flood:
