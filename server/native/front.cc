@@ -241,9 +241,10 @@ PyObject* WriteMethod(PyFront* self, PyObject* args) {
   if (!PyArg_ParseTuple(args, "KO", &id, &data)) return nullptr;
   grpc::ByteBuffer buffer;
   if (!ToBuffer(data, &buffer)) return nullptr;
-  Py_BEGIN_ALLOW_THREADS self->front->Write(id, &buffer);
+  bool taken;
+  Py_BEGIN_ALLOW_THREADS taken = self->front->Write(id, &buffer);
   Py_END_ALLOW_THREADS
-  Py_RETURN_TRUE;
+  return PyBool_FromLong(taken);
 }
 
 PyObject* FinishMethod(PyFront* self, PyObject* args) {
@@ -276,7 +277,8 @@ PyMethodDef kMethods[] = {
     {"fileno", reinterpret_cast<PyCFunction>(Fileno), METH_NOARGS, "The eventfd that is readable while events wait."},
     {"take", reinterpret_cast<PyCFunction>(Take), METH_NOARGS, "Every event that has arrived, in order."},
     {"read", reinterpret_cast<PyCFunction>(ReadMethod), METH_O, "read(id): ask for the call's next message."},
-    {"write", reinterpret_cast<PyCFunction>(WriteMethod), METH_VARARGS, "write(id, data): send a message."},
+    {"write", reinterpret_cast<PyCFunction>(WriteMethod), METH_VARARGS,
+     "write(id, data): send a message; False: the call's queue is full, so wait for WRITTEN."},
     {"finish", reinterpret_cast<PyCFunction>(FinishMethod), METH_VARARGS,
      "finish(id, code, details, trailing, data or None): the last message and the status."},
     {"shutdown", reinterpret_cast<PyCFunction>(ShutdownMethod), METH_O,

@@ -13,24 +13,29 @@
 //   (START, id, method, metadata, deadline, peer, first message or None)
 //   (MESSAGE, id, bytes)      a message asked for by read(id)
 //   (HALF_CLOSE, id)          the caller sends no more (the answer to read(id) when none comes)
-//   (WRITTEN, id)             write(id, ...) has been taken by gRPC
+//   (WRITTEN, id)             the call's queue of writes has room again (after a write(id) that
+//                             answered False)
 //   (DONE, id, cancelled)     the call is over: finished, or cancelled (deadline, client, GOAWAY)
 // deadline: seconds since the epoch (time.time()), or None.
-// Calls from Python: read(id), write(id, bytes), finish(id, code, details, trailing, bytes|None),
-// each at most once outstanding per kind (read, write/finish), as gRPC's async API requires.
+// Calls from Python: read(id), write(id, bytes), finish(id, code, details, trailing, bytes|None).
+// At most one read is outstanding, as gRPC's async API requires. Writes queue on their call: gRPC
+// takes one at a time, and the queue's thread starts the next when one is done, without Python.
+// write() answers False once the queue is full (kQueued messages, or kQueuedBytes), and Python
+// then waits for WRITTEN before the next; a finish waits for the queue to empty.
 // A call's id is dropped after DONE and its last operation; calls on a dropped id do nothing.
 // Connections come from listening sockets the Python side bound (Acceptor), so that they can be
 // counted: gRPC's core (1.51) has no bound on them.
 #pragma once
 
-#include <grpcpp/alarm.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -59,6 +64,15 @@ struct Event {
 
 class Front;
 
+struct Outgoing {
+  uint64_t id;
+  bool finish;
+  grpc::Status status;
+  std::vector<std::pair<std::string, std::string>> trailing;
+  grpc::ByteBuffer message;
+  bool has_message;
+};
+
 struct Call;
 struct Tag {
   Call* call;
@@ -75,6 +89,12 @@ struct Call {
   Tag tags[5] = {{this, kAsk}, {this, kRead}, {this, kWrite}, {this, kFinish}, {this, kNotify}};
   int pending = 0;  // operations started and not yet back from the queue (under Front::mutex_)
   bool started = false, done = false, finishing = false;
+  // Writes (under Front::mutex_): one under way (or posted), the rest queued behind it; a finish
+  // posted meanwhile waits for them. ``waiting``: Python waits for WRITTEN (the queue was full).
+  bool writing = false, waiting = false;
+  std::deque<grpc::ByteBuffer> queued;
+  size_t queued_bytes = 0;
+  std::unique_ptr<Outgoing> finish_after;
   uint64_t start_taken = ~uint64_t(0);  // Front::taken_ when START was queued; START's place in the queue
   size_t start_index = 0;
 };
@@ -96,6 +116,7 @@ class Front {
       for (int i = 0; i < kAsked; ++i) Ask(queue.get());
       threads_.emplace_back([this, q = queue.get()] { Poll(q); });
     }
+    writer_ = std::thread([this] { Send(); });
     acceptor_ = std::make_unique<Acceptor>(std::move(to), std::move(listeners), max_connections);
     return acceptor_->Start();
   }
@@ -123,12 +144,43 @@ class Front {
     return true;
   }
 
-  // Write and Finish are sent by the queue's thread, which gRPC's core then does the socket's work
-  // on (not the caller's, Python's event loop): posted, and the thread woken by an alarm.
-  void Write(uint64_t id, grpc::ByteBuffer* message) { Post(id, false, grpc::Status::OK, {}, message); }
+  // Writes and finishes are started by the front's writer thread, on which gRPC's core then does
+  // the socket's work (not on Python's event loop): posted, and the thread woken; or, while a
+  // queue's thread is handling an event, by that thread once it is done with it. A write while
+  // one of its call's is under way joins the call's queue, which the queue's thread empties as
+  // each is done. False: the queue is full, and Python waits for WRITTEN before its next write.
+  bool Write(uint64_t id, grpc::ByteBuffer* message) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      Call* call = Find(id);
+      if (call == nullptr || call->done || call->finishing || call->finish_after) return true;  // DONE ends it
+      if (call->writing) {
+        call->queued_bytes += message->Length();
+        call->queued.emplace_back();
+        call->queued.back().Swap(message);
+        call->waiting = call->queued.size() >= kQueued || call->queued_bytes > kQueuedBytes;
+        return !call->waiting;
+      }
+      call->writing = true;
+    }
+    Post(id, false, grpc::Status::OK, {}, message);
+    return true;
+  }
 
   void Finish(uint64_t id, const grpc::Status& status, std::vector<std::pair<std::string, std::string>> trailing,
               grpc::ByteBuffer* message) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      Call* call = Find(id);
+      if (call != nullptr && call->writing && !call->finish_after) {  // after the writes queued
+        call->finish_after.reset(new Outgoing{id, true, status, std::move(trailing), grpc::ByteBuffer(), false});
+        if (message != nullptr) {
+          call->finish_after->message.Swap(message);
+          call->finish_after->has_message = true;
+        }
+        return;
+      }
+    }
     Post(id, true, status, std::move(trailing), message);
   }
 
@@ -140,8 +192,10 @@ class Front {
     server_->Shutdown(deadline);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      closing_ = true;  // no alarm is set on a queue shut down
+      closing_ = true;
     }
+    posted_.notify_one();
+    if (writer_.joinable()) writer_.join();
     for (auto& queue : queues_) queue->Shutdown();
     for (auto& thread : threads_) thread.join();
     threads_.clear();
@@ -153,66 +207,102 @@ class Front {
 
  private:
   static constexpr int kAsked = 32;  // calls asked for at once on each queue: arrivals need not wait
-
-  struct Outgoing {
-    uint64_t id;
-    bool finish;
-    grpc::Status status;
-    std::vector<std::pair<std::string, std::string>> trailing;
-    grpc::ByteBuffer message;
-    bool has_message;
-  };
+  // A call's writes queued behind the one under way, at most: beyond either, Python waits. What a
+  // stream holds here beyond the budgets' view is bounded by them and one message.
+  static constexpr size_t kQueued = 16, kQueuedBytes = 256 * 1024;
 
   void Post(uint64_t id, bool finish, const grpc::Status& status,
             std::vector<std::pair<std::string, std::string>> trailing, grpc::ByteBuffer* message) {
     Outgoing out{id, finish, status, std::move(trailing), grpc::ByteBuffer(), message != nullptr};
     if (message != nullptr) out.message.Swap(message);
     std::unique_lock<std::mutex> lock(mutex_);
-    if (live_ <= 1 && outbox_.empty()) {  // one call alone: its answer now, as the alarm takes a while
+    if (finish && live_ <= 1 && outbox_.empty()) {  // a unary call alone: its answer now, no thread hop
       lock.unlock();
       Start(out);
       return;
     }
     outbox_.push_back(std::move(out));
-    if (!armed_ && !closing_) {
-      armed_ = true;
-      alarm_.Set(queues_[0].get(), gpr_now(GPR_CLOCK_MONOTONIC), &wake_);
-    }
+    bool wake = outbox_.size() == 1 && polling_ == 0;  // else a queue's thread, awake, sends it
+    lock.unlock();
+    if (wake) posted_.notify_one();
   }
 
-  // The posted writes and finishes, in order: each started outside the lock (gRPC may write to the
-  // socket inline), its call kept alive meanwhile by its count of pending operations.
+  // The writer thread: the posted writes and finishes, in order, each started outside the lock
+  // (gRPC may write to the socket inline), its call kept alive meanwhile by its count of pending
+  // operations. Until Shutdown, which lets it start the finishes of the calls given a grace.
   void Send() {
-    std::vector<Outgoing> outbox;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (true) {
+      posted_.wait(lock, [this] { return !outbox_.empty() || closing_; });
+      if (closing_) return;
+      std::vector<Outgoing> outbox;
       outbox.swap(outbox_);
-      armed_ = false;
+      lock.unlock();
+      for (Outgoing& out : outbox) Start(out);
+      lock.lock();
     }
-    for (Outgoing& out : outbox) Start(out);
   }
 
   void Start(Outgoing& out) {
     Call* call;
+    bool over;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       call = Find(out.id);
-      if (call == nullptr || call->finishing || (!out.finish && call->done)) return;
+      if (call == nullptr || call->finishing) return;
+      over = !out.finish && call->done;  // no write for a call that is over; what waited for it goes on
       call->finishing = out.finish;
       ++call->pending;
     }
-    if (!out.finish) {
+    if (over) {
+      Written(call, false);
+      Settle(call);
+    } else if (!out.finish) {
       call->out.Swap(&out.message);
       call->stream.Write(call->out, &call->tags[kWrite]);
-      return;
-    }
-    for (const auto& [key, value] : out.trailing) call->context.AddTrailingMetadata(key, value);
-    if (out.has_message && out.status.ok()) {
-      call->out.Swap(&out.message);
-      call->stream.WriteAndFinish(call->out, grpc::WriteOptions(), out.status, &call->tags[kFinish]);
     } else {
-      call->stream.Finish(out.status, &call->tags[kFinish]);
+      for (const auto& [key, value] : out.trailing) call->context.AddTrailingMetadata(key, value);
+      if (out.has_message && out.status.ok()) {
+        call->out.Swap(&out.message);
+        call->stream.WriteAndFinish(call->out, grpc::WriteOptions(), out.status, &call->tags[kFinish]);
+      } else {
+        call->stream.Finish(out.status, &call->tags[kFinish]);
+      }
     }
+  }
+
+  // The call's write under way is over (``ok``: gRPC took it): the next queued write starts, or,
+  // with none, the finish that waited for them; Python hears WRITTEN once there is room again.
+  void Written(Call* call, bool ok) {
+    bool next = false, room = false;
+    std::unique_ptr<Outgoing> finish;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!ok || call->done) {
+        call->queued.clear();
+        call->queued_bytes = 0;
+      }
+      if (!call->queued.empty()) {
+        call->queued_bytes -= call->queued.front().Length();
+        call->out.Swap(&call->queued.front());
+        call->queued.pop_front();
+        ++call->pending;
+        next = true;
+      } else {
+        call->writing = false;
+        finish = std::move(call->finish_after);
+      }
+      room = call->waiting && call->queued.size() < kQueued && call->queued_bytes <= kQueuedBytes;
+      if (room) call->waiting = false;
+    }
+    if (next) call->stream.Write(call->out, &call->tags[kWrite]);
+    if (room) {
+      Event event{};
+      event.kind = kWritten;
+      event.id = call->id;
+      Push(std::move(event));
+    }
+    if (finish) Start(*finish);
   }
 
   void Ask(grpc::ServerCompletionQueue* queue) {
@@ -228,12 +318,12 @@ class Front {
     void* raw;
     bool ok;
     while (queue->Next(&raw, &ok)) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        ++polling_;
+      }
       Tag* tag = static_cast<Tag*>(raw);
       Call* call = tag->call;
-      if (call == nullptr) {  // the alarm: writes and finishes were posted
-        Send();
-        continue;
-      }
       switch (tag->op) {
         case kAsk:
           if (ok) {
@@ -265,13 +355,9 @@ class Front {
           Push(std::move(event));
           break;
         }
-        case kWrite: {
-          Event event{};
-          event.kind = kWritten;
-          event.id = call->id;
-          Push(std::move(event));
+        case kWrite:
+          Written(call, ok);
           break;
-        }
         case kFinish:
           break;
         case kNotify: {
@@ -289,6 +375,20 @@ class Front {
         }
       }
       Settle(call);
+      // What was posted meanwhile leaves from here: under load this thread is awake anyway, and
+      // the writer thread need not be woken.
+      while (true) {
+        std::vector<Outgoing> outbox;
+        {
+          std::lock_guard<std::mutex> lock(mutex_);
+          outbox.swap(outbox_);
+          if (outbox.empty()) {
+            --polling_;
+            break;
+          }
+        }
+        for (Outgoing& out : outbox) Start(out);
+      }
     }
   }
 
@@ -363,9 +463,10 @@ class Front {
   std::unordered_map<uint64_t, Call*> calls_;
   std::vector<Event> events_;
   std::vector<Outgoing> outbox_;
-  grpc::Alarm alarm_;
-  Tag wake_{nullptr, kAsk};
-  bool armed_ = false, closing_ = false;
+  std::thread writer_;
+  std::condition_variable posted_;  // the writer's wake-up: outbox_ has something, or closing_
+  bool closing_ = false;
+  int polling_ = 0;  // queue threads handling an event (not waiting in Next)
   int live_ = 0;  // calls started and not over
   uint64_t taken_ = 0;  // how many times Python has taken the events
   uint64_t next_id_ = 1;

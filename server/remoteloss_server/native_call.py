@@ -95,9 +95,11 @@ class Context:
         raise Aborted()
 
     async def write(self, message: Any) -> None:
-        """Send one message (serialized by the method's serializer); returns once gRPC has taken it."""
+        """Send one message (serialized by the method's serializer); returns once gRPC has taken it
+        or the call's queue of writes in the extension has room for it (a few, see front.h)."""
+        if self._front.write(self._id, message if self.serialize is None else self.serialize(message)):
+            return
         self._written = asyncio.get_running_loop().create_future()
-        self._front.write(self._id, message if self.serialize is None else self.serialize(message))
         await self._written  # a call that ends first is cancelled by its DONE
 
     def on_done(self, cancelled: bool) -> None:

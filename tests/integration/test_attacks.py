@@ -209,6 +209,30 @@ def test_a_caller_that_never_reads_waits_alone(server: ServerProcess) -> None:
     assert all("heavy" in message and "max_tenant_in_flight_bytes" in message for message in refused), refused[:3]
 
 
+def test_a_stream_whose_caller_never_reads_stops_being_computed(server: ServerProcess) -> None:
+    """One ComputeStream of 400 requests for 128 KiB answers, on a connection that never opens its
+    window. A stream reads requests only while fewer than 64 are unanswered, and an answer counts
+    as sent once gRPC has it or, on the native front, once it waits in its call's queue there (16
+    answers and 256 KiB at most): the server computes the window and a few more, then waits, and
+    no one else notices."""
+    x, y = np.ones((1, 181), np.float32), np.ones((181, 1), np.float32)  # "none": 181 x 181 float32, 128 KiB
+    loss = pb.L1Loss(input=codec.encode(x), target=codec.encode(y), reduction=pb.REDUCTION_NONE)  # not the bystander's
+    body = b"".join(
+        frame(pb.ComputeStreamRequest(id=i, request=pb.ComputeRequest(l1_loss=loss)).SerializeToString())
+        for i in range(1, 401)
+    )
+    before = server.metric("remoteloss_requests_total", loss="l1_loss", code="OK")
+    with Watch(server, "a stream of 400 x 128 KiB answers never read", metadata=bearer(LIGHT)) as watch:
+        attacker = RawConnection(server.target, window=0)
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(attacker.call, STREAM, body, metadata=bearer(HEAVY), end=False)
+            time.sleep(3)  # as many as the server will compute
+            computed = server.metric("remoteloss_requests_total", loss="l1_loss", code="OK") - before
+            watch.figures.notes.append(f"{computed:.0f} of 400 computed")
+            attacker.close()  # the pending send fails: the server took no more
+    assert 64 <= computed <= 64 + 16 + 1
+
+
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """No API keys: a caller is its connection."""
