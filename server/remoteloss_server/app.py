@@ -29,7 +29,7 @@ from typing import Any, cast
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from remoteloss_server import __version__, allocator, auth, grpc_front, native_front, oip_grpc, workers
 from remoteloss_server.batcher import Batcher
@@ -42,6 +42,7 @@ from remoteloss_server.metrics import Metrics, MetricsHTTPServer, serve_http
 from remoteloss_server.oip_serve import OpenInference
 from remoteloss_server.scheduling import SchedulingPolicy
 from remoteloss_server.servicer import SERVICE_NAME, LossServicer, add_to_server
+from remoteloss_server.status import register_foreign
 from remoteloss_server.ready_log import log_ready
 
 __all__ = ["SERVICE_NAME", "ServerThread", "StartupError", "WorkerError", "serve"]
@@ -130,13 +131,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         registry = cast(grpc.aio.Server, server)  # either front registers handlers as grpc.aio does
         add_to_server(servicer, registry)
         oip = OpenInference(registry, metrics, intake, batcher, budgets)
-        health_servicer = _HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        if config.reflection:
-            names = (SERVICE_NAME, oip_grpc.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-            # The asyncio servicer on either front (enable_server_reflection picks by the server's class).
-            servicer_class = reflection.aio.ReflectionServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer_class(names), server)
+        health_servicer = _add_health_and_reflection(registry, config.reflection)
         port = _bind(server, config, security.certificates)
         metrics_http, metrics_address = _serve_metrics(config, metrics)
         if metrics_http is not None:
@@ -160,6 +155,22 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         server, health_servicer, pool, port, metrics, metrics_http,
         batcher=batcher, trimmer=trimmer, servicer=servicer, security=security, oip=oip,
     )
+
+
+def _add_health_and_reflection(registry: grpc.aio.Server, with_reflection: bool) -> Any:
+    """gRPC's health service (its servicer returned, for the server's status) and, if asked,
+    reflection, for every service of the port."""
+    health_servicer = _HealthServicer()
+    register_foreign(registry, health_pb2, health.SERVICE_NAME, health_servicer, health_pb2_grpc.HealthServicer)
+    if with_reflection:
+        names = (SERVICE_NAME, oip_grpc.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        # The asyncio servicer on either front (enable_server_reflection picks by the server's class).
+        servicer_class = reflection.aio.ReflectionServicer  # type: ignore[attr-defined]  # the stubs lack asyncio
+        register_foreign(
+            registry, reflection_pb2, reflection.SERVICE_NAME, servicer_class(names),
+            reflection_pb2_grpc.ServerReflectionServicer,
+        )
+    return health_servicer
 
 
 def _bind(server: grpc_front.Server, config: ServerConfig, certificates: auth.ServerCertificates | None) -> int:

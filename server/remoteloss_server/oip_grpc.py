@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from remoteloss import _wire as wire
 from remoteloss_server import oip, oip_wire
 from remoteloss_server.errors import InvalidArgumentError
 from remoteloss_server.field_scan import FieldLimitError, scan
 from remoteloss_server.inference import grpc_service_pb2 as ipb
-from remoteloss_server.intake import UndecodableRequest
 from remoteloss_server.limits import Ticket
 from remoteloss_server.oip_door import Door
-from remoteloss_server.status import caller_request_id, final, register, status_of, translate_errors
+from remoteloss_server.status import caller_request_id, final, register, status_of, tolerant, translate_errors
 from remoteloss_server.streaming import Stopped, bounded_map
 
 __all__ = ["PROTOCOL", "SERVICE_NAME", "InferenceServicer", "add_to_server"]
@@ -49,17 +48,7 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     """Register the served RPCs: ModelInfer and ModelStreamInfer raw (bytes), the rest with their
     messages (undecodable bytes reach ``translate_errors`` as INVALID_ARGUMENT; fields this trimmed
     copy of the protocol lacks are skipped, as any protobuf reader skips them)."""
-    register(server, ipb, SERVICE_NAME, servicer, _RAW, _lenient)
-
-
-def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
-    def deserialize(data: bytes) -> Message | UndecodableRequest:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc))
-
-    return deserialize
+    register(server, ipb, SERVICE_NAME, servicer, _RAW, tolerant)
 
 
 def _parse(data: bytes) -> ipb.ModelInferRequest:

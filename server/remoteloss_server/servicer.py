@@ -63,6 +63,12 @@ def add_to_server(servicer: LossServicer, server: grpc.aio.Server) -> None:
 _RAW_METHODS = frozenset({"Compute", "ComputeStream"})
 
 
+# A call cancelled this close to its deadline was cancelled by it: the caller's clock started the
+# deadline before ours did (by the request's transit), so its cancel can arrive before our own
+# deadline has passed.
+_DEADLINE_SLACK_S = 0.02
+
+
 class LossServicer(loss_pb2_grpc.LossServiceServicer):
     """Compute, ComputeStream and ListLosses. Each request is recorded in ``metrics`` (a private
     ``Metrics`` when none is given). ``worker``, the process's index under ``--workers``, is sent
@@ -110,7 +116,8 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             response = await self._compute(received, record, context, ticket)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
-            record.finish("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+            passed = remaining is not None and remaining <= _DEADLINE_SLACK_S
+            record.finish("DEADLINE_EXCEEDED" if passed else "CANCELLED")
             raise
         except Exception as exc:
             code, details = status_of(exc, "Compute")

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from types import ModuleType
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from remoteloss_server.errors import ServiceError
 from remoteloss_server.intake import UndecodableRequest, receive
 from remoteloss_server.telemetry import REQUEST_ID_KEY, request_id
 
 __all__ = [
-    "MAX_DETAILS", "add_trailing_metadata", "caller_request_id", "final", "register", "status_of", "translate_errors",
+    "MAX_DETAILS", "add_trailing_metadata", "caller_request_id", "final", "register", "register_foreign", "status_of",
+    "tolerant", "translate_errors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -132,3 +134,83 @@ def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | Undecod
         return receive(data, message_type).message
 
     return deserialize
+
+
+def register_foreign(
+    server: grpc.aio.Server, messages: ModuleType, service: str, servicer: Any, generated: type
+) -> None:
+    """Register a servicer this server does not own (health's, reflection's; ``service`` is its
+    full name, its messages in ``messages``, ``generated`` the generated servicer it derives from)
+    as its generated ``add_*Servicer_to_server`` would, except that bytes that do not parse as a
+    request fail that call with INVALID_ARGUMENT before the servicer sees them, and a method the
+    servicer does not implement is not registered (gRPC answers UNIMPLEMENTED). The generated code
+    answers UNKNOWN and UNIMPLEMENTED, and grpc.aio logs an ERROR with a traceback for each: to
+    services open to callers without a key, a flood of log lines."""
+    handlers = {}
+    for method in messages.DESCRIPTOR.services_by_name[service.rpartition(".")[2]].methods:
+        if getattr(type(servicer), method.name) is getattr(generated, method.name, None):
+            continue  # the generated stub, which raises NotImplementedError
+        request_type: type[Message] = getattr(messages, method.input_type.name)
+        response_type: type[Message] = getattr(messages, method.output_type.name)
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+        }[method.client_streaming, method.server_streaming]
+        handlers[method.name] = make(
+            _refusing(getattr(servicer, method.name), method.client_streaming),
+            request_deserializer=tolerant(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]
+
+
+def tolerant(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
+    """protobuf's deserializer (unknown fields skipped, as any reader skips them), or, for bytes it
+    cannot parse, why: an ``UndecodableRequest``, never an exception."""
+
+    def deserialize(data: bytes) -> Message | UndecodableRequest:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return UndecodableRequest(message_type.DESCRIPTOR.full_name, str(exc))
+
+    return deserialize
+
+
+def _refusing(method: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
+    """``method`` (a coroutine function, an async generator function or a plain function, as
+    grpc.aio takes them), aborting its call at an ``UndecodableRequest`` (INVALID_ARGUMENT)."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if isinstance(request, UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            await refuse(request, context)
+            yield request
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def each(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if streamed:
+                request = checked(request, context)
+            else:
+                await refuse(request, context)
+            async for answer in method(request, context):
+                yield answer
+
+        return each
+
+    @functools.wraps(method)
+    async def once(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if streamed:
+            request = checked(request, context)
+        else:
+            await refuse(request, context)
+        answer = method(request, context)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    return once

@@ -13,6 +13,7 @@ gRPC binds it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -96,18 +97,31 @@ def test_a_status_carries_its_message_and_trailing_metadata(channel: grpc.Channe
     assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_bytes_that_are_not_the_methods_message_fail_that_call_alone(channel: grpc.Channel) -> None:
-    """Health's Check deserializes its request with protobuf, which raises on these bytes: those
-    calls fail, and only those, whatever else arrived with them (the native front answers
-    INTERNAL, as gRPC's synchronous server does; grpc.aio answers UNKNOWN, and logs each)."""
+def test_bytes_that_are_not_the_methods_message_fail_that_call_alone(
+    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Health's Check and reflection's stream get bytes protobuf cannot parse: those calls fail
+    with INVALID_ARGUMENT naming the message, and only those, whatever else arrived with them;
+    health's List, which its servicer does not implement, is UNIMPLEMENTED; nothing is logged
+    (health's and reflection's generated code would answer UNKNOWN and UNIMPLEMENTED, and
+    grpc.aio log an ERROR with a traceback for each)."""
     check = channel.unary_unary("/grpc.health.v1.Health/Check")
     good = health_pb2.HealthCheckRequest(service="remoteloss.v1.LossService").SerializeToString()
     futures = [(check.future(b"\xff\xff\xff" if i % 2 else good, timeout=10), i % 2) for i in range(100)]
     for future, garbage in futures:
         if garbage:
-            assert future.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), future.details()
+            assert future.code() == grpc.StatusCode.INVALID_ARGUMENT, future.details()
+            assert "the request is not a valid grpc.health.v1.HealthCheckRequest" in future.details()
         else:
             assert health_pb2.HealthCheckResponse.FromString(future.result()).status == health_pb2.HealthCheckResponse.SERVING
+    info = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    with pytest.raises(grpc.RpcError) as refused:
+        list(info(iter([b"\xff\xff\xff"]), metadata=BEARER, timeout=10))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as missing:
+        channel.unary_unary("/grpc.health.v1.Health/List")(b"", timeout=10)
+    assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED, missing.value  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records[:3]
 
 
 def test_the_interceptor_refuses_a_call_without_a_key_and_names_the_tenant_of_one(served: ServerThread) -> None:
