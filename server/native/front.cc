@@ -155,13 +155,20 @@ bool Pairs(PyObject* sequence, std::vector<std::pair<std::string, std::string>>*
 }
 
 int Init(PyFront* self, PyObject* args, PyObject* kwargs) {
-  static const char* names[] = {"listeners", "options", "max_connections", "threads", "memory_bytes", nullptr};
-  PyObject *listening, *options;
+  static const char* names[] = {"listeners", "options", "max_connections", "threads", "memory_bytes", "tls", nullptr};
+  PyObject *listening, *options, *tls = Py_None;
   int max_connections, threads = 1;
   long long memory = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOi|iL", const_cast<char**>(names), &listening, &options,
-                                   &max_connections, &threads, &memory)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOi|iLO", const_cast<char**>(names), &listening, &options,
+                                   &max_connections, &threads, &memory, &tls)) {
     return -1;
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (tls != Py_None) {  // (certificate chain, private key, client CA or "", seconds between reads)
+    const char *cert, *key, *client_ca;
+    unsigned int refresh_s;
+    if (!PyArg_ParseTuple(tls, "sssI", &cert, &key, &client_ca, &refresh_s)) return -1;
+    credentials = remoteloss::WatchedTls(cert, key, client_ca, refresh_s);
   }
   std::vector<int> listeners;
   PyObject* fds = PySequence_Fast(listening, "listeners: a sequence of listening sockets' descriptors");
@@ -191,7 +198,8 @@ int Init(PyFront* self, PyObject* args, PyObject* kwargs) {
   }
   self->front = new Front();
   bool started;
-  Py_BEGIN_ALLOW_THREADS started = self->front->Start(builder, std::move(listeners), max_connections, threads);
+  Py_BEGIN_ALLOW_THREADS started = self->front->Start(builder, std::move(listeners), max_connections, threads,
+                                                       credentials);
   Py_END_ALLOW_THREADS
   if (!started) {
     PyErr_SetString(PyExc_RuntimeError, "gRPC's server did not start");

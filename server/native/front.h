@@ -29,6 +29,8 @@
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -63,6 +65,23 @@ struct Event {
 };
 
 class Front;
+
+// TLS from PEM files that gRPC reads again every ``refresh_s`` seconds (new handshakes use what
+// it read last; a pair that does not load leaves the last good one), with client certificates
+// required and checked against ``client_ca`` unless it is empty.
+inline std::shared_ptr<grpc::ServerCredentials> WatchedTls(const std::string& cert, const std::string& key,
+                                                           const std::string& client_ca, unsigned int refresh_s) {
+  auto files = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(key, cert, client_ca, refresh_s);
+  grpc::experimental::TlsServerCredentialsOptions options(files);
+  options.watch_identity_key_cert_pairs();
+  if (client_ca.empty()) {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  } else {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  }
+  return grpc::experimental::TlsServerCredentials(options);
+}
 
 struct Outgoing {
   uint64_t id;
@@ -105,9 +124,10 @@ class Front {
   ~Front() { close(events_fd_); }
 
   // Serve the connections accepted on ``listeners`` (bound and listening), at most ``max_connections``.
-  bool Start(grpc::ServerBuilder& builder, std::vector<int> listeners, int max_connections, int threads) {
+  bool Start(grpc::ServerBuilder& builder, std::vector<int> listeners, int max_connections, int threads,
+             std::shared_ptr<grpc::ServerCredentials> credentials) {
     auto type = grpc::ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD;
-    auto to = builder.experimental().AddExternalConnectionAcceptor(type, grpc::InsecureServerCredentials());
+    auto to = builder.experimental().AddExternalConnectionAcceptor(type, credentials);
     builder.RegisterAsyncGenericService(&service_);
     for (int i = 0; i < threads; ++i) queues_.push_back(builder.AddCompletionQueue());
     server_ = builder.BuildAndStart();

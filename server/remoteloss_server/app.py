@@ -178,7 +178,6 @@ def _bind(server: grpc_front.Server, config: ServerConfig, certificates: auth.Se
     try:
         if certificates is None:
             return server.add_insecure_port(address)
-        assert isinstance(server, grpc.aio.Server)  # config.validate: the native front has no TLS yet
         return server.add_secure_port(address, certificates.credentials)
     except RuntimeError as exc:
         raise StartupError(f"cannot bind {address}: {exc}") from None

@@ -36,8 +36,9 @@ class ServerConfig:
     metrics_host: str | None = None  # address for /metrics; None means the gRPC ``host``
     reflection: bool = True  # serve gRPC server reflection (grpc.reflection.v1alpha)
     # What carries the gRPC port's calls: "native" (gRPC's C++ core, which hands the event loop its
-    # calls in batches: native_front; plaintext only, for now), "python" (grpc.aio), or "auto":
-    # native where it was built and TLS is off, else python.
+    # calls in batches: native_front; with TLS it reads the files again every second, rather than
+    # on SIGHUP), "python" (grpc.aio), or "auto": native where it was built and TLS is off, else
+    # python.
     front: str = "auto"
     # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
     # up to twice this stays with the process after a burst); 0 keeps glibc's defaults. See allocator.
@@ -108,8 +109,6 @@ class ServerConfig:
             )
         if self.front not in FRONTS:
             raise ValueError(f"front must be one of {', '.join(FRONTS)}, got {self.front!r}")
-        if self.front == "native" and self.tls_cert is not None:
-            raise ValueError("front native serves plaintext only, for now: TLS needs front python or auto")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.workers > 1 and self.port == 0:

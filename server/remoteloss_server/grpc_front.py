@@ -52,8 +52,10 @@ def server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None) -> 
         # the core sheds calls (RESOURCE_EXHAUSTED, which the SDK retries), whoever's they are, so
         # the quota leaves room for one whole request beside a full budget: a single request,
         # however large, is refused by the budgets, not shed with a bystander's call.
+        tls = None if config.tls_cert is None or config.tls_key is None else (
+            config.tls_cert, config.tls_key, config.tls_client_ca)
         return native_front.NativeServer(
             interceptors, options, max_connections=config.max_connections, reuse_port=config.workers > 1,
-            memory_bytes=config.max_in_flight_bytes + config.max_message_bytes,
+            memory_bytes=config.max_in_flight_bytes + config.max_message_bytes, tls=tls,
         )
     return grpc.aio.server(interceptors=interceptors, options=options)

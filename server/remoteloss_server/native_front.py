@@ -32,7 +32,14 @@ import grpc
 from remoteloss_server.log_sampling import LogSampler
 from remoteloss_server.native_call import Aborted, Call, Context, Details, Metadata, Requests, Resumed
 
-__all__ = ["NativeServer", "available"]
+__all__ = ["TLS_REFRESH_S", "NativeServer", "TlsFiles", "available"]
+
+# TLS: the certificate chain's, private key's and client CA's (None: no client certificates)
+# PEM files. gRPC's C++ core reads them itself, again every TLS_REFRESH_S seconds, so that a
+# renewed certificate reaches new handshakes without a restart (and without SIGHUP, which
+# grpc.aio's front needs: gRPC 1.51's C++ API has no reload on demand).
+TlsFiles = tuple[str, str, "str | None"]
+TLS_REFRESH_S = 1
 
 if TYPE_CHECKING:  # the stubs' generics, which grpc lacks at run time
     _Handler = grpc.RpcMethodHandler[Any, Any]
@@ -56,13 +63,15 @@ class NativeServer:
     """A ``grpc.aio.Server`` in shape (the methods ``app`` uses), served by gRPC's C++ core."""
 
     def __init__(self, interceptors: Sequence[_Interceptor], options: Sequence[tuple[str, int]], *,
-                 max_connections: int = 2**20, reuse_port: bool = False, threads: int = 1, memory_bytes: int = 0) -> None:
+                 max_connections: int = 2**20, reuse_port: bool = False, threads: int = 1, memory_bytes: int = 0,
+                 tls: TlsFiles | None = None) -> None:
         if _front is None:
             raise RuntimeError("--front native: this installation has no native front (install libgrpc++-dev, reinstall)")
         self._interceptors = tuple(interceptors)
         self._options = [(name, int(value)) for name, value in options]
         self._threads = threads
         self._memory_bytes = memory_bytes
+        self._tls = tls
         self._max_connections = max_connections
         self._reuse_port = reuse_port
         self._listeners: list[socket.socket] = []
@@ -82,15 +91,28 @@ class NativeServer:
             self._registered[f"/{service}/{name}"] = handler
 
     def add_insecure_port(self, address: str) -> int:
-        """Listen on ``address`` (plaintext: this front has no TLS yet); the bound port, or
-        RuntimeError if it cannot. The sockets are this process's, so that the front can count
-        the connections it accepts (gRPC 1.51 cannot bound them)."""
+        """Listen on ``address`` in plaintext; the bound port, or RuntimeError if it cannot. The
+        sockets are this process's, so that the front can count the connections it accepts
+        (gRPC 1.51 cannot bound them)."""
+        if self._tls is not None:
+            raise RuntimeError("this front was given TLS files: add_secure_port")
+        return self._bind(address, None)
+
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
+        """Listen on ``address`` with TLS from the files given at construction (``credentials``,
+        grpc.aio's, are the same files: gRPC's C++ core reads them itself, see ``TlsFiles``)."""
+        if self._tls is None:
+            raise RuntimeError("this front was given no TLS files")
+        cert, key, client_ca = self._tls
+        return self._bind(address, (cert, key, client_ca or "", TLS_REFRESH_S))
+
+    def _bind(self, address: str, tls: tuple[str, str, str, int] | None) -> int:
         if self._front is not None:
             raise RuntimeError("the native front listens on one address")
         self._listeners, port = _listen(address, self._reuse_port)
         try:
             fds = [sock.fileno() for sock in self._listeners]
-            self._front = _front.Front(fds, self._options, self._max_connections, self._threads, self._memory_bytes)
+            self._front = _front.Front(fds, self._options, self._max_connections, self._threads, self._memory_bytes, tls)
         except BaseException:
             _close(self._listeners)
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from remoteloss._channel import tls_credentials
 from remoteloss._commands import health
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
+from remoteloss_server import native_front
 from remoteloss_server.app import ServerThread, StartupError
 from remoteloss_server.config import ServerConfig
 
+from tests import tools
 from tests.catalog import LOSS_NAMES
 from tests.pki import Pki, make_pki
 
@@ -61,18 +64,23 @@ def keyed(key_file: Path) -> Iterator[ServerThread]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def tls_server(pki: Pki) -> Iterator[ServerThread]:
-    with ServerThread(config(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))) as running:
+# TLS on each gRPC front: grpc.aio's (what "auto" picks under TLS) and, where it was built, the native one.
+TLS_FRONTS = ["python", *(["native"] if native_front.available() else [])]
+
+
+@pytest.fixture(scope="module", params=TLS_FRONTS)
+def tls_server(pki: Pki, request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    with ServerThread(config(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), front=request.param)) as running:
         yield running
 
 
-@pytest.fixture(scope="module")
-def mtls_server(pki: Pki) -> Iterator[ServerThread]:
+@pytest.fixture(scope="module", params=TLS_FRONTS)
+def mtls_server(pki: Pki, request: pytest.FixtureRequest) -> Iterator[ServerThread]:
     """Mutual TLS and API keys: the configuration for a shared cluster."""
-    with ServerThread(
-        config(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca), api_keys=KEYS)
-    ) as running:
+    with ServerThread(config(
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca), api_keys=KEYS,
+        front=request.param,
+    )) as running:
         yield running
 
 
@@ -281,6 +289,37 @@ def test_mutual_tls_with_keys_end_to_end(mtls_server: ServerThread, pki: Pki) ->
             client.mse_loss(X, Y)
     credentials = tls_credentials(root_certificates=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)
     assert health.check(mtls_server.target, credentials=credentials) == "SERVING"
+
+
+def test_the_native_front_serves_a_renewed_certificate_within_seconds(tmp_path: Path) -> None:
+    """The native front's TLS files are read again every second: once the server's certificate
+    and key are replaced by ones of another CA (no SIGHUP), a new connection that trusts that
+    CA is served within a few seconds, and one that trusts only the old CA is refused."""
+    if not native_front.available():
+        tools.missing("the native front was not built: gRPC's C++ library (libgrpc++-dev, pkg-config) was missing")
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    shutil.copy(old.server_cert, cert)
+    shutil.copy(old.server_key, key)
+    with ServerThread(config(tls_cert=str(cert), tls_key=str(key), front="native")) as server:
+        with remoteloss.Client(server.target, root_certificates=old.ca) as client:
+            assert client.mse_loss(X, Y) == pytest.approx(np.mean((X - Y) ** 2))
+        for source, target in ((new.server_key, key), (new.server_cert, cert)):
+            staged = target.with_suffix(".staged")
+            shutil.copy(source, staged)
+            staged.replace(target)  # each file whole, as a renewal tool writes it
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with remoteloss.Client(server.target, root_certificates=new.ca, timeout=2) as client:
+                    assert client.mse_loss(X, Y) == pytest.approx(np.mean((X - Y) ** 2))
+                break
+            except remoteloss.ServiceUnavailableError:
+                assert time.monotonic() < deadline, "the renewed certificate was not served within 10 s"
+                time.sleep(0.2)
+        with remoteloss.Client(server.target, root_certificates=old.ca, timeout=REFUSED_TIMEOUT_S) as client:
+            with pytest.raises(remoteloss.ServiceUnavailableError):
+                client.mse_loss(X, Y)
 
 
 @pytest.mark.parametrize("certificate", ["none", "other_ca"])

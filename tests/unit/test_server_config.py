@@ -76,7 +76,6 @@ def test_defaults_match_the_design() -> None:
         ({"connection_idle_s": float("inf")}, "connection_idle_s"),
         ({"connection_idle_s": float("nan")}, "connection_idle_s"),
         ({"front": "rust"}, "front"),
-        ({"front": "native", "tls_cert": "cert.pem", "tls_key": "key.pem"}, "front"),
     ],
 )
 def test_validate_rejects_with_one_line_naming_the_setting(change: dict[str, Any], setting: str) -> None:
