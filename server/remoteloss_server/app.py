@@ -115,7 +115,7 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         asyncio.get_running_loop().set_default_executor(helpers)  # shut down with the loop
         if grpc_front.kind(config) == "native" and not native_front.available():
             raise StartupError("front native: this installation has no native front (gRPC's C++ library was missing)")
-        server = grpc_front.server(config, security.interceptor)
+        server = grpc_front.server(config, security.interceptor, security.certificates)
         stack.push_async_callback(server.stop, None)
         metrics = Metrics()
         if executor.device.type == "cuda":

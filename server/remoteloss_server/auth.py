@@ -126,9 +126,12 @@ def load_keys(path: str | None, text: str | None) -> KeyTable | None:
     return KeyTable(tuple(entries))
 
 
-def _load_tls(cert: str, key: str, client_ca: str | None) -> tuple[grpc.ServerCertificateConfiguration, ssl.SSLContext]:
-    """TLS from PEM files, for gRPC and for the HTTP port; with ``client_ca``, the CAs whose client
-    certificates are accepted (and required).
+Pems = tuple[bytes, bytes, "bytes | None"]  # a certificate chain, its key and client CAs (None: none), as PEM
+
+
+def _load_tls(cert: str, key: str, client_ca: str | None) -> tuple[grpc.ServerCertificateConfiguration, ssl.SSLContext, Pems]:
+    """TLS from PEM files, for gRPC and for the HTTP port, and what the files held; with
+    ``client_ca``, the CAs whose client certificates are accepted (and required).
 
     The files are first loaded with Python's ``ssl``, whose errors say which file is wrong (gRPC's
     would only fail to bind the port, or the handshake); that context is the HTTP port's. Raises
@@ -147,7 +150,8 @@ def _load_tls(cert: str, key: str, client_ca: str | None) -> tuple[grpc.ServerCe
         except ssl.SSLError as exc:
             raise ValueError(f"tls_client_ca {client_ca} holds no PEM CA certificate: {exc}") from None
         context.verify_mode = ssl.CERT_REQUIRED
-    return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=root), context
+    configuration = grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=root)
+    return configuration, context, (cert_pem, key_pem, root)
 
 
 class _LatestContext(ssl.SSLContext):
@@ -169,14 +173,16 @@ class ServerCertificates:
     With ``client_ca``, clients must present a certificate it signed. gRPC asks ``_fetch`` before
     each new handshake; after a reload it gets the new configuration once, and keeps using it; the
     HTTP port's new connections get the new context. Connections already open are not touched.
-    Raises as ``_load_tls``.
+    ``follow`` hands what was loaded, at once and after each reload, to another reader (the native
+    front's copy of the files). Raises as ``_load_tls``.
     """
 
     def __init__(self, cert: str, key: str, client_ca: str | None) -> None:
         self._files = (cert, key, client_ca)
         self._lock = threading.Lock()  # _fetch runs on a gRPC core thread
         self._pending: grpc.ServerCertificateConfiguration | None = None
-        configuration, context = _load_tls(cert, key, client_ca)
+        self._followers: list[Callable[[Pems], None]] = []
+        configuration, context, self._pems = _load_tls(cert, key, client_ca)
         self.ssl_context = _LatestContext(ssl.PROTOCOL_TLS_SERVER)
         self.ssl_context.current = context
         self.credentials = grpc.dynamic_ssl_server_credentials(
@@ -188,10 +194,18 @@ class ServerCertificates:
     def reload(self) -> None:
         """Read the files again; new handshakes use them. Raises (and changes nothing) for
         unusable files, as at start."""
-        configuration, context = _load_tls(*self._files)
+        configuration, context, pems = _load_tls(*self._files)
+        for follower in self._followers:
+            follower(pems)
         with self._lock:
             self._pending = configuration
         self.ssl_context.current = context
+        self._pems = pems
+
+    def follow(self, follower: Callable[[Pems], None]) -> None:
+        """Call ``follower`` with the PEM bytes loaded now, and after each reload that loads."""
+        follower(self._pems)
+        self._followers.append(follower)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         with self._lock:

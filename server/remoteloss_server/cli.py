@@ -83,8 +83,7 @@ _SETTINGS = (
     _Setting("reflection", "reflection", boolean, "", "turn off gRPC server reflection", switch=True),
     _Setting(
         "front", "front", str, "FRONT",
-        "what carries gRPC calls: native (gRPC's C++ core; its TLS files are read again every second), "
-        "python (grpc.aio; TLS reloaded on SIGHUP), or auto: native where installed and TLS is off",
+        "what carries gRPC calls: native (gRPC's C++ core), python (grpc.aio), or auto: native where installed",
     ),
     _Setting("batching", "batching", boolean, "", "turn off dynamic batching: each request alone", switch=True),
     _Setting("max-batch-size", "max_batch_size", int, "N", "requests in one batch"),

@@ -36,9 +36,8 @@ class ServerConfig:
     metrics_host: str | None = None  # address for /metrics; None means the gRPC ``host``
     reflection: bool = True  # serve gRPC server reflection (grpc.reflection.v1alpha)
     # What carries the gRPC port's calls: "native" (gRPC's C++ core, which hands the event loop its
-    # calls in batches: native_front; with TLS it reads the files again every second, rather than
-    # on SIGHUP), "python" (grpc.aio), or "auto": native where it was built and TLS is off, else
-    # python.
+    # calls in batches: native_front), "python" (grpc.aio), or "auto": native where it was built,
+    # else python.
     front: str = "auto"
     # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
     # up to twice this stays with the process after a burst); 0 keeps glibc's defaults. See allocator.

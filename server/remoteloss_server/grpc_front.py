@@ -9,6 +9,7 @@ import grpc
 
 from remoteloss_server import auth, native_front
 from remoteloss_server.config import ServerConfig
+from remoteloss_server.tls_copy import TlsCopy
 
 __all__ = ["Server", "kind", "server"]
 
@@ -22,11 +23,14 @@ def kind(config: ServerConfig) -> str:
     """The front ``config`` runs: "native" or "python" ("auto" resolved)."""
     if config.front != "auto":
         return config.front
-    return "native" if native_front.available() and config.tls_cert is None else "python"
+    return "native" if native_front.available() else "python"
 
 
-def server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None) -> Server:
-    """The gRPC server ``config.front`` names, with ``interceptor`` (the API keys' check, if any)."""
+def server(
+    config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None, certificates: auth.ServerCertificates | None = None
+) -> Server:
+    """The gRPC server ``config.front`` names, with ``interceptor`` (the API keys' check, if any);
+    the native one serves TLS from a copy of ``certificates``' files (see ``tls_copy``)."""
     limit = config.max_message_bytes
     options = [
         ("grpc.max_receive_message_length", limit),
@@ -52,8 +56,10 @@ def server(config: ServerConfig, interceptor: auth.ApiKeyInterceptor | None) -> 
         # the core sheds calls (RESOURCE_EXHAUSTED, which the SDK retries), whoever's they are, so
         # the quota leaves room for one whole request beside a full budget: a single request,
         # however large, is refused by the budgets, not shed with a bystander's call.
-        tls = None if config.tls_cert is None or config.tls_key is None else (
-            config.tls_cert, config.tls_key, config.tls_client_ca)
+        tls = None
+        if certificates is not None:
+            tls = TlsCopy(client_ca=config.tls_client_ca is not None)
+            certificates.follow(tls.write)
         return native_front.NativeServer(
             interceptors, options, max_connections=config.max_connections, reuse_port=config.workers > 1,
             memory_bytes=config.max_in_flight_bytes + config.max_message_bytes, tls=tls,

@@ -31,14 +31,13 @@ import grpc
 
 from remoteloss_server.log_sampling import LogSampler
 from remoteloss_server.native_call import Aborted, Call, Context, Details, Metadata, Requests, Resumed
+from remoteloss_server.tls_copy import TlsCopy
 
-__all__ = ["TLS_REFRESH_S", "NativeServer", "TlsFiles", "available"]
+__all__ = ["TLS_REFRESH_S", "NativeServer", "available"]
 
-# TLS: the certificate chain's, private key's and client CA's (None: no client certificates)
-# PEM files. gRPC's C++ core reads them itself, again every TLS_REFRESH_S seconds, so that a
-# renewed certificate reaches new handshakes without a restart (and without SIGHUP, which
-# grpc.aio's front needs: gRPC 1.51's C++ API has no reload on demand).
-TlsFiles = tuple[str, str, "str | None"]
+# How often gRPC's C++ core reads the TLS files again (a ``TlsCopy``, which changes only when the
+# server loads new files): a SIGHUP's renewal reaches new handshakes within this. gRPC 1.51's C++
+# API has no reload on demand.
 TLS_REFRESH_S = 1
 
 if TYPE_CHECKING:  # the stubs' generics, which grpc lacks at run time
@@ -64,7 +63,7 @@ class NativeServer:
 
     def __init__(self, interceptors: Sequence[_Interceptor], options: Sequence[tuple[str, int]], *,
                  max_connections: int = 2**20, reuse_port: bool = False, threads: int = 1, memory_bytes: int = 0,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsCopy | None = None) -> None:
         if _front is None:
             raise RuntimeError("--front native: this installation has no native front (install libgrpc++-dev, reinstall)")
         self._interceptors = tuple(interceptors)
@@ -99,11 +98,11 @@ class NativeServer:
         return self._bind(address, None)
 
     def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
-        """Listen on ``address`` with TLS from the files given at construction (``credentials``,
-        grpc.aio's, are the same files: gRPC's C++ core reads them itself, see ``TlsFiles``)."""
+        """Listen on ``address`` with TLS from the copy given at construction (``credentials``,
+        grpc.aio's, hold the same certificates: gRPC's C++ core reads the copy's files itself)."""
         if self._tls is None:
             raise RuntimeError("this front was given no TLS files")
-        cert, key, client_ca = self._tls
+        cert, key, client_ca = self._tls.paths()
         return self._bind(address, (cert, key, client_ca or "", TLS_REFRESH_S))
 
     def _bind(self, address: str, tls: tuple[str, str, str, int] | None) -> int:
@@ -124,6 +123,13 @@ class NativeServer:
 
     async def stop(self, grace: float | None) -> None:
         """Take no new call; those under way get ``grace`` seconds (None: none), then are cancelled."""
+        try:
+            await self._shut_down(grace)
+        finally:
+            if self._tls is not None:
+                self._tls.close()  # after the core's shutdown: it reads the files until then
+
+    async def _shut_down(self, grace: float | None) -> None:
         if self._front is None:
             return
         if self._loop is None:  # never started: nothing is under way

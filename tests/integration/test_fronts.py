@@ -63,7 +63,7 @@ def test_the_default_front_is_native_where_it_was_built() -> None:
     if not native_front.available():
         tools.missing("the native front was not built: gRPC's C++ library (libgrpc++-dev, pkg-config) was missing")
     assert grpc_front.kind(ServerConfig()) == "native"
-    assert grpc_front.kind(ServerConfig(tls_cert="cert.pem", tls_key="key.pem")) == "python"  # TLS: grpc.aio's
+    assert grpc_front.kind(ServerConfig(tls_cert="cert.pem", tls_key="key.pem")) == "native"  # TLS too
 
 
 def test_unary_and_stream_answers_are_torchs_with_gradients(served: ServerThread) -> None:
