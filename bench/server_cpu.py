@@ -10,7 +10,9 @@ own Python path; what the floor costs beyond the echo is parsing, decoding and t
 gRPC's C++ library is installed (``apt-get install libgrpc++-dev``), the same echo in C++
 (``native_echo.cc``) shows what the transport costs without Python: the room the native front
 (remoteloss's default where it was built) has; ``remoteloss-python-front`` is the same server on
-grpc.aio's front.
+grpc.aio's front. ``remoteloss-tls`` and ``remoteloss-python-front-tls`` are both over TLS (a
+self-signed certificate that ``openssl`` makes; skipped without it); their ratio to the echo,
+which is plaintext, includes what TLS costs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from servers import Client, Fleet, Server, native_echo_binary
+from servers import Client, Fleet, Server, native_echo_binary, self_signed
 
 from remoteloss_server import native_front
 
@@ -31,6 +33,21 @@ def _cpu_seconds(server: Server) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the line)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _tls_servers(folder: Path) -> list[Server]:
+    """remoteloss over TLS on each front, with a self-signed certificate; none without openssl."""
+    made = self_signed(folder)
+    if made is None:
+        print("the TLS rows skipped: no openssl to make a certificate")
+        return []
+    cert, key = made
+    servers = []
+    for name, front in (("remoteloss-tls", "auto"), ("remoteloss-python-front-tls", "python")):
+        server = Server.remoteloss(name, ["--front", front, "--tls-cert", str(cert), "--tls-key", str(key)], logs=folder)
+        server.tls_ca = cert
+        servers.append(server)
+    return servers
 
 
 def main() -> None:
@@ -49,6 +66,7 @@ def main() -> None:
         ]
         if not native_front.available():
             print("remoteloss runs grpc.aio's front: the native front was not built (README, \"The gRPC front\")")
+        servers += _tls_servers(logs)
         native = native_echo_binary()
         if native is None:
             print("echo-c++ skipped: gRPC's C++ library is not installed (apt-get install libgrpc++-dev)")
@@ -57,7 +75,7 @@ def main() -> None:
         fleet.start(*servers)
         for server in servers:
             client.bench(server, duration_s=1.0)  # warm up: first requests, torch's first call
-        print("round  server                   req/s   server CPU us/request   / echo's")
+        print("round  server                        req/s   server CPU us/request   / echo's")
         for round_ in range(1, args.rounds + 1):
             echo = None
             for server in servers:
@@ -66,7 +84,7 @@ def main() -> None:
                 # The level counts requests in its window; a few in flight at its edges are not counted.
                 cost = (_cpu_seconds(server) - before) / max(level["requests"], 1) * 1e6
                 echo = echo or cost  # the first server is the echo
-                print(f"{round_:5d}  {server.name:23s} {level['throughput_rps']:6.0f}   {cost:8.0f}"
+                print(f"{round_:5d}  {server.name:28s} {level['throughput_rps']:6.0f}   {cost:8.0f}"
                       f"               {cost / echo:5.2f}")
 
 

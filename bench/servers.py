@@ -65,6 +65,21 @@ def process_tree(root: int) -> list[int]:
     return sorted(found)
 
 
+def self_signed(folder: Path) -> tuple[Path, Path] | None:
+    """A certificate for 127.0.0.1 and its key, made by ``openssl`` in ``folder`` (the
+    certificate is its own CA: a client trusts it with ``--tls-ca``); None without openssl."""
+    cert, key = folder / "server.pem", folder / "server.key"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+             "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True, timeout=60,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return cert, key
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -90,6 +105,7 @@ class Server:
         self.echo = kind == "echo"
         self.workers = workers
         self.env = dict(env or {})
+        self.tls_ca: Path | None = None  # a TLS server's certificate (or CA) for its clients; None: plaintext
         self.log_path = logs / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -162,7 +178,9 @@ class Server:
     def _probe(self) -> str:
         """One call on a fresh connection; returns which worker answered ("" when one process)."""
         options = [("grpc.use_local_subchannel_pool", 1)]
-        with grpc.insecure_channel(self.target, options=options) as channel:
+        secure = None if self.tls_ca is None else grpc.ssl_channel_credentials(self.tls_ca.read_bytes())
+        with (grpc.insecure_channel(self.target, options=options) if secure is None
+              else grpc.secure_channel(self.target, secure, options=options)) as channel:
             if self.echo:
                 if channel.unary_unary(_COMPUTE)(b"ping", timeout=2.0) != b"ping":
                     raise RuntimeError(f"{self.name}: the echo server did not echo")
@@ -279,10 +297,11 @@ class Client:
             options.append("--raw-response")
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "bench.json"
+            tls = [] if server.tls_ca is None else ["--tls-ca", str(server.tls_ca)]
             argv = [sys.executable, "-m", "remoteloss.cli", "--target", server.target, "--timeout", "300",
-                    "bench", *options, "--quiet", "--json", str(path)]
-            self.commands.append(f"remoteloss --target $TARGET --timeout 300 bench {' '.join(options)}  "
-                                 f"# against {server.name}")
+                    *tls, "bench", *options, "--quiet", "--json", str(path)]
+            self.commands.append(f"remoteloss --target $TARGET --timeout 300 {'--tls-ca $CERT ' if tls else ''}"
+                                 f"bench {' '.join(options)}  # against {server.name}")
             finished = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
             if not path.exists():
                 raise RuntimeError(f"bench against {server.name} failed ({finished.returncode}):\n"
