@@ -34,6 +34,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -338,10 +339,7 @@ class Front {
     void* raw;
     bool ok;
     while (queue->Next(&raw, &ok)) {
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        ++polling_;
-      }
+      ++polling_;  // unlocked: a post that misses it wakes the writer, one that sees it is drained below
       Tag* tag = static_cast<Tag*>(raw);
       Call* call = tag->call;
       switch (tag->op) {
@@ -486,7 +484,7 @@ class Front {
   std::thread writer_;
   std::condition_variable posted_;  // the writer's wake-up: outbox_ has something, or closing_
   bool closing_ = false;
-  int polling_ = 0;  // queue threads handling an event (not waiting in Next)
+  std::atomic<int> polling_{0};  // queue threads handling an event (not waiting in Next); lowered under mutex_
   int live_ = 0;  // calls started and not over
   uint64_t taken_ = 0;  // how many times Python has taken the events
   uint64_t next_id_ = 1;

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -110,19 +110,32 @@ def register(
     unknown fields) let undecodable bytes reach ``translate_errors`` (INVALID_ARGUMENT)."""
     deserializer = lenient or _lenient
     handlers = {}
-    for method in messages.DESCRIPTOR.services_by_name[service.rpartition(".")[2]].methods:
-        request_type: type[Message] = getattr(messages, method.input_type.name)
-        response_type: type[Message] = getattr(messages, method.output_type.name)
-        streams = (method.client_streaming, method.server_streaming)
-        if streams not in ((True, True), (False, False)):  # pragma: no cover - the schemas have no such RPC
-            raise TypeError(f"{method.name}: one-sided streaming is not wired")
-        make = grpc.stream_stream_rpc_method_handler if streams[0] else grpc.unary_unary_rpc_method_handler
+    for method, request_type, response_type, make in _methods(messages, service):
         plain = method.name in raw
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=None if plain else deserializer(request_type),
             response_serializer=None if plain else response_type.SerializeToString,
         )
+    _add(server, service, handlers)
+
+
+_MAKERS = {  # grpc's handler for each (client streaming, server streaming)
+    (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _methods(messages: ModuleType, service: str) -> Iterator[tuple[Any, type[Message], type[Message], Any]]:
+    """Each RPC of ``service``: its descriptor, request and response classes, and grpc's maker of
+    its handler."""
+    for method in messages.DESCRIPTOR.services_by_name[service.rpartition(".")[2]].methods:
+        request_type: type[Message] = getattr(messages, method.input_type.name)
+        response_type: type[Message] = getattr(messages, method.output_type.name)
+        yield method, request_type, response_type, _MAKERS[method.client_streaming, method.server_streaming]
+
+
+def _add(server: grpc.aio.Server, service: str, handlers: dict[str, Any]) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]
 
@@ -147,22 +160,15 @@ def register_foreign(
     answers UNKNOWN and UNIMPLEMENTED, and grpc.aio logs an ERROR with a traceback for each: to
     services open to callers without a key, a flood of log lines."""
     handlers = {}
-    for method in messages.DESCRIPTOR.services_by_name[service.rpartition(".")[2]].methods:
+    for method, request_type, response_type, make in _methods(messages, service):
         if getattr(type(servicer), method.name) is getattr(generated, method.name, None):
             continue  # the generated stub, which raises NotImplementedError
-        request_type: type[Message] = getattr(messages, method.input_type.name)
-        response_type: type[Message] = getattr(messages, method.output_type.name)
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
-        }[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
             _refusing(getattr(servicer, method.name), method.client_streaming),
             request_deserializer=tolerant(request_type),
             response_serializer=response_type.SerializeToString,
         )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]
+    _add(server, service, handlers)
 
 
 def tolerant(message_type: type[Message]) -> Callable[[bytes], Message | UndecodableRequest]:
