@@ -121,9 +121,11 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
         if executor.device.type == "cuda":
             metrics.watch_gpu_memory(str(executor.device), executor.memory_reserved)
         budgets, policy = admission(config), scheduling_policy(config, executor.device.type)
+        arriving = grpc_front.arriving(server)
         batcher = Batcher(
             executor, pool, metrics, policy,
-            alone=lambda: budgets.pending == 1,  # no other request in flight: a batch could only form by waiting
+            # No other request in flight or on its way: a batch could only form by waiting.
+            alone=lambda: budgets.pending == 1 and not arriving(),
             tenant_weights=dict(config.tenant_weights),
         )
         intake = Intake(policy, max_elements=config.max_elements, max_request_elements=config.max_request_elements)

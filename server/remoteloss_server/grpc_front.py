@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Union
 
 import grpc
@@ -11,7 +12,7 @@ from remoteloss_server import auth, native_front
 from remoteloss_server.config import ServerConfig
 from remoteloss_server.tls_copy import TlsCopy
 
-__all__ = ["Server", "kind", "server"]
+__all__ = ["Server", "arriving", "kind", "server"]
 
 Server = Union[grpc.aio.Server, native_front.NativeServer]
 
@@ -65,3 +66,13 @@ def server(
             memory_bytes=config.max_in_flight_bytes + config.max_message_bytes, tls=tls,
         )
     return grpc.aio.server(interceptors=interceptors, options=options)
+
+
+def arriving(server: Server) -> Callable[[], int]:
+    """How many requests have reached ``server`` without reaching their handlers yet. The native
+    front hands out what arrived in batches, and its handlers run one after another, so a call
+    alone in the admission budgets may have others right behind it (``NativeServer.arriving``);
+    grpc.aio starts each call as a task of its own, and a call alone in the budgets is alone."""
+    if isinstance(server, native_front.NativeServer):
+        return lambda: server.arriving
+    return lambda: 0

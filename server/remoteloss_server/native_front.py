@@ -8,6 +8,8 @@ ports, start, stop), so ``app`` registers the same servicers on it, and serves t
 thread and hands this event loop every call and message that arrived since the last wake-up in
 one batch. A unary handler runs on the spot in that batch, to its end unless it waits for
 something (the batcher, a thread), and only then becomes a task; a streaming one is a task.
+While a batch is handed out, ``arriving`` counts its requests still to come: a call the batcher
+would compute on the spot, as if alone, joins a batch with them instead.
 
 Every method, status and trailing metadata is the handler's, as on grpc.aio: handlers see a
 ``ServicerContext`` with the methods they use (metadata, peer, deadline, trailing metadata,
@@ -80,6 +82,7 @@ class NativeServer:
         self._calls: dict[int, Call] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = asyncio.Event()
+        self.arriving = 0  # requests of the batch being handed out whose handlers have not run yet
         self._log = LogSampler()  # a flood of failing calls is not a flood of lines
 
     def add_generic_rpc_handlers(self, handlers: Sequence[_Generic]) -> None:
@@ -156,7 +159,11 @@ class NativeServer:
     # ---- events ----
 
     def _on_events(self) -> None:
-        for event in self._front.take():
+        events = self._front.take()
+        self.arriving = sum(1 for event in events if event[0] == _MESSAGE or event[0] == _START)
+        for event in events:
+            if event[0] == _MESSAGE or event[0] == _START:
+                self.arriving -= 1
             try:
                 self._event(event)
             except Exception as exc:  # one call's failure is that call's alone: the batch goes on

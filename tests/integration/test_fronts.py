@@ -85,6 +85,40 @@ def test_unary_and_stream_answers_are_torchs_with_gradients(served: ServerThread
     assert len(catalog.losses) == len(LOSSES)
 
 
+def test_calls_that_arrive_together_share_batches_with_the_default_settings(
+    served: ServerThread, channel: grpc.Channel
+) -> None:
+    """No batch delay (the default): only calls that reach the server together can meet. The
+    native front hands its handlers what arrived in one batch, one after another, and each ran
+    to its end before the next began: a call alone in the budgets took itself for alone and
+    computed on the spot, so under any load every batch was a batch of one. grpc.aio's front
+    starts each call as a task that runs to its end before the next one starts: there, calls meet
+    only in the queue a batch delay makes (test_batch_invariance.py)."""
+    if served.config.front == "python":
+        pytest.skip("grpc.aio's calls meet only with a batch delay: each runs to its end before the next starts")
+    registry = served.metrics.registry
+
+    def counts() -> tuple[float, float]:
+        labels = {"loss": "mse_loss"}
+        return (registry.get_sample_value("remoteloss_batch_requests_sum", labels) or 0.0,
+                registry.get_sample_value("remoteloss_batch_requests_count", labels) or 0.0)
+
+    x = torch.linspace(-1, 1, 100)
+    expected = F.mse_loss(x, -x)
+    request = loss_pb2.ComputeRequest(mse_loss=loss_pb2.MseLoss(input=codec.encode(x), target=codec.encode(-x)))
+    compute = loss_pb2_grpc.LossServiceStub(channel).Compute
+    requests_before, batches_before = counts()
+    for _ in range(20):  # bursts of calls sent at once, until some of them met
+        futures = [compute.future(request, metadata=BEARER, timeout=30) for _ in range(32)]
+        for future in futures:
+            assert torch.equal(codec.decode_torch(future.result().loss, "loss"), expected)
+        requests, batches = counts()
+        if batches - batches_before < requests - requests_before:
+            break
+    assert requests - requests_before >= 32
+    assert batches - batches_before < requests - requests_before, "every batch was a batch of one"
+
+
 def test_a_status_carries_its_message_and_trailing_metadata(channel: grpc.Channel) -> None:
     stub = loss_pb2_grpc.LossServiceStub(channel)
     request = loss_pb2.ComputeRequest()  # no loss set
