@@ -81,6 +81,10 @@ class Executor:
         torch.set_num_threads(torch_threads)
         if self.device.type == "cuda":
             torch.empty(0, device=self.device)  # create the CUDA context now, not on the first request
+        # torch's first gradient seeded with a tensor imports torch.fx's symbolic shapes (sympy):
+        # about 0.4 s, which would be the first gradient request's. Now, before the server serves.
+        leaf = torch.zeros(1, device=self.device, requires_grad=True)
+        torch.autograd.grad(leaf * 1, [leaf], grad_outputs=torch.ones(1, device=self.device))
 
     def memory_reserved(self) -> int:
         """Bytes torch's caching allocator holds on this device; 0 on the CPU. Thread-safe."""
