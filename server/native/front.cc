@@ -234,11 +234,16 @@ PyObject* Take(PyFront* self, PyObject*) {
   return list;
 }
 
-PyObject* ReadMethod(PyFront* self, PyObject* arg) {
-  uint64_t id = PyLong_AsUnsignedLongLong(arg);
-  if (PyErr_Occurred()) return nullptr;
+PyObject* ReadMethod(PyFront* self, PyObject* args) {
+  unsigned long long id;
+  int count;
+  if (!PyArg_ParseTuple(args, "Ki", &id, &count)) return nullptr;
+  if (count < 1) {
+    PyErr_SetString(PyExc_ValueError, "read(id, n): n must be at least 1");
+    return nullptr;
+  }
   bool reading;
-  Py_BEGIN_ALLOW_THREADS reading = self->front->Read(id);
+  Py_BEGIN_ALLOW_THREADS reading = self->front->Read(id, count);
   Py_END_ALLOW_THREADS
   return PyBool_FromLong(reading);
 }
@@ -284,7 +289,8 @@ PyObject* ShutdownMethod(PyFront* self, PyObject* arg) {
 PyMethodDef kMethods[] = {
     {"fileno", reinterpret_cast<PyCFunction>(Fileno), METH_NOARGS, "The eventfd that is readable while events wait."},
     {"take", reinterpret_cast<PyCFunction>(Take), METH_NOARGS, "Every event that has arrived, in order."},
-    {"read", reinterpret_cast<PyCFunction>(ReadMethod), METH_O, "read(id): ask for the call's next message."},
+    {"read", reinterpret_cast<PyCFunction>(ReadMethod), METH_VARARGS,
+     "read(id, n): ask for the call's next n messages (see front.h)."},
     {"write", reinterpret_cast<PyCFunction>(WriteMethod), METH_VARARGS,
      "write(id, data): send a message; False: the call's queue is full, so wait for WRITTEN."},
     {"finish", reinterpret_cast<PyCFunction>(FinishMethod), METH_VARARGS,

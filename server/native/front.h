@@ -11,14 +11,19 @@
 // One asynchronous generic service; every method is a stream of messages to gRPC's C++ core, and
 // Python decides from the method's handler how many it reads. Events, from take():
 //   (START, id, method, metadata, deadline, peer, first message or None)
-//   (MESSAGE, id, bytes)      a message asked for by read(id)
-//   (HALF_CLOSE, id)          the caller sends no more (the answer to read(id) when none comes)
+//   (MESSAGE, id, bytes)      a message asked for by read(id, n)
+//   (HALF_CLOSE, id)          the caller sends no more (the answer to a read when none comes)
 //   (WRITTEN, id)             the call's queue of writes has room again (after a write(id) that
 //                             answered False)
 //   (DONE, id, cancelled)     the call is over: finished, or cancelled (deadline, client, GOAWAY)
 // deadline: seconds since the epoch (time.time()), or None.
-// Calls from Python: read(id), write(id, bytes), finish(id, code, details, trailing, bytes|None).
-// At most one read is outstanding, as gRPC's async API requires. Writes queue on their call: gRPC
+// Calls from Python: read(id, n), write(id, bytes), finish(id, code, details, trailing, bytes|None).
+// At most one read is outstanding, as gRPC's async API requires. read(id, n) asks for up to n
+// messages: the queue's thread starts the next read as each small one (at most kAheadBytes)
+// arrives, so a stream's requests come to Python several to a take(), not each after a round
+// trip through the event loop; a larger message ends the run, and Python asks again. Python asks
+// only once it has taken what came, so what it holds unread is at most n small messages and one
+// more of any size (as a single read would hold). Writes queue on their call: gRPC
 // takes one at a time, and the queue's thread starts the next when one is done, without Python.
 // write() answers False once the queue is full (kQueued messages, or kQueuedBytes), and Python
 // then waits for WRITTEN before the next; a finish waits for the queue to empty.
@@ -109,6 +114,9 @@ struct Call {
   Tag tags[5] = {{this, kAsk}, {this, kRead}, {this, kWrite}, {this, kFinish}, {this, kNotify}};
   int pending = 0;  // operations started and not yet back from the queue (under Front::mutex_)
   bool started = false, done = false, finishing = false;
+  // Reads (under Front::mutex_): one under way, and how many more Python asked for (read(id, n)).
+  bool reading = false;
+  int ahead = 0;
   // Writes (under Front::mutex_): one under way (or posted), the rest queued behind it; a finish
   // posted meanwhile waits for them. ``waiting``: Python waits for WRITTEN (the queue was full).
   bool writing = false, waiting = false;
@@ -155,13 +163,14 @@ class Front {
     return taken;
   }
 
-  // False for an id that is gone (the call is over).
-  bool Read(uint64_t id) {
+  // Up to ``n`` (>= 1) messages: a read now, unless one is under way, and the rest as each small
+  // one arrives. False for an id that is gone (the call is over).
+  bool Read(uint64_t id, int n) {
     std::lock_guard<std::mutex> lock(mutex_);
     Call* call = Find(id);
     if (call == nullptr || call->done) return false;
-    ++call->pending;
-    call->stream.Read(&call->in, &call->tags[kRead]);
+    call->ahead = n - 1;
+    if (!call->reading) StartRead(call);
     return true;
   }
 
@@ -231,6 +240,15 @@ class Front {
   // A call's writes queued behind the one under way, at most: beyond either, Python waits. What a
   // stream holds here beyond the budgets' view is bounded by them and one message.
   static constexpr size_t kQueued = 16, kQueuedBytes = 256 * 1024;
+  // A message this small lets the next asked-for read start at once (see read(id, n) above).
+  static constexpr size_t kAheadBytes = 16 * 1024;
+
+  // Under mutex_.
+  void StartRead(Call* call) {
+    call->reading = true;
+    ++call->pending;
+    call->stream.Read(&call->in, &call->tags[kRead]);
+  }
 
   void Post(uint64_t id, bool finish, const grpc::Status& status,
             std::vector<std::pair<std::string, std::string>> trailing, grpc::ByteBuffer* message) {
@@ -354,23 +372,34 @@ class Front {
               std::lock_guard<std::mutex> lock(mutex_);
               call->started = true;
               ++live_;
-              ++call->pending;  // the first read, started below
             }
             Push(std::move(event), call);  // before the read: its MESSAGE must not come first
             std::lock_guard<std::mutex> lock(mutex_);
-            call->stream.Read(&call->in, &call->tags[kRead]);
+            StartRead(call);
           }
           break;
         case kRead: {
-          if (ok && Attach(call)) break;
           Event event{};
           event.kind = ok ? kMessage : kHalfClose;
           event.id = call->id;
+          size_t size = 0;
           if (ok) {
+            size = call->in.Length();
             event.message.Swap(&call->in);
             event.has_message = true;
           }
-          Push(std::move(event));
+          {
+            // Before Python can see the message: a read(id, n) once it is taken finds this read over.
+            std::lock_guard<std::mutex> lock(mutex_);
+            call->reading = false;
+            if (ok && call->ahead > 0 && size <= kAheadBytes && !call->done) {
+              --call->ahead;
+              StartRead(call);  // back on this thread (one per queue) only after this message is pushed
+            } else {
+              call->ahead = 0;
+            }
+          }
+          if (!(ok && Attach(call, &event.message))) Push(std::move(event));
           break;
         }
         case kWrite:
@@ -434,12 +463,12 @@ class Front {
 
   // The first message joins its call's START while Python has not taken it: a small request is
   // one event, and a call is still announced at its headers (a refusal need not wait for its body).
-  bool Attach(Call* call) {
+  bool Attach(Call* call, grpc::ByteBuffer* message) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (call->start_taken == taken_ && call->start_index < events_.size()) {
       Event& start = events_[call->start_index];
       if (start.id == call->id && start.kind == kStart && !start.has_message) {
-        start.message.Swap(&call->in);
+        start.message.Swap(message);
         start.has_message = true;
         call->start_taken = ~uint64_t(0);
         return true;

@@ -12,9 +12,9 @@ batch is done.
 
 Every knob comes from one ``SchedulingPolicy``, and the batcher alone decides where a call
 computes: a batch of at most ``policy.inline_elements`` on the event loop (cheaper than the hop
-to a thread), larger ones on a compute thread; a call alone in the server (``alone()``) on an
-idle batcher at once, as a batch of one, since the queue would only add its hops. The loop holds
-a slot only once work is queued.
+to a thread), larger ones on a compute thread; a call alone in the server (``alone()``: none
+other in flight or arriving) on an idle batcher at once, as a batch of one, since the queue
+would only add its hops. The loop holds a slot only once work is queued.
 
 Tenants share the compute slots by weight (``fairness.FairShares``): a batch holds one tenant's
 calls, its measured compute time is charged to that tenant, and the next batch comes from the

@@ -5,6 +5,7 @@ iterator, and ``Resumed``, which lets a coroutine started on the spot continue a
 from __future__ import annotations
 
 import asyncio
+import collections
 import collections.abc
 import logging
 import time
@@ -121,18 +122,23 @@ class Context:
 
 
 class Requests:
-    """A streaming call's requests as an async iterator: each ``__anext__`` asks gRPC for one (the
-    first was asked for at the call's start, and may have come with it)."""
+    """A streaming call's requests as an async iterator. The first was asked for at the call's
+    start (and may have come with it); once what came is taken, ``__anext__`` asks gRPC for up to
+    ``AHEAD`` more, which the front reads back to back while they are small (front.h), so a
+    stream's requests reach the loop several to a batch of events."""
+
+    AHEAD = 16  # requests asked for at once: what may wait here unread, beyond the handler's own window
 
     def __init__(self, front: Any, call_id: int, first: bytes | None, deserialize: Callable[[bytes], Any] | None) -> None:
         self._front = front
         self._id = call_id
         self._deserialize = deserialize
-        self._next: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._arrived: collections.deque[bytes | None] = collections.deque()  # None: the caller's half-close
+        self._waiter: asyncio.Future[None] | None = None
         self._asked = True  # by the front, for the first message
         self._ended = False
         if first is not None:
-            self._next.set_result(first)
+            self._arrived.append(first)
 
     def __aiter__(self) -> Requests:
         return self
@@ -140,22 +146,29 @@ class Requests:
     async def __anext__(self) -> Any:
         if self._ended:
             raise StopAsyncIteration
-        if not self._asked:
-            self._next = asyncio.get_running_loop().create_future()
-            self._asked = True
-            if not self._front.read(self._id):
-                self._ended = True
-                raise StopAsyncIteration
-        message = await self._next
-        self._asked = False
+        if not self._arrived:
+            if not self._asked:
+                self._asked = True
+                if not self._front.read(self._id, self.AHEAD):
+                    self._ended = True
+                    raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        message = self._arrived.popleft()
+        if not self._arrived:
+            self._asked = False  # the front reads no further unless asked again
         if message is None:
             self._ended = True
             raise StopAsyncIteration
         return message if self._deserialize is None else self._deserialize(message)
 
     def arrived(self, message: bytes | None) -> None:
-        if not self._next.done():
-            self._next.set_result(message)
+        self._arrived.append(message)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class Call:

@@ -100,6 +100,22 @@ def test_raw_stream_answers_every_id_with_its_own_outcome(channel: grpc.Channel)
         assert text in answer.error.message, (key, answer.error.message)
 
 
+def test_small_and_large_items_sent_at_once_are_each_answered(channel: grpc.Channel) -> None:
+    """The native front reads a stream's small items back to back, several to a batch, and a
+    large one (over 16 KiB) ends such a run: every item is still answered, each with its own."""
+    rng = torch.Generator().manual_seed(1)
+    shapes = {key: (64, 64) if key % 10 == 3 else (3, 4) for key in range(300)}  # 32 KiB or 96 B of each tensor
+    sent = {key: (torch.randn(shape, generator=rng, dtype=torch.float64), torch.randn(shape, generator=rng,
+                                                                                       dtype=torch.float64))
+            for key, shape in shapes.items()}
+    payloads = [_item(key, raw_request("mse_loss", {"input": x, "target": y})) for key, (x, y) in sent.items()]
+    answers = {answer.id: answer for answer in _raw_stream(channel)(iter(payloads), timeout=60)}
+    assert set(answers) == set(sent)
+    for key, (x, y) in sent.items():
+        assert answers[key].WhichOneof("result") == "response", answers[key].error
+        assert torch.equal(codec.decode_torch(answers[key].response.loss, "loss"), F.mse_loss(x, y))
+
+
 def test_an_item_whose_id_cannot_be_read_ends_the_stream(channel: grpc.Channel) -> None:
     good = _item(1, raw_request("mse_loss", {"input": torch.ones(2), "target": torch.zeros(2)}))
     with pytest.raises(grpc.RpcError) as info:
@@ -179,6 +195,20 @@ def test_sync_stream_many_threads_share_one_stream(client: Any) -> None:
     with client.stream(window=4) as stream, ThreadPoolExecutor(8) as pool:
         futures = list(pool.map(lambda x: stream.l1_loss(x, np.zeros(4)), xs))
     assert [float(f.result()) for f in futures] == [float(i) for i in range(64)]
+
+
+def test_sync_stream_of_large_requests_after_an_answer(client: Any) -> None:
+    """Large items, some sent after an answer came: the server asks for the next items as soon as
+    it has taken one, which once raced the end of that item's read (the stream then waited
+    forever for a read nobody had started)."""
+    x = torch.linspace(-1, 1, 500_000, dtype=torch.float64)  # 4 MB per tensor
+    expected = F.l1_loss(x, x * 0.5)
+    with client.stream(timeout=60) as stream:
+        for _ in range(3):
+            first = [stream.l1_loss(x, x * 0.5) for _ in range(4)]
+            first[0].result()
+            futures = first + [stream.l1_loss(x, x * 0.5) for _ in range(4)]
+            assert all(torch.equal(future.result(), expected) for future in futures)
 
 
 def test_sync_stream_closed_cancelled_and_deadline(client: Any) -> None:
