@@ -6,18 +6,27 @@ every new handshake until the files are right again. So the core reads a copy, w
 PEM bytes that loaded (``auth.ServerCertificates``: at start, and on each SIGHUP reload that
 loads), into a new folder that one rename of a link makes current. The core never sees a pair
 that did not load, nor one half written, and renewals keep SIGHUP's contract on either front.
+
+The copy goes when the server stops. A server killed (SIGKILL, a crash) cannot remove it, so the
+folder's name holds the server's process id, and the next copy made by the same user removes
+those whose process is gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 from remoteloss_server.auth import Pems
 
-__all__ = ["TlsCopy"]
+__all__ = ["TlsCopy", "remove_orphans"]
+
+_PREFIX = "remoteloss-tls-"
+_NAME = re.compile(re.escape(_PREFIX) + r"(\d+)-")  # the process id of the server that made it
 
 
 class TlsCopy:
@@ -25,7 +34,8 @@ class TlsCopy:
     removes them."""
 
     def __init__(self, client_ca: bool) -> None:
-        self._folder = Path(tempfile.mkdtemp(prefix="remoteloss-tls-"))
+        remove_orphans(Path(tempfile.gettempdir()))
+        self._folder = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
         self._client_ca = client_ca
         self._written = 0
         self._closed = False
@@ -59,3 +69,31 @@ class TlsCopy:
     def close(self) -> None:
         self._closed = True
         shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def remove_orphans(parent: Path) -> list[str]:
+    """Remove the copies under ``parent`` that this user's servers left when killed: real folders
+    (not links) of this user whose server's process is gone. Their names, removed."""
+    removed = []
+    for entry in os.scandir(parent):
+        found = _NAME.match(entry.name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; an id no process can have
+        return True
+    return True
