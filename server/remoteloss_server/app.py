@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -266,6 +267,11 @@ def _serve_worker(config: ServerConfig, index: int) -> None:
 
 async def _serve(config: ServerConfig, worker: int | None = None) -> None:
     running = await _start(config, worker)
+    # What start-up made lives as long as the process. Out of the collector's sight, a full
+    # collection scans only what requests leave, where it scanned 230,000 objects: about 90 ms of
+    # the event loop, every caller's, a few times a minute under load.
+    gc.freeze()
+    logger.info("event=gc_frozen objects=%d", gc.get_freeze_count())
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
