@@ -233,6 +233,7 @@ class Front {
     for (auto& [id, call] : calls_) delete call;
     calls_.clear();
     server_.reset();
+    acceptor_.reset();  // and with it the credentials: a TLS front's file watcher stops here
   }
 
  private:

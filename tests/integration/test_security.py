@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,6 +291,33 @@ def test_mutual_tls_with_keys_end_to_end(mtls_server: ServerThread, pki: Pki) ->
             client.mse_loss(X, Y)
     credentials = tls_credentials(root_certificates=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)
     assert health.check(mtls_server.target, credentials=credentials) == "SERVING"
+
+
+def test_a_stopped_native_front_stops_reading_its_certificate_files(tmp_path: Path) -> None:
+    """The core reads the TLS copy again every second; once the server stops (and its copy is
+    gone) that reader stops too, even while the stopped server object is still referenced. It
+    went on before, once a second for as long as the process lived, logging each failed read."""
+    if not native_front.available():
+        tools.missing("the native front was not built: gRPC's C++ library (libgrpc++-dev, pkg-config) was missing")
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tests.pki import make_pki\n"
+        "from remoteloss_server.app import ServerThread\n"
+        "from remoteloss_server.config import ServerConfig\n"
+        "pki = make_pki(Path(sys.argv[1]))\n"
+        "config = ServerConfig(port=0, host='127.0.0.1', device='cpu', metrics_port=0, http_port=0, front='native',\n"
+        "                      tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))\n"
+        "with ServerThread(config) as server:\n"
+        "    pass\n"
+        "print('stopped', file=sys.stderr, flush=True)\n"
+        f"time.sleep({3 * native_front.TLS_REFRESH_S + 0.5})\n"  # three of the core's re-reads
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                          timeout=120, check=True)
+    after = done.stderr.split("stopped", 1)[1]
+    assert "Failed to load file" not in after and "stat failed" not in after, after[-2000:]
 
 
 def test_the_native_front_renews_its_certificate_on_reload_and_keeps_it_through_a_bad_one(tmp_path: Path) -> None:
