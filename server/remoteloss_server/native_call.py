@@ -123,11 +123,12 @@ class Context:
 
 class Requests:
     """A streaming call's requests as an async iterator. The first was asked for at the call's
-    start (and may have come with it); once what came is taken, ``__anext__`` asks gRPC for up to
-    ``AHEAD`` more, which the front reads back to back while they are small (front.h), so a
-    stream's requests reach the loop several to a batch of events."""
+    start (and may have come with it); once what came is taken, ``__anext__`` asks gRPC for more:
+    as many as the handler said it may take (``read_ahead``: ``streaming.bounded_map`` gives the
+    free places of its window), at most ``AHEAD``, which the front reads back to back while they
+    are small (front.h), so a stream's requests reach the loop several to a batch of events."""
 
-    AHEAD = 16  # requests asked for at once: what may wait here unread, beyond the handler's own window
+    AHEAD = 16  # requests asked for at once, at most
 
     def __init__(self, front: Any, call_id: int, first: bytes | None, deserialize: Callable[[bytes], Any] | None) -> None:
         self._front = front
@@ -136,9 +137,15 @@ class Requests:
         self._arrived: collections.deque[bytes | None] = collections.deque()  # None: the caller's half-close
         self._waiter: asyncio.Future[None] | None = None
         self._asked = True  # by the front, for the first message
+        self._ahead = 1  # how many the next ask is for
         self._ended = False
         if first is not None:
             self._arrived.append(first)
+
+    def read_ahead(self, count: int) -> None:
+        """The handler may take ``count`` more requests now: the next ask is for as many (at
+        most ``AHEAD``, at least one)."""
+        self._ahead = max(1, min(count, self.AHEAD))
 
     def __aiter__(self) -> Requests:
         return self
@@ -149,7 +156,7 @@ class Requests:
         if not self._arrived:
             if not self._asked:
                 self._asked = True
-                if not self._front.read(self._id, self.AHEAD):
+                if not self._front.read(self._id, self._ahead):
                     self._ended = True
                     raise StopAsyncIteration
             self._waiter = asyncio.get_running_loop().create_future()

@@ -20,6 +20,24 @@ class Stopped(Exception):
     it had read was answered (yielded) before this was raised."""
 
 
+class _Slots:
+    """``bounded_map``'s window: a slot is taken as an item is read, and freed once its result
+    has been taken."""
+
+    def __init__(self, size: int) -> None:
+        self._size, self._taken, self._free = size, 0, asyncio.Semaphore(size)
+
+    async def take(self) -> int:
+        """Wait for a slot; how many items may be read now, this one included."""
+        await self._free.acquire()
+        self._taken += 1
+        return self._size - self._taken + 1
+
+    def release(self) -> None:
+        self._taken -= 1
+        self._free.release()
+
+
 async def bounded_map(
     items: AsyncIterable[_T],
     function: Callable[[_T], Awaitable[_R]],
@@ -42,18 +60,20 @@ async def bounded_map(
     flight ends it at once.
 
     One reader task feeds the calls; each finished call (and the reader, when it ends) lands in
-    one queue, so each item costs O(1) whatever ``limit`` is.
+    one queue, so each item costs O(1) whatever ``limit`` is. Items that fetch several at once (the
+    native front's) are told how many the free slots allow (``read_ahead``): they count too.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    slots = asyncio.Semaphore(limit)
+    slots = _Slots(limit)
     finished: asyncio.Queue[asyncio.Future[Any]] = asyncio.Queue()
     running: set[asyncio.Future[_R]] = set()
+    read_ahead: Callable[[int], None] = getattr(items, "read_ahead", lambda count: None)
 
     async def read() -> None:
         iterator = aiter(items)
         while True:
-            await slots.acquire()
+            read_ahead(await slots.take())
             try:
                 item = await anext(iterator)
             except StopAsyncIteration:

@@ -266,3 +266,63 @@ def test_a_stop_after_the_items_ran_out_is_no_stop() -> None:
         assert sorted(out) == [0, 1]
 
     asyncio.run(main())
+
+
+class AheadSource:
+    """0..n-1 fetched in runs, as the native front's requests: each time what was fetched is
+    taken, the next run fetches as many as the last ``read_ahead`` allowed."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.fetched = 0
+        self.allowed: list[int] = []
+        self._ahead = 1
+
+    def read_ahead(self, count: int) -> None:
+        self.allowed.append(count)
+        self._ahead = count
+
+    def __aiter__(self) -> AheadSource:
+        self._buffer: list[int] = []
+        return self
+
+    async def __anext__(self) -> int:
+        if not self._buffer:
+            if self.fetched >= self.n:
+                raise StopAsyncIteration
+            run = range(self.fetched, min(self.n, self.fetched + self._ahead))
+            self._buffer.extend(run)
+            self.fetched += len(run)
+        return self._buffer.pop(0)
+
+
+def test_what_is_fetched_ahead_counts_against_the_limit() -> None:
+    async def main() -> tuple[AheadSource, list[int], list[int]]:
+        gates = {i: asyncio.Event() for i in range(100)}
+
+        async def work(i: int) -> int:
+            await gates[i].wait()
+            return i
+
+        source = AheadSource(100)
+        results = bounded_map(source, work, limit=8)
+        out: list[int] = []
+        unanswered: list[int] = []  # fetched and not yet answered, whenever the stream is stuck
+
+        async def consume() -> None:
+            async for value in results:
+                out.append(value)
+
+        consumer = asyncio.create_task(consume())
+        for first in range(0, 100, 4):  # a few answers at a time: asks come with slots held
+            await _settle()
+            unanswered.append(source.fetched - len(out))
+            for i in range(first, first + 4):
+                gates[i].set()
+        await consumer
+        return source, out, unanswered
+
+    source, out, unanswered = asyncio.run(main())
+    assert sorted(out) == list(range(100))
+    assert max(unanswered) == 8, unanswered  # the window, full, and never more
+    assert source.allowed[0] == 8 and min(source.allowed) < 8 and all(n >= 1 for n in source.allowed)
