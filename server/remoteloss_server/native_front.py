@@ -160,9 +160,9 @@ class NativeServer:
 
     def _on_events(self) -> None:
         events = self._front.take()
-        self.arriving = sum(1 for event in events if event[0] == _MESSAGE or event[0] == _START)
+        self.arriving = sum(1 for event in events if event[0] in _ARRIVALS)
         for event in events:
-            if event[0] == _MESSAGE or event[0] == _START:
+            if event[0] in _ARRIVALS:
                 self.arriving -= 1
             try:
                 self._event(event)
@@ -377,3 +377,4 @@ if _front is not None:
     _START, _MESSAGE, _HALF_CLOSE, _WRITTEN, _DONE = (
         _front.START, _front.MESSAGE, _front.HALF_CLOSE, _front.WRITTEN, _front.DONE
     )
+    _ARRIVALS = frozenset((_START, _MESSAGE))  # the events that may bring a request

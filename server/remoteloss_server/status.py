@@ -197,26 +197,25 @@ def _refusing(method: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
             await refuse(request, context)
             yield request
 
+    async def vetted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """The request, or the stream of them, as ``method`` takes it: refused where undecodable."""
+        if streamed:
+            return checked(request, context)
+        await refuse(request, context)
+        return request
+
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def each(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            if streamed:
-                request = checked(request, context)
-            else:
-                await refuse(request, context)
-            async for answer in method(request, context):
+            async for answer in method(await vetted(request, context), context):
                 yield answer
 
         return each
 
     @functools.wraps(method)
     async def once(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if streamed:
-            request = checked(request, context)
-        else:
-            await refuse(request, context)
-        answer = method(request, context)
+        answer = method(await vetted(request, context), context)
         return await answer if inspect.isawaitable(answer) else answer
 
     return once
