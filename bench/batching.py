@@ -1,6 +1,6 @@
 """Batching on / off: throughput ratios at 1, 4, 16 and 64 callers, small and large requests.
 
-    python bench/batching.py                 # 3 interleaved rounds; about 2 minutes on 2 cores
+    python bench/batching.py                 # 3 interleaved rounds; about 3 minutes on 2 cores
     python bench/batching.py --rounds 1 --duration 0.5   # a smoke test
     python bench/batching.py --json out.json
 
@@ -8,7 +8,9 @@ Two servers run side by side as subprocesses (the default, and ``--no-batching``
 drives both with ``remoteloss bench`` (float32 mse_loss and the gradient of its input) at each
 number of callers and size, one after the other, so that the machine's noise falls on both
 alike. The ratio of a cell is the median over rounds of that round's on / off throughput (the
-target: at least 1.0 everywhere on a CPU). Each measurement also reads the server's own CPU time
+target: at least 1.0 everywhere on a CPU). A third server, a second ``--no-batching`` one, is
+measured in the same rounds as a control: its ratio to the first (A/A) is what this machine's
+noise alone makes of two identical servers, the band in which an on / off ratio says nothing. Each measurement also reads the server's own CPU time
 (as bench/server_cpu.py does), printed per request: on a shared machine it is steadier than the
 throughput. The batching server's decisions (``remoteloss_batch_decisions_total``) are printed at
 the end.
@@ -51,10 +53,12 @@ def measure(rounds: int, duration_s: float, large_duration_s: float, warmup_s: f
     metrics_port = free_port()
     on = Server.remoteloss("batching-on", ["--metrics-port", str(metrics_port)], logs=logs)
     off = Server.remoteloss("batching-off", ["--no-batching"], logs=logs)
+    control = Server.remoteloss("control", ["--no-batching"], logs=logs)  # the same as ``off``: the noise
+    servers = (on, off, control)
     cells: dict[str, dict[str, list[float]]] = {}
     with Fleet() as fleet:
-        fleet.start(on, off)
-        for server in (on, off):  # first requests, torch's first call: before anything is measured
+        fleet.start(*servers)
+        for server in servers:  # first requests, torch's first call: before anything is measured
             for shape in SIZES.values():
                 client.bench(server, concurrency=4, shape=shape, grad=True, duration_s=0.5, warmup_s=warmup_s)
         for round_index in range(rounds):
@@ -62,34 +66,37 @@ def measure(rounds: int, duration_s: float, large_duration_s: float, warmup_s: f
                 duration = duration_s if size == "small" else large_duration_s
                 for count in callers:
                     cell = cells.setdefault(f"{size} x{count}", {
-                        "on": [], "off": [], "ratio": [], "on_cpu_us": [], "off_cpu_us": []})
-                    # Alternate which server goes first, so neither always meets a warmer machine.
-                    order = (on, off) if round_index % 2 == 0 else (off, on)
+                        "on": [], "off": [], "ratio": [], "aa_ratio": [], "on_cpu_us": [], "off_cpu_us": []})
+                    # Rotate which server goes first, so none always meets a warmer machine.
+                    shift = round_index % len(servers)
                     rates = {}
-                    for server in order:
+                    for server in servers[shift:] + servers[:shift]:
                         before = _cpu_seconds(server)
                         level = client.bench(server, concurrency=count, shape=SIZES[size], grad=True,
                                              duration_s=duration, warmup_s=0)["level"]
                         rates[server.name] = level["throughput_rps"]
                         used = (_cpu_seconds(server) - before) / max(level["requests"], 1) * 1e6
-                        cell["on_cpu_us" if server is on else "off_cpu_us"].append(used)
+                        if server is not control:
+                            cell["on_cpu_us" if server is on else "off_cpu_us"].append(used)
                     cell["on"].append(rates["batching-on"])
                     cell["off"].append(rates["batching-off"])
                     cell["ratio"].append(rates["batching-on"] / rates["batching-off"])
+                    cell["aa_ratio"].append(rates["control"] / rates["batching-off"])
         decisions = _decisions(metrics_port)
     return {"cells": cells, "decisions": decisions, "commands": sorted(set(client.commands)),
-            "servers": [on.command, off.command]}
+            "servers": [server.command for server in servers]}
 
 
 def _print(result: dict[str, Any]) -> None:
-    print(f"{'cell':<14} {'on req/s':>10} {'off req/s':>10} {'on/off':>7} {'CPU us/req on':>14} "
-          f"{'off':>6} {'off/on':>7}  on/off by round")
+    print(f"{'cell':<14} {'on req/s':>10} {'off req/s':>10} {'on/off':>7} {'A/A':>5} {'CPU us/req on':>14} "
+          f"{'off':>6} {'off/on':>7}  on/off by round; A/A (control/off) by round")
     for name, cell in result["cells"].items():
-        ratio = statistics.median(cell["ratio"])
+        ratio, aa = statistics.median(cell["ratio"]), statistics.median(cell["aa_ratio"])
         rounds = " ".join(f"{r:.2f}" for r in cell["ratio"])
+        aa_rounds = " ".join(f"{r:.2f}" for r in cell["aa_ratio"])
         cpu_on, cpu_off = statistics.median(cell["on_cpu_us"]), statistics.median(cell["off_cpu_us"])
         print(f"{name:<14} {statistics.median(cell['on']):>10.0f} {statistics.median(cell['off']):>10.0f} "
-              f"{ratio:>7.2f} {cpu_on:>14.0f} {cpu_off:>6.0f} {cpu_off / cpu_on:>7.2f}  {rounds}")
+              f"{ratio:>7.2f} {aa:>5.2f} {cpu_on:>14.0f} {cpu_off:>6.0f} {cpu_off / cpu_on:>7.2f}  {rounds}; {aa_rounds}")
     print("decisions:", json.dumps(result["decisions"], indent=None))
     print("servers:", *result["servers"], sep="\n  ")
     print("load:", *result["commands"], sep="\n  ")

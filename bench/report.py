@@ -226,12 +226,15 @@ def _figures(results: dict[str, Any], add: Callable[[str], None]) -> None:
     peak_from = next(iter(results["memory"].values()), {}).get("peak_from", "VmHWM")
     add(f"\nMemory, 16 callers sending 32 MiB requests (forward + gradient) to a fresh server (idle: VmRSS after "
         f"one small request; peak: {peak_from}):\n")
-    add("| server | idle RSS | peak RSS | bytes in flight | (peak - idle) / in flight | RSS after |")
-    add("|---|---|---|---|---|---|")
+    wait = next(iter(results["memory"].values()), {}).get("quiet_wait_s")
+    quiet = f" | RSS {wait:g} s later" if wait else ""
+    add(f"| server | idle RSS | peak RSS | bytes in flight | (peak - idle) / in flight | RSS at the end{quiet} |")
+    add("|---|---|---|---|---|---|" + ("---|" if wait else ""))
     for name, run in results["memory"].items():
         extra = (run["peak_rss_bytes"] - run["idle_rss_bytes"]) / run["in_flight_bytes"]
+        later = f" {run['quiet_rss_bytes'] / _MIB:.0f} MiB |" if wait else ""
         add(f"| {name} | {run['idle_rss_bytes'] / _MIB:.0f} MiB | {run['peak_rss_bytes'] / _MIB:.0f} MiB | "
-            f"{run['in_flight_bytes'] / _MIB:.0f} MiB | {extra:.2f} | {run['after_rss_bytes'] / _MIB:.0f} MiB |")
+            f"{run['in_flight_bytes'] / _MIB:.0f} MiB | {extra:.2f} | {run['after_rss_bytes'] / _MIB:.0f} MiB |{later}")
     add("")
 
 

@@ -59,6 +59,17 @@ def test_ratios_and_verdicts() -> None:
     assert passed is False
 
 
+def test_memory_given_back_once_quiet_is_its_own_column() -> None:
+    report = _report()
+    results = _results(batching=True, stream=True)
+    text, _ = report.render(results)
+    assert "| RSS at the end |\n" in text  # results of a run from before the column: no such column
+    results["memory"]["remoteloss-memory"].update(quiet_rss_bytes=300 * 1024 * 1024, quiet_wait_s=5.0)
+    text, _ = report.render(results)
+    assert "| RSS at the end | RSS 5 s later |" in text
+    assert "| 900 MiB | 300 MiB |" in next(line for line in text.splitlines() if line.startswith("| remoteloss-memory"))
+
+
 def test_missing_features_are_not_measured() -> None:
     report = _report()
     text, _ = report.render(_results(batching=False, stream=False))
