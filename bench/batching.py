@@ -1,6 +1,6 @@
 """Batching on / off: throughput ratios at 1, 4, 16 and 64 callers, small and large requests.
 
-    python bench/batching.py                 # 3 interleaved rounds; about 3 minutes on 2 cores
+    python bench/batching.py                 # 3 interleaved rounds; about 5 minutes on 2 cores
     python bench/batching.py --rounds 1 --duration 0.5   # a smoke test
     python bench/batching.py --json out.json
 
@@ -10,7 +10,9 @@ number of callers and size, one after the other, so that the machine's noise fal
 alike. The ratio of a cell is the median over rounds of that round's on / off throughput (the
 target: at least 1.0 everywhere on a CPU). A third server, a second ``--no-batching`` one, is
 measured in the same rounds as a control: its ratio to the first (A/A) is what this machine's
-noise alone makes of two identical servers, the band in which an on / off ratio says nothing. Each measurement also reads the server's own CPU time
+noise alone makes of two identical servers, the band in which an on / off ratio says nothing;
+"on/both" sets the batching server against the mean of the two without, which halves the weight
+of one process's bias. Each measurement also reads the server's own CPU time
 (as bench/server_cpu.py does), printed per request: on a shared machine it is steadier than the
 throughput. The batching server's decisions (``remoteloss_batch_decisions_total``) are printed at
 the end.
@@ -71,6 +73,11 @@ def measure(rounds: int, duration_s: float, large_duration_s: float, warmup_s: f
                     shift = round_index % len(servers)
                     rates = {}
                     for server in servers[shift:] + servers[:shift]:
+                        # A warm-up at the cell's load first: a server idle while the others were
+                        # measured has given its heap back (allocator.give_back_when_quiet), and
+                        # large requests would page-fault it in again inside the measurement.
+                        client.bench(server, concurrency=count, shape=SIZES[size], grad=True, duration_s=warmup_s,
+                                     warmup_s=0)
                         before = _cpu_seconds(server)
                         level = client.bench(server, concurrency=count, shape=SIZES[size], grad=True,
                                              duration_s=duration, warmup_s=0)["level"]
@@ -88,15 +95,17 @@ def measure(rounds: int, duration_s: float, large_duration_s: float, warmup_s: f
 
 
 def _print(result: dict[str, Any]) -> None:
-    print(f"{'cell':<14} {'on req/s':>10} {'off req/s':>10} {'on/off':>7} {'A/A':>5} {'CPU us/req on':>14} "
+    print(f"{'cell':<14} {'on req/s':>10} {'off req/s':>10} {'on/off':>7} {'A/A':>5} {'on/both':>7} {'CPU us/req on':>14} "
           f"{'off':>6} {'off/on':>7}  on/off by round; A/A (control/off) by round")
     for name, cell in result["cells"].items():
         ratio, aa = statistics.median(cell["ratio"]), statistics.median(cell["aa_ratio"])
+        # on against both servers without batching: one process's bias (A/A) weighs half
+        both = statistics.median(r / ((1 + a) / 2) for r, a in zip(cell["ratio"], cell["aa_ratio"], strict=True))
         rounds = " ".join(f"{r:.2f}" for r in cell["ratio"])
         aa_rounds = " ".join(f"{r:.2f}" for r in cell["aa_ratio"])
         cpu_on, cpu_off = statistics.median(cell["on_cpu_us"]), statistics.median(cell["off_cpu_us"])
         print(f"{name:<14} {statistics.median(cell['on']):>10.0f} {statistics.median(cell['off']):>10.0f} "
-              f"{ratio:>7.2f} {aa:>5.2f} {cpu_on:>14.0f} {cpu_off:>6.0f} {cpu_off / cpu_on:>7.2f}  {rounds}; {aa_rounds}")
+              f"{ratio:>7.2f} {aa:>5.2f} {both:>7.2f} {cpu_on:>14.0f} {cpu_off:>6.0f} {cpu_off / cpu_on:>7.2f}  {rounds}; {aa_rounds}")
     print("decisions:", json.dumps(result["decisions"], indent=None))
     print("servers:", *result["servers"], sep="\n  ")
     print("load:", *result["commands"], sep="\n  ")
@@ -107,7 +116,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=1.5, help="seconds per small-request measurement")
     parser.add_argument("--large-duration", type=float, default=2.0, help="seconds per large-request measurement")
-    parser.add_argument("--warmup", type=float, default=0.3)
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of load before each measurement")
     parser.add_argument("--callers", default=",".join(map(str, CALLERS)), help="comma-separated (default: %(default)s)")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
