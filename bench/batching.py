@@ -76,8 +76,9 @@ def measure(rounds: int, duration_s: float, large_duration_s: float, warmup_s: f
                         # A warm-up at the cell's load first: a server idle while the others were
                         # measured has given its heap back (allocator.give_back_when_quiet), and
                         # large requests would page-fault it in again inside the measurement.
-                        client.bench(server, concurrency=count, shape=SIZES[size], grad=True, duration_s=warmup_s,
-                                     warmup_s=0)
+                        if warmup_s > 0:
+                            client.bench(server, concurrency=count, shape=SIZES[size], grad=True,
+                                         duration_s=warmup_s, warmup_s=0)
                         before = _cpu_seconds(server)
                         level = client.bench(server, concurrency=count, shape=SIZES[size], grad=True,
                                              duration_s=duration, warmup_s=0)["level"]
@@ -95,8 +96,8 @@ def measure(rounds: int, duration_s: float, large_duration_s: float, warmup_s: f
 
 
 def _print(result: dict[str, Any]) -> None:
-    print(f"{'cell':<14} {'on req/s':>10} {'off req/s':>10} {'on/off':>7} {'A/A':>5} {'on/both':>7} {'CPU us/req on':>14} "
-          f"{'off':>6} {'off/on':>7}  on/off by round; A/A (control/off) by round")
+    print(f"{'cell':<14} {'on req/s':>10} {'off req/s':>10} {'on/off':>7} {'A/A':>5} {'on/both':>7} "
+          f"{'CPU us/req on':>14} {'off':>6} {'off/on':>7}  on/off by round; A/A (control/off) by round")
     for name, cell in result["cells"].items():
         ratio, aa = statistics.median(cell["ratio"]), statistics.median(cell["aa_ratio"])
         # on against both servers without batching: one process's bias (A/A) weighs half
@@ -105,7 +106,8 @@ def _print(result: dict[str, Any]) -> None:
         aa_rounds = " ".join(f"{r:.2f}" for r in cell["aa_ratio"])
         cpu_on, cpu_off = statistics.median(cell["on_cpu_us"]), statistics.median(cell["off_cpu_us"])
         print(f"{name:<14} {statistics.median(cell['on']):>10.0f} {statistics.median(cell['off']):>10.0f} "
-              f"{ratio:>7.2f} {aa:>5.2f} {both:>7.2f} {cpu_on:>14.0f} {cpu_off:>6.0f} {cpu_off / cpu_on:>7.2f}  {rounds}; {aa_rounds}")
+              f"{ratio:>7.2f} {aa:>5.2f} {both:>7.2f} {cpu_on:>14.0f} {cpu_off:>6.0f} {cpu_off / cpu_on:>7.2f}  "
+              f"{rounds}; {aa_rounds}")
     print("decisions:", json.dumps(result["decisions"], indent=None))
     print("servers:", *result["servers"], sep="\n  ")
     print("load:", *result["commands"], sep="\n  ")
