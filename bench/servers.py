@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -80,11 +81,24 @@ def self_signed(folder: Path) -> tuple[Path, Path] | None:
     return cert, key
 
 
+# Ports to hand out, below Linux's default ephemeral range (32768-60999): a port the kernel picked
+# for us (bind to 0) comes from that range, where every client connection of the run takes its
+# local port too, so one could take it between the probe and the server's bind (it happened:
+# EADDRINUSE in a CI run). Here only listeners can collide, and the probe rules those out. The
+# tests take their ports from here too (tests/integration/deploy_files.py).
+_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on now, outside the ephemeral range."""
+    for port in random.sample(_PORTS, 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port in 20000-32767")  # pragma: no cover
 
 
 def server_flags() -> str:

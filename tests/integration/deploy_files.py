@@ -7,14 +7,13 @@ programs that do exist: the server itself, hadolint, promtool, nginx and Compose
 from __future__ import annotations
 
 import json
-import random
 import re
 import shlex
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import tools
+from ..bench_modules import load
 
 DOCKERFILE = tools.ROOT / "Dockerfile"
 NGINX_CONF = tools.ROOT / "deploy" / "nginx" / "nginx.conf"
@@ -23,23 +22,10 @@ UPSTREAM_LINE = re.compile(r"(?m)^(?P<indent>[ \t]*)server (?P<address>\S+)(?P<p
 LISTEN_LINE = re.compile(r"(?m)^(?P<indent>[ \t]*)listen (?P<port>\d+) http2;")
 
 
-# Ports to hand out, below Linux's default ephemeral range (32768-60999): a port the kernel picked
-# for us (bind to 0) comes from that range, where every client connection of the run takes its
-# local port too, so one could take it between the probe and the server's bind (it happened:
-# EADDRINUSE in a CI run). Here only listeners can collide, and the probe rules those out.
-_PORTS = range(20000, 32768)
-
-
 def free_port() -> int:
-    """A loopback port nothing listens on now, outside the ephemeral range."""
-    for port in random.sample(_PORTS, 200):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise OSError("no free port in 20000-32767")  # pragma: no cover
+    """A loopback port nothing listens on now, outside the ephemeral range (the benchmarks' own
+    ``free_port``, bench/servers.py, which says why)."""
+    return int(load("servers").free_port())
 
 
 @dataclass
