@@ -75,17 +75,18 @@ def remove_orphans(parent: Path) -> list[str]:
     """Remove the copies under ``parent`` that this user's servers left when killed: real folders
     (not links) of this user whose server's process is gone. Their names, removed."""
     removed = []
-    for entry in os.scandir(parent):
-        found = _NAME.match(entry.name)
-        if found is None or _alive(int(found.group(1))):
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.name)
+    with os.scandir(parent) as entries:
+        for entry in entries:
+            found = _NAME.match(entry.name)
+            if found is None or _alive(int(found.group(1))):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
     return removed
 
 
