@@ -10,6 +10,8 @@ __all__ = [
     "CancelledError",
     "DeadlineExceededError",
     "InternalServerError",
+    "LOST_STATUS",
+    "RESET_STATUS",
     "InvalidArgumentError",
     "LossServiceError",
     "PermissionDeniedError",
@@ -106,6 +108,24 @@ _ERRORS: dict[grpc.StatusCode, type[LossServiceError]] = {
         CancelledError,
     )
 }
+
+
+# What grpc.aio reports, as INTERNAL, when a write fails because the server has just ended the call
+# (a drain ends streams while their clients still write): the call's own status is then lost.
+# No server sends it (ours says "internal error"), so it is taken as the end of a connection.
+LOST_STATUS = "Internal error from Core"
+# What gRPC reports, as INTERNAL, for a call its peer reset (HTTP/2 RST_STREAM). No server of
+# ours resets a call; a proxy does: nginx, when the replica behind it dies mid-answer.
+RESET_STATUS = "Received RST_STREAM"
+
+
+def _connection_lost(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a call that ended with this status lost its connection (or a proxy lost its own
+    to the server), maybe while its answer was on the way: UNAVAILABLE, or gRPC's INTERNAL for a
+    write to a call that has ended or for a reset."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return code == grpc.StatusCode.INTERNAL and (details == LOST_STATUS or RESET_STATUS in details)
 
 
 def _error_from_code(code: grpc.StatusCode, details: str) -> LossServiceError:

@@ -14,22 +14,18 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from remoteloss._calls import Plan, plan_loss, plan_value_and_grad
-from remoteloss._errors import InternalServerError, LossServiceError, _error_from_code
+from remoteloss._errors import InternalServerError, LossServiceError, _connection_lost, _error_from_code
 from remoteloss._losses import LossMethods
 from remoteloss._transport import Answer
 from remoteloss._wire import Payloads
 from remoteloss.v1 import loss_pb2 as pb
 
-__all__ = ["LOST_STATUS", "RESENDS", "RESEND_BACKOFF_S", "RESEND_MAX_BACKOFF_S", "StreamBase", "copy_error", "settle"]
+__all__ = ["RESENDS", "RESEND_BACKOFF_S", "RESEND_MAX_BACKOFF_S", "StreamBase", "copy_error", "settle"]
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 RESENDS = 5  # new streams in a row, after UNAVAILABLE, that get no answer before the calls fail
 RESEND_BACKOFF_S = 0.05  # the wait before the first; doubled each time, up to RESEND_MAX_BACKOFF_S
 RESEND_MAX_BACKOFF_S = 1.0
-# What grpc.aio reports, as INTERNAL, when a write fails because the server has just ended the call
-# (a drain ends streams while their clients still write): the call's own status is then lost.
-# No server sends it (ours says "internal error"), so it is taken as the end of a connection.
-LOST_STATUS = "Internal error from Core"
 
 # A call's future: ``LossFuture`` (``Stream``) or an asyncio future (``AsyncStream``).
 _F = TypeVar("_F", bound="concurrent.futures.Future[Any] | asyncio.Future[Answer]")
@@ -64,8 +60,7 @@ class StreamBase(LossMethods, Generic[_F]):
         not): after UNAVAILABLE, ``attempts`` new calls in a row without an answer so far."""
         if failure is None or self._cancelled:
             return None
-        lost = failure.code == grpc.StatusCode.INTERNAL and failure.details == LOST_STATUS
-        if failure.code != grpc.StatusCode.UNAVAILABLE and not lost:
+        if not _connection_lost(failure.code, failure.details):
             return None
         if attempts >= RESENDS:
             return None

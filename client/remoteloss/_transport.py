@@ -13,6 +13,7 @@ array or tensor it returns (protobuf would copy them twice before that).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -23,11 +24,11 @@ from google.protobuf.message import Message
 
 from remoteloss import _wire as wire
 from remoteloss._channel import create_aio_channel, create_channel
-from remoteloss._errors import _error_from_rpc
+from remoteloss._errors import _connection_lost, _error_from_rpc
 from remoteloss._request import Request
 from remoteloss.v1 import loss_pb2 as pb
 
-__all__ = ["Answer", "Channels", "Stub", "Transport", "read_answer", "read_stream_answer"]
+__all__ = ["UNARY_RESENDS", "Answer", "Channels", "Resend", "Stub", "Transport", "read_answer", "read_stream_answer"]
 
 _M = TypeVar("_M", bound=Message)
 _SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -138,6 +139,43 @@ class Channels:
             await channel.close(None)
 
 
+UNARY_RESENDS = 1  # a unary call whose answer was cut is sent this many times more (see Resend)
+
+
+class Resend:
+    """Whether a failed unary call is sent again, and the timeout of each send.
+
+    gRPC's retry policy (``SERVICE_CONFIG``) sends a call again only until the server's answer
+    has begun: its headers commit the call (gRPC's retry design, A6). A server that dies while an
+    answer is on its way (SIGKILL, the OOM killer, a lost node; a large answer takes many round
+    trips of flow control) ends the call UNAVAILABLE, or INTERNAL behind a proxy that resets it
+    (``_errors._connection_lost``), and gRPC gives it up. Compute and ListLosses are pure
+    functions, so the SDK sends such a call ``UNARY_RESENDS`` times more itself, each time with
+    what is left of the deadline, and gRPC's retry policy again. Any other status, or no time
+    left, is final.
+    """
+
+    __slots__ = ("_deadline", "_left", "timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._left = UNARY_RESENDS
+
+    def again(self, exc: grpc.RpcError) -> bool:
+        code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+        if self._left == 0 or not callable(code) or not callable(details):
+            return False
+        if not _connection_lost(code(), details() or ""):
+            return False
+        if self._deadline is not None:
+            self.timeout = self._deadline - time.monotonic()
+            if self.timeout <= 0:
+                return False
+        self._left -= 1
+        return True
+
+
 @dataclass(frozen=True)
 class Transport:
     """How a client and its streams send: shared ``Channels``, plus the deadline and metadata of
@@ -154,22 +192,27 @@ class Transport:
             raise RuntimeError(f"{self.name} is closed")
 
     def unary(self, method: str, request: Any) -> Any:
-        """A unary call on the blocking channel; a failure raises the status's ``LossServiceError``."""
+        """A unary call on the blocking channel, sent once more after UNAVAILABLE (``Resend``); a
+        failure raises the status's ``LossServiceError``."""
         self.check_open()
-        try:
-            return getattr(self.channels.stub(), method)(request, timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as exc:
-            raise _error_from_rpc(exc) from exc
+        call, resend = getattr(self.channels.stub(), method), Resend(self.timeout)
+        while True:
+            try:
+                return call(request, timeout=resend.timeout, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                if not resend.again(exc):
+                    raise _error_from_rpc(exc) from exc
 
     async def aunary(self, method: str, request: Any) -> Any:
-        """A unary call on the ``grpc.aio`` channel."""
+        """A unary call on the ``grpc.aio`` channel, sent again as ``unary`` sends it."""
         self.check_open()
-        try:
-            return await getattr(self.channels.aio_stub(), method)(
-                request, timeout=self.timeout, metadata=self.metadata
-            )
-        except grpc.RpcError as exc:
-            raise _error_from_rpc(exc) from exc
+        call, resend = getattr(self.channels.aio_stub(), method), Resend(self.timeout)
+        while True:
+            try:
+                return await call(request, timeout=resend.timeout, metadata=self.metadata)
+            except grpc.RpcError as exc:
+                if not resend.again(exc):
+                    raise _error_from_rpc(exc) from exc
 
     def compute(self, request: Request) -> Answer:
         """A blocking Compute (also autograd's second call of an ``AsyncClient``)."""

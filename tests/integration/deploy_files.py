@@ -9,8 +9,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import grpc
 
 from .. import tools
 from ..bench_modules import load
@@ -100,3 +106,51 @@ def nginx_config(upstreams: list[str], listen: str, temp: Path) -> str:
     text = LISTEN_LINE.sub(lambda m: f"{m['indent']}listen {listen} http2;", text)
     paths = "".join(f"\n    {name}_temp_path {temp / name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return text.replace("http {", "http {" + paths, 1)
+
+
+@dataclass
+class Nginx:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).is_file()), None)
+    if found is None:
+        tools.missing("nginx is not installed (apt-get install nginx)")
+    assert found is not None
+    return found
+
+
+@contextmanager
+def running_nginx(upstreams: list[str], folder: Path) -> Iterator[Nginx]:
+    """Debian's nginx on deploy/nginx/nginx.conf, in front of ``upstreams``, on a free loopback
+    port, once it takes connections; stopped on exit. Skips (fails under CI) without nginx."""
+    binary = nginx_binary()
+    port = free_port()
+    config = folder / "nginx.conf"
+    config.write_text(nginx_config(upstreams, f"127.0.0.1:{port}", folder))
+    globals_ = f"daemon off; pid {folder / 'nginx.pid'};"
+    checked = tools.run([binary, "-t", "-c", str(config), "-g", globals_], timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    log = folder / "nginx.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen([binary, "-c", str(config), "-g", globals_], stdout=sink, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    try:
+        running = Nginx(process, port, log)
+        with grpc.insecure_channel(running.target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -14,7 +14,6 @@ and fail under CI.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,8 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from remoteloss._channel import SERVICE_CONFIG
 from remoteloss_server.servicer import SERVICE_NAME
 
-from .. import tools
-from .deploy_files import free_port, nginx_config
+from .deploy_files import Nginx, free_port, running_nginx
 from .server_process import scrape
 
 REPLICAS = 3
@@ -144,52 +142,11 @@ def running(replicas: Replicas) -> Replicas:
     return replicas
 
 
-@dataclass
-class Nginx:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).is_file()), None)
-    if found is None:
-        tools.missing("nginx is not installed (apt-get install nginx)")
-    assert found is not None
-    return found
-
-
 @pytest.fixture(scope="module")
 def nginx(replicas: Replicas, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
-    binary = nginx_binary()
-    folder = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    config = folder / "nginx.conf"
-    config.write_text(nginx_config([r.address for r in replicas], f"127.0.0.1:{port}", folder))
-    globals_ = f"daemon off; pid {folder / 'nginx.pid'};"
-    checked = tools.run([binary, "-t", "-c", str(config), "-g", globals_], timeout=30)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    log = folder / "nginx.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen([binary, "-c", str(config), "-g", globals_], stdout=sink, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-    running = Nginx(process, port, log)
-    try:
-        replicas.revive()
-        with grpc.insecure_channel(running.target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
+    replicas.revive()
+    with running_nginx([r.address for r in replicas], tmp_path_factory.mktemp("nginx")) as running:
         yield running
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,8 @@
 """When a stream sends its unanswered requests again (remoteloss._stream_base): after UNAVAILABLE (a
-drain's end, a lost connection) or grpc.aio's lost status, a bounded number of times in a row,
-within the stream's deadline, never after cancel(); and the drain's metadata key is the server's."""
+drain's end, a lost connection), grpc.aio's lost status or a proxy's reset, a bounded number of
+times in a row, within the stream's deadline, never after cancel(); and the drain's metadata key is
+the server's. When a unary call is sent again (remoteloss._transport.Resend): after the same
+failures, once, with what is left of its deadline."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import time
 import grpc
 import pytest
 
-from remoteloss import _stream_base
+from remoteloss import _errors, _stream_base
+from remoteloss._transport import UNARY_RESENDS, Resend
 from remoteloss._errors import InternalServerError, InvalidArgumentError, LossServiceError, ServiceUnavailableError
 from remoteloss_server.servicer import DRAINED_METADATA_KEY
 
 DRAINED = ServiceUnavailableError("the server is draining: ...", grpc.StatusCode.UNAVAILABLE)
+RESET = "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))"  # as gRPC words nginx's reset
 
 
 def base(timeout: float | None = None) -> _stream_base.StreamBase:
@@ -24,8 +28,8 @@ def base(timeout: float | None = None) -> _stream_base.StreamBase:
 
 @pytest.mark.parametrize(
     "failure",
-    [DRAINED, InternalServerError(_stream_base.LOST_STATUS, grpc.StatusCode.INTERNAL)],
-    ids=["unavailable", "grpc.aio lost status"],
+    [DRAINED, InternalServerError(_errors.LOST_STATUS, grpc.StatusCode.INTERNAL), InternalServerError(RESET)],
+    ids=["unavailable", "grpc.aio lost status", "a proxy's reset"],
 )
 def test_unavailable_and_a_lost_status_are_resent_with_a_growing_backoff(failure: LossServiceError) -> None:
     stream = base()
@@ -69,3 +73,49 @@ def test_a_new_call_gets_what_is_left_of_the_deadline() -> None:
 
 def test_the_drain_metadata_key_is_the_documented_one() -> None:
     assert DRAINED_METADATA_KEY == "remoteloss-drained"
+
+
+class Failed(grpc.RpcError):
+    """A failed call's error as gRPC raises it: ``code()`` and ``details()``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    "failure", [Failed(grpc.StatusCode.UNAVAILABLE, "Socket closed"), Failed(grpc.StatusCode.INTERNAL, RESET)]
+)
+def test_a_unary_call_whose_connection_was_lost_is_sent_once_more(failure: Failed) -> None:
+    resend = Resend(None)
+    assert [resend.again(failure) for _ in range(UNARY_RESENDS + 1)] == [True] * UNARY_RESENDS + [False]
+    assert resend.timeout is None
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Failed(grpc.StatusCode.INTERNAL, "internal error"),  # the server's own
+        Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server's queue is full"),
+        Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
+        Failed(grpc.StatusCode.CANCELLED, "Cancelled"),
+    ],
+)
+def test_other_failures_of_a_unary_call_are_final(failure: Failed) -> None:
+    assert not Resend(30.0).again(failure)
+
+
+def test_a_resent_unary_call_gets_what_is_left_of_its_deadline() -> None:
+    lost = Failed(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    resend = Resend(10.0)
+    time.sleep(0.01)
+    assert resend.again(lost)
+    assert resend.timeout is not None and 9.0 < resend.timeout < 10.0 - 0.005
+    over = Resend(0.001)
+    time.sleep(0.01)
+    assert not over.again(lost)  # no time left: final
