@@ -28,7 +28,7 @@ from remoteloss._errors import _connection_lost, _error_from_rpc
 from remoteloss._request import Request
 from remoteloss.v1 import loss_pb2 as pb
 
-__all__ = ["UNARY_RESENDS", "Answer", "Channels", "Resend", "Stub", "Transport", "read_answer", "read_stream_answer"]
+__all__ = ["UNARY_RESENDS", "UNREACHED", "Answer", "Channels", "Resend", "Stub", "Transport", "read_answer", "read_stream_answer"]
 
 _M = TypeVar("_M", bound=Message)
 _SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
@@ -140,6 +140,10 @@ class Channels:
 
 
 UNARY_RESENDS = 1  # a unary call whose answer was cut is sent this many times more (see Resend)
+# gRPC's words for a call that reached no server (its details begin so, newer and older wording):
+# its retry policy spent the attempts already, and a resend would only double the time to fail.
+UNREACHED = ("connections to all backends failing", "failed to connect to all addresses", "errors resolving",
+             "DNS resolution failed")
 
 
 class Resend:
@@ -151,8 +155,8 @@ class Resend:
     trips of flow control) ends the call UNAVAILABLE, or INTERNAL behind a proxy that resets it
     (``_errors._connection_lost``), and gRPC gives it up. Compute and ListLosses are pure
     functions, so the SDK sends such a call ``UNARY_RESENDS`` times more itself, each time with
-    what is left of the deadline, and gRPC's retry policy again. Any other status, or no time
-    left, is final.
+    what is left of the deadline, and gRPC's retry policy again. Any other status, a call that
+    reached no server (``UNREACHED``), or no time left, is final.
     """
 
     __slots__ = ("_deadline", "_left", "timeout")
@@ -166,7 +170,8 @@ class Resend:
         code, details = getattr(exc, "code", None), getattr(exc, "details", None)
         if self._left == 0 or not callable(code) or not callable(details):
             return False
-        if not _connection_lost(code(), details() or ""):
+        text = details() or ""
+        if not _connection_lost(code(), text) or text.startswith(UNREACHED):
             return False
         if self._deadline is not None:
             self.timeout = self._deadline - time.monotonic()

@@ -104,6 +104,11 @@ def test_a_unary_call_whose_connection_was_lost_is_sent_once_more(failure: Faile
         Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server's queue is full"),
         Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
         Failed(grpc.StatusCode.CANCELLED, "Cancelled"),
+        # No server reached: gRPC's retries are spent, and nothing was computed.
+        Failed(grpc.StatusCode.UNAVAILABLE, "connections to all backends failing; last error: UNKNOWN: ipv4:..."),
+        Failed(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: ..."),
+        Failed(grpc.StatusCode.UNAVAILABLE, "errors resolving nowhere.invalid:50051: [field:hostname lookup ..."),
+        Failed(grpc.StatusCode.UNAVAILABLE, "DNS resolution failed for nowhere.invalid:50051: ..."),
     ],
 )
 def test_other_failures_of_a_unary_call_are_final(failure: Failed) -> None:
