@@ -259,8 +259,11 @@ class Batcher(Picker):
             tenant, batch = chosen
             if self._policy.inline_elements and sum(item.elements for item in batch) <= self._policy.inline_elements:
                 self._compute_inline(tenant, batch)
-                continue
-            self._start_compute(tenant, batch)
+            else:
+                self._start_compute(tenant, batch)
+            # Not kept while this loop waits for the next call: the batch holds its requests'
+            # tensors and answers, and the last batch of a burst would pin them until then.
+            del chosen, batch
 
     def _start_compute(self, tenant: str | None, batch: list[Item]) -> None:
         """``_compute(batch)`` as a task of its own, holding an acquired slot until it is done."""
