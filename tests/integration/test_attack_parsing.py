@@ -214,9 +214,10 @@ def test_model_infer_of_tiny_fields(server: ServerProcess, channel: grpc.Channel
         return info.value
 
     # What stays after six refused 16 MiB ModelInfer requests on the native front: one thread
-    # arena of gRPC's (glibc's malloc_stats: 98 MB held, 13 MB in use) keeps its free top, which
-    # no thread of ours can trim (allocator.trim_thread_arenas). 90-193 MiB measured; a later
-    # attack reuses it (the 1 MiB row after it grows by 0-11 MiB). Bounded, and not yet given back.
+    # arena of gRPC's (glibc's malloc_stats: 98 MB held, 13 MB in use) keeps its free top.
+    # 90-193 MiB measured, right after the attack, before the server's quiet trim
+    # (allocator.give_back_when_quiet) could run; a later attack reuses it (the 1 MiB row after
+    # it grows by 0-11 MiB). Bounded.
     after = 256 * MiB if size == "16MiB" else 64 * MiB
     with Watch(server, f"{attack} {size}", after_over_bytes=after) as watch, ThreadPoolExecutor(ATTACKERS) as attackers:
         errors = list(attackers.map(infer, range(ATTACKERS * 3)))
