@@ -175,6 +175,7 @@ class Stream(StreamBase[LossFuture]):
                     self._room.notify()
                 if entry is not None:
                     settle(entry[0], answer, payloads)
+                del answer, payloads, entry  # not held while the next answer is awaited
         except grpc.RpcError as exc:
             failure = _error_from_rpc(exc)
             failure.__cause__ = exc
@@ -194,6 +195,7 @@ class Stream(StreamBase[LossFuture]):
 def _requests(outbox: queue.SimpleQueue[bytes | None]) -> Iterator[bytes]:
     while (request := outbox.get()) is not None:
         yield request
+        del request  # not held while the next is awaited
 
 
 class AsyncStream(StreamBase[asyncio.Future[Answer]]):
@@ -287,6 +289,7 @@ class AsyncStream(StreamBase[asyncio.Future[Answer]]):
         try:
             while (request := await outbox.get()) is not None:
                 await call.write(request)
+                del request  # not held while the next is awaited
             await call.done_writing()
         except (grpc.RpcError, asyncio.InvalidStateError):
             pass  # the call has ended; the reader reports why
@@ -331,6 +334,7 @@ class AsyncStream(StreamBase[asyncio.Future[Answer]]):
                 entry = self._pending.pop(answer.id, None)
                 if entry is not None and not entry[0].done():  # not done: its caller may have gone
                     settle(entry[0], answer, payloads)
+                del item, answer, payloads, entry  # not held while the next answer is awaited
         except grpc.RpcError as exc:
             failure = _error_from_rpc(exc)
             failure.__cause__ = exc

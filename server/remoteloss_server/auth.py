@@ -313,6 +313,7 @@ def _with_tenant(handler: _Handler, tenant: str) -> Any:
             TENANT.set(tenant)
             async for response in behavior(request, context):
                 yield response
+                del response  # not held while the next is awaited: an idle stream pins nothing
 
         return tenant_stream
     if inspect.iscoroutinefunction(behavior):

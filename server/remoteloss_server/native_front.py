@@ -303,6 +303,7 @@ class NativeServer:
             else:
                 async for answer in answers:
                     await context.write(answer)
+                    del answer  # not held while the next is awaited: an idle stream pins nothing
         except Aborted:
             pass
         except asyncio.CancelledError:

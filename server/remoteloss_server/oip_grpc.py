@@ -166,6 +166,7 @@ class InferenceServicer:
                 if ticket is not None:
                     ticket.release()
                     unsent.discard(ticket)
+                del answer, ticket  # not held while the next is awaited: an idle stream pins nothing
         except Stopped:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,

@@ -167,6 +167,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
                 if ticket is not None:
                     ticket.release()
                     unsent.discard(ticket)
+                del answer, ticket  # not held while the next is awaited: an idle stream pins nothing
         except Stopped:
             logger.info("event=stream_drained request_id=%s answered=%d", stream_id, answered)
             add_trailing_metadata(context, ((DRAINED_METADATA_KEY, str(answered)),))

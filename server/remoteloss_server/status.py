@@ -196,6 +196,7 @@ def _refusing(method: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
         async for request in requests:
             await refuse(request, context)
             yield request
+            del request  # not held while the next is awaited: an idle stream pins nothing
 
     async def vetted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """The request, or the stream of them, as ``method`` takes it: refused where undecodable."""
@@ -210,6 +211,7 @@ def _refusing(method: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
         async def each(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             async for answer in method(await vetted(request, context), context):
                 yield answer
+                del answer  # not held while the next is awaited
 
         return each
 

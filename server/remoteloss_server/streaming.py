@@ -78,9 +78,8 @@ async def bounded_map(
                 item = await anext(iterator)
             except StopAsyncIteration:
                 return
-            call = asyncio.ensure_future(function(item))
-            running.add(call)
-            call.add_done_callback(finished.put_nowait)
+            running.add(watch(function(item)))
+            del item  # not held while the next is awaited: an idle stream pins nothing
 
     def watch(awaitable: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(awaitable)
@@ -105,9 +104,9 @@ async def bounded_map(
                     done.result()  # the reading's exception, if any, ends the stream
             else:
                 running.discard(done)
-                result: _R = done.result()
-                yield result
+                yield done.result()
                 slots.release()
+            del done  # the last call's future holds its answer
         if stopped:
             raise Stopped
     finally:

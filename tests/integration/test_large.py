@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -272,3 +273,38 @@ def test_the_server_keeps_no_tensor_of_an_answered_call(client: Any) -> None:
         loss, grads = stream.value_and_grad("mse_loss", x, y).result(timeout=60)
         assert float(loss) == want_loss and np.array_equal(grads["input"], want_grad)
         assert _kept(_KEPT_SHAPE) == []
+
+
+def _held_by_the_server(wait_s: float = 5.0) -> list[int]:
+    """The sizes of the blocks of 1 MiB or more, traced since ``tracemalloc.start``, that code of
+    the in-process server allocated and that are still alive, once a moment has passed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        gc.collect()
+        held = [
+            trace.size for trace in tracemalloc.take_snapshot().traces
+            if trace.size >= 1 << 20 and any("remoteloss_server" in frame.filename for frame in trace.traceback)
+        ]
+        if not held or time.monotonic() > deadline:
+            return held
+        time.sleep(0.2)
+
+
+def test_an_idle_stream_holds_nothing_of_its_last_call_in_the_server(client: Any) -> None:
+    """A stream left open after its answers holds neither its last request's bytes nor its last
+    answer's in the server: every loop on the way (the front's, the checks', the budgets') held
+    its last item while it waited for the next, so many idle streams could each pin a large
+    request and answer beyond every budget."""
+    rng = np.random.default_rng(10)
+    x, y = (rng.standard_normal(1 << 20).astype(np.float32) for _ in range(2))
+    want_loss, want_grad = _expected(x, y)
+    with client.stream() as stream:
+        stream.value_and_grad("mse_loss", x, y).result(timeout=60)  # the stream and its tasks are up
+        tracemalloc.start(8)
+        try:
+            loss, grads = stream.value_and_grad("mse_loss", x, y).result(timeout=60)
+            held = _held_by_the_server()
+        finally:
+            tracemalloc.stop()
+    assert float(loss) == want_loss and np.array_equal(grads["input"], want_grad)
+    assert held == []
