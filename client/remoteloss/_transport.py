@@ -28,7 +28,10 @@ from remoteloss._errors import _connection_lost, _error_from_rpc
 from remoteloss._request import Request
 from remoteloss.v1 import loss_pb2 as pb
 
-__all__ = ["UNARY_RESENDS", "UNREACHED", "Answer", "Channels", "Resend", "Stub", "Transport", "read_answer", "read_stream_answer"]
+__all__ = [
+    "UNARY_RESENDS", "UNREACHED", "Answer", "Channels", "Resend", "Stub", "Transport",
+    "read_answer", "read_stream_answer",
+]
 
 _M = TypeVar("_M", bound=Message)
 _SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
