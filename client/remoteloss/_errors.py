@@ -7,11 +7,11 @@ from typing import ClassVar
 import grpc
 
 __all__ = [
+    "LOST_STATUS",
+    "RESET_STATUS",
     "CancelledError",
     "DeadlineExceededError",
     "InternalServerError",
-    "LOST_STATUS",
-    "RESET_STATUS",
     "InvalidArgumentError",
     "LossServiceError",
     "PermissionDeniedError",

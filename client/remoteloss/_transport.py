@@ -200,8 +200,8 @@ class Transport:
             raise RuntimeError(f"{self.name} is closed")
 
     def unary(self, method: str, request: Any) -> Any:
-        """A unary call on the blocking channel, sent once more after UNAVAILABLE (``Resend``); a
-        failure raises the status's ``LossServiceError``."""
+        """A unary call on the blocking channel, sent once more if its connection was lost
+        (``Resend``); a failure raises the status's ``LossServiceError``."""
         self.check_open()
         call, resend = getattr(self.channels.stub(), method), Resend(self.timeout)
         while True:
