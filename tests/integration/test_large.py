@@ -308,3 +308,41 @@ def test_an_idle_stream_holds_nothing_of_its_last_call_in_the_server(client: Any
             tracemalloc.stop()
     assert float(loss) == want_loss and np.array_equal(grads["input"], want_grad)
     assert held == []
+
+
+def test_an_idle_inference_stream_holds_nothing_of_its_last_request_in_the_server(channel: grpc.Channel) -> None:
+    """The same over the Open Inference Protocol's ModelStreamInfer: its loop held its last
+    answer, and the loops it shares with ComputeStream their last request."""
+    import queue
+
+    from remoteloss_server.inference import grpc_service_pb2 as ipb
+
+    rng = np.random.default_rng(11)
+    x, y = (rng.standard_normal(1 << 19).astype(np.float32) for _ in range(2))  # answers under gRPC's 4 MiB
+    request = ipb.ModelInferRequest(model_name="mse_loss", id="1")
+    for name, array in (("input", x), ("target", y)):
+        request.inputs.add(name=name, datatype="FP32", shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+    request.inputs[0].parameters["requires_grad"].bool_param = True  # a 2 MiB answer: grad_input
+    stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                   request_serializer=ipb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=ipb.ModelStreamInferResponse.FromString)
+    outbox: queue.SimpleQueue[ipb.ModelInferRequest | None] = queue.SimpleQueue()
+    answers = stream(iter(outbox.get, None), timeout=60)
+    want_loss, want_grad = _expected(x, y)
+    want = [np.float32(want_loss).tobytes(), want_grad.tobytes()]
+    try:
+        outbox.put(request)
+        assert next(answers).infer_response.raw_output_contents == want  # the stream is up
+        tracemalloc.start(8)
+        try:
+            outbox.put(request)
+            answer = next(answers)
+            held = _held_by_the_server()
+        finally:
+            tracemalloc.stop()
+    finally:
+        outbox.put(None)
+        assert list(answers) == []
+    assert not answer.error_message and answer.infer_response.raw_output_contents == want
+    assert held == []
