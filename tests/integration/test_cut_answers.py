@@ -24,9 +24,9 @@ import pytest
 import remoteloss
 import torch
 import torch.nn.functional as F
-from remoteloss._transport import UNARY_RESENDS
+from remoteloss._transport import UNARY_RESENDS, UNREACHED
 
-from .deploy_files import running_nginx
+from .deploy_files import free_port, running_nginx
 
 # An answer of 4 MiB: gRPC's flow control sends it in many pieces, its headers first.
 X = np.random.default_rng(5).standard_normal(1 << 20).astype(np.float32)
@@ -155,3 +155,13 @@ def test_behind_nginx_a_cut_answer_is_sent_again(cut_once: CuttingProxy, tmp_pat
             with client.stream() as stream:
                 answer = stream.mse_loss(X, Y, reduction="none").result(timeout=60)
     assert_cut_then_answered(cut_once, answer)
+
+
+def test_gRPCs_words_for_a_call_that_reached_no_server_are_known() -> None:
+    """``Resend`` does not send again a call that reached no server: it tells them by gRPC's
+    words (``UNREACHED``). If a gRPC release changes them, this fails, rather than every call to
+    a server that is down taking twice as long to fail."""
+    with remoteloss.Client(f"127.0.0.1:{free_port()}") as client:
+        with pytest.raises(remoteloss.ServiceUnavailableError) as info:
+            client.mse_loss(X[:4], Y[:4])
+    assert info.value.details.startswith(UNREACHED), info.value.details
