@@ -2,9 +2,9 @@
 
 gRPC's retry policy sends a call again only until the server's answer has begun (its headers
 commit the call), and a large answer takes many round trips of flow control. A replica killed in
-that window (SIGKILL, the OOM killer) left the call UNAVAILABLE, or, behind nginx, INTERNAL with
-a reset stream; the SDK now sends such a call once more itself (``_transport.Resend``; streams
-send their unanswered requests again). The death is made exact here: ``CuttingProxy`` forwards a
+that window (SIGKILL, the OOM killer) leaves the call UNAVAILABLE, or, behind nginx, INTERNAL
+with a reset stream, and gRPC gives it up; the SDK sends such a call once more itself
+(``_transport.Resend``; streams send their unanswered requests again). The death is made exact here: ``CuttingProxy`` forwards a
 connection to the session's server and resets it once part of an answer has passed, the way the
 kernel resets the sockets of a killed process.
 """
