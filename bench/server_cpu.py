@@ -5,7 +5,9 @@
 Throughput alone mixes the server's cost with the client's (both share the machine); this reads
 the server processes' own CPU time (user + system, every thread: gRPC's poller and the compute
 threads too) around one ``remoteloss bench --concurrency 64`` level of small forward requests,
-and prints it per request, round by round. What remoteloss costs beyond the floor server is its
+and prints it per request, round by round, with the cores the server kept busy meanwhile (its CPU
+seconds per second: throughput is CPU per request divided into those, so a server that gets less
+of the machine than the echo answers less even at the same cost). What remoteloss costs beyond the floor server is its
 own Python path; what the floor costs beyond the echo is parsing, decoding and torch. Where
 gRPC's C++ library is installed (``apt-get install libgrpc++-dev``), the same echo in C++
 (``native_echo.cc``) shows what the transport costs without Python: the room the native front
@@ -75,17 +77,18 @@ def main() -> None:
         fleet.start(*servers)
         for server in servers:
             client.bench(server, duration_s=1.0)  # warm up: first requests, torch's first call
-        print("round  server                        req/s   server CPU us/request   / echo's")
+        print("round  server                        req/s   server CPU us/request   / echo's   cores")
         for round_ in range(1, args.rounds + 1):
             echo = None
             for server in servers:
                 before = _cpu_seconds(server)
                 level = client.bench(server, concurrency=64, duration_s=args.duration, warmup_s=0)["level"]
                 # The level counts requests in its window; a few in flight at its edges are not counted.
-                cost = (_cpu_seconds(server) - before) / max(level["requests"], 1) * 1e6
+                spent = _cpu_seconds(server) - before
+                cost = spent / max(level["requests"], 1) * 1e6
                 echo = echo or cost  # the first server is the echo
                 print(f"{round_:5d}  {server.name:28s} {level['throughput_rps']:6.0f}   {cost:8.0f}"
-                      f"               {cost / echo:5.2f}")
+                      f"               {cost / echo:5.2f}    {spent / level['duration_s']:5.2f}")
 
 
 if __name__ == "__main__":
