@@ -33,16 +33,17 @@ def compute_alone(
     metrics of a batch of one (no time queued), its compute time ``charge``d to ``tenant`` and,
     once computed, its cost given to ``sample`` (loss, calls, seconds, CPU seconds or None), as
     the batcher's batches have theirs."""
-    m, loss = metrics, job.call.loss
-    m.child(m.queue_duration, loss).observe(0.0)
-    m.child(m.batch_requests, loss).observe(1)
-    m.child(m.batch_elements, loss).observe(elements)
+    loss = job.call.loss
+    lane = metrics.batch(loss, device)
+    lane.queue_duration.observe(0.0)
+    lane.batch_requests.observe(1)
+    lane.batch_elements.observe(elements)
     begin = clock()
     try:
         (result,), cpu = timed((job,))
     finally:
         seconds = clock() - begin
-        m.child(m.compute_duration, loss, device).observe(seconds)
+        lane.compute_duration.observe(seconds)
         charge(tenant, seconds)
     sample(loss, 1, seconds, cpu)
     if isinstance(result, BaseException):

@@ -302,14 +302,13 @@ class Batcher(Picker):
 
     def _observe(self, batch: list[Item]) -> Any:
         """Record the batch's queue metrics; return the compute-duration histogram's child."""
-        m, loss = self._metrics, batch[0].job.call.loss
-        queue_duration = m.child(m.queue_duration, loss)
+        lane = self._metrics.batch(batch[0].job.call.loss, self._device)
         started = self.clock()
         for item in batch:
-            queue_duration.observe(max(0.0, started - item.enqueued))
-        m.child(m.batch_requests, loss).observe(len(batch))
-        m.child(m.batch_elements, loss).observe(sum(item.elements for item in batch))
-        return m.child(m.compute_duration, loss, self._device)
+            lane.queue_duration.observe(max(0.0, started - item.enqueued))
+        lane.batch_requests.observe(len(batch))
+        lane.batch_elements.observe(sum(item.elements for item in batch))
+        return lane.compute_duration
 
     def _timed(self, jobs: Sequence[Job]) -> tuple[list[Result | ServiceError], float | None]:
         """``run_batch(jobs)`` and, where ``_sample`` takes it, the CPU seconds the thread that

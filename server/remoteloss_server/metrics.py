@@ -18,7 +18,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -26,7 +26,9 @@ from prometheus_client.metrics_core import Metric
 
 from remoteloss_server.log_sampling import LogSampler
 
-__all__ = ["BYTES_BUCKETS", "LATENCY_BUCKETS", "NO_TENANT", "Metrics", "MetricsHTTPServer", "serve_http"]
+__all__ = [
+    "BYTES_BUCKETS", "LATENCY_BUCKETS", "NO_TENANT", "Answered", "Batch", "Metrics", "MetricsHTTPServer", "serve_http",
+]
 
 NO_TENANT = "none"  # the tenant label without API keys (every call is one tenant)
 
@@ -47,7 +49,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
         self.log_sampler = LogSampler()  # the request_failed lines (telemetry.RequestRecord)
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see child()
+        self._children: dict[tuple[Any, ...], Any] = {}  # see child(), answered() and batch()
         self._buffers: list[_Buffered] = []
         self._flushing = threading.Lock()
         r.register(_Flush(self))  # first: collecting the registry flushes before any metric is read
@@ -117,6 +119,31 @@ class Metrics:
             self._buffers.append(found)
         return found
 
+    def answered(self, protocol: str, loss: str, code: str) -> Answered:
+        """The children an answered request updates, for these labels: ``child`` of each, looked
+        up together once per label set (each lookup builds and hashes a tuple, and every request
+        makes them all)."""
+        key = ("answered", protocol, loss, code)
+        lane: Answered | None = self._children.get(key)
+        if lane is None:
+            lane = self._children[key] = Answered(
+                self.child(self.requests, loss, code), self.child(self.protocol_requests, protocol, loss, code),
+                self.child(self.request_duration, loss, code),
+                lambda: (self.child(self.response_bytes, loss), self.child(self.elements, loss)),
+            )
+        return lane
+
+    def batch(self, loss: str, device: str) -> Batch:
+        """The children a computed batch updates, as ``answered`` gives a request's."""
+        key = ("batch", loss, device)
+        lane: Batch | None = self._children.get(key)
+        if lane is None:
+            lane = self._children[key] = Batch(
+                self.child(self.queue_duration, loss), self.child(self.batch_requests, loss),
+                self.child(self.batch_elements, loss), self.child(self.compute_duration, loss, device),
+            )
+        return lane
+
     def flush(self) -> None:
         """Add what the buffers of ``child`` hold to their metrics (collecting the registry does)."""
         with self._flushing:
@@ -126,6 +153,37 @@ class Metrics:
     def watch_gpu_memory(self, device: str, read: Callable[[], float]) -> None:
         """Export ``read()`` (bytes) as ``gpu_memory{device}``, called at each scrape."""
         self.gpu_memory.labels(device).set_function(read)
+
+
+class Answered:
+    """``Metrics.answered``: an answered request's children. Those of an answer's size
+    (``sized``: response_bytes, elements) are made at the first answer that has one, so that a
+    loss whose requests all failed exports no series of them."""
+
+    __slots__ = ("_make_sized", "_sized", "protocol_requests", "request_duration", "requests")
+
+    def __init__(self, requests: Any, protocol_requests: Any, request_duration: Any,
+                 make_sized: Callable[[], tuple[Any, Any]]) -> None:
+        self.requests = requests
+        self.protocol_requests = protocol_requests
+        self.request_duration = request_duration
+        self._make_sized = make_sized
+        self._sized: tuple[Any, Any] | None = None
+
+    def sized(self) -> tuple[Any, Any]:
+        """response_bytes and elements."""
+        if self._sized is None:
+            self._sized = self._make_sized()
+        return self._sized
+
+
+class Batch(NamedTuple):
+    """``Metrics.batch``: a computed batch's children."""
+
+    queue_duration: Any
+    batch_requests: Any
+    batch_elements: Any
+    compute_duration: Any
 
 
 class _Buffered:

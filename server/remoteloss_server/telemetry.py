@@ -110,14 +110,16 @@ class RequestRecord:
         duration_s = self._clock() - self._started
         m, loss = self.metrics, self.loss
         m.child(m.in_flight).dec()
-        m.child(m.requests, loss, code).inc()
-        m.child(m.protocol_requests, self.protocol, loss, code).inc()
+        lane = m.answered(self.protocol, loss, code)
+        lane.requests.inc()
+        lane.protocol_requests.inc()
         m.child(m.tenant_requests, self.tenant or NO_TENANT, code).inc()
-        m.child(m.request_duration, loss, code).observe(duration_s)
+        lane.request_duration.observe(duration_s)
         if response_size is not None:
-            m.child(m.response_bytes, loss).observe(response_size)
+            response_bytes, elements = lane.sized()
+            response_bytes.observe(response_size)
             if self.elements:
-                m.child(m.elements, loss).inc(self.elements)
+                elements.inc(self.elements)
         who = "" if self.tenant is None else f" tenant={self.tenant}"  # tenant names are bare words
         if code == "OK":
             logger.debug(
