@@ -275,6 +275,26 @@ def test_the_server_keeps_no_tensor_of_an_answered_call(client: Any) -> None:
         assert _kept(_KEPT_SHAPE) == []
 
 
+def test_the_batchers_loop_keeps_no_tensor_of_its_last_batch() -> None:
+    """The same, where every call goes through the batcher's queue and loop: with a batch delay
+    no call computes on the spot, so even a lone call is a batch the loop hands out (the burst
+    above needs calls to meet, and on an idle machine some do not)."""
+    from remoteloss_server.app import ServerThread
+    from remoteloss_server.config import ServerConfig
+
+    rng = np.random.default_rng(12)
+    x, y = (rng.standard_normal(_KEPT_SHAPE).astype(np.float32) for _ in range(2))
+    want_loss, want_grad = _expected(x, y)
+    config = ServerConfig(port=0, host="127.0.0.1", device="cpu", metrics_port=0, http_port=0, max_batch_delay_s=0.001)
+    with ServerThread(config) as running, remoteloss.Client(running.target) as sdk:
+        loss, grads = sdk.value_and_grad("mse_loss", x, y)
+        assert float(loss) == want_loss and np.array_equal(grads["input"], want_grad)
+        del loss, grads
+        batches = running.metrics.registry.get_sample_value("remoteloss_batch_requests_count", {"loss": "mse_loss"})
+        assert batches == 1.0  # the call was a batch of the loop's
+        assert _kept(_KEPT_SHAPE) == []
+
+
 def _held_by_the_server(wait_s: float = 5.0) -> list[int]:
     """The sizes of the blocks of 1 MiB or more, traced since ``tracemalloc.start``, that code of
     the in-process server allocated and that are still alive, once a moment has passed."""
