@@ -1,11 +1,13 @@
 """A bare gRPC echo server: the transport's limit, against which remoteloss is measured.
 
-    python bench/echo_server.py --port PORT [--malloc-mmap-threshold-bytes N]
+    python bench/echo_server.py --port PORT [--malloc-mmap-threshold-bytes N] [--front native]
 
 grpc.aio, one generic handler for every method that answers the request's bytes unchanged (no
 protobuf parsing, no thread hop, no compute), with remoteloss-server's message-size limits. With
 ``--malloc-mmap-threshold-bytes`` it tunes glibc's malloc as remoteloss-server does, so that the
-comparison isolates what remoteloss adds.
+comparison isolates what remoteloss adds. With ``--front native`` the same handler runs on
+remoteloss-server's own front (``remoteloss_server.native_front``: gRPC's C++ core, the handler on
+the event loop): what the server costs without its handler, the handler's cost being the rest.
 """
 
 from __future__ import annotations
@@ -31,10 +33,15 @@ class _Echo(grpc.GenericRpcHandler):
         return self._handler
 
 
-async def _serve(port: int) -> None:
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
-    )
+async def _serve(port: int, front: str) -> None:
+    options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
+    server: Any
+    if front == "native":
+        from remoteloss_server.native_front import NativeServer
+
+        server = NativeServer([], options)
+    else:
+        server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((_Echo(),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -50,12 +57,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--malloc-mmap-threshold-bytes", type=int, default=0)
+    parser.add_argument("--front", choices=("python", "native"), default="python",
+                        help="grpc.aio (python, the default) or remoteloss-server's native front")
     args = parser.parse_args()
     if args.malloc_mmap_threshold_bytes:
         from remoteloss_server import allocator
 
         allocator.configure(args.malloc_mmap_threshold_bytes)
-    asyncio.run(_serve(args.port))
+    asyncio.run(_serve(args.port, args.front))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,9 @@ def _servers(features: dict[str, bool], logs: Path, *, quick: bool) -> dict[str,
         "remoteloss": Server.remoteloss("remoteloss", logs=logs),
         "remoteloss-memory": Server.remoteloss("remoteloss-memory", logs=logs),
     }
-    if not quick:  # reference points: the least a Python gRPC loss server does (floor_server.py)
+    if not quick:  # reference points: the echo on remoteloss's own front; the least a Python gRPC loss server does
+        servers["echo-native-front"] = Server.echo_server("echo-native-front", [*echo_flags, "--front", "native"],
+                                                          logs=logs)
         servers["floor-inline"] = Server.floor_server("floor-inline", logs=logs)
         servers["floor-thread"] = Server.floor_server("floor-thread", ["--thread"], logs=logs)
         servers["remoteloss-torch2"] = Server.remoteloss("remoteloss-torch2", ["--torch-threads", "2"], logs=logs)
@@ -176,7 +178,7 @@ def _latency(client: Client, servers: dict[str, Server], plan: Plan) -> dict[str
     for kind, (shape, grad, duration) in kinds.items():
         names = ["echo", "remoteloss"] + [name for name in ("remoteloss-python-front",) if name in servers]
         if kind == "small":
-            names += [name for name in ("floor-inline", "floor-thread") if name in servers]
+            names += [name for name in ("echo-native-front", "floor-inline", "floor-thread") if name in servers]
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for _ in range(plan.rounds):
             for name, levels in rounds.items():
@@ -190,7 +192,8 @@ def _latency(client: Client, servers: dict[str, Server], plan: Plan) -> dict[str
 def _concurrency(client: Client, servers: dict[str, Server], plan: Plan, features: dict[str, bool]) -> dict[str, Any]:
     """Throughput with 64 callers: echo, remoteloss (batching on / off), 1 and 2 workers."""
     names = ["echo", "remoteloss"] + (["remoteloss-no-batching"] if features["batching"] else [])
-    names += [name for name in ("remoteloss-python-front", "floor-inline", "floor-thread") if name in servers]
+    names += [name for name in ("remoteloss-python-front", "echo-native-front", "floor-inline", "floor-thread")
+              if name in servers]
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     worker_rounds: dict[str, list[dict[str, Any]]] = {"remoteloss": [], "remoteloss-2-workers": []}
     for _ in range(plan.rounds):
