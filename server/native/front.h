@@ -176,7 +176,9 @@ class Front {
 
   // Writes and finishes are started by the front's writer thread, on which gRPC's core then does
   // the socket's work (not on Python's event loop): posted, and the thread woken; or, while a
-  // queue's thread is handling an event, by that thread once it is done with it. A write while
+  // queue's thread is handling an event, by that thread once it is done with it; or, for the one
+  // call alive in the front (a lone caller's unary call or stream), at once on Python's thread,
+  // which a hop to another thread would only delay. A write while
   // one of its call's is under way joins the call's queue, which the queue's thread empties as
   // each is done. False: the queue is full, and Python waits for WRITTEN before its next write.
   bool Write(uint64_t id, grpc::ByteBuffer* message) {
@@ -256,7 +258,7 @@ class Front {
     Outgoing out{id, finish, status, std::move(trailing), grpc::ByteBuffer(), message != nullptr};
     if (message != nullptr) out.message.Swap(message);
     std::unique_lock<std::mutex> lock(mutex_);
-    if (finish && live_ <= 1 && outbox_.empty()) {  // a unary call alone: its answer now, no thread hop
+    if (live_ <= 1 && outbox_.empty()) {  // the one call alive: its answer now, no thread hop
       lock.unlock();
       Start(out);
       return;

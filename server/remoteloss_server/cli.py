@@ -85,6 +85,11 @@ _SETTINGS = (
         "front", "front", str, "FRONT",
         "what carries gRPC calls: native (gRPC's C++ core), python (grpc.aio), or auto: native where installed",
     ),
+    _Setting(
+        "busy-poll-us", "busy_poll_us", int, "MICROSECONDS",
+        "after the native front's last calls, poll this long for the next instead of sleeping (lower latency "
+        "for back-to-back calls, for up to that much CPU after each); 0: sleep at once",
+    ),
     _Setting("batching", "batching", boolean, "", "turn off dynamic batching: each request alone", switch=True),
     _Setting("max-batch-size", "max_batch_size", int, "N", "requests in one batch"),
     _Setting("max-batch-elements", "max_batch_elements", int, "N", "tensor elements in one batch; 0 picks by device"),

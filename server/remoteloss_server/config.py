@@ -14,6 +14,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC keeps message limits in a signed 32-bit int
 _MAX_MALLOC_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
 _MAX_IDLE_S = 2_000_000  # gRPC takes the idle time in milliseconds as a signed 32-bit int
+_MAX_BUSY_POLL_US = 100_000  # a tenth of a second: a window longer than a caller's pause between calls spends CPU only
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a tenant name, as in an API keys file (auth)
 
 
@@ -39,6 +40,10 @@ class ServerConfig:
     # calls in batches: native_front), "python" (grpc.aio), or "auto": native where it was built,
     # else python.
     front: str = "auto"
+    # After the native front's last calls, its event loop polls this long for the next instead of
+    # sleeping (busy_poll): back-to-back calls skip a wake-up each, for up to that much CPU after
+    # each batch of calls; 0: sleep at once.
+    busy_poll_us: int = 250
     # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
     # up to twice this stays with the process after a burst); 0 keeps glibc's defaults. See allocator.
     malloc_mmap_threshold_bytes: int = 256 * 1024 * 1024
@@ -106,6 +111,8 @@ class ServerConfig:
                 f"malloc_mmap_threshold_bytes must be in [0, {_MAX_MALLOC_THRESHOLD_BYTES}] (0 keeps glibc's "
                 f"default), got {self.malloc_mmap_threshold_bytes}"
             )
+        if not 0 <= self.busy_poll_us <= _MAX_BUSY_POLL_US:
+            raise ValueError(f"busy_poll_us must be in [0, {_MAX_BUSY_POLL_US}] (0 turns it off), got {self.busy_poll_us}")
         if self.front not in FRONTS:
             raise ValueError(f"front must be one of {', '.join(FRONTS)}, got {self.front!r}")
         if self.workers < 1:

@@ -64,6 +64,7 @@ def server(
         return native_front.NativeServer(
             interceptors, options, max_connections=config.max_connections, reuse_port=config.workers > 1,
             memory_bytes=config.max_in_flight_bytes + config.max_message_bytes, tls=tls,
+            busy_poll_s=config.busy_poll_us / 1e6,
         )
     return grpc.aio.server(interceptors=interceptors, options=options)
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from remoteloss_server.busy_poll import BusyPoll
 from remoteloss_server.log_sampling import LogSampler
 from remoteloss_server.native_call import Aborted, Call, Context, Details, Metadata, Requests, Resumed
 from remoteloss_server.tls_copy import TlsCopy
@@ -65,7 +66,7 @@ class NativeServer:
 
     def __init__(self, interceptors: Sequence[_Interceptor], options: Sequence[tuple[str, int]], *,
                  max_connections: int = 2**20, reuse_port: bool = False, threads: int = 1, memory_bytes: int = 0,
-                 tls: TlsCopy | None = None) -> None:
+                 tls: TlsCopy | None = None, busy_poll_s: float = 0.0) -> None:
         if _front is None:
             raise RuntimeError("--front native: this installation has no native front (install libgrpc++-dev, reinstall)")
         self._interceptors = tuple(interceptors)
@@ -80,10 +81,12 @@ class NativeServer:
         self._registered: dict[str, _Handler] = {}
         self._front: Any = None
         self._calls: dict[int, Call] = {}
+        self._streams = 0  # of the calls, those whose client streams its requests
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = asyncio.Event()
         self.arriving = 0  # requests of the batch being handed out whose handlers have not run yet
         self._log = LogSampler()  # a flood of failing calls is not a flood of lines
+        self._busy = BusyPoll(busy_poll_s)  # the loop turns on for a moment after each batch of events
 
     def add_generic_rpc_handlers(self, handlers: Sequence[_Generic]) -> None:
         self._generic.extend(handlers)
@@ -147,6 +150,7 @@ class NativeServer:
             if call.task is not None:
                 call.task.cancel()
         self._calls.clear()
+        self._streams = 0
         self._stopped.set()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -170,6 +174,8 @@ class NativeServer:
                 self._log.log(logger, logging.ERROR, ("failed",), "event=native_call_failed error=%s", repr(exc))
                 # The call stays known until its DONE, which runs its done callbacks (budgets).
                 self._front.finish(event[1], grpc.StatusCode.INTERNAL.value[0], "internal error", (), None)
+        if len(self._calls) == self._streams:  # no call but client streams (busy or idle) in flight: poll for
+            self._busy.touch()  # the next; with calls in flight, their events come anyway
 
     def _event(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
@@ -181,6 +187,7 @@ class NativeServer:
             return
         if kind == _DONE:
             del self._calls[event[1]]
+            self._streams -= call.requests is not None
             call.context.on_done(event[2])
             if event[2] and call.task is not None:
                 call.task.cancel()
@@ -205,6 +212,7 @@ class NativeServer:
             context.finish(None)
         elif handler.request_streaming:
             call.requests = Requests(self._front, call_id, first, handler.request_deserializer)
+            self._streams += 1
             self._behave(call, handler, call.requests)
         else:
             call.handler = handler

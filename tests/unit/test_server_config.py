@@ -75,6 +75,8 @@ def test_defaults_match_the_design() -> None:
         ({"connection_idle_s": -1.0}, "connection_idle_s"),
         ({"connection_idle_s": float("inf")}, "connection_idle_s"),
         ({"connection_idle_s": float("nan")}, "connection_idle_s"),
+        ({"busy_poll_us": -1}, "busy_poll_us"),
+        ({"busy_poll_us": 100_001}, "busy_poll_us"),
         ({"front": "rust"}, "front"),
     ],
 )
