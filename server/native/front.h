@@ -178,9 +178,9 @@ class Front {
   // the socket's work (not on Python's event loop): posted, and the thread woken; or, while a
   // queue's thread is handling an event, by that thread once it is done with it; or, for the one
   // call alive in the front (a lone caller's unary call or stream), at once on Python's thread,
-  // which a hop to another thread would only delay. A write while
-  // one of its call's is under way joins the call's queue, which the queue's thread empties as
-  // each is done. False: the queue is full, and Python waits for WRITTEN before its next write.
+  // which a hop to another thread would only delay. A write while one of its call's is under way
+  // joins the call's queue, which the queue's thread empties as each is done. False: the queue is
+  // full, and Python waits for WRITTEN before its next write.
   bool Write(uint64_t id, grpc::ByteBuffer* message) {
     {
       std::lock_guard<std::mutex> lock(mutex_);

@@ -14,7 +14,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC keeps message limits in a signed 32-bit int
 _MAX_MALLOC_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
 _MAX_IDLE_S = 2_000_000  # gRPC takes the idle time in milliseconds as a signed 32-bit int
-_MAX_BUSY_POLL_US = 100_000  # a tenth of a second: a window longer than a caller's pause between calls spends CPU only
+_MAX_BUSY_POLL_US = 100_000  # a window longer than a caller's pause between calls only spends CPU
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a tenant name, as in an API keys file (auth)
 
 
@@ -112,7 +112,7 @@ class ServerConfig:
                 f"default), got {self.malloc_mmap_threshold_bytes}"
             )
         if not 0 <= self.busy_poll_us <= _MAX_BUSY_POLL_US:
-            raise ValueError(f"busy_poll_us must be in [0, {_MAX_BUSY_POLL_US}] (0 turns it off), got {self.busy_poll_us}")
+            raise ValueError(f"busy_poll_us must be in [0, {_MAX_BUSY_POLL_US}] (0: off), got {self.busy_poll_us}")
         if self.front not in FRONTS:
             raise ValueError(f"front must be one of {', '.join(FRONTS)}, got {self.front!r}")
         if self.workers < 1:

@@ -1,7 +1,8 @@
 """Every Prometheus metric of the server, created once on a registry passed in.
 
 Only this module imports prometheus_client. Other modules receive the ``Metrics`` object and call
-``observe``/``inc``/``dec`` on what ``Metrics.child`` gives (or on its attributes); label values
+``observe``/``inc``/``dec`` on what ``Metrics.child`` gives (several at once: ``answered``,
+``batch``; or on its attributes); label values
 come from bounded sets (registered loss names, status code names, device names, the tenants of the
 configured API keys), never from a request.
 
