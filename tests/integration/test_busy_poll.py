@@ -60,7 +60,7 @@ def test_an_idle_server_stops_polling(polling: ServerProcess) -> None:
         time.sleep(1.0)
         idle = _cpu_s(polling.pid) - before
     print(f"\nbusy poll of 20 ms: {busy:.2f} s of CPU over 1 s of a call every 10 ms; {idle:.2f} s over 1 s idle")
-    assert busy > 0.5, "the loop did not poll between calls"
+    assert busy > 0.3, "the loop did not poll between calls"  # polling: about 1 s; sleeping: 0.05
     assert idle < 0.2, f"an idle server spent {idle:.2f} s of CPU in 1 s"
 
 
