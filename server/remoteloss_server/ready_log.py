@@ -23,9 +23,12 @@ def log_ready(
 ) -> None:
     keys = security.interceptor.keys if security.interceptor is not None else None
     tls = "off" if security.certificates is None else "mutual" if config.tls_client_ca else "on"
+    front = grpc_front.kind(config)
+    if front == "native":  # the native front's event loop polls this long after its last calls
+        front += f" busy_poll_us={config.busy_poll_us}"
     logger.info(
         "event=ready address=%s:%d front=%s device=%s metrics=%s http=%s reflection=%s tls=%s auth=%s",
-        config.host, port, grpc_front.kind(config), executor.device, metrics_address, http_address, config.reflection,
+        config.host, port, front, executor.device, metrics_address, http_address, config.reflection,
         tls,
         "off" if keys is None else f"api_keys tenants={len(keys.tenants)}",
     )

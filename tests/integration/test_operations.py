@@ -21,6 +21,7 @@ import remoteloss
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
+from remoteloss_server import native_front
 from remoteloss_server.app import SERVICE_NAME, ServerThread, StartupError
 from remoteloss_server.config import ServerConfig
 
@@ -135,6 +136,8 @@ def test_metrics_close_on_drain_and_lifecycle_is_logged(caplog: pytest.LogCaptur
     assert events == ["event=start", "event=ready", "event=draining", "event=stopped"]
     ready = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("event=ready"))
     assert f"metrics=127.0.0.1:{port}" in ready and "reflection=True" in ready
+    if native_front.available():  # the front the config's "auto" picks, and its polling window
+        assert f"front=native busy_poll_us={running.config.busy_poll_us} " in ready
 
 
 def test_a_taken_metrics_port_is_a_startup_error(server: ServerThread) -> None:
