@@ -1,12 +1,13 @@
-"""The event loop polls for a moment after the front's last events instead of sleeping (``--busy-poll-us``).
+"""The event loop polls for a moment after the last calls instead of sleeping (``--busy-poll-us``).
 
 Between back-to-back calls the loop's thread sleeps in ``epoll``, and each call then pays for the
 wake-up (on a virtual machine an idle CPU halts, and waking it goes through the hypervisor) and for
-caches that other work filled meanwhile: a lone caller's small call spent longer on these than on
+caches that other work filled meanwhile: a lone caller's small call spent about as long on these as on
 the server's whole Python path (bench/ANALYSIS.md, tenth session). For ``window_s`` after the
-front's last batch of events, the loop keeps turning without blocking (its ``select`` with no
-timeout), and at each turn gives the CPU to any other thread that wants it (gRPC's, the compute
-threads); once a window passes without events it sleeps as before.
+last calls (the native front's batch of events that leaves none in flight, an HTTP inference
+that does), the loop keeps turning without blocking (its ``select`` with no timeout), and at
+each turn gives the CPU to any other thread that wants it (gRPC's, the compute threads); once a
+window passes without a ``touch`` it sleeps as before.
 
 The price is CPU: at most one core, for at most ``window_s`` after each batch of events, however
 many callers send them; none on an idle server. A window of 0 turns it off.

@@ -87,8 +87,8 @@ _SETTINGS = (
     ),
     _Setting(
         "busy-poll-us", "busy_poll_us", int, "MICROSECONDS",
-        "after the native front's last calls, poll this long for the next instead of sleeping (lower latency "
-        "for back-to-back calls, for up to that much CPU after each); 0: sleep at once",
+        "after the last calls (gRPC on the native front, and HTTP), poll this long for the next instead of "
+        "sleeping (lower latency for back-to-back calls, for up to that much CPU after each); 0: sleep at once",
     ),
     _Setting("batching", "batching", boolean, "", "turn off dynamic batching: each request alone", switch=True),
     _Setting("max-batch-size", "max_batch_size", int, "N", "requests in one batch"),

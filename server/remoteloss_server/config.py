@@ -40,9 +40,9 @@ class ServerConfig:
     # calls in batches: native_front), "python" (grpc.aio), or "auto": native where it was built,
     # else python.
     front: str = "auto"
-    # After the native front's last calls, its event loop polls this long for the next instead of
-    # sleeping (busy_poll): back-to-back calls skip a wake-up each, for up to that much CPU after
-    # each batch of calls; 0: sleep at once.
+    # After the last calls (the native front's, and inferences over HTTP), the event loop polls
+    # this long for the next instead of sleeping (busy_poll): back-to-back calls skip a wake-up
+    # each, for up to that much CPU after each batch of calls; 0: sleep at once.
     busy_poll_us: int = 250
     # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
     # up to twice this stays with the process after a burst); 0 keeps glibc's defaults. See allocator.

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from remoteloss_server import oip, oip_json
 from remoteloss_server.auth import ApiKeyInterceptor
+from remoteloss_server.busy_poll import BusyPoll
 from remoteloss_server.errors import DeadlineExceededError, InvalidArgumentError, ServiceError, UnavailableError
 from remoteloss_server.oip_door import Door
 from remoteloss_server.status import MAX_DETAILS
@@ -166,8 +167,9 @@ class _Slots:
 
 
 class _Routes:
-    def __init__(self, door: Door, keys: ApiKeyInterceptor | None) -> None:
+    def __init__(self, door: Door, keys: ApiKeyInterceptor | None, busy: BusyPoll) -> None:
         self.door, self.keys = door, keys
+        self.busy, self.inferring = busy, 0  # the loop polls once no inference is in flight (busy_poll)
 
     @web.middleware
     async def guard(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
@@ -224,6 +226,7 @@ class _Routes:
         size = request.content_length
         record = door.record(name, request_id(request.headers.get(REQUEST_ID_KEY)), size, PROTOCOL)
         ticket = None
+        self.inferring += 1
         try:
             if not door.ready:
                 raise UnavailableError("the server is draining: send the request to another server")
@@ -264,6 +267,9 @@ class _Routes:
         finally:
             if ticket is not None:
                 ticket.release()
+            self.inferring -= 1
+            if not self.inferring:
+                self.busy.touch()
 
 
 def _sizes(request: web.Request, name: str) -> tuple[int, int | None]:
@@ -293,8 +299,10 @@ def _connection(request: web.Request) -> str | None:
     return None if peer is None else f"http:{peer[0]}:{peer[1]}"
 
 
-def application(door: Door, keys: ApiKeyInterceptor | None, max_body_bytes: int) -> web.Application:
-    routes = _Routes(door, keys)
+def application(
+    door: Door, keys: ApiKeyInterceptor | None, max_body_bytes: int, busy_poll_s: float = 0.0
+) -> web.Application:
+    routes = _Routes(door, keys, BusyPoll(busy_poll_s))
     app = web.Application(middlewares=[routes.guard], client_max_size=max_body_bytes)
     app.router.add_get("/v2/health/live", routes.live)
     app.router.add_get("/v2/health/ready", routes.ready)
@@ -312,13 +320,14 @@ def application(door: Door, keys: ApiKeyInterceptor | None, max_body_bytes: int)
 async def start(
     door: Door, host: str, port: int, *, keys: ApiKeyInterceptor | None, max_body_bytes: int,
     tls: ssl.SSLContext | None = None, reuse_port: bool = False, max_connections: int = 4096,
+    busy_poll_s: float = 0.0,
 ) -> HttpServer:
     """Serve on ``host:port`` (0: a free port), at most ``max_connections`` connections open;
     OSError when it cannot be bound. aiohttp's own site has no bound on connections, so the
     listener is asyncio's, on aiohttp's protocol factory (``_Slots``)."""
     # handler_cancellation: a caller that closes its connection cancels its request, as a gRPC
     # cancel does (aiohttp's default since 3.9 computes it anyway, for no one).
-    runner = web.AppRunner(application(door, keys, max_body_bytes), access_log=None,
+    runner = web.AppRunner(application(door, keys, max_body_bytes, busy_poll_s), access_log=None,
                            keepalive_timeout=KEEPALIVE_S, handler_cancellation=True)
     await runner.setup()
     bind: str | None = host.removeprefix("[").removesuffix("]")

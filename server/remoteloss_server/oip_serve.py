@@ -43,7 +43,7 @@ class OpenInference:
             self.http = await oip_http.start(
                 self.door, config.host, config.http_port, keys=security.interceptor,
                 max_body_bytes=config.max_message_bytes, tls=tls, reuse_port=config.workers > 1,
-                max_connections=config.max_connections,
+                max_connections=config.max_connections, busy_poll_s=config.busy_poll_us / 1e6,
             )
         except OSError as exc:
             raise OSError(f"cannot bind {address} for HTTP: {exc} (http_port=0 turns it off)") from None
