@@ -11,7 +11,8 @@ What counts:
 - wrong: an answer unequal to torch's, or a failure of any class but `ServiceUnavailableError`.
   None.
 - Every stream open at SIGTERM is ended by the drain (`event=stream_drained request_id=<its
-  x-request-id> answered=<N>`), and a `Stream`'s callers received all N answers.
+  x-request-id> answered=<N>`), and its callers received at most N answers (see the first test
+  for why not always N).
 - One server: once it is gone a caller may see `ServiceUnavailableError` (a unary call refused by
   the draining server, retried by gRPC to the end; a stream request the drain did not take, resent
   by the SDK with no server left to take it). Two replicas behind `ipv4:127.0.0.1:A,127.0.0.1:B`:
@@ -275,18 +276,19 @@ def test_a_drain_of_the_only_server_answers_every_call_it_took(start: Callable[.
     assert status == 0, server.log.read_text()[-3000:]
     assert not load.problems, (load.problems[:5], dict(load.outcomes))
     assert not missing, f"{len(missing)} calls taken and not answered, e.g. {missing[:5]}"
-    # Every stream was open at SIGTERM and ended by the drain, and its callers got every answer it
-    # sent: the requests that failed (ServiceUnavailableError, once resent to no server) were never
-    # taken. Not so on AsyncStream: when a write crosses the end of the call, grpc.aio reports
-    # INTERNAL and drops the answers it had received and not yet read; the SDK sends those requests
-    # again too (Compute is pure), so with one server gone they fail as the untaken ones do.
+    # Every stream was open at SIGTERM and ended by the drain, and its callers got no answer it did
+    # not send. Usually every one it sent, but not always: a client's gRPC hands the application a
+    # stream's status only once its answers are read, and drops what it had not handed over when
+    # the connection resets. The server's gRPC closes each connection once its calls are over, and
+    # a client still sending on the stream then (it had not yet read the drain's status) is reset
+    # (`Stream removed (sendmsg: Connection reset by peer)`; seen here in 2 of 20 runs pinned to one
+    # busy CPU). grpc.aio drops them too when a write crosses the end of the call (INTERNAL). The
+    # SDK sends those requests again, as the untaken ones (Compute is pure): with one server gone
+    # they fail ServiceUnavailableError; with replicas the next test sees every one answered.
     names = [stream_name(i) for i in range(STREAM_THREADS)]
     assert set(sent) == set(names), f"streams the drain ended: {dict(sent)}"
     for name in names:
-        if name.startswith("sync"):
-            assert sent[name] == received[name], (name, dict(sent), dict(received))
-        else:
-            assert sent[name] >= received[name], (name, dict(sent), dict(received))
+        assert sent[name] >= received[name], (name, dict(sent), dict(received))
 
 
 @pytest.mark.timeout(120)
