@@ -39,6 +39,9 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 # RESOURCE_EXHAUSTED covers the call a server's gRPC core sheds when requests still arriving
 # fill its memory quota (it may be anyone's); the server's own refusals (a budget or a queue
 # full) carry a pushback that tells gRPC not to retry them.
+# ComputeStream is left out: a stream's requests are sent again by the SDK itself
+# (_stream_base), and gRPC's retry of a stream that a draining server ended before answering,
+# with more requests still to come, could wait forever once that server had gone.
 SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
@@ -51,7 +54,8 @@ SERVICE_CONFIG: dict[str, Any] = {
                 "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"],
             },
-        }
+        },
+        {"name": [{"service": _SERVICE, "method": "ComputeStream"}]},  # no retryPolicy: see above
     ],
 }
 

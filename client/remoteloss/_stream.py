@@ -139,8 +139,8 @@ class Stream(StreamBase[LossFuture]):
             outbox.put(item)
         if self._closed:
             outbox.put(None)
-        self._outbox = outbox
         self._call = self._transport.compute_stream(_requests(outbox), self._call_timeout())
+        self._outbox = outbox  # once the call is made: if it cannot be, the ended call's stays
 
     def _read(self) -> None:
         attempts = 0
@@ -158,7 +158,11 @@ class Stream(StreamBase[LossFuture]):
                 if self._closed and not self._pending:
                     break
                 ended = self._outbox
-                self._open(self._unanswered_items())
+                try:
+                    self._open(self._unanswered_items())
+                except RuntimeError as exc:  # the client was closed while the stream was open
+                    failure = CancelledError(f"the stream was cancelled: {exc}")
+                    break
             ended.put(None)  # ends gRPC's request thread of the ended call if it still waits
             attempts += 1
         self._finish(failure)
@@ -316,7 +320,11 @@ class AsyncStream(StreamBase[asyncio.Future[Answer]]):
             if self._closed and not self._pending:
                 break
             ended = self._writer
-            self._open(self._unanswered_items())
+            try:
+                self._open(self._unanswered_items())
+            except RuntimeError as exc:  # the client was closed while the stream was open
+                failure = CancelledError(f"the stream was cancelled: {exc}")
+                break
             if ended is not None:  # it waits for a request, or has stopped on the ended call
                 ended.cancel()
                 await asyncio.gather(ended, return_exceptions=True)

@@ -291,7 +291,8 @@ def test_the_sdk_rides_out_a_server_restart(server: ServerProcess) -> None:
     """SIGKILL, then a new process on the same port: calls in flight end in UNAVAILABLE, which
     the SDK's retry policy sends again, and with waitForReady a retry waits for the new server
     (the default service config fails fast when no server is there)."""
-    config = {**SERVICE_CONFIG, "methodConfig": [{**SERVICE_CONFIG["methodConfig"][0], "waitForReady": True}]}
+    service, *others = SERVICE_CONFIG["methodConfig"]
+    config = {**SERVICE_CONFIG, "methodConfig": [{**service, "waitForReady": True}, *others]}
     options = [("grpc.service_config", json.dumps(config))]
     with Bystander(server.target, options=options) as bystander, remoteloss.Client(
         server.target, timeout=120, options=options
