@@ -1,6 +1,7 @@
 """``--busy-poll-us``: after its last calls (gRPC on the native front, inferences over HTTP) the
-event loop polls for the next one for a moment instead of sleeping. What it may spend is bounded: CPU for at most the window after
-each batch of events, none on an idle server, and it holds back no other caller's work."""
+event loop polls for the next one for a moment instead of sleeping. What it may spend is
+bounded: CPU for at most the window after each batch of events, none on an idle server, and it
+holds back no other caller's work."""
 
 from __future__ import annotations
 
@@ -106,18 +107,25 @@ def test_a_polling_loop_holds_back_no_other_callers_work(polling: ServerProcess)
             while not stop.is_set():
                 client.mse_loss(x, y)
 
+    def slowest_call(bystander: remoteloss.Client) -> float:
+        slowest = 0.0
+        for _ in range(10):
+            begin = time.monotonic()
+            got = bystander.mse_loss(big_x, big_y)
+            slowest = max(slowest, time.monotonic() - begin)
+            assert abs(float(got) - want) <= 1e-5 * abs(want)
+        return slowest
+
     thread = threading.Thread(target=chatter)
-    thread.start()
-    slowest = 0.0
-    try:
-        with remoteloss.Client(polling.target, timeout=60) as bystander:
-            for _ in range(10):
-                begin = time.monotonic()
-                got = bystander.mse_loss(big_x, big_y)
-                slowest = max(slowest, time.monotonic() - begin)
-                assert abs(float(got) - want) <= 1e-5 * abs(want)
-    finally:
-        stop.set()
-        thread.join()
-    print(f"\nbystander's slowest 16 MiB call beside a polling loop: {slowest * 1e3:.0f} ms")
-    assert slowest < 5.0
+    with remoteloss.Client(polling.target, timeout=60) as bystander:
+        alone = slowest_call(bystander)  # the same calls with no one else calling
+        thread.start()
+        try:
+            beside = slowest_call(bystander)
+        finally:
+            stop.set()
+            thread.join()
+    print(f"\nbystander's slowest 16 MiB call: {alone * 1e3:.0f} ms alone, {beside * 1e3:.0f} ms beside a polling loop")
+    # The chatter shares the two CPUs (and this process's GIL) with the bystander, so its calls
+    # slow down some; a loop that held the CPU or the GIL between turns would stall them outright.
+    assert beside < 4 * alone + 0.25, (alone, beside)
