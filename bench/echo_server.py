@@ -7,7 +7,8 @@ protobuf parsing, no thread hop, no compute), with remoteloss-server's message-s
 ``--malloc-mmap-threshold-bytes`` it tunes glibc's malloc as remoteloss-server does, so that the
 comparison isolates what remoteloss adds. With ``--front native`` the same handler runs on
 remoteloss-server's own front (``remoteloss_server.native_front``: gRPC's C++ core, the handler on
-the event loop): what the server costs without its handler, the handler's cost being the rest.
+the event loop, busy polling as remoteloss-server's default): what the server costs without its
+handler, the handler's cost being the rest.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ async def _serve(port: int, front: str) -> None:
     options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
     server: Any
     if front == "native":
+        from remoteloss_server.config import ServerConfig
         from remoteloss_server.native_front import NativeServer
 
-        server = NativeServer([], options)
+        # Polling after its last call as remoteloss-server does by default, for a like-for-like row.
+        server = NativeServer([], options, busy_poll_s=ServerConfig().busy_poll_us / 1e6)
     else:
         server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((_Echo(),))

@@ -189,7 +189,9 @@ def _figures(results: dict[str, Any], add: Callable[[str], None]) -> None:
         "`echo-native-front` is the echo's handler on remoteloss's native front (`bench/echo_server.py --front "
         "native`): what the server's transport and front cost a call, the rest of `remoteloss`'s time being its "
         "handler's. `remoteloss-python-front` is remoteloss on grpc.aio's front (`--front python`); `remoteloss` "
-        "runs the default, the native front where it was built (README, \"The gRPC front\").")
+        "runs the default, the native front where it was built (README, \"The gRPC front\"). "
+        "`remoteloss-no-templates` is remoteloss with `--request-templates 0`: every small request parsed and "
+        "checked whole (README, \"Request templates\").")
     local = results["local_torch"]
     add(f"\nLocal torch (1 thread, compute only): forward {_ms(local['small']['p50_s'])}, with gradient "
         f"{_ms(local['small_grad']['p50_s'])} (1,000); {_ms(local['large_grad']['p50_s'])} (1,000,000 with gradient).\n")

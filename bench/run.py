@@ -134,6 +134,9 @@ def _servers(features: dict[str, bool], logs: Path, *, quick: bool) -> dict[str,
         # The same server on grpc.aio's front, where the default is the native front (when built).
         servers["remoteloss-python-front"] = Server.remoteloss("remoteloss-python-front", ["--front", "python"],
                                                                logs=logs)
+        # Every small request parsed and checked whole (README, "Request templates").
+        servers["remoteloss-no-templates"] = Server.remoteloss("remoteloss-no-templates",
+                                                               ["--request-templates", "0"], logs=logs)
     if features["batching"]:
         servers["remoteloss-no-batching"] = Server.remoteloss("remoteloss-no-batching", ["--no-batching"], logs=logs)
     if features["workers"]:
@@ -178,7 +181,8 @@ def _latency(client: Client, servers: dict[str, Server], plan: Plan) -> dict[str
     for kind, (shape, grad, duration) in kinds.items():
         names = ["echo", "remoteloss"] + [name for name in ("remoteloss-python-front",) if name in servers]
         if kind == "small":
-            names += [name for name in ("echo-native-front", "floor-inline", "floor-thread") if name in servers]
+            names += [name for name in ("remoteloss-no-templates", "echo-native-front", "floor-inline", "floor-thread")
+                      if name in servers]
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for _ in range(plan.rounds):
             for name, levels in rounds.items():
@@ -192,8 +196,8 @@ def _latency(client: Client, servers: dict[str, Server], plan: Plan) -> dict[str
 def _concurrency(client: Client, servers: dict[str, Server], plan: Plan, features: dict[str, bool]) -> dict[str, Any]:
     """Throughput with 64 callers: echo, remoteloss (batching on / off), 1 and 2 workers."""
     names = ["echo", "remoteloss"] + (["remoteloss-no-batching"] if features["batching"] else [])
-    names += [name for name in ("remoteloss-python-front", "echo-native-front", "floor-inline", "floor-thread")
-              if name in servers]
+    names += [name for name in ("remoteloss-no-templates", "remoteloss-python-front", "echo-native-front",
+                                "floor-inline", "floor-thread") if name in servers]
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     worker_rounds: dict[str, list[dict[str, Any]]] = {"remoteloss": [], "remoteloss-2-workers": []}
     for _ in range(plan.rounds):

@@ -12,7 +12,8 @@ own Python path; what the floor costs beyond the echo is parsing, decoding and t
 gRPC's C++ library is installed (``apt-get install libgrpc++-dev``), the same echo in C++
 (``native_echo.cc``) shows what the transport costs without Python: the room the native front
 (remoteloss's default where it was built) has; ``remoteloss-python-front`` is the same server on
-grpc.aio's front. ``remoteloss-tls`` and ``remoteloss-python-front-tls`` are both over TLS (a
+grpc.aio's front, ``remoteloss-no-templates`` the same server parsing and checking every request
+whole (``--request-templates 0``). ``remoteloss-tls`` and ``remoteloss-python-front-tls`` are both over TLS (a
 self-signed certificate that ``openssl`` makes; skipped without it); their ratio to the echo,
 which is plaintext, includes what TLS costs.
 """
@@ -64,6 +65,7 @@ def main() -> None:
             Server.echo_server("echo", logs=logs),
             Server.floor_server("floor-inline", logs=logs),
             Server.remoteloss("remoteloss", logs=logs),  # the default front: native where built
+            Server.remoteloss("remoteloss-no-templates", ["--request-templates", "0"], logs=logs),
             Server.remoteloss("remoteloss-python-front", ["--front", "python"], logs=logs),
         ]
         if not native_front.available():

@@ -33,12 +33,13 @@ from servers import BENCH_DIR, Client, Fleet, Server, free_port
 # (module, owner in it or "", function, label): the request's path, outermost first.
 _STAGES = (
     ("servicer", "LossServicer", "Compute", "Compute (the whole handler)"),
-    ("servicer", "", "receive", "  scan and parse"),
+    ("intake", "Intake", "receive", "  a template's match, or scan and parse"),
     ("servicer", "", "caller_request_id", "  read x-request-id (gRPC's metadata)"),
     ("servicer", "LossServicer", "_admit", "  admission (peer, budgets)"),
     ("servicer", "LossServicer", "_compute", "  the call, from checks to answer bytes"),
     ("intake", "Intake", "prepare_now", "    checks, decode, validate"),
-    ("losses.spec", "LossSpec", "prepare", "      LossSpec.prepare"),
+    ("losses.spec", "LossSpec", "prepare", "      LossSpec.prepare (no template)"),
+    ("templates", "Template", "call", "      Template.call (a template's)"),
     ("batcher", "Batcher", "submit", "    batcher (computed on the spot)"),
     ("executor", "Executor", "run_batch", "      Executor.run_batch"),
     ("framing", "", "answer", "    the answer's bytes"),

@@ -36,6 +36,7 @@ __all__ = [
     "encode_into",
     "encode_view",
     "is_torch_tensor",
+    "tensor_from",
 ]
 
 _LITTLE = sys.byteorder == "little"
@@ -260,17 +261,21 @@ def decode_torch(
     (and a client gives an answer's large tensor a writable copy of its own).
     ``max_elements`` and ``max_dims`` are as in ``check_tensor``.
     """
-    import torch
-
     shared = data is not None
     if data is None:
         data = message.data
     info = check_tensor(message, name, max_elements=max_elements, max_dims=max_dims, data=data)
+    return tensor_from(info, tuple(message.shape), memoryview(bytearray(data) if not shared else data))
+
+
+def tensor_from(info: DTypeInfo, shape: tuple[int, ...], view: memoryview) -> torch.Tensor:
+    """The CPU tensor of dtype ``info`` and ``shape`` whose memory is ``view``'s (flat bytes, as
+    ``check_tensor`` found them to fit), without a copy: ``decode_torch``'s last step."""
+    import torch
+
     dtype = _torch_dtype(info)
-    shape = tuple(message.shape)
-    if not len(data):
+    if not len(view):
         return torch.empty(shape, dtype=dtype)
-    view = memoryview(bytearray(data) if not shared else data)
     if not view.readonly and info.numpy is not None and _LITTLE and len(shape) <= _NUMPY_MAX_DIMS:
         # Writable memory of a dtype numpy has: numpy's view of it is cheaper to make than torch.frombuffer's.
         return torch.from_numpy(np.frombuffer(view, dtype=info.numpy).reshape(shape))

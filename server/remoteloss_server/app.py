@@ -129,7 +129,9 @@ async def _start(config: ServerConfig, worker: int | None = None) -> _Running:
             alone=lambda: budgets.pending == 1 and not arriving(),
             tenant_weights=dict(config.tenant_weights),
         )
-        intake = Intake(policy, max_elements=config.max_elements, max_request_elements=config.max_request_elements)
+        intake = Intake(policy, max_elements=config.max_elements, max_request_elements=config.max_request_elements,
+                        templates=config.request_templates)
+        metrics.watch_templates(intake.templates.counts)
         servicer = LossServicer(executor, pool, metrics, worker=worker, intake=intake, batcher=batcher, admission=budgets)
         registry = cast(grpc.aio.Server, server)  # either front registers handlers as grpc.aio does
         add_to_server(servicer, registry)

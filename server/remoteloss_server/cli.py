@@ -90,6 +90,11 @@ _SETTINGS = (
         "after the last calls (gRPC on the native front, and HTTP), poll this long for the next instead of "
         "sleeping (lower latency for back-to-back calls, for up to that much CPU after each); 0: sleep at once",
     ),
+    _Setting(
+        "request-templates", "request_templates", int, "N",
+        "request sizes whose recent structures are kept, so that a small call like one before skips its parse and "
+        "checks (its loss's value checks still run); 0 turns it off",
+    ),
     _Setting("batching", "batching", boolean, "", "turn off dynamic batching: each request alone", switch=True),
     _Setting("max-batch-size", "max_batch_size", int, "N", "requests in one batch"),
     _Setting("max-batch-elements", "max_batch_elements", int, "N", "tensor elements in one batch; 0 picks by device"),

@@ -14,6 +14,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC keeps message limits in a signed 32-bit int
 _MAX_MALLOC_THRESHOLD_BYTES = 2**30  # mallopt takes a C int, and the trim threshold is twice this
 _MAX_IDLE_S = 2_000_000  # gRPC takes the idle time in milliseconds as a signed 32-bit int
+_MAX_REQUEST_TEMPLATES = 4096  # each keeps at most a few KiB of a request (templates.MAX_KEPT_BYTES)
 _MAX_BUSY_POLL_US = 100_000  # a window longer than a caller's pause between calls only spends CPU
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a tenant name, as in an API keys file (auth)
 
@@ -44,6 +45,10 @@ class ServerConfig:
     # this long for the next instead of sleeping (busy_poll): back-to-back calls skip a wake-up
     # each, for up to that much CPU after each batch of calls; 0: sleep at once.
     busy_poll_us: int = 250
+    # Request sizes whose recent structures the server keeps (templates): a small unary request
+    # whose bytes match one outside its tensors' data skips the parse and checks it passed before
+    # (its loss's value checks still run); 0: off.
+    request_templates: int = 64
     # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
     # up to twice this stays with the process after a burst); 0 keeps glibc's defaults. See allocator.
     malloc_mmap_threshold_bytes: int = 256 * 1024 * 1024
@@ -111,18 +116,18 @@ class ServerConfig:
                 f"malloc_mmap_threshold_bytes must be in [0, {_MAX_MALLOC_THRESHOLD_BYTES}] (0 keeps glibc's "
                 f"default), got {self.malloc_mmap_threshold_bytes}"
             )
-        if not 0 <= self.busy_poll_us <= _MAX_BUSY_POLL_US:
-            raise ValueError(f"busy_poll_us must be in [0, {_MAX_BUSY_POLL_US}] (0: off), got {self.busy_poll_us}")
+        for name, most in (("busy_poll_us", _MAX_BUSY_POLL_US), ("request_templates", _MAX_REQUEST_TEMPLATES)):
+            if not 0 <= getattr(self, name) <= most:
+                raise ValueError(f"{name} must be in [0, {most}] (0: off), got {getattr(self, name)}")
         if self.front not in FRONTS:
             raise ValueError(f"front must be one of {', '.join(FRONTS)}, got {self.front!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.workers > 1 and self.port == 0:
             raise ValueError("workers > 1 needs an explicit port: with port 0 each worker would pick its own")
-        if not 0 <= self.http_port <= 65535:
-            raise ValueError(f"http_port must be in [0, 65535] (0 turns HTTP off), got {self.http_port}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must be in [0, 65535] (0 turns /metrics off), got {self.metrics_port}")
+        for name, served in (("http_port", "HTTP"), ("metrics_port", "/metrics")):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535] (0 turns {served} off), got {getattr(self, name)}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_batch_elements < 0:

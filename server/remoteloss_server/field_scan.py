@@ -36,7 +36,7 @@ from remoteloss_server.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from google._upb._message import Descriptor as _UpbDescriptor
 
-__all__ = ["MAX_FIELDS", "MAX_STRING_BYTES", "FieldLimitError", "UnknownField", "scan"]
+__all__ = ["MAX_FIELDS", "MAX_STRING_BYTES", "FieldLimitError", "Span", "UnknownField", "layout", "scan"]
 
 # Fields one request may hold, at every depth. The largest legitimate ComputeRequest (five
 # tensors of rank 64 with unpacked shapes, every option, a grad_output) holds about 400; a packed
@@ -44,6 +44,10 @@ __all__ = ["MAX_FIELDS", "MAX_STRING_BYTES", "FieldLimitError", "UnknownField", 
 MAX_FIELDS = 1024
 # Bytes of one string field: the requests' strings are option values such as "aspect_ratio:8".
 MAX_STRING_BYTES = 1024
+
+# A ``bytes`` field's place: the names of the fields that lead to it, its own last, and where its
+# value starts and ends in the scanned bytes.
+Span = tuple[tuple[str, ...], int, int]
 
 _VARINT, _FIXED64, _DELIMITED, _START_GROUP, _END_GROUP, _FIXED32 = range(6)
 _MAX_TAG = 0xFFFF_FFFF  # upb reads a tag as a 32-bit varint
@@ -174,14 +178,24 @@ def scan(
     return walk.message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
 
 
+def layout(data: bytes, descriptor: Descriptor | _UpbDescriptor) -> tuple[list[Span], int]:
+    """The place of every ``bytes`` field of ``data``, which ``scan`` found to hold no unknown
+    field within ``MAX_FIELDS``, and the fields it holds, as ``scan`` counts them."""
+    spans: list[Span] = []
+    walk = _Scan(data, MAX_FIELDS, spans=spans)
+    walk.message(0, len(data), _plan(descriptor), (), wire.MAX_DEPTH)
+    return spans, MAX_FIELDS - walk.left
+
+
 class _Scan:
-    __slots__ = ("left", "limit", "listed", "listed_left", "max_listed", "skip_unknown", "view")
+    __slots__ = ("left", "limit", "listed", "listed_left", "max_listed", "skip_unknown", "spans", "view")
 
     def __init__(
         self, view: bytes | memoryview, limit: int, skip_unknown: bool = False,
-        listed: _Plan | None = None, max_listed: int = 0,
+        listed: _Plan | None = None, max_listed: int = 0, spans: list[Span] | None = None,
     ) -> None:
         self.view = view
+        self.spans = spans
         self.limit = limit
         self.left = limit  # fields that may still be visited
         self.skip_unknown = skip_unknown
@@ -244,6 +258,8 @@ class _Scan:
                     raise FieldLimitError.fields(self.limit, _name(known, path, plan))
             elif action == _STRING and length > MAX_STRING_BYTES:
                 raise FieldLimitError.string(length, _name(known, path, plan))
+            elif action == _BYTES and self.spans is not None:
+                self.spans.append(((*path, known.name), pos, pos + length))
             pos += length
         self.left = left
         return None

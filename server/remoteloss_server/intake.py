@@ -12,6 +12,9 @@ domain errors of ``errors``.
 ``MAX_FIELDS`` fields and ``MAX_STRING_BYTES`` a string, so nothing proportional to a request's
 size runs in Python), then parses them: from ``wire.SPLIT_BYTES`` on, the tensors' bytes are not
 copied into the message (``wire.split`` leaves them where they are, and the loss reads them there).
+``Intake.receive`` does the same for a unary call's bytes, and ``Intake.receive_item`` for a stream
+item's request, unless they match a request template (``templates``): a structure checked
+before, whose checks then need not run again.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from remoteloss_server.limits import check_elements, request_elements
 from remoteloss_server.losses import LOSSES, Call
 from remoteloss_server.losses.spec import MAX_DIMS
 from remoteloss_server.scheduling import SchedulingPolicy
+from remoteloss_server.templates import DEFAULT_CAPACITY, MAX_REQUEST_BYTES, Template, Templates, item_request
 
 __all__ = ["Intake", "Prepared", "Received", "UndecodableRequest", "prepare", "receive"]
 
@@ -57,12 +61,17 @@ class UndecodableRequest:
 class Received(NamedTuple):  # a tuple: made for every request, quicker than a frozen dataclass
     """A request as a protocol got it: the parsed message (or why it did not parse), its size on
     the wire, for a large one where its tensors' bytes lie in the received bytes, and its first
-    field unknown to this server."""
+    field unknown to this server. A ``ComputeRequest`` from ``Intake.receive`` (or a stream item's,
+    from ``receive_item`` or ``learnable_item``) also has its bytes (``data``): a template's
+    (``template``, whose ``label`` is then the message), or ones that may become a template once
+    checked."""
 
     message: Message | UndecodableRequest
     size: int
     payloads: wire.Payloads | None = None
     unknown: UnknownField | None = None
+    data: bytes | memoryview | None = None
+    template: Template | None = None
 
 
 def receive(data: bytes, message_type: type[Message]) -> Received:
@@ -137,10 +146,42 @@ class Intake:
         *,
         max_elements: int | None = None,
         max_request_elements: int | None = None,
+        templates: int = DEFAULT_CAPACITY,
     ) -> None:
         self.inline_bytes = policy.inline_bytes  # decoded (and answers encoded) on the event loop up to this
         self.max_elements = max_elements  # tensor elements a request may imply; None: no limit
         self.max_request_elements = max_request_elements  # declared by one request in all; None: no limit
+        # Request sizes whose recent structures are kept (``templates``); 0: none. Only requests
+        # decoded on the event loop are kept, so that a template's is too.
+        self.templates = Templates(templates, min(MAX_REQUEST_BYTES, self.inline_bytes))
+
+    def receive(self, data: bytes) -> Received:
+        """``receive(data, pb.ComputeRequest)``, or, for bytes that match a template, nothing
+        parsed: the template stands for what the scan and upb would find."""
+        template = self.templates.match(data)
+        if template is not None:
+            return Received(template.label, len(data), data=data, template=template)
+        received = receive(data, pb.ComputeRequest)
+        if received.unknown is None and isinstance(received.message, Message) and self.templates.learnable(data):
+            return received._replace(data=data)
+        return received
+
+    def receive_item(self, data: bytes) -> tuple[int, Received] | None:
+        """A ``ComputeStreamRequest`` whose request matches a template: its id, and its request as
+        ``receive`` gives a matching one (its size the item's); None for any other."""
+        laid = item_request(data) if self.templates.capacity else None
+        template = None if laid is None else self.templates.match(data, laid[1], laid[2])
+        if laid is None or template is None:
+            return None
+        request = memoryview(data)[laid[1]:]
+        return laid[0], Received(template.label, len(data), data=request, template=template)
+
+    def learnable_item(self, data: bytes) -> bytes | None:
+        """The request of a ``ComputeStreamRequest`` (that parsed, without unknown fields), when it
+        may become a template once checked."""
+        laid = item_request(data) if self.templates.capacity else None
+        request = None if laid is None else data[laid[1]:]
+        return request if request is not None and self.templates.learnable(request) else None
 
     async def prepare(self, received: Received) -> Prepared:
         """The validated request, or the domain error that refuses it: decoded on the spot up to
@@ -152,9 +193,16 @@ class Intake:
         return Prepared(name, call, grad_output, elements)
 
     def prepare_now(self, received: Received) -> Prepared:
-        """``prepare``, on the spot (for a request of at most ``inline_bytes``)."""
+        """``prepare``, on the spot (for a request of at most ``inline_bytes``): from its template's
+        checks and its own tensors, when it has one; else checked whole, and kept as a template."""
+        template, data = received.template, received.data
+        if template is not None and data is not None:
+            call, grad_output = template.call(data, self.max_elements)
+            return Prepared(template.loss, call, grad_output, template.elements)
         request, name, elements = self._checked(received)
         call, grad_output = prepare(name, request, self.max_elements, received.payloads)
+        if isinstance(data, bytes):
+            self.templates.learn(data, elements, call, grad_output)
         return Prepared(name, call, grad_output, elements)
 
     def _checked(self, received: Received) -> tuple[pb.ComputeRequest, str, int]:

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from remoteloss_server.log_sampling import LogSampler
 
@@ -155,6 +155,14 @@ class Metrics:
         """Export ``read()`` (bytes) as ``gpu_memory{device}``, called at each scrape."""
         self.gpu_memory.labels(device).set_function(read)
 
+    def watch_templates(self, read: Callable[[], dict[str, int]]) -> None:
+        """Export ``read()``, counts by result, as ``remoteloss_request_templates_total{result}``,
+        read at each scrape: counted where they happen, as plain integers, at no cost per request."""
+        self.registry.register(_Counts(
+            "remoteloss_request_templates", "Small unary requests decoded from a request template (result hit), "
+            "and templates kept (result learned).", "result", read,
+        ))
+
 
 class Answered:
     """``Metrics.answered``: an answered request's children. Those of an answer's size
@@ -236,6 +244,19 @@ class _Flush:
     def collect(self) -> Iterable[Metric]:
         self._metrics.flush()
         return ()
+
+
+class _Counts:
+    """A collector of one counter whose values, by one label, ``read`` gives."""
+
+    def __init__(self, name: str, documentation: str, label: str, read: Callable[[], dict[str, int]]) -> None:
+        self._name, self._documentation, self._label, self._read = name, documentation, label, read
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=[self._label])
+        for value, count in self._read().items():
+            family.add_metric([value], count)
+        return [family]
 
 
 # A scrape's connection: at most this long to send its request and to take the answer (a

@@ -25,7 +25,7 @@ from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
 from remoteloss_server import framing
 from remoteloss_server.batcher import Batcher
-from remoteloss_server.errors import UnimplementedError
+from remoteloss_server.errors import ServiceError, UnimplementedError
 from remoteloss_server.executor import Executor
 from remoteloss_server.intake import Intake, Received, UndecodableRequest, receive
 from remoteloss_server.limits import Admission, Ticket
@@ -102,7 +102,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         """One serialized ComputeRequest in, one serialized ComputeResponse out. Each request is
         recorded (metrics, the ``x-request-id`` echo as trailing metadata, one log line per
         failure) before its answer or status goes out, so a scrape after a reply always counts it."""
-        received = receive(data, pb.ComputeRequest)
+        received = self._intake.receive(data)
         parsed = isinstance(received.message, Message)
         record = RequestRecord(
             self._metrics, loss_label(received.message, received.unknown is not None), caller_request_id(context),
@@ -197,30 +197,15 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         """One item's answer, an error included, and its place in the budgets (added to
         ``unsent`` until the stream has written the answer); raises only for an undecodable item
         without an id."""
-        received = receive(data, pb.ComputeStreamRequest)
-        item = received.message
-        assert isinstance(item, pb.ComputeStreamRequest | UndecodableRequest)
-        if isinstance(item, UndecodableRequest) and item.id is None:
-            raise item.error()
-        inner = item.request if isinstance(item, pb.ComputeStreamRequest) else item
-        record = RequestRecord(
-            self._metrics, loss_label(inner, received.unknown is not None), f"{stream_id}/{item.id}",
-            received.size if isinstance(item, Message) else None,
-        )
+        item_id, label, parsed, request = self._item(data)
+        record = RequestRecord(self._metrics, label, f"{stream_id}/{item_id}", len(data) if parsed else None)
         ticket = None
         try:
-            ticket = self._admit(received.size, context)
+            ticket = self._admit(len(data), context)
             if ticket is not None:
                 unsent.add(ticket)
-            if isinstance(item, UndecodableRequest):
-                raise item.error()
-            unknown = received.unknown
-            if unknown is not None and not unknown.path:
-                raise UnimplementedError(
-                    f"the stream request holds field {unknown.number}, which this server does not know; "
-                    "it may come from a newer client"
-                )
-            request = Received(item.request, received.size, received.payloads, unknown and unknown.below("request"))
+            if not isinstance(request, Received):
+                raise request
             response = await self._compute(request, record, context, ticket)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             record.finish("CANCELLED")
@@ -230,9 +215,36 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         except Exception as exc:
             code, message = status_of(exc, "ComputeStream")
             record.finish(code.name, details=message)
-            return framing.stream_error(item.id or 0, code.value[0], message), ticket
+            return framing.stream_error(item_id, code.value[0], message), ticket
         record.finish("OK", len(response))
-        return framing.stream_answer(item.id, response), ticket
+        return framing.stream_answer(item_id, response), ticket
+
+    def _item(self, data: bytes) -> tuple[int, str, bool, Received | ServiceError]:
+        """A stream item's id, its loss label, whether it parsed, and its request (a template's,
+        when it matches one) or the error that refuses it; raises the error of an undecodable
+        item without an id, which ends the stream."""
+        recalled = self._intake.receive_item(data)
+        if recalled is not None:
+            item_id, request = recalled
+            return item_id, loss_label(request.message), True, request
+        received = receive(data, pb.ComputeStreamRequest)
+        item = received.message
+        assert isinstance(item, pb.ComputeStreamRequest | UndecodableRequest)
+        if isinstance(item, UndecodableRequest):
+            if item.id is None:
+                raise item.error()
+            return item.id, loss_label(item), False, item.error()
+        unknown = received.unknown
+        label = loss_label(item.request, unknown is not None)
+        if unknown is not None and not unknown.path:
+            return item.id, label, True, UnimplementedError(
+                f"the stream request holds field {unknown.number}, which this server does not know; "
+                "it may come from a newer client"
+            )
+        learn = self._intake.learnable_item(data) if unknown is None else None
+        return item.id, label, True, Received(
+            item.request, received.size, received.payloads, unknown and unknown.below("request"), data=learn
+        )
 
     def _admit(self, size: int, context: grpc.aio.ServicerContext[Any, Any]) -> Ticket | None:
         """A place in the in-flight budgets (the server's, the caller's tenant's and connection's)

@@ -35,6 +35,8 @@ METRICS = {
     "queue_depth": ("remoteloss_queue_depth", "gauge", ()),
     "gpu_memory": ("remoteloss_gpu_memory_bytes", "gauge", ("device",)),
 }
+# Registered by a watch_* method, read from their owner at each scrape.
+WATCHED = {"templates": ("remoteloss_request_templates", "counter", ("result",))}
 
 
 @pytest.fixture
@@ -166,9 +168,20 @@ def test_the_readme_lists_every_metric(registry: CollectorRegistry) -> None:
     rows = re.findall(r"^\| `(remoteloss_\w+)` \| (\w+) \|([^|]*)\|", readme, flags=re.MULTILINE)
     documented = {name: (kind, tuple(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
     expected = {}
-    for name, kind, labels in METRICS.values():
+    for name, kind, labels in (*METRICS.values(), *WATCHED.values()):
         expected[name + "_total" if kind == "counter" else name] = (kind, labels)
     assert documented == expected
+
+
+def test_template_counts_are_read_at_each_scrape(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry)
+    counts = {"hit": 0, "learned": 1}
+    metrics.watch_templates(lambda: dict(counts))
+    name = WATCHED["templates"][0] + "_total"
+    assert registry.get_sample_value(name, {"result": "learned"}) == 1
+    assert registry.get_sample_value(name, {"result": "hit"}) == 0
+    counts["hit"] = 5
+    assert registry.get_sample_value(name, {"result": "hit"}) == 5
 
 
 def test_buffered_children_reach_every_collection_once(registry: CollectorRegistry) -> None:

@@ -77,6 +77,8 @@ def test_defaults_match_the_design() -> None:
         ({"connection_idle_s": float("nan")}, "connection_idle_s"),
         ({"busy_poll_us": -1}, "busy_poll_us"),
         ({"busy_poll_us": 100_001}, "busy_poll_us"),
+        ({"request_templates": -1}, "request_templates"),
+        ({"request_templates": 4097}, "request_templates"),
         ({"front": "rust"}, "front"),
     ],
 )

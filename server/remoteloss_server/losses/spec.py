@@ -206,11 +206,24 @@ class LossSpec:
         requires_grad = tuple(t.name for t in self.tensors if t.name in tensors and _requires_grad(message, t.name))
         options = dict(self._defaults)
         options.update(self._decode_options(message))
+        return self.call(tensors, options, requires_grad, max_elements, device)
+
+    def call(
+        self,
+        tensors: dict[str, torch.Tensor],
+        options: dict[str, Any],
+        requires_grad: tuple[str, ...],
+        max_elements: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Call:
+        """The call of decoded arguments (every option set), once the loss's checks, which may read
+        the tensors' values, have passed: ``prepare``'s last step, and a request template's."""
         args = Args(self.name, tensors, options, frozenset(requires_grad), max_elements)
         for check in self.checks:
             check(args)
-        on_device = {name: tensor.to(device) for name, tensor in tensors.items()}
-        return Call(self.name, self.function, on_device, options, requires_grad, max(args.implied, default=0))
+        if device != "cpu":
+            tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+        return Call(self.name, self.function, tensors, options, requires_grad, max(args.implied, default=0))
 
     def _decode_tensors(
         self, message: Message, max_elements: int | None, payloads: Payloads | None
