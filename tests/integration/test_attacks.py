@@ -344,6 +344,28 @@ def test_one_connection_opens_at_most_max_connection_in_flight_calls(server: Ser
     assert not closed or sent > advertised, "the connection closed before the calls past the bound"
 
 
+def test_a_caller_who_never_sends_the_same_structure_twice_only_churns_templates(server: ServerProcess) -> None:
+    """3,000 small calls, each of a size no other has (``mse_loss`` of 1 to 3,000 elements), from
+    8 threads: every one becomes a request template and pushes an older one out (README, "Request
+    templates"), so the bystander's own template comes and goes. What that costs anyone is the full
+    path, which every call took before templates: the bystander's slowest call and the server's
+    memory stay within the watch's bounds (the templates hold at most 64 sizes x 4 x 4 KiB)."""
+    learned = server.metric("remoteloss_request_templates_total", result="learned")
+    bodies = [pb.ComputeRequest(mse_loss=pb.MseLoss(input=codec.encode(np.ones(n, np.float32)),
+                                                    target=codec.encode(np.zeros(n, np.float32)))).SerializeToString()
+              for n in range(1, 3001)]
+    assert len({len(body) for body in bodies}) == len(bodies)
+    with Watch(server, "3,000 calls of 3,000 structures", metadata=bearer(LIGHT), peak_over_bytes=64 * MiB) as watch:
+        with grpc.insecure_channel(server.target) as channel, ThreadPoolExecutor(8) as callers:
+            answers = list(callers.map(lambda body: raw_compute(channel)(body, timeout=60, metadata=bearer(HEAVY)),
+                                       bodies))
+        churned = server.metric("remoteloss_request_templates_total", result="learned") - learned
+        watch.figures.notes.append(f"{churned:.0f} templates learned")
+    assert [pb.ComputeResponse.FromString(answer).loss.data for answer in answers] == [
+        np.float32(1).tobytes()] * len(bodies)
+    assert churned >= len(bodies)
+
+
 def test_a_small_request_that_implies_a_large_tensor_is_sized_by_what_it_implies(server: ServerProcess) -> None:
     """Small requests asking for large broadcasts: one whose answer alone passes the tenant's
     budget is INVALID_ARGUMENT before anything is computed; one within it (a 36 MB answer from
