@@ -12,8 +12,9 @@ A second protocol in front of the same server is a module beside this one, reusi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor as Pool
 from typing import Any
 
@@ -205,7 +206,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             if ticket is not None:
                 unsent.add(ticket)
             if not isinstance(request, Received):
-                raise request
+                raise request()  # made here: an error kept in a local would hold this frame, and data, in a cycle
             response = await self._compute(request, record, context, ticket)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             record.finish("CANCELLED")
@@ -219,10 +220,10 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         record.finish("OK", len(response))
         return framing.stream_answer(item_id, response), ticket
 
-    def _item(self, data: bytes) -> tuple[int, str, bool, Received | ServiceError]:
+    def _item(self, data: bytes) -> tuple[int, str, bool, Received | Callable[[], ServiceError]]:
         """A stream item's id, its loss label, whether it parsed, and its request (a template's,
-        when it matches one) or the error that refuses it; raises the error of an undecodable
-        item without an id, which ends the stream."""
+        when it matches one) or what makes the error that refuses it; raises the error of an
+        undecodable item without an id, which ends the stream."""
         recalled = self._intake.receive_item(data)
         if recalled is not None:
             item_id, request = recalled
@@ -233,13 +234,14 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         if isinstance(item, UndecodableRequest):
             if item.id is None:
                 raise item.error()
-            return item.id, loss_label(item), False, item.error()
+            return item.id, loss_label(item), False, item.error
         unknown = received.unknown
         label = loss_label(item.request, unknown is not None)
         if unknown is not None and not unknown.path:
-            return item.id, label, True, UnimplementedError(
+            return item.id, label, True, functools.partial(
+                UnimplementedError,
                 f"the stream request holds field {unknown.number}, which this server does not know; "
-                "it may come from a newer client"
+                "it may come from a newer client",
             )
         learn = self._intake.learnable_item(data) if unknown is None else None
         return item.id, label, True, Received(

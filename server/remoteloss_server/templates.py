@@ -167,9 +167,11 @@ class Templates:
         self._keep(template)
 
     def _keep(self, template: Template) -> None:
+        if self.capacity <= 0:
+            return
         self.learned += 1
         same = self._by_size.pop(template.size, [])
-        if len(self._by_size) >= self.capacity:
+        while len(self._by_size) >= self.capacity:
             del self._by_size[next(iter(self._by_size))]  # the size learned longest ago
         self._by_size[template.size] = [template, *same[:PER_SIZE - 1]]
 

@@ -191,3 +191,11 @@ def test_a_stream_items_request_is_learned_from_the_item() -> None:
     intake.prepare_now(parsed._replace(data=request))
     assert intake.receive(_cross_entropy(2)).template is not None
     assert _intake(0).learnable_item(data) is None
+
+
+def test_templates_off_keep_nothing_even_when_asked() -> None:
+    off = _intake(0)
+    data = _cross_entropy(1)
+    prepared = off.prepare_now(off.receive(data))
+    off.templates.learn(data, prepared.elements, prepared.call, prepared.grad_output)
+    assert off.receive(data).template is None and off.templates.counts() == {"hit": 0, "learned": 0}
