@@ -45,9 +45,9 @@ class ServerConfig:
     # this long for the next instead of sleeping (busy_poll): back-to-back calls skip a wake-up
     # each, for up to that much CPU after each batch of calls; 0: sleep at once.
     busy_poll_us: int = 250
-    # Request sizes whose recent structures the server keeps (templates): a small unary request
-    # whose bytes match one outside its tensors' data skips the parse and checks it passed before
-    # (its loss's value checks still run); 0: off.
+    # Request sizes whose recent structures the server keeps (templates): a small request (a call's,
+    # or a stream item's) whose bytes match one outside its tensors' data skips the parse and
+    # checks it passed before (its loss's value checks still run); 0: off.
     request_templates: int = 64
     # glibc malloc: allocations up to this size reuse heap memory instead of fresh mmap pages (and
     # up to twice this stays with the process after a burst); 0 keeps glibc's defaults. See allocator.
