@@ -158,10 +158,9 @@ class Stream(StreamBase[LossFuture]):
                 if self._closed and not self._pending:
                     break
                 ended = self._outbox
-                try:
-                    self._open(self._unanswered_items())
-                except RuntimeError as exc:  # the client was closed while the stream was open
-                    failure = CancelledError(f"the stream was cancelled: {exc}")
+                refused = self._reopen()
+                if refused is not None:
+                    failure = refused
                     break
             ended.put(None)  # ends gRPC's request thread of the ended call if it still waits
             attempts += 1
@@ -320,10 +319,9 @@ class AsyncStream(StreamBase[asyncio.Future[Answer]]):
             if self._closed and not self._pending:
                 break
             ended = self._writer
-            try:
-                self._open(self._unanswered_items())
-            except RuntimeError as exc:  # the client was closed while the stream was open
-                failure = CancelledError(f"the stream was cancelled: {exc}")
+            refused = self._reopen()
+            if refused is not None:
+                failure = refused
                 break
             if ended is not None:  # it waits for a request, or has stopped on the ended call
                 ended.cancel()

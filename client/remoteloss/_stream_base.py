@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from remoteloss._calls import Plan, plan_loss, plan_value_and_grad
-from remoteloss._errors import InternalServerError, LossServiceError, _connection_lost, _error_from_code
+from remoteloss._errors import CancelledError, InternalServerError, LossServiceError, _connection_lost, _error_from_code
 from remoteloss._losses import LossMethods
 from remoteloss._transport import Answer
 from remoteloss._wire import Payloads
@@ -87,6 +87,19 @@ class StreamBase(LossMethods, Generic[_F]):
     def _submit(self, make_plan: Callable[[], Plan]) -> Any:
         """Send the planned request: at once (``Stream``), or when the coroutine runs (``AsyncStream``)."""
         raise NotImplementedError
+
+    def _open(self, items: list[bytes]) -> None:
+        """Start a new ComputeStream call that sends ``items`` first (each stream class its own)."""
+        raise NotImplementedError
+
+    def _reopen(self) -> LossServiceError | None:
+        """A new call that sends the unanswered requests again; or, when the client was closed
+        while the stream was open (``_open`` raises RuntimeError), the failure that ends it."""
+        try:
+            self._open(self._unanswered_items())
+        except RuntimeError as exc:
+            return CancelledError(f"the stream was cancelled: {exc}")
+        return None
 
     def _unanswered_items(self) -> list[bytes]:
         """The unanswered requests' bytes, in id order: what a new call sends again first."""

@@ -178,12 +178,13 @@ def scan(
     return walk.message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
 
 
-def layout(data: bytes, descriptor: Descriptor | _UpbDescriptor) -> tuple[list[Span], int]:
+def layout(data: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor) -> tuple[list[Span], int]:
     """The place of every ``bytes`` field of ``data``, which ``scan`` found to hold no unknown
     field within ``MAX_FIELDS``, and the fields it holds, as ``scan`` counts them."""
     spans: list[Span] = []
-    walk = _Scan(data, MAX_FIELDS, spans=spans)
-    walk.message(0, len(data), _plan(descriptor), (), wire.MAX_DEPTH)
+    view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+    walk = _Scan(view, MAX_FIELDS, spans=spans)
+    walk.message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
     return spans, MAX_FIELDS - walk.left
 
 

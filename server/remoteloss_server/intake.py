@@ -176,11 +176,11 @@ class Intake:
         request = memoryview(data)[laid[1]:]
         return laid[0], Received(template.label, len(data), data=request, template=template)
 
-    def learnable_item(self, data: bytes) -> bytes | None:
+    def learnable_item(self, data: bytes) -> memoryview | None:
         """The request of a ``ComputeStreamRequest`` (that parsed, without unknown fields), when it
-        may become a template once checked."""
+        may become a template once checked: a view, copied from only if it does (after admission)."""
         laid = item_request(data) if self.templates.capacity else None
-        request = None if laid is None else data[laid[1]:]
+        request = None if laid is None else memoryview(data)[laid[1]:]
         return request if request is not None and self.templates.learnable(request) else None
 
     async def prepare(self, received: Received) -> Prepared:
@@ -201,7 +201,7 @@ class Intake:
             return Prepared(template.loss, call, grad_output, template.elements)
         request, name, elements = self._checked(received)
         call, grad_output = prepare(name, request, self.max_elements, received.payloads)
-        if isinstance(data, bytes):
+        if data is not None:
             self.templates.learn(data, elements, call, grad_output)
         return Prepared(name, call, grad_output, elements)
 

@@ -131,11 +131,11 @@ class Templates:
                 return template
         return None
 
-    def learnable(self, data: bytes) -> bool:
+    def learnable(self, data: bytes | memoryview) -> bool:
         """Whether ``data`` may become a template once it has passed every check."""
-        return 0 < len(data) <= self.max_request_bytes and self.capacity > 0 and type(data) is bytes
+        return 0 < len(data) <= self.max_request_bytes and self.capacity > 0
 
-    def learn(self, data: bytes, elements: int, call: Call, grad_output: torch.Tensor | None) -> None:
+    def learn(self, data: bytes | memoryview, elements: int, call: Call, grad_output: torch.Tensor | None) -> None:
         """Keep ``data``'s structure: it passed every check, declaring ``elements``, and became
         ``call`` (and ``grad_output``). A request whose tensors' places are not one each (an
         empty tensor sends none, a repeated field more than one) is not kept."""
@@ -152,9 +152,9 @@ class Templates:
         }
         kept, at = [], 0
         for start, end in sorted(places.values()):
-            kept.append((at, data[at:start]))
+            kept.append((at, bytes(data[at:start])))
             at = end
-        kept.append((at, data[at:]))
+        kept.append((at, bytes(data[at:])))
         if sum(len(part) for _, part in kept) > MAX_KEPT_BYTES:
             return
         label = pb.ComputeRequest()

@@ -66,7 +66,9 @@ def test_every_case_answers_the_same_bytes_with_templates(servers: tuple[ServerT
     answers = _answers(servers, requests)
     differ = [i for i, (kept, off) in enumerate(answers) if kept != off]
     assert not differ, f"{len(differ)} of {len(requests)} differ, e.g. case {cases[differ[0] // len(SEEDS)].id}"
-    assert sum(kept[0] == "OK" for kept, _ in answers) > 0.9 * len(requests)
+    # Every case is one torch computes (those it refuses were left out), so every answer is a loss:
+    # the comparison above is of answers, not of refusals.
+    assert all(kept[0] == "OK" for kept, _ in answers), [kept for kept, _ in answers if kept[0] != "OK"][:3]
     assert _from_templates(servers[0]) - before >= len(cases)  # a second call of each case, at least
 
 
