@@ -20,11 +20,14 @@ A protocol whose readers skip unknown fields (the Open Inference Protocol's) sca
 ``skip_unknown``: each unknown field is skipped by its length and counted, and the walk goes on,
 so the bound holds for the whole message. Its typed tensor values (``listed``: the message type
 that holds them) count against a budget of their own, ``max_listed`` values in all, packed or not.
+
+Given a ``Layout``, the same walk also records where each ``bytes`` field's value lies and how
+many fields it counted: what a request template keeps (``templates``), found without a second walk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field as _field
 from typing import TYPE_CHECKING
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -36,7 +39,7 @@ from remoteloss_server.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from google._upb._message import Descriptor as _UpbDescriptor
 
-__all__ = ["MAX_FIELDS", "MAX_STRING_BYTES", "FieldLimitError", "Span", "UnknownField", "layout", "scan"]
+__all__ = ["MAX_FIELDS", "MAX_STRING_BYTES", "FieldLimitError", "Layout", "Span", "UnknownField", "scan"]
 
 # Fields one request may hold, at every depth. The largest legitimate ComputeRequest (five
 # tensors of rank 64 with unpacked shapes, every option, a grad_output) holds about 400; a packed
@@ -83,6 +86,21 @@ class UnknownField:
         if not self.path or self.path[0] != name:
             return None
         return UnknownField(self.number, self.path[1:], self.holder)
+
+
+@dataclass(slots=True)
+class Layout:
+    """What a ``scan`` that found no unknown field saw of a message: the place of each ``bytes``
+    field, in the order met, and the fields it holds, as the scan counts them."""
+
+    spans: list[Span] = _field(default_factory=list)
+    fields: int = 0
+
+    def inside(self, name: str, begin: int, around: int) -> Layout:
+        """The layout of the message field ``name`` (not repeated) whose value begins at byte
+        ``begin``, when ``around`` of the fields counted lie outside it."""
+        spans = [(path[1:], start - begin, end - begin) for path, start, end in self.spans if path[:1] == (name,)]
+        return Layout(spans, self.fields - around)
 
 
 class FieldLimitError(InvalidArgumentError):
@@ -166,26 +184,22 @@ def _plan(descriptor: Descriptor | _UpbDescriptor) -> _Plan:
 def scan(
     data: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor, *, max_fields: int = MAX_FIELDS,
     skip_unknown: bool = False, listed: Descriptor | _UpbDescriptor | None = None, max_listed: int = 0,
+    layout: Layout | None = None,
 ) -> UnknownField | None:
     """The first field of ``data`` (a serialized ``descriptor`` message) that the schema does not
     know, or None when it knows them all; see the module's docstring. Visits at most
     ``max_fields`` fields (``FieldLimitError`` past them) and reads nothing after an unknown
     field; raises DecodeError for bytes that are not well formed before that. With
     ``skip_unknown``, unknown fields are skipped (and counted) instead, and it returns None; the
-    scalar values in ``listed`` messages count against ``max_listed``, not ``max_fields``."""
+    scalar values in ``listed`` messages count against ``max_listed``, not ``max_fields``. A
+    ``layout`` (empty) is filled as the walk goes: whole when it returns None."""
     view = data if isinstance(data, bytes) else memoryview(data).cast("B")
-    walk = _Scan(view, max_fields, skip_unknown, None if listed is None else _plan(listed), max_listed)
-    return walk.message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
-
-
-def layout(data: bytes | memoryview, descriptor: Descriptor | _UpbDescriptor) -> tuple[list[Span], int]:
-    """The place of every ``bytes`` field of ``data``, which ``scan`` found to hold no unknown
-    field within ``MAX_FIELDS``, and the fields it holds, as ``scan`` counts them."""
-    spans: list[Span] = []
-    view = data if isinstance(data, bytes) else memoryview(data).cast("B")
-    walk = _Scan(view, MAX_FIELDS, spans=spans)
-    walk.message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
-    return spans, MAX_FIELDS - walk.left
+    spans = None if layout is None else layout.spans
+    walk = _Scan(view, max_fields, skip_unknown, None if listed is None else _plan(listed), max_listed, spans)
+    found = walk.message(0, len(view), _plan(descriptor), (), wire.MAX_DEPTH)
+    if layout is not None:
+        layout.fields = max_fields - walk.left
+    return found
 
 
 class _Scan:

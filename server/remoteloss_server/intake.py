@@ -13,8 +13,9 @@ domain errors of ``errors``.
 size runs in Python), then parses them: from ``wire.SPLIT_BYTES`` on, the tensors' bytes are not
 copied into the message (``wire.split`` leaves them where they are, and the loss reads them there).
 ``Intake.receive`` does the same for a unary call's bytes, and ``Intake.receive_item`` for a stream
-item's request, unless they match a request template (``templates``): a structure checked
-before, whose checks then need not run again.
+item, unless they match a request template (``templates``): a structure checked before, whose
+checks then need not run again. A small request that does not is scanned with a ``Layout``, kept
+as a template once it has passed every check.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from remoteloss import _wire as wire
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.errors import InvalidArgumentError, UnimplementedError
-from remoteloss_server.field_scan import FieldLimitError, UnknownField, scan
+from remoteloss_server.field_scan import FieldLimitError, Layout, UnknownField, scan
 from remoteloss_server.limits import check_elements, request_elements
 from remoteloss_server.losses import LOSSES, Call
 from remoteloss_server.losses.spec import MAX_DIMS
@@ -61,10 +62,10 @@ class UndecodableRequest:
 class Received(NamedTuple):  # a tuple: made for every request, quicker than a frozen dataclass
     """A request as a protocol got it: the parsed message (or why it did not parse), its size on
     the wire, for a large one where its tensors' bytes lie in the received bytes, and its first
-    field unknown to this server. A ``ComputeRequest`` from ``Intake.receive`` (or a stream item's,
-    from ``receive_item`` or ``learnable_item``) also has its bytes (``data``): a template's
+    field unknown to this server. A ``ComputeRequest`` from ``Intake.receive`` (or a stream item
+    from ``receive_item``: its request's) may also have its bytes (``data``): a template's
     (``template``, whose ``label`` is then the message), or ones that may become a template once
-    checked."""
+    checked (with the ``layout`` their scan found)."""
 
     message: Message | UndecodableRequest
     size: int
@@ -72,17 +73,18 @@ class Received(NamedTuple):  # a tuple: made for every request, quicker than a f
     unknown: UnknownField | None = None
     data: bytes | memoryview | None = None
     template: Template | None = None
+    layout: Layout | None = None
 
 
-def receive(data: bytes, message_type: type[Message]) -> Received:
+def receive(data: bytes, message_type: type[Message], layout: Layout | None = None) -> Received:
     """Parse ``data``, once ``field_scan.scan`` has found its first unknown field, if any, and
-    refused it past its limits. A request with an unknown field is refused: below ``SPLIT_BYTES``
+    refused it past its limits (filling ``layout`` if given). A request with an unknown field is refused: below ``SPLIT_BYTES``
     upb parses it all (in C; bytes that do not parse are still INVALID_ARGUMENT), from it on it is
     not parsed (``_unparsed``)."""
     large = len(data) >= wire.SPLIT_BYTES
     try:
         try:
-            unknown = scan(data, message_type.DESCRIPTOR)
+            unknown = scan(data, message_type.DESCRIPTOR, layout=layout)
         except DecodeError:
             if not large:
                 message_type.FromString(data)  # raises too, in upb's words, as before the scan
@@ -161,27 +163,36 @@ class Intake:
         template = self.templates.match(data)
         if template is not None:
             return Received(template.label, len(data), data=data, template=template)
-        received = receive(data, pb.ComputeRequest)
-        if received.unknown is None and isinstance(received.message, Message) and self.templates.learnable(data):
-            return received._replace(data=data)
-        return received
+        return self._learnable(data, pb.ComputeRequest, data)
 
-    def receive_item(self, data: bytes) -> tuple[int, Received] | None:
+    def receive_item(self, data: bytes) -> tuple[int | None, Received]:
         """A ``ComputeStreamRequest`` whose request matches a template: its id, and its request as
-        ``receive`` gives a matching one (its size the item's); None for any other."""
+        ``receive`` gives a matching one (its size the item's); any other: None, and ``receive(data,
+        pb.ComputeStreamRequest)``, with its request's bytes when they may become a template."""
         laid = item_request(data) if self.templates.capacity else None
-        template = None if laid is None else self.templates.match(data, laid[1], laid[2])
-        if laid is None or template is None:
-            return None
-        request = memoryview(data)[laid[1]:]
-        return laid[0], Received(template.label, len(data), data=request, template=template)
+        if laid is None:
+            return None, receive(data, pb.ComputeStreamRequest)
+        item_id, begin, around = laid
+        request = memoryview(data)[begin:]
+        template = self.templates.match(data, begin, around)
+        if template is not None:
+            return item_id, Received(template.label, len(data), data=request, template=template)
+        return None, self._learnable(data, pb.ComputeStreamRequest, request, begin, around)
 
-    def learnable_item(self, data: bytes) -> memoryview | None:
-        """The request of a ``ComputeStreamRequest`` (that parsed, without unknown fields), when it
-        may become a template once checked: a view, copied from only if it does (after admission)."""
-        laid = item_request(data) if self.templates.capacity else None
-        request = None if laid is None else memoryview(data)[laid[1]:]
-        return request if request is not None and self.templates.learnable(request) else None
+    def _learnable(
+        self, data: bytes, message_type: type[Message], request: bytes | memoryview, begin: int = 0, around: int = 0,
+    ) -> Received:
+        """``receive(data, message_type)``, with ``request`` (``data`` itself, or from ``begin`` on
+        a stream item's request, which ``around`` fields precede) and its layout, when it may
+        become a template once checked."""
+        if not self.templates.learnable(request):
+            return receive(data, message_type)
+        found = Layout()
+        received = receive(data, message_type, found)
+        if received.unknown is not None or not isinstance(received.message, Message):
+            return received
+        layout = found if request is data else found.inside("request", begin, around)
+        return received._replace(data=request, layout=layout)
 
     async def prepare(self, received: Received) -> Prepared:
         """The validated request, or the domain error that refuses it: decoded on the spot up to
@@ -201,8 +212,8 @@ class Intake:
             return Prepared(template.loss, call, grad_output, template.elements)
         request, name, elements = self._checked(received)
         call, grad_output = prepare(name, request, self.max_elements, received.payloads)
-        if data is not None:
-            self.templates.learn(data, elements, call, grad_output)
+        if data is not None and received.layout is not None:
+            self.templates.learn(data, received.layout, elements, call, grad_output)
         return Prepared(name, call, grad_output, elements)
 
     def _checked(self, received: Received) -> tuple[pb.ComputeRequest, str, int]:

@@ -28,7 +28,7 @@ from remoteloss_server import framing
 from remoteloss_server.batcher import Batcher
 from remoteloss_server.errors import ServiceError, UnimplementedError
 from remoteloss_server.executor import Executor
-from remoteloss_server.intake import Intake, Received, UndecodableRequest, receive
+from remoteloss_server.intake import Intake, Received, UndecodableRequest
 from remoteloss_server.limits import Admission, Ticket
 from remoteloss_server.losses import LOSSES, describe_all
 from remoteloss_server.metrics import Metrics
@@ -224,11 +224,9 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         """A stream item's id, its loss label, whether it parsed, and its request (a template's,
         when it matches one) or what makes the error that refuses it; raises the error of an
         undecodable item without an id, which ends the stream."""
-        recalled = self._intake.receive_item(data)
-        if recalled is not None:
-            item_id, request = recalled
-            return item_id, loss_label(request.message), True, request
-        received = receive(data, pb.ComputeStreamRequest)
+        matched, received = self._intake.receive_item(data)
+        if matched is not None:  # its request matched a template
+            return matched, loss_label(received.message), True, received
         item = received.message
         assert isinstance(item, pb.ComputeStreamRequest | UndecodableRequest)
         if isinstance(item, UndecodableRequest):
@@ -243,9 +241,9 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
                 f"the stream request holds field {unknown.number}, which this server does not know; "
                 "it may come from a newer client",
             )
-        learn = self._intake.learnable_item(data) if unknown is None else None
         return item.id, label, True, Received(
-            item.request, received.size, received.payloads, unknown and unknown.below("request"), data=learn
+            item.request, received.size, received.payloads, unknown and unknown.below("request"),
+            data=received.data, layout=received.layout,
         )
 
     def _admit(self, size: int, context: grpc.aio.ServicerContext[Any, Any]) -> Ticket | None:

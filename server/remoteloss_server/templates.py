@@ -19,9 +19,12 @@ A stream item's request is matched where it begins (``item_request``), and learn
 
 Bounded: templates for at most ``capacity`` request sizes, ``PER_SIZE`` for each (the most recent
 first out), learned only from requests of at most ``MAX_REQUEST_BYTES``, each holding at most
-``MAX_KEPT_BYTES`` of the request. A request that matches none takes the full path; one that
-passes it becomes a template. A caller who sends ever new structures makes requests of their
-sizes take the full path, as they would without templates, and pays a second scan of its own.
+``MAX_KEPT_BYTES`` of the request. A request that matches none takes the full path, and becomes
+a template once it has passed it if a request of its size missed before, among the last
+``SEEN_PER_SIZE`` times ``capacity`` sizes that missed (a doorkeeper, as caches admit a key on its
+second sight): a structure sent once, as by a caller who sends a new one every call, is neither
+kept nor pushes out one in use, and costs nothing but the full path and a dictionary's entry.
+The places a template keeps are found by that path's own scan (``field_scan.Layout``).
 """
 
 from __future__ import annotations
@@ -37,17 +40,19 @@ from remoteloss import _wire as wire
 from remoteloss import codec
 from remoteloss.v1 import loss_pb2 as pb
 
-from remoteloss_server.field_scan import MAX_FIELDS, layout
+from remoteloss_server.field_scan import MAX_FIELDS, Layout
 from remoteloss_server.losses import LOSSES, Call
 
 __all__ = [
-    "DEFAULT_CAPACITY", "MAX_KEPT_BYTES", "MAX_REQUEST_BYTES", "PER_SIZE", "Template", "Templates", "item_request",
+    "DEFAULT_CAPACITY", "MAX_KEPT_BYTES", "MAX_REQUEST_BYTES", "PER_SIZE", "SEEN_PER_SIZE", "Template", "Templates",
+    "item_request",
 ]
 
 DEFAULT_CAPACITY = 64  # request sizes with templates (``--request-templates``)
 PER_SIZE = 4  # templates of one request size: e.g. one loss's "mean" and "sum" calls, which differ in a byte
 MAX_REQUEST_BYTES = 64 * 1024  # above this a request's Python costs little beside its bytes' travel
 MAX_KEPT_BYTES = 4096  # of a request's bytes outside its tensors' data: a call sends a few hundred
+SEEN_PER_SIZE = 4  # sizes that missed, remembered for each size with templates: a size is learned on its second miss
 _LITTLE = sys.byteorder == "little"  # a big-endian host decodes by the full path alone
 
 
@@ -116,6 +121,7 @@ class Templates:
         self.capacity = capacity if _LITTLE else 0
         self.max_request_bytes = max_request_bytes
         self._by_size: dict[int, list[Template]] = {}
+        self._missed: dict[int, None] = {}  # the sizes that missed last, oldest first
         self.hits = self.learned = 0
 
     def counts(self) -> dict[str, int]:
@@ -132,15 +138,27 @@ class Templates:
         return None
 
     def learnable(self, data: bytes | memoryview) -> bool:
-        """Whether ``data`` may become a template once it has passed every check."""
-        return 0 < len(data) <= self.max_request_bytes and self.capacity > 0
+        """Whether ``data``, which matched no template, may become one once it has passed every
+        check: a small request of a size that missed before (which this call remembers)."""
+        size = len(data)
+        if not 0 < size <= self.max_request_bytes or self.capacity <= 0:
+            return False
+        if size in self._missed:
+            return True
+        self._missed[size] = None
+        if len(self._missed) > SEEN_PER_SIZE * self.capacity:
+            del self._missed[next(iter(self._missed))]
+        return False
 
-    def learn(self, data: bytes | memoryview, elements: int, call: Call, grad_output: torch.Tensor | None) -> None:
-        """Keep ``data``'s structure: it passed every check, declaring ``elements``, and became
-        ``call`` (and ``grad_output``). A request whose tensors' places are not one each (an
-        empty tensor sends none, a repeated field more than one) is not kept."""
+    def learn(
+        self, data: bytes | memoryview, layout: Layout, elements: int, call: Call, grad_output: torch.Tensor | None,
+    ) -> None:
+        """Keep ``data``'s structure (``layout``, as its scan found it): it passed every check,
+        declaring ``elements``, and became ``call`` (and ``grad_output``). A request whose tensors'
+        places are not one each (an empty tensor sends none, a repeated field more than one) is
+        not kept."""
         loss = call.loss
-        spans, fields = layout(data, pb.ComputeRequest.DESCRIPTOR)  # found within bounds already: no raise
+        spans, fields = layout.spans, layout.fields
         decoded = {**call.tensors, **({} if grad_output is None else {"grad_output": grad_output})}
         places = {_argument(path, loss): (start, end) for path, start, end in spans}
         if len(spans) != len(decoded) or places.keys() != decoded.keys():

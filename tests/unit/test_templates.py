@@ -10,10 +10,10 @@ import torch
 from remoteloss._request import build_request
 from remoteloss.v1 import loss_pb2 as pb
 from remoteloss_server.errors import InvalidArgumentError, UnimplementedError
-from remoteloss_server.intake import Intake, Prepared, prepare, receive
+from remoteloss_server.intake import Intake, Prepared, Received, prepare, receive
 from remoteloss_server.scheduling import SchedulingPolicy
-from remoteloss_server.field_scan import MAX_FIELDS
-from remoteloss_server.templates import PER_SIZE, Template, item_request
+from remoteloss_server.field_scan import MAX_FIELDS, Layout, scan
+from remoteloss_server.templates import PER_SIZE, SEEN_PER_SIZE, Template, item_request
 
 MAX_ELEMENTS = 2**20
 
@@ -40,6 +40,12 @@ def _full(data: bytes) -> Prepared:
     return _intake(0).prepare_now(_intake(0).receive(data))
 
 
+def _teach(intake: Intake, data: bytes) -> Prepared:
+    """``data`` checked twice: the first time its size is remembered, the second it is kept."""
+    intake.prepare_now(intake.receive(data))
+    return intake.prepare_now(intake.receive(data))
+
+
 def _same(a: Prepared, b: Prepared) -> None:
     assert (a.loss, a.elements, a.call.loss, a.call.function) == (b.loss, b.elements, b.call.loss, b.call.function)
     assert (a.call.options, a.call.requires_grad, a.call.implied_elements) == (
@@ -56,7 +62,7 @@ def _same(a: Prepared, b: Prepared) -> None:
 
 def test_a_request_like_a_checked_one_is_its_call_with_its_own_tensors() -> None:
     intake = _intake()
-    first = intake.prepare_now(intake.receive(_cross_entropy(1)))
+    first = _teach(intake, _cross_entropy(1))
     _same(first, _full(_cross_entropy(1)))
     second = _cross_entropy(2)
     received = intake.receive(second)
@@ -71,7 +77,7 @@ def test_a_request_like_a_checked_one_is_its_call_with_its_own_tensors() -> None
 def test_a_change_of_any_byte_outside_the_tensors_data_takes_the_full_path() -> None:
     intake = _intake()
     data = _cross_entropy(1)
-    intake.prepare_now(intake.receive(data))
+    _teach(intake, data)
     (template,) = intake.templates._by_size[len(data)]
     outside = [at + i for at, kept in template.kept for i in range(len(kept))]
     inside = sorted(set(range(len(data))) - set(outside))
@@ -88,7 +94,7 @@ def test_a_change_of_any_byte_outside_the_tensors_data_takes_the_full_path() -> 
 
 def test_the_losss_value_checks_run_again_on_a_templates_tensors() -> None:
     intake = _intake()
-    intake.prepare_now(intake.receive(_cross_entropy(1)))
+    _teach(intake, _cross_entropy(1))
     bad = _cross_entropy(1, target=[0, 2, 7, 2])
     received = intake.receive(bad)
     assert received.template is not None
@@ -113,38 +119,58 @@ def test_an_option_of_the_same_size_is_another_template() -> None:
 
 def test_refused_unknown_or_empty_requests_are_not_kept() -> None:
     intake = _intake()
-    with pytest.raises(InvalidArgumentError):
-        intake.prepare_now(intake.receive(_cross_entropy(1, target=[0, 9, 1, 2])))
-    unknown = _cross_entropy(1) + b"\xf8\x07\x01"  # field 127, a varint: unknown to ComputeRequest
-    with pytest.raises(UnimplementedError):
-        intake.prepare_now(intake.receive(unknown))
-    empty = build_request("mse_loss", {"input": torch.zeros(0), "target": torch.zeros(0)}).SerializeToString()
-    intake.prepare_now(intake.receive(empty))
+    for _ in range(2):  # the second time, a request of its size missed before
+        with pytest.raises(InvalidArgumentError):
+            intake.prepare_now(intake.receive(_cross_entropy(1, target=[0, 9, 1, 2])))
+        unknown = _cross_entropy(1) + b"\xf8\x07\x01"  # field 127, a varint: unknown to ComputeRequest
+        with pytest.raises(UnimplementedError):
+            intake.prepare_now(intake.receive(unknown))
+        empty = build_request("mse_loss", {"input": torch.zeros(0), "target": torch.zeros(0)}).SerializeToString()
+        intake.prepare_now(intake.receive(empty))
     assert not intake.templates._by_size
     large = build_request("mse_loss", {"input": torch.zeros(3, 20_000), "target": torch.zeros(3, 20_000)})
     data = large.SerializeToString()
-    intake.prepare_now(intake.receive(data))
+    _teach(intake, data)
     assert intake.receive(data).template is None  # above MAX_REQUEST_BYTES: checked whole each time
-    assert _intake(0).receive(_cross_entropy(1)).data is None  # off: nothing kept for learning
+    off = _intake(0)
+    off.receive(_cross_entropy(1))
+    assert off.receive(_cross_entropy(1)).data is None  # off: nothing kept for learning
+
+
+def _mse(n: int) -> bytes:
+    return build_request("mse_loss", {"input": torch.zeros(n), "target": torch.ones(n)}).SerializeToString()
 
 
 def test_templates_are_bounded_by_size_and_by_count_per_size() -> None:
     intake = _intake(templates=3)
     sizes = []
     for n in range(1, 6):
-        data = build_request("mse_loss", {"input": torch.zeros(n), "target": torch.ones(n)}).SerializeToString()
-        intake.prepare_now(intake.receive(data))
-        sizes.append(len(data))
+        _teach(intake, _mse(n))
+        sizes.append(len(_mse(n)))
     assert list(intake.templates._by_size) == sizes[-3:]  # the sizes learned last
-    data = build_request("mse_loss", {"input": torch.zeros(1), "target": torch.ones(1)}).SerializeToString()
-    assert intake.receive(data).template is None
+    assert intake.receive(_mse(1)).template is None
+
+
+def test_a_request_is_kept_the_second_time_its_size_misses() -> None:
+    """A structure sent once is not kept, so a caller who sends a new one every call neither
+    spends a template's work nor pushes out the templates of those who repeat theirs."""
+    intake = _intake(templates=2)
+    _teach(intake, _mse(1000))
+    one_offs = [_mse(n) for n in range(1, 100)]
+    for data in one_offs:
+        intake.prepare_now(intake.receive(data))
+    assert list(intake.templates._by_size) == [len(_mse(1000))] and intake.templates.learned == 1
+    assert intake.receive(_mse(1000)).template is not None  # still there
+    assert len(intake.templates._missed) == SEEN_PER_SIZE * 2  # the sizes that missed last, bounded
+    assert intake.receive(one_offs[-1]).data is not None  # sent again, while remembered: it may be kept
+    assert intake.receive(one_offs[0]).data is None  # forgotten: remembered now, kept the next time
 
 
 def test_receive_and_prepare_of_a_template_match_the_module_functions() -> None:
     """The template path stands for ``receive`` and ``prepare``: the same loss label and call."""
     data = _cross_entropy(5)
     intake = _intake()
-    intake.prepare_now(intake.receive(_cross_entropy(4)))
+    _teach(intake, _cross_entropy(4))
     received = intake.receive(data)
     parsed = receive(data, pb.ComputeRequest)
     assert received.template is not None and received.size == parsed.size
@@ -158,15 +184,14 @@ def _item(request: bytes, item_id: int) -> bytes:
 
 def test_a_stream_items_request_matches_as_a_unary_ones_does() -> None:
     intake = _intake()
-    intake.prepare_now(intake.receive(_cross_entropy(1)))
+    _teach(intake, _cross_entropy(1))
     for item_id in (0, 5, 300, 2**64 - 1):  # no id field, and varints of 1, 2 and 10 bytes
         data = _item(_cross_entropy(2), item_id)
-        found = intake.receive_item(data)
-        assert found is not None and found[0] == item_id
-        item, received = found
+        matched, received = intake.receive_item(data)
+        assert matched == item_id
         assert received.size == len(data) and received.template is not None
         _same(intake.prepare_now(received), _full(_cross_entropy(2)))
-    assert intake.receive_item(_item(_cross_entropy(2, reduction="sum"), 7)) is None  # another structure
+    assert intake.receive_item(_item(_cross_entropy(2, reduction="sum"), 7))[0] is None  # another structure
     assert intake.templates.match(_cross_entropy(2), 0, MAX_FIELDS) is None  # past the field bound with them
 
 
@@ -182,20 +207,34 @@ def test_only_an_id_then_a_request_to_the_end_is_read_as_an_item() -> None:
     assert item_request(b"\x08\xff\xff") is None and item_request(b"") is None
 
 
+def _layout(request: bytes) -> Layout:
+    found = Layout()
+    assert scan(request, pb.ComputeRequest.DESCRIPTOR, layout=found) is None
+    return found
+
+
 def test_a_stream_items_request_is_learned_from_the_item() -> None:
     intake = _intake()
-    data = _item(_cross_entropy(1), 3)
-    request = intake.learnable_item(data)
-    assert request == _cross_entropy(1)
-    parsed = receive(request, pb.ComputeRequest)
-    intake.prepare_now(parsed._replace(data=request))
+    request = _cross_entropy(1)
+    assert intake.receive_item(_item(request, 1))[1].data is None  # its size's first miss
+    for item_id in (0, 5, 300, 2**64 - 1):
+        matched, received = intake.receive_item(_item(request, item_id))
+        assert matched is None and received.data == request
+        assert received.layout == _layout(request)  # as its own scan finds it, from the item's scan
+        assert received.layout.spans and received.layout.fields > len(received.layout.spans)
+    item = received.message
+    assert isinstance(item, pb.ComputeStreamRequest)
+    intake.prepare_now(Received(item.request, received.size, data=received.data, layout=received.layout))
     assert intake.receive(_cross_entropy(2)).template is not None
-    assert _intake(0).learnable_item(data) is None
+    off_intake = _intake(0)
+    off_intake.receive_item(_item(request, 3))
+    matched, off = off_intake.receive_item(_item(request, 3))
+    assert matched is None and off.data is None and off.layout is None
 
 
 def test_templates_off_keep_nothing_even_when_asked() -> None:
     off = _intake(0)
     data = _cross_entropy(1)
     prepared = off.prepare_now(off.receive(data))
-    off.templates.learn(data, prepared.elements, prepared.call, prepared.grad_output)
+    off.templates.learn(data, _layout(data), prepared.elements, prepared.call, prepared.grad_output)
     assert off.receive(data).template is None and off.templates.counts() == {"hit": 0, "learned": 0}
