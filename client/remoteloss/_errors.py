@@ -129,7 +129,11 @@ def _connection_lost(code: grpc.StatusCode, details: str) -> bool:
 
 
 def _error_from_code(code: grpc.StatusCode, details: str) -> LossServiceError:
-    """The exception for a status code; codes outside the table give the base class."""
+    """The exception for a status code; codes outside the table give the base class. gRPC's
+    INTERNAL for a lost connection (``_connection_lost``) is what it stands for: UNAVAILABLE,
+    which a caller may try again, as for any other lost connection; its words are kept."""
+    if code == grpc.StatusCode.INTERNAL and _connection_lost(code, details):
+        return ServiceUnavailableError(f"the connection to the server was lost (gRPC: INTERNAL {details!r})")
     return _ERRORS.get(code, LossServiceError)(details or code.name, code)
 
 

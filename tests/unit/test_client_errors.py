@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 import remoteloss
-from remoteloss._errors import _ERRORS, _error_from_code, _error_from_rpc
+from remoteloss._errors import _ERRORS, LOST_STATUS, RESET_STATUS, _error_from_code, _error_from_rpc
 
 TABLE = {
     grpc.StatusCode.INVALID_ARGUMENT: remoteloss.InvalidArgumentError,
@@ -48,6 +48,16 @@ def test_every_code_maps_to_its_class_keeping_code_and_details(code: grpc.Status
     assert error.code is code
     assert error.details == "mse_loss: target has shape [3], input [4]"
     assert str(error) == error.details
+
+
+@pytest.mark.parametrize("details", [LOST_STATUS, f"{RESET_STATUS}; error code 2"])
+def test_grpcs_internal_for_a_lost_connection_is_unavailable(details: str) -> None:
+    """What gRPC says, as INTERNAL, when a connection was lost under a call (grpc.aio's failed write
+    after the server's end, a proxy's reset) is raised as the lost connection it is, once the
+    SDK's resends are spent: a caller that tries UNAVAILABLE again does here too."""
+    error = _error_from_rpc(_FakeRpcError(grpc.StatusCode.INTERNAL, details))
+    assert type(error) is remoteloss.ServiceUnavailableError and error.code is grpc.StatusCode.UNAVAILABLE
+    assert details in error.details and "connection to the server was lost" in error.details
 
 
 def test_python_exception_bases() -> None:
