@@ -157,7 +157,7 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         unsent: set[Ticket] = set()  # the budgets of answers computed and not yet written
 
         def respond(data: bytes) -> Awaitable[tuple[bytes, Ticket | None]]:
-            return self._stream_item(data, context, stream_id, unsent)
+            return self._stream_item(*self._arrival(data, context, stream_id, unsent), context)
 
         answered = 0
         try:
@@ -192,19 +192,32 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         those it has read, and ends (see ComputeStream). Call it on the server's event loop."""
         self._draining.set()
 
-    async def _stream_item(
+    def _arrival(
         self, data: bytes, context: grpc.aio.ServicerContext[Any, Any], stream_id: str, unsent: set[Ticket]
-    ) -> tuple[bytes, Ticket | None]:
-        """One item's answer, an error included, and its place in the budgets (added to
-        ``unsent`` until the stream has written the answer); raises only for an undecodable item
-        without an id."""
+    ) -> tuple[int, RequestRecord, Received | Callable[[], ServiceError], Ticket | None]:
+        """A stream item as the stream reads it: its id, its record, its request (or what makes
+        the error that refuses it) and its place in the budgets (added to ``unsent`` until the
+        stream has written its answer). Items read together (the native front hands over those
+        that came at once) are so admitted before any of them computes, as calls that came at
+        once are: the batcher sees them in flight and may batch them. Raises only for an
+        undecodable item without an id."""
         item_id, label, parsed, request = self._item(data)
         record = RequestRecord(self._metrics, label, f"{stream_id}/{item_id}", len(data) if parsed else None)
         ticket = None
         try:
             ticket = self._admit(len(data), context)
-            if ticket is not None:
-                unsent.add(ticket)
+        except ServiceError as exc:  # kept as its type and words: the exception's traceback holds data
+            return item_id, record, functools.partial(type(exc), str(exc)), None
+        if ticket is not None:
+            unsent.add(ticket)
+        return item_id, record, request, ticket
+
+    async def _stream_item(
+        self, item_id: int, record: RequestRecord, request: Received | Callable[[], ServiceError],
+        ticket: Ticket | None, context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[bytes, Ticket | None]:
+        """One admitted item's answer (``_arrival``), an error included, and its ticket."""
+        try:
             if not isinstance(request, Received):
                 raise request()  # made here: an error kept in a local would hold this frame, and data, in a cycle
             response = await self._compute(request, record, context, ticket)

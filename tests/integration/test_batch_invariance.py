@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from remoteloss import codec
 from remoteloss._request import build_request
+from remoteloss.v1 import loss_pb2 as pb
 from remoteloss.v1 import loss_pb2_grpc
+from remoteloss_server import grpc_front
 from remoteloss_server.app import ServerThread
 from remoteloss_server.config import ServerConfig
 
@@ -121,6 +123,41 @@ def test_every_answer_under_concurrent_load_is_bitwise_torchs(server: ServerThre
         with ThreadPoolExecutor(max_workers=CALLERS) as pool:
             answers = dict(pair for chunk in pool.map(caller, range(CALLERS)) for pair in chunk)
 
+    _compare(requests, answers)
+    for loss in LOSSES:
+        batched, batches, decisions = (a - b for a, b in zip(_counts(server, loss), before[loss], strict=True))
+        assert batched == len(requests) / len(LOSSES)
+        assert batches < batched, f"{loss}: no two requests shared a batch, so the test proves nothing"
+        assert decisions > 0, f"{loss}: the batcher never decided to batch"
+
+
+def test_every_answer_on_streams_is_bitwise_torchs(server: ServerThread) -> None:
+    """The same mix on 4 streams, each sending all its requests at once: the items a stream
+    reads together are admitted together and batched with each other and with other streams'."""
+    requests = _requests()
+    built = [build_request(r.loss, r.arguments, wrt=r.wrt) for r in requests]
+    before = {loss: _counts(server, loss) for loss in LOSSES}
+    streams = 4
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = loss_pb2_grpc.LossServiceStub(channel)
+
+        def caller(index: int) -> list[Any]:
+            items = (pb.ComputeStreamRequest(id=i + 1, request=built[i]) for i in range(index, len(built), streams))
+            return [(answer.id - 1, answer.response) for answer in stub.ComputeStream(items, timeout=120)]
+
+        with ThreadPoolExecutor(max_workers=streams) as pool:
+            answers = dict(pair for chunk in pool.map(caller, range(streams)) for pair in chunk)
+
+    _compare(requests, answers)
+    batched, batches = (sum(_counts(server, loss)[k] - before[loss][k] for loss in LOSSES) for k in (0, 1))
+    assert batched == len(requests)
+    if grpc_front.kind(server.config) == "native":  # it reads a stream's items several at a time
+        assert batches < batched / 2, "a stream's items rarely shared a batch, so the test proves little"
+
+
+def _compare(requests: list[Request], answers: dict[int, Any]) -> None:
+    """Every answer's loss and gradients have torch's bits, computed here."""
     differ = []
     for i, request in enumerate(requests):
         loss, grads = _local(request)
@@ -132,9 +169,3 @@ def test_every_answer_under_concurrent_load_is_bitwise_torchs(server: ServerThre
             if not _same_bits(codec.decode_torch(response.gradients[name], name), grad):
                 differ.append(f"{i} {request.loss}: d loss / d {name}")
     assert not differ, f"{len(differ)} answers differ from torch's bits: {differ[:10]}"
-
-    for loss in LOSSES:
-        batched, batches, decisions = (a - b for a, b in zip(_counts(server, loss), before[loss], strict=True))
-        assert batched == len(requests) / len(LOSSES)
-        assert batches < batched, f"{loss}: no two requests shared a batch, so the test proves nothing"
-        assert decisions > 0, f"{loss}: the batcher never decided to batch"

@@ -23,6 +23,7 @@ from remoteloss_server import framing, intake, status
 from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedError
 from remoteloss_server.executor import Executor, Result
 from remoteloss_server.intake import UndecodableRequest
+from remoteloss_server.limits import Admission
 from remoteloss_server.servicer import LossServicer
 from remoteloss_server.status import _lenient
 from tests.catalog import LOSS_NAMES, NEWER_LOSS_FIELD, newer_loss_field
@@ -55,6 +56,9 @@ class Context:
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self.metadata
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
 
     def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._trailing = tuple(metadata)
@@ -312,8 +316,38 @@ def test_a_refused_stream_item_leaves_no_cycle_holding_its_bytes(servicer: LossS
     before = sys.getrefcount(data)
     gc.disable()
     try:
-        answer, _ = asyncio.run(servicer._stream_item(data, Context(), "s", set()))  # type: ignore[arg-type]
+        context = Context()
+        arrival = servicer._arrival(data, context, "s", set())  # type: ignore[arg-type]
+        answer, _ = asyncio.run(servicer._stream_item(*arrival, context))  # type: ignore[arg-type]
+        del arrival
         assert pb.ComputeStreamResponse.FromString(answer).WhichOneof("result") == "error"
         assert sys.getrefcount(data) == before
     finally:
         gc.enable()
+
+
+def test_stream_items_read_together_are_admitted_before_any_computes() -> None:
+    """``_arrival`` admits an item as the stream reads it, so items read in one go are all in
+    flight (``Admission.pending``) before the first computes: the batcher sees them together.
+    One past the budget is answered RESOURCE_EXHAUSTED, its refusal holding no frame (no cycle)."""
+    admission = Admission(2, 2**20)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        servicer = LossServicer(Executor("cpu", torch_threads=1), pool, admission=admission)
+        context, unsent = Context(), set()
+        items = [pb.ComputeStreamRequest(id=n, request=mse_request()).SerializeToString() for n in (1, 2, 3)]
+        third = items[2]
+        before = sys.getrefcount(third)
+        gc.disable()
+        try:
+            arrivals = [servicer._arrival(item, context, "s", unsent) for item in items]  # type: ignore[arg-type]
+            assert admission.pending == 2 and len(unsent) == 2
+            refused = asyncio.run(servicer._stream_item(*arrivals[2], context))  # type: ignore[arg-type]
+            error = pb.ComputeStreamResponse.FromString(refused[0]).error
+            assert (error.code, "saturated" in error.message) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], True)
+            del arrivals[2], refused
+            assert sys.getrefcount(third) == before
+        finally:
+            gc.enable()
+        for ticket in unsent:
+            ticket.release()
+        assert admission.pending == 0
