@@ -78,9 +78,9 @@ class Received(NamedTuple):  # a tuple: made for every request, quicker than a f
 
 def receive(data: bytes, message_type: type[Message], layout: Layout | None = None) -> Received:
     """Parse ``data``, once ``field_scan.scan`` has found its first unknown field, if any, and
-    refused it past its limits (filling ``layout`` if given). A request with an unknown field is refused: below ``SPLIT_BYTES``
-    upb parses it all (in C; bytes that do not parse are still INVALID_ARGUMENT), from it on it is
-    not parsed (``_unparsed``)."""
+    refused it past its limits (filling ``layout`` if given). A request with an unknown field is
+    refused: below ``SPLIT_BYTES`` upb parses it all (in C; bytes that do not parse are still
+    INVALID_ARGUMENT), from it on it is not parsed (``_unparsed``)."""
     large = len(data) >= wire.SPLIT_BYTES
     try:
         try:

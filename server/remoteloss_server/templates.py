@@ -175,10 +175,13 @@ class Templates:
         kept.append((at, bytes(data[at:])))
         if sum(len(part) for _, part in kept) > MAX_KEPT_BYTES:
             return
+        outside = tuple(kept)
+        if any(known.kept == outside for known in self._by_size.get(len(data), ())):
+            return  # kept already: requests read together (a stream's) all miss before the first is kept
         label = pb.ComputeRequest()
         getattr(label, loss).SetInParent()
         template = Template(
-            len(data), tuple(kept), fields, loss, label, elements,
+            len(data), outside, fields, loss, label, elements,
             tuple(tensor for name, tensor in tensors.items() if name != "grad_output"), tensors.get("grad_output"),
             dict(call.options), call.requires_grad,
         )

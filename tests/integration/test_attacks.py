@@ -364,7 +364,8 @@ def test_a_caller_who_never_sends_the_same_structure_twice_only_churns_templates
             answers = []
             for sent in (bodies, twice):
                 before = server.metric("remoteloss_request_templates_total", result="learned")
-                answers += callers.map(lambda body: raw_compute(channel)(body, timeout=60, metadata=bearer(HEAVY)), sent)
+                compute = raw_compute(channel)
+                answers += callers.map(lambda body: compute(body, timeout=60, metadata=bearer(HEAVY)), sent)
                 learned.append(server.metric("remoteloss_request_templates_total", result="learned") - before)
         watch.figures.notes.append(f"templates learned: {learned[0]:.0f} of the first, {learned[1]:.0f} of the second")
     assert [pb.ComputeResponse.FromString(answer).loss.data for answer in answers] == [

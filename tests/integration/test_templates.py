@@ -12,6 +12,7 @@ decoded from a template shows the server really took that path.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,10 +109,22 @@ def test_values_a_template_does_not_know_are_checked(servers: tuple[ServerThread
 
 
 def _streamed(server: ServerThread, items: list[bytes]) -> dict[int, bytes]:
-    """Each item's answer on one ComputeStream, by its id (answers may come in any order)."""
+    """Each item's answer on one ComputeStream, by its id, each item sent once the one before is
+    answered: items read together are all received before the first of them is kept as a
+    template, so they would miss whatever their order (test_templates.py's unit tests)."""
+    answered = threading.Semaphore(1)
+
+    def one_at_a_time() -> Iterator[bytes]:
+        for item in items:
+            answered.acquire()
+            yield item
+
+    answers = []
     with grpc.insecure_channel(server.target) as channel:
         stream = channel.stream_stream("/remoteloss.v1.LossService/ComputeStream")
-        answers = [pb.ComputeStreamResponse.FromString(raw) for raw in stream(iter(items), timeout=120)]
+        for raw in stream(one_at_a_time(), timeout=120):
+            answers.append(pb.ComputeStreamResponse.FromString(raw))
+            answered.release()
     return {answer.id: answer.SerializeToString() for answer in answers}
 
 

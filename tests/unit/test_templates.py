@@ -141,6 +141,18 @@ def _mse(n: int) -> bytes:
     return build_request("mse_loss", {"input": torch.zeros(n), "target": torch.ones(n)}).SerializeToString()
 
 
+def test_a_structure_checked_twice_before_either_is_kept_is_kept_once() -> None:
+    """A stream's items read together are all received (and miss) before the first is checked
+    and kept: the later ones keep nothing more, so they do not push out other structures."""
+    intake = _intake()
+    intake.receive(_cross_entropy(1))  # its size's first miss
+    sum_of = intake.receive(_cross_entropy(1, reduction="sum"))
+    together = [intake.receive(_cross_entropy(seed)) for seed in (2, 3, 4)]
+    for received in (sum_of, *together):
+        intake.prepare_now(received)
+    assert len(intake.templates._by_size[len(_cross_entropy(1))]) == 2 and intake.templates.learned == 2
+
+
 def test_templates_are_bounded_by_size_and_by_count_per_size() -> None:
     intake = _intake(templates=3)
     sizes = []
