@@ -84,20 +84,27 @@ def self_signed(folder: Path) -> tuple[Path, Path] | None:
 # Ports to hand out, below Linux's default ephemeral range (32768-60999): a port the kernel picked
 # for us (bind to 0) comes from that range, where every client connection of the run takes its
 # local port too, so one could take it between the probe and the server's bind (it happened:
-# EADDRINUSE in a CI run). Here only listeners can collide, and the probe rules those out. The
-# tests take their ports from here too (tests/integration/deploy_files.py).
+# EADDRINUSE in a CI run). Here only listeners can collide: the probe rules out those already
+# listening, and ``_HANDED`` the ports this process gave to servers not yet started (a fleet takes
+# all its ports before its servers bind, so two could draw the same). The tests take their
+# ports from here too (tests/integration/deploy_files.py).
 _PORTS = range(20000, 32768)
+_HANDED: set[int] = set()
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now, outside the ephemeral range."""
+    """A TCP port on 127.0.0.1 that nothing listens on now, outside the ephemeral range, and that
+    this process has not handed out before."""
     for port in random.sample(_PORTS, 200):
+        if port in _HANDED:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _HANDED.add(port)
+        return port
     raise OSError("no free port in 20000-32767")  # pragma: no cover
 
 
