@@ -155,9 +155,12 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         add_trailing_metadata(context, ((REQUEST_ID_KEY, stream_id), *self._worker))
 
         unsent: set[Ticket] = set()  # the budgets of answers computed and not yet written
+        unfinished: set[RequestRecord] = set()  # items read whose tasks have not ended (or begun)
 
         def respond(data: bytes) -> Awaitable[tuple[bytes, Ticket | None]]:
-            return self._stream_item(*self._arrival(data, context, stream_id, unsent), context)
+            arrived = self._arrival(data, context, stream_id, unsent)
+            unfinished.add(arrived[1])
+            return self._stream_item(*arrived, context, unfinished)
 
         answered = 0
         try:
@@ -186,6 +189,8 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
         finally:
             for ticket in unsent:
                 ticket.release()
+            for record in unfinished:  # cancelled with the stream before their tasks began
+                record.finish("CANCELLED")
 
     def drain(self) -> None:
         """Begin the drain: every ComputeStream, open or new, stops reading requests, answers
@@ -214,9 +219,10 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
 
     async def _stream_item(
         self, item_id: int, record: RequestRecord, request: Received | Callable[[], ServiceError],
-        ticket: Ticket | None, context: grpc.aio.ServicerContext[Any, Any],
+        ticket: Ticket | None, context: grpc.aio.ServicerContext[Any, Any], unfinished: set[RequestRecord],
     ) -> tuple[bytes, Ticket | None]:
-        """One admitted item's answer (``_arrival``), an error included, and its ticket."""
+        """One admitted item's answer (``_arrival``), an error included, and its ticket; its
+        record leaves ``unfinished`` once recorded."""
         try:
             if not isinstance(request, Received):
                 raise request()  # made here: an error kept in a local would hold this frame, and data, in a cycle
@@ -230,8 +236,11 @@ class LossServicer(loss_pb2_grpc.LossServiceServicer):
             code, message = status_of(exc, "ComputeStream")
             record.finish(code.name, details=message)
             return framing.stream_error(item_id, code.value[0], message), ticket
-        record.finish("OK", len(response))
-        return framing.stream_answer(item_id, response), ticket
+        else:
+            record.finish("OK", len(response))
+            return framing.stream_answer(item_id, response), ticket
+        finally:
+            unfinished.discard(record)
 
     def _item(self, data: bytes) -> tuple[int, str, bool, Received | Callable[[], ServiceError]]:
         """A stream item's id, its loss label, whether it parsed, and its request (a template's,

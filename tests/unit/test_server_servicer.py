@@ -24,6 +24,7 @@ from remoteloss_server.errors import InvalidArgumentError, ResourceExhaustedErro
 from remoteloss_server.executor import Executor, Result
 from remoteloss_server.intake import UndecodableRequest
 from remoteloss_server.limits import Admission
+from remoteloss_server.metrics import Metrics
 from remoteloss_server.servicer import LossServicer
 from remoteloss_server.status import _lenient
 from tests.catalog import LOSS_NAMES, NEWER_LOSS_FIELD, newer_loss_field
@@ -318,7 +319,7 @@ def test_a_refused_stream_item_leaves_no_cycle_holding_its_bytes(servicer: LossS
     try:
         context = Context()
         arrival = servicer._arrival(data, context, "s", set())  # type: ignore[arg-type]
-        answer, _ = asyncio.run(servicer._stream_item(*arrival, context))  # type: ignore[arg-type]
+        answer, _ = asyncio.run(servicer._stream_item(*arrival, context, set()))  # type: ignore[arg-type]
         del arrival
         assert pb.ComputeStreamResponse.FromString(answer).WhichOneof("result") == "error"
         assert sys.getrefcount(data) == before
@@ -341,7 +342,7 @@ def test_stream_items_read_together_are_admitted_before_any_computes() -> None:
         try:
             arrivals = [servicer._arrival(item, context, "s", unsent) for item in items]  # type: ignore[arg-type]
             assert admission.pending == 2 and len(unsent) == 2
-            refused = asyncio.run(servicer._stream_item(*arrivals[2], context))  # type: ignore[arg-type]
+            refused = asyncio.run(servicer._stream_item(*arrivals[2], context, set()))  # type: ignore[arg-type]
             error = pb.ComputeStreamResponse.FromString(refused[0]).error
             assert (error.code, "saturated" in error.message) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], True)
             del arrivals[2], refused
@@ -351,3 +352,48 @@ def test_stream_items_read_together_are_admitted_before_any_computes() -> None:
         for ticket in unsent:
             ticket.release()
         assert admission.pending == 0
+
+
+def test_a_stream_cancelled_before_its_read_items_start_counts_none_in_flight() -> None:
+    """Items are recorded (counted in flight) as the stream reads them; a stream cancelled before
+    their tasks ran still records each, CANCELLED, and releases its budget."""
+    metrics, admission = Metrics(), Admission(64, 2**20)
+    items = [pb.ComputeStreamRequest(id=n, request=mse_request()).SerializeToString() for n in (1, 2, 3)]
+    in_flight = metrics.registry.get_sample_value
+
+    class Requests:  # three items at once once ``come`` is set, then nothing
+        def __init__(self) -> None:
+            self.left, self.come = list(items), asyncio.Event()
+
+        def __aiter__(self) -> Requests:
+            return self
+
+        async def __anext__(self) -> bytes:
+            await self.come.wait()
+            if self.left:
+                return self.left.pop(0)
+            await asyncio.Event().wait()
+            raise StopAsyncIteration
+
+    async def cancelled_early() -> None:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            servicer = LossServicer(Executor("cpu", torch_threads=1), pool, metrics, admission=admission)
+
+            async def consume() -> None:
+                async for _ in servicer.ComputeStream(requests, Context()):  # type: ignore[arg-type]
+                    pass
+
+            requests = Requests()
+            handler = asyncio.ensure_future(consume())
+            for _ in range(3):  # the handler and its reader start, and wait for items
+                await asyncio.sleep(0)
+            requests.come.set()  # the items and the cancellation in one turn, as the front may hand them
+            handler.cancel()  # over: the reader reads all three, then the handler's end cancels their tasks
+            with pytest.raises(asyncio.CancelledError):
+                await handler
+            assert not requests.left  # all three were read
+
+    asyncio.run(cancelled_early())
+    assert in_flight("remoteloss_requests_in_flight") == 0
+    assert in_flight("remoteloss_requests_total", {"loss": "mse_loss", "code": "CANCELLED"}) == len(items)
+    assert admission.pending == 0
