@@ -46,11 +46,14 @@ HEAVY_CALLERS = 64
 # parsing and answering its requests, about as much as their compute on a CPU): measured 10 to
 # 40 ms on 2 shared cores on grpc.aio's front; on the native front, which copies each 8 MB request
 # into Python bytes on the loop's thread, one fresh-clone run in five needed 69 ms (the rest
-# passed under 50). The batcher's own part, the light calls' wait in its queue, is checked
-# without it. Inside the heavy tenant, light calls of another loss form a group of their own (on
+# passed under 50), and a later one 85 ms (p99 137.5 ms against 2.2 unloaded and a 50 ms heavy
+# compute bucket; other runs of that day 31.6-97.6 ms end to end). The allowance is what the tail
+# showed, not a cause located; a light call queued behind the heavy tenant would wait its 64
+# calls, seconds. The batcher's own part, the light calls' wait in its queue, is checked without
+# it. Inside the heavy tenant, light calls of another loss form a group of their own (on
 # a CPU a group is a loss: each call computes as alone), which takes turns with the heavy loss's
 # batches: they too wait one or two heavy batches, not behind the heavy tenant's whole queue.
-LOOP_ALLOWANCE_S = 0.08
+LOOP_ALLOWANCE_S = 0.12
 
 
 def bearer(tenant: str) -> tuple[tuple[str, str], ...]:
