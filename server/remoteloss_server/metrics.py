@@ -159,8 +159,8 @@ class Metrics:
         """Export ``read()``, counts by result, as ``remoteloss_request_templates_total{result}``,
         read at each scrape: counted where they happen, as plain integers, at no cost per request."""
         self.registry.register(_Counts(
-            "remoteloss_request_templates", "Small unary requests decoded from a request template (result hit), "
-            "and templates kept (result learned).", "result", read,
+            "remoteloss_request_templates", "Small requests (calls and stream items) decoded from a request template "
+            "(result hit), and templates kept (result learned).", "result", read,
         ))
 
 

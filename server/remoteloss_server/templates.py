@@ -168,13 +168,13 @@ class Templates:
                           tuple(decoded[name].shape))
             for name, (start, end) in places.items() if name is not None
         }
+        if len(data) - sum(end - start for start, end in places.values()) > MAX_KEPT_BYTES:
+            return  # counted before anything is copied
         kept, at = [], 0
         for start, end in sorted(places.values()):
             kept.append((at, bytes(data[at:start])))
             at = end
         kept.append((at, bytes(data[at:])))
-        if sum(len(part) for _, part in kept) > MAX_KEPT_BYTES:
-            return
         outside = tuple(kept)
         if any(known.kept == outside for known in self._by_size.get(len(data), ())):
             return  # kept already: requests read together (a stream's) all miss before the first is kept

@@ -13,6 +13,7 @@ from remoteloss_server.errors import InvalidArgumentError, UnimplementedError
 from remoteloss_server.intake import Intake, Prepared, Received, prepare, receive
 from remoteloss_server.scheduling import SchedulingPolicy
 from remoteloss_server.field_scan import MAX_FIELDS, Layout, scan
+from remoteloss_server import templates
 from remoteloss_server.templates import PER_SIZE, SEEN_PER_SIZE, Template, item_request
 
 MAX_ELEMENTS = 2**20
@@ -151,6 +152,16 @@ def test_a_structure_checked_twice_before_either_is_kept_is_kept_once() -> None:
     for received in (sum_of, *together):
         intake.prepare_now(received)
     assert len(intake.templates._by_size[len(_cross_entropy(1))]) == 2 and intake.templates.learned == 2
+
+
+def test_a_structure_of_more_than_max_kept_bytes_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _cross_entropy(1)
+    outside = len(data) - 8 * (4 * 3 + 4 + 3 + 4)  # all but input, target, weight and grad_output's data
+    for bound, kept in ((outside - 1, False), (outside, True)):
+        monkeypatch.setattr(templates, "MAX_KEPT_BYTES", bound)
+        intake = _intake()
+        _teach(intake, data)
+        assert (len(data) in intake.templates._by_size) is kept, bound
 
 
 def test_templates_are_bounded_by_size_and_by_count_per_size() -> None:
